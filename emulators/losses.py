@@ -1,0 +1,55 @@
+"""Causal-LM loss computed in chunks, so the vocabulary never materialises for a batch.
+
+SmolLM2 has a 49,152-token vocabulary: full fp32 logits for 4 x 256 tokens are 192 MiB,
+plus as much again for their gradient. Running the LM head over a few hundred tokens at a
+time keeps that to a few MiB; with autograd, `torch.utils.checkpoint` recomputes each
+chunk's logits in backward instead of keeping them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE_INDEX
+
+CHUNK_TOKENS = 512
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (after the final norm), without the LM head."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def _chunk_nll(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_nll_from_hidden(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over label tokens != IGNORE_INDEX, and their count."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    h, y = h[keep], y[keep]
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk_tokens):
+        hc, yc = h[i : i + chunk_tokens], y[i : i + chunk_tokens]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(_chunk_nll, head, hc, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_nll(head, hc, yc)
+    return total, n
+
+
+def causal_lm_nll(model, input_ids, labels, attention_mask=None, chunk_tokens: int = CHUNK_TOKENS):
+    """Sum of next-token NLL of `model` on a batch, and the number of loss tokens."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    return lm_nll_from_hidden(model.get_output_embeddings(), hidden, labels, chunk_tokens)
