@@ -1,0 +1,639 @@
+"""The emulator bundle: what the model owner ships to data owners.
+
+A bundle is a flat directory (or a tar of one):
+
+    manifest.json         format, base model id + digest, architecture, the split (which
+                          original block every emulator block came from, and its role),
+                          quantization per block, sha256 + size of every other file
+    manifest.sig          Ed25519 signature over the exact bytes of manifest.json (base64)
+    emulator.safetensors  the frozen part: embeddings, final norm, LM head, middle blocks
+                          (QuantLinear buffers where quantized); emulator parameter names
+    adapter.safetensors   the initial adapter (first/last blocks), keyed by ORIGINAL names
+    config.json           the emulator model's config
+    tokenizer files       whatever the tokenizer's save_pretrained writes
+
+Verification fails closed: a missing, extra, truncated or changed file, a missing or bad
+signature, or the wrong key each raise `BundleError` naming the file. Loading hashes the
+very bytes it deserialises, so a file swapped after verification is caught too. Weights
+are safetensors only; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .adapter import ADAPTER_FORMAT
+from .families import Family, family_for, get_family
+from .signing import (
+    SigningKeyError,
+    load_private_key,
+    load_public_key,
+    public_key_fingerprint,
+    sign,
+    verify_signature,
+)
+from .split import SplitPlan, empty_model_like, to_emulator_name, to_original_name
+
+BUNDLE_FORMAT = "offsite-bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+EMULATOR_WEIGHTS = "emulator.safetensors"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+CONFIG = "config.json"
+SCALE_SUFFIX = "@row_scale"  # companion tensor of a row-wise int8 stored tensor
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, unsigned, signed by another key, or changed."""
+
+
+# --- small helpers -----------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (codes int8 [rows, cols], scale fp32 [rows, 1])."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    codes = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def _row_int8_targets(model: PreTrainedModel, family: Family) -> list[str]:
+    """Parameter names stored as row-wise int8 when embeddings are compressed: the token
+    embedding and an untied LM head (the big vocabulary matrices)."""
+    names = []
+    params = dict(model.named_parameters())  # tied duplicates removed: a tied head is skipped
+    token_emb = family.embeddings[0] + ".weight"
+    for name in (token_emb, family.lm_head + ".weight"):
+        if name in params and params[name].dim() == 2:
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def compress_embeddings_int8(model: PreTrainedModel, family: Family) -> list[str]:
+    """Replace the vocabulary matrices by their row-wise int8 round trip, in place, so the
+    model in memory is exactly what a bundle written with embeddings="int8" loads."""
+    names = _row_int8_targets(model, family)
+    params = dict(model.named_parameters())
+    for name in names:
+        codes, scale = int8_rows(params[name])
+        params[name].copy_(codes.float() * scale)
+    return names
+
+
+# --- writing -----------------------------------------------------------------------
+
+
+def _adapter_param_names(model: PreTrainedModel, plan: SplitPlan, family: Family) -> list[str]:
+    """Emulator names of every parameter inside an adapter block."""
+    positions = set(plan.adapter_positions)
+    return [n for n, _ in model.named_parameters() if family.block_index(n) in positions]
+
+
+def _quant_label(q: dict | None) -> str:
+    return "none" if not q else f"int{q['bits']}" + ("+awq" if q.get("awq") else "")
+
+
+def write_bundle(
+    out_dir: str | Path,
+    emulator: PreTrainedModel,
+    plan: SplitPlan,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    base_model_id: str,
+    base_digest: str,
+    signing_key: str | Path,
+    block_quant: dict[int, dict] | None = None,
+    embeddings: str = "fp32",
+    base_model_bytes: int | None = None,
+    build_info: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write and sign a bundle at `out_dir` atomically (staging dir, fsync, rename).
+
+    `block_quant` maps emulator block positions to {"bits", "group_size", "awq"} for blocks
+    whose linears are already QuantLinear. With `embeddings="int8"` the vocabulary matrices
+    are stored row-wise int8 and the emulator's own copies are replaced by the stored values
+    (in place), so the model in memory equals the loaded one. Returns the manifest."""
+    out_dir = Path(out_dir)
+    if embeddings not in ("fp32", "int8"):
+        raise BundleError(f"embeddings storage must be 'fp32' or 'int8', got {embeddings!r}")
+    key = load_private_key(signing_key)  # fail before any work when the key is wrong
+    family = family_for(emulator)
+    block_quant = {int(k): v for k, v in (block_quant or {}).items()}
+    if set(block_quant) & set(plan.adapter_positions):
+        raise BundleError(f"adapter blocks {sorted(set(block_quant) & set(plan.adapter_positions))} must stay fp32: they are trained by clients")
+    if family.num_layers(emulator.config) != len(plan.layer_origin):
+        raise BundleError(f"the emulator has {family.num_layers(emulator.config)} blocks but the plan {len(plan.layer_origin)}")
+    staging = make_staging_dir(out_dir, overwrite=overwrite)
+    try:
+        row_int8 = compress_embeddings_int8(emulator, family) if embeddings == "int8" else []
+
+        # adapter.safetensors: the adapter blocks under their original names.
+        adapter_names = _adapter_param_names(emulator, plan, family)
+        params = dict(emulator.named_parameters())
+        adapter_state = {to_original_name(n, plan, family): params[n].detach().cpu().float().contiguous() for n in adapter_names}
+        adapter_meta = {"format": ADAPTER_FORMAT, "base_model_digest": base_digest, "kind": "initial", "base_model_id": base_model_id}
+        _write_file(staging / ADAPTER_WEIGHTS, st_save(adapter_state, metadata=adapter_meta))
+
+        # emulator.safetensors: everything else, tied duplicates stored once.
+        frozen: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        adapter_set = set(adapter_names)
+        for name, tensor in emulator.state_dict().items():
+            if name in adapter_set:
+                continue  # travels in adapter.safetensors (block buffers, if any, stay here)
+            ptr = tensor.data_ptr()
+            if tensor.numel() and ptr in seen:
+                continue  # a tied weight (e.g. lm_head = embed_tokens): the model re-ties it on load
+            seen.add(ptr)
+            if name in row_int8:
+                codes, scale = int8_rows(tensor)
+                frozen[name], frozen[name + SCALE_SUFFIX] = codes, scale
+            else:
+                frozen[name] = tensor.detach().cpu().contiguous()
+        _write_file(staging / EMULATOR_WEIGHTS, st_save(frozen, metadata={"format": BUNDLE_FORMAT}))
+
+        emulator.config.to_json_file(str(staging / CONFIG))
+        tokenizer.save_pretrained(str(staging))
+
+        blocks_meta = []
+        state = emulator.state_dict()
+        for pos, origin in enumerate(plan.layer_origin):
+            prefix = family.block_prefix(pos)
+            nbytes = sum(t.numel() * t.element_size() for n, t in state.items() if n.startswith(prefix))
+            q = block_quant.get(pos)
+            blocks_meta.append({
+                "position": pos,
+                "origin": origin,
+                "role": plan.role(pos),
+                "quantization": dict(q) if q else None,
+                "bytes": nbytes,
+            })
+        files = {}
+        for path in sorted(staging.rglob("*")):
+            if path.is_dir():
+                raise BundleError(f"{path.name}: a bundle is flat, but the tokenizer wrote a subdirectory")
+            files[path.relative_to(staging).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        labels = sorted({_quant_label(block_quant.get(p)) for p in plan.emulator_positions}) or ["none"]
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "base_model": {
+                "id": base_model_id,
+                "digest": base_digest,
+                "family": family.name,
+                "model_type": emulator.config.model_type,
+                "n_layers": plan.n_layers,
+                "fp32_bytes": base_model_bytes,
+            },
+            "plan": plan.to_dict(),
+            "blocks": blocks_meta,
+            "quantization": {
+                "middle": labels[0] if len(labels) == 1 else "mixed",
+                "embeddings": "int8-row" if row_int8 else "fp32",
+            },
+            "storage": {"row_int8": row_int8},
+            "adapter": {"file": ADAPTER_WEIGHTS, "parameters": len(adapter_state),
+                        "numel": int(sum(t.numel() for t in adapter_state.values()))},
+            "build": build_info or {},
+            "files": files,
+            "signer": {"ed25519_sha256": public_key_fingerprint(key)},
+        }
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        _write_file(staging / MANIFEST, manifest_bytes)
+        _write_file(staging / SIGNATURE, base64.b64encode(sign(key, manifest_bytes)) + b"\n")
+        _fsync_dir(staging)
+        commit_staging_dir(staging, out_dir, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def make_staging_dir(out_dir: Path, overwrite: bool = False) -> Path:
+    """A fresh hidden directory beside `out_dir` (same filesystem, so the final rename is
+    atomic); a clear error when `out_dir` exists or its parent is not writable."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleError(f"{out_dir} exists and is not a directory; choose another --out")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=parent))
+    except OSError as e:
+        raise BundleError(f"{parent}: cannot write there ({e.strerror}); choose a writable --out") from None
+
+
+def commit_staging_dir(staging: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Move a finished staging dir to `out_dir`; an existing one is replaced only with
+    `overwrite`, and then only after the new one is complete."""
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise BundleError(f"{out_dir} appeared while building; choose another --out or pass --overwrite")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- reading and verifying ---------------------------------------------------------
+
+
+@contextmanager
+def bundle_dir(path: str | Path) -> Iterator[Path]:
+    """The bundle as a directory: itself, or a `.tar` extracted safely into a temp dir."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle; pass a bundle directory or a .tar of one")
+    if not tarfile.is_tarfile(path):
+        raise BundleError(f"{path}: neither a bundle directory nor a tar archive")
+    tmp = Path(tempfile.mkdtemp(prefix="offsite-bundle-"))
+    try:
+        yield _extract_tar(path, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_tar(tar_path: Path, dest: Path) -> Path:
+    """Extract regular files only; refuse absolute paths, `..`, links and devices."""
+    with tarfile.open(tar_path) as tf:
+        members = tf.getmembers()
+        for m in members:
+            p = PurePosixPath(m.name)
+            if p.is_absolute() or ".." in p.parts or m.name.startswith("/"):
+                raise BundleError(f"{tar_path}: member {m.name!r} points outside the bundle; refusing to extract")
+            if not (m.isfile() or m.isdir()):
+                raise BundleError(f"{tar_path}: member {m.name!r} is a link or special file; a bundle holds regular files only")
+        tf.extractall(dest, members=members, filter="data")
+    if (dest / MANIFEST).exists():
+        return dest
+    tops = [p for p in dest.iterdir()]
+    if len(tops) == 1 and tops[0].is_dir() and (tops[0] / MANIFEST).exists():
+        return tops[0]
+    raise BundleError(f"{tar_path}: {MANIFEST} missing (neither at the top of the archive nor in its single folder); not an Offsite bundle")
+
+
+def _read_manifest(root: Path, public_key_path: str | Path) -> tuple[dict, bytes]:
+    try:
+        public_key = load_public_key(public_key_path)
+    except SigningKeyError as e:
+        raise BundleError(str(e)) from None
+    manifest_path, sig_path = root / MANIFEST, root / SIGNATURE
+    if not manifest_path.is_file():
+        raise BundleError(f"{MANIFEST}: missing in {root}; not an Offsite bundle")
+    if not sig_path.is_file():
+        raise BundleError(f"{SIGNATURE}: missing in {root}; the bundle is unsigned and cannot be trusted")
+    manifest_bytes = manifest_path.read_bytes()
+    try:
+        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
+    except ValueError:
+        signature = b""
+    if len(signature) != 64:
+        raise BundleError(f"{SIGNATURE}: not an Ed25519 signature (expected 64 bytes, base64); the bundle cannot be trusted")
+    if not verify_signature(public_key, signature, manifest_bytes):
+        hint = ""
+        try:
+            signer = json.loads(manifest_bytes).get("signer", {}).get("ed25519_sha256")
+            if signer and signer != public_key_fingerprint(public_key):
+                hint = f" The manifest claims signer key {signer[:16]}..., you passed {public_key_fingerprint(public_key)[:16]}...: wrong public key?"
+        except (ValueError, AttributeError):
+            pass
+        raise BundleError(
+            f"{SIGNATURE}: the signature does not match {MANIFEST} under {public_key_path}: "
+            f"the manifest was changed or signed with another key.{hint}"
+        )
+    manifest = json.loads(manifest_bytes)
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{MANIFEST}: format {manifest.get('format')!r}, this version reads {BUNDLE_FORMAT!r}")
+    return manifest, manifest_bytes
+
+
+def _check_listing(root: Path, manifest: dict) -> dict[str, dict]:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{MANIFEST}: lists no files")
+    for name in files:
+        p = PurePosixPath(name)
+        if p.is_absolute() or len(p.parts) != 1 or name in (MANIFEST, SIGNATURE, "", ".", ".."):
+            raise BundleError(f"{MANIFEST}: lists an invalid file name {name!r}")
+    present = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise BundleError(f"{rel}: a link or special file in the bundle; refusing it")
+        if path.is_dir():
+            raise BundleError(f"{rel}: an extra directory that the manifest does not list")
+        present.add(rel)
+    extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
+    if extra:
+        raise BundleError(f"{extra[0]}: an extra file that the manifest does not list; the bundle was changed")
+    missing = sorted(set(files) - present)
+    if missing:
+        raise BundleError(f"{missing[0]}: missing from the bundle (the manifest lists it)")
+    return files
+
+
+def _check_bytes(name: str, data: bytes, expected: dict) -> None:
+    if len(data) != expected["size"]:
+        what = "truncated" if len(data) < expected["size"] else "grown"
+        raise BundleError(f"{name}: {len(data)} bytes, the manifest says {expected['size']}: the file was {what} or changed")
+    if sha256_bytes(data) != expected["sha256"]:
+        raise BundleError(f"{name}: sha256 differs from the manifest: the file was changed")
+
+
+def _check_file(root: Path, name: str, expected: dict) -> None:
+    path = root / name
+    size = path.stat().st_size
+    if size != expected["size"]:
+        what = "truncated" if size < expected["size"] else "grown"
+        raise BundleError(f"{name}: {size} bytes, the manifest says {expected['size']}: the file was {what} or changed")
+    if sha256_file(path) != expected["sha256"]:
+        raise BundleError(f"{name}: sha256 differs from the manifest: the file was changed")
+
+
+def verify_bundle(path: str | Path, public_key_path: str | Path) -> dict:
+    """Check signature, listing, sizes and hashes; return the manifest or raise BundleError."""
+    with bundle_dir(path) as root:
+        manifest, _ = _read_manifest(root, public_key_path)
+        files = _check_listing(root, manifest)
+        for name, expected in sorted(files.items()):
+            _check_file(root, name, expected)
+    return manifest
+
+
+def read_manifest_unverified(path: str | Path) -> dict:
+    """The manifest without checking anything (for `inspect` without a key)."""
+    with bundle_dir(path) as root:
+        if not (root / MANIFEST).is_file():
+            raise BundleError(f"{MANIFEST}: missing in {path}; not an Offsite bundle")
+        return json.loads((root / MANIFEST).read_bytes())
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+@dataclass
+class EmulatorBundle:
+    """A verified, loaded bundle: the emulator + adapter model and how to map names."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    manifest: dict
+    family: Family
+    plan: SplitPlan
+    adapter_positions: list[int]
+    base_digest: str
+    manifest_sha256: str = ""  # names this exact bundle (e.g. in adapter metadata)
+    path: str = ""
+    block_quant: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def base_model_id(self) -> str:
+        return self.manifest["base_model"]["id"]
+
+    def to_original(self, name: str) -> str:
+        return to_original_name(name, self.plan, self.family)
+
+    def to_emulator(self, name: str) -> str:
+        return to_emulator_name(name, self.plan, self.family)
+
+    def adapter_modules(self) -> list[nn.Module]:
+        blocks = self.family.get_blocks(self.model)
+        return [blocks[p] for p in self.adapter_positions]
+
+    def adapter_parameter_names(self) -> list[str]:
+        """Emulator names of all adapter parameters."""
+        return _adapter_param_names(self.model, self.plan, self.family)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Current adapter weights, keyed by original names, fp32 copies on the CPU."""
+        params = dict(self.model.named_parameters())
+        return {self.to_original(n): params[n].detach().float().cpu().clone() for n in self.adapter_parameter_names()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Put an adapter (keyed by original names) into the emulator's adapter blocks."""
+        params = dict(self.model.named_parameters())
+        adapter_names = set(self.adapter_parameter_names())
+        targets = {}
+        for original, tensor in state.items():
+            try:
+                name = self.to_emulator(original)
+            except KeyError:
+                name = None
+            if name not in adapter_names:
+                raise BundleError(f"adapter tensor {original!r} is not an adapter parameter of this bundle (adapter blocks: {self.plan.adapter_origin})")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise BundleError(f"adapter tensor {original!r} has shape {tuple(tensor.shape)}, the bundle expects {tuple(params[name].shape)}")
+            targets[name] = tensor
+        if strict and set(targets) != adapter_names:
+            missing = sorted(self.to_original(n) for n in adapter_names - set(targets))
+            raise BundleError(f"the adapter lacks {len(missing)} tensors of this bundle, e.g. {missing[0]!r}")
+        for name, tensor in targets.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+def _make_quant_shells(model: PreTrainedModel, family: Family, block_quant: dict[int, dict]) -> None:
+    if not block_quant:
+        return
+    try:
+        from .quantize import make_quant_shells
+    except ImportError as e:
+        raise BundleError(f"this bundle has quantized blocks but offsite.emulators.quantize is unavailable ({e})") from None
+    blocks = family.get_blocks(model)
+    for pos, q in block_quant.items():
+        make_quant_shells(blocks[pos], bits=int(q["bits"]), group_size=int(q.get("group_size", 64)), awq=bool(q.get("awq", False)))
+
+
+def load_bundle(path: str | Path, public_key_path: str | Path, device: str | torch.device | None = None) -> EmulatorBundle:
+    """Verify and load a bundle. Every byte deserialised is the byte that was hashed."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with bundle_dir(path) as root:
+        manifest, manifest_bytes = _read_manifest(root, public_key_path)
+        files = _check_listing(root, manifest)
+        blobs: dict[str, bytes] = {}
+        for name, expected in sorted(files.items()):
+            data = (root / name).read_bytes()
+            _check_bytes(name, data, expected)
+            blobs[name] = data
+    for required in (EMULATOR_WEIGHTS, ADAPTER_WEIGHTS, CONFIG):
+        if required not in blobs:
+            raise BundleError(f"{required}: the manifest does not list it; the bundle is incomplete")
+
+    plan = SplitPlan.from_dict(manifest["plan"])
+    family = get_family(manifest["base_model"]["family"])
+    config_dict = json.loads(blobs.pop(CONFIG))
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise BundleError(f"{CONFIG}: unknown model_type {model_type!r}")
+    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    if family_for(config).name != family.name:
+        raise BundleError(f"{CONFIG}: model type {model_type!r} does not belong to family {family.name!r} named in the manifest")
+    if family.num_layers(config) != len(plan.layer_origin):
+        raise BundleError(f"{CONFIG}: {family.num_layers(config)} blocks, the manifest's plan has {len(plan.layer_origin)}")
+
+    block_quant = {int(b["position"]): b["quantization"] for b in manifest["blocks"] if b.get("quantization")}
+    model = empty_model_like(config)
+    _make_quant_shells(model, family, block_quant)
+
+    frozen = st_load(blobs.pop(EMULATOR_WEIGHTS))
+    for name in manifest.get("storage", {}).get("row_int8", []):
+        scale = frozen.pop(name + SCALE_SUFFIX, None)
+        if scale is None or frozen.get(name) is None or frozen[name].dtype != torch.int8:
+            raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored as int8 rows with a scale")
+        frozen[name] = frozen[name].float() * scale
+    adapter_bytes = blobs.pop(ADAPTER_WEIGHTS)
+    adapter_meta = _safetensors_metadata(adapter_bytes)
+    base_digest = manifest["base_model"]["digest"]
+    if adapter_meta.get("format") != ADAPTER_FORMAT:
+        raise BundleError(f"{ADAPTER_WEIGHTS}: not an Offsite adapter (format {adapter_meta.get('format')!r})")
+    if adapter_meta.get("base_model_digest") != base_digest:
+        raise BundleError(f"{ADAPTER_WEIGHTS}: made for base model {adapter_meta.get('base_model_digest')!r}, the manifest names {base_digest!r}")
+    state = dict(frozen)
+    for original, tensor in st_load(adapter_bytes).items():
+        try:
+            state[to_emulator_name(original, plan, family)] = tensor
+        except KeyError as e:
+            raise BundleError(f"{ADAPTER_WEIGHTS}: {e}") from None
+    _load_state_strict(model, state)
+    model.eval()
+    if device is not None:
+        model.to(device)
+
+    with tempfile.TemporaryDirectory(prefix="offsite-tokenizer-") as tok_dir:
+        # Load the tokenizer from the verified bytes, not from the bundle path again.
+        for name, data in blobs.items():
+            (Path(tok_dir) / name).write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    return EmulatorBundle(
+        model=model,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        family=family,
+        plan=plan,
+        adapter_positions=plan.adapter_positions,
+        base_digest=base_digest,
+        manifest_sha256=sha256_bytes(manifest_bytes),
+        path=str(path),
+        block_quant=block_quant,
+    )
+
+
+@torch.no_grad()
+def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict that accepts only missing tied duplicates and nothing unexpected."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise BundleError(f"{EMULATOR_WEIGHTS}: tensors the model does not have, e.g. {unexpected[0]!r}")
+    by_ptr: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        if t.numel():
+            by_ptr.setdefault(t.data_ptr(), []).append(name)
+    for name, t in expected.items():
+        if name in state:
+            continue
+        if not any(other in state for other in by_ptr.get(t.data_ptr(), []) if other != name) or not t.numel():
+            raise BundleError(f"{EMULATOR_WEIGHTS}: tensor {name!r} is missing")
+    for name, tensor in state.items():
+        target = expected[name]
+        if tuple(target.shape) != tuple(tensor.shape) or target.dtype != tensor.dtype:
+            raise BundleError(
+                f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+
+
+def bundle_summary(manifest: dict) -> dict:
+    """The facts `emulator inspect` shows: blocks with origin/role/quantization, sizes, digests."""
+    files = manifest.get("files", {})
+    total = sum(f["size"] for f in files.values())
+    base_bytes = manifest.get("base_model", {}).get("fp32_bytes")
+    return {
+        "format": manifest.get("format"),
+        "base_model": manifest.get("base_model"),
+        "plan": manifest.get("plan"),
+        "layer_origin": [b["origin"] for b in manifest.get("blocks", [])],
+        "blocks": manifest.get("blocks"),
+        "quantization": manifest.get("quantization"),
+        "files": files,
+        "bundle_bytes": total,
+        "ratio_to_base_fp32": (total / base_bytes) if base_bytes else None,
+        "signer": manifest.get("signer"),
+        "build": manifest.get("build"),
+    }
