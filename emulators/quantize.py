@@ -1,0 +1,447 @@
+"""True low-bit weight storage for emulator blocks.
+
+The Offsite-Tuning paper only fake-quantized (fp32 weights rounded onto a grid); here the
+bundle really stores the low-bit codes, so it shrinks and the client holds less:
+
+- int8: one scale and zero point per output channel (a group is the whole input row).
+- int4 / int3 / int2: asymmetric groups of `group_size` input channels (64 by default),
+  one fp16 scale and zero point per group.
+- codes are bit-packed into ``qweight`` (uint8): 8 values in `bits` bytes, so int3 takes
+  3 bytes per 8 weights and int2 one byte per 4.
+- `QuantLinear` dequantizes on the fly in every forward and keeps nothing at full
+  precision between calls: the client engine's memory is what this is for.
+- AWQ-style activation-aware scaling (optional): input channels that see large
+  activations are scaled up by ``s = mean|x| ** alpha`` before rounding (so they get a
+  finer grid), and inputs are divided by ``s`` at run time, which leaves the product
+  unchanged up to rounding. ``alpha`` is fixed or searched per layer.
+
+Everything is stored as named buffers, so a quantized module round-trips through
+safetensors: `make_quant_shells` builds empty modules of the right shapes for
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_BITS = (8, 4, 3, 2)
+DEFAULT_GROUP_SIZE = 64
+AWQ_ALPHA_GRID = tuple(i / 10 for i in range(11))  # 0.0 (no scaling) ... 1.0
+
+
+class QuantizationError(ValueError):
+    """A bit width, group size or packed tensor that this module cannot handle."""
+
+
+# --- packing -----------------------------------------------------------------------
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"unsupported bit width {bits}; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+def packed_numel(n_values: int, bits: int) -> int:
+    """Bytes that `n_values` codes of `bits` bits take: 8 codes in `bits` bytes (padded to 8 codes)."""
+    return math.ceil(n_values / 8) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor, 8 codes per `bits` bytes."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise QuantizationError(f"codes out of range for {bits} bits")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (groups << shifts).sum(dim=1)  # at most 8*3=24 or 32 bits: fits int64
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    return ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: the first `n_values` codes as uint8."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise QuantizationError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.numel() != packed_numel(n_values, bits) and bits != 8:
+        raise QuantizationError(f"{packed.numel()} packed bytes do not hold {n_values} codes of {bits} bits")
+    if bits == 8:
+        return packed.reshape(-1)[:n_values]
+    if 8 % bits == 0:
+        # 4 and 2 bits: each byte holds whole codes; byte k of a group holds codes
+        # [k*8/bits, (k+1)*8/bits), least significant first.
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        codes = (packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:n_values]
+    # 3 bits: 3 bytes form a 24-bit word holding 8 codes.
+    groups = packed.reshape(-1, bits).to(torch.int32)
+    byte_shifts = torch.arange(bits, dtype=torch.int32) * 8
+    word = (groups << byte_shifts).sum(dim=1, dtype=torch.int32)
+    shifts = torch.arange(8, dtype=torch.int32) * bits
+    codes = (word[:, None] >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(-1)[:n_values]
+
+
+# --- the quantized linear layer ----------------------------------------------------
+
+
+def effective_group_size(in_features: int, bits: int, group_size: int) -> int:
+    """int8 uses one group per output channel; other widths use `group_size` when it
+    divides the input width, else one group per row (small test models)."""
+    if bits == 8 or group_size <= 0 or in_features % group_size:
+        return in_features
+    return group_size
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight lives as packed low-bit codes plus fp16 scales/zeros.
+
+    Buffers: ``qweight`` (uint8, packed), ``scales`` and ``zeros`` (fp16, one per output
+    channel and group), ``input_scale`` (fp32 per input channel, AWQ only), and ``bias``
+    (kept at the layer's dtype: tiny). The fp32 weight is rebuilt in each forward and
+    dropped afterwards.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        bias: bool = False,
+        awq: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        _check_bits(bits)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = effective_group_size(in_features, bits, group_size)
+        self.compute_dtype = dtype
+        n_groups = in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(packed_numel(in_features * out_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        if awq:
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32))
+        else:
+            self.input_scale = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
+        else:
+            self.bias = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the forward uses it (in the scaled input space when AWQ is on)."""
+        codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
+        codes = codes.view(self.out_features, self.n_groups, self.group_size).to(self.compute_dtype)
+        scales = self.scales.to(self.compute_dtype).unsqueeze(-1)
+        zeros = self.zeros.to(self.compute_dtype).unsqueeze(-1)
+        return ((codes - zeros) * scales).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        awq = ", awq" if self.input_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}{awq}"
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        input_scale: torch.Tensor | None = None,
+        clip_search: bool = False,
+    ) -> QuantLinear:
+        """Quantize `linear` (round to nearest, asymmetric) into a new QuantLinear.
+
+        `input_scale` (AWQ): the weight's columns are multiplied by it before rounding and
+        the forward divides the input by it. `clip_search` shrinks each group's range to
+        the ratio (1.0 .. 0.7) with the least squared weight error.
+        """
+        w = linear.weight.detach().float()
+        out = cls(
+            linear.in_features, linear.out_features, bits, group_size,
+            bias=linear.bias is not None, awq=input_scale is not None, dtype=linear.weight.dtype,
+        )
+        if input_scale is not None:
+            s = input_scale.detach().float().to(w.device)
+            out.input_scale.copy_(s)
+            w = w * s.unsqueeze(0)
+        codes, scales, zeros = quantize_weight(w, bits, out.group_size, clip_search=clip_search)
+        out.qweight = pack_codes(codes, bits)
+        out.scales.copy_(scales)
+        out.zeros.copy_(zeros)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach())
+        return out.to(linear.weight.device)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest per (row, group): (codes uint8 [out, in], scales fp16, zeros fp16).
+
+    Codes are computed against the fp16-rounded scale and zero, so dequantizing the stored
+    values reproduces exactly the grid used here.
+    """
+    _check_bits(bits)
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise QuantizationError(f"group size {group_size} does not divide the input width {in_f}")
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    qmax = (1 << bits) - 1
+    ratios = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7) if clip_search else (1.0,)
+    best_err = best = None
+    for r in ratios:
+        codes, scales, zeros = _rtn(g, qmax, r)
+        if len(ratios) == 1:
+            best = (codes, scales, zeros)
+            break
+        err = ((codes.float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1) - g).pow(2).sum(-1)
+        if best is None:
+            best_err, best = err, (codes, scales, zeros)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = tuple(torch.where(better.unsqueeze(-1) if t.dim() == 3 else better, t, b) for t, b in zip((codes, scales, zeros), best))
+    codes, scales, zeros = best
+    return codes.reshape(out_f, in_f), scales, zeros
+
+
+def _rtn(g: torch.Tensor, qmax: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo = (g.amin(dim=-1) * ratio).clamp(max=0.0)
+    hi = (g.amax(dim=-1) * ratio).clamp(min=0.0)
+    # 1e-6 keeps all-zero groups finite and stays representable in fp16.
+    scales = ((hi - lo) / qmax).clamp(min=1e-6).to(torch.float16)
+    zeros = torch.round(-lo / scales.float()).clamp(0, qmax).to(torch.float16)
+    codes = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).clamp(0, qmax)
+    return codes.to(torch.uint8), scales, zeros
+
+
+# --- AWQ statistics and scale search -----------------------------------------------
+
+
+@torch.no_grad()
+def collect_act_scales(
+    model: nn.Module,
+    blocks,
+    module_filter: Callable[[str], bool] | None = None,
+    max_blocks: int | None = 16,
+    batch_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """Mean |x| per input channel of every nn.Linear whose name passes `module_filter`,
+    over the first `max_blocks` calibration blocks (a `TokenBlocks`). Keys are the linear
+    layers' names in `model`; padding positions are ignored."""
+    stats: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_mod, inputs, _out):
+            x = inputs[0].detach().float()
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            x = x.reshape(-1, x.shape[-1])
+            stats[name] = stats.get(name, 0) + x.abs().sum(dim=0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (module_filter is None or module_filter(name)):
+            hooks.append(mod.register_forward_hook(hook_for(name)))
+    if not hooks:
+        raise QuantizationError("no nn.Linear layer matched the filter; nothing to calibrate")
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for ids, _labels, mask in blocks.batches(batch_size, shuffle=False):
+            if max_blocks is not None and seen >= max_blocks:
+                break
+            if max_blocks is not None:
+                ids, mask = ids[: max_blocks - seen], mask[: max_blocks - seen]
+            current_mask[0] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen += ids.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {k: (v / max(counts[k], 1)) for k, v in stats.items()}
+
+
+def awq_input_scale(
+    weight: torch.Tensor,
+    act_mean_abs: torch.Tensor,
+    bits: int,
+    group_size: int,
+    alpha: float | None = 0.5,
+) -> torch.Tensor:
+    """Per-input-channel scale s = mean|x| ** alpha, normalised so that sqrt(max*min) = 1.
+
+    With `alpha=None` the exponent is searched over 0.0..1.0 per layer, minimising the
+    output error estimated from the activation statistics:
+    sum_j E[x_j]^2 * ||(Q(W s)/s - W)[:, j]||^2 (a diagonal proxy: it needs only the
+    per-channel statistics, not stored calibration activations). alpha=0 is plain RTN,
+    so the search never does worse than no scaling on this proxy.
+    """
+    a = act_mean_abs.detach().float().to(weight.device).clamp(min=1e-5)
+    w = weight.detach().float()
+
+    def scale_for(alpha_: float) -> torch.Tensor:
+        s = a.pow(alpha_)
+        return s / (s.max() * s.min()).sqrt()
+
+    if alpha is not None:
+        return scale_for(alpha)
+    g = effective_group_size(w.shape[1], bits, group_size)
+    best_s, best_err = None, math.inf
+    for alpha_ in AWQ_ALPHA_GRID:
+        s = scale_for(alpha_)
+        codes, scales, zeros = quantize_weight(w * s, bits, g)
+        deq = (codes.view(w.shape[0], -1, g).float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        err = float((((deq.view_as(w) / s) - w).pow(2) * a.pow(2)).sum())
+        if err < best_err:
+            best_s, best_err = s, err
+    return best_s
+
+
+# --- whole modules -------------------------------------------------------------------
+
+
+def _linear_children(module: nn.Module, skip: Callable[[str], bool] | None) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    found = []
+    for name, mod in module.named_modules():
+        for child_name, child in mod.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not (skip and skip(full)):
+                found.append((full, mod, child_name, child))
+    return found
+
+
+def _lookup_scales(act_scales: Mapping[str, torch.Tensor], prefix: str, rel_name: str) -> torch.Tensor | None:
+    full = f"{prefix}{rel_name}"
+    if full in act_scales:
+        return act_scales[full]
+    if prefix:
+        return None
+    hits = [k for k in act_scales if k.endswith("." + rel_name)]
+    if len(hits) > 1:
+        raise QuantizationError(
+            f"activation statistics for {rel_name!r} are ambiguous ({hits[:2]} ...); pass prefix= "
+            "the module's name in the model the statistics were collected on"
+        )
+    return act_scales[hits[0]] if hits else None
+
+
+@torch.no_grad()
+def quantize_module(
+    module: nn.Module,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    act_scales: Mapping[str, torch.Tensor] | None = None,
+    *,
+    prefix: str = "",
+    awq_alpha: float | None = 0.5,
+    clip_search: bool = False,
+    skip: Callable[[str], bool] | None = None,
+) -> None:
+    """In place: every nn.Linear inside `module` becomes a QuantLinear of `bits` bits.
+
+    `act_scales` (from `collect_act_scales`) turns on AWQ scaling; its keys are looked up
+    as `prefix + name inside module` (pass e.g. ``prefix="model.layers.5."`` when
+    quantizing one block with statistics collected on the whole model). A layer without
+    statistics is quantized without scaling. `awq_alpha=None` searches alpha per layer.
+    Mixed precision is calling this per block with different `bits`.
+    """
+    _check_bits(bits)
+    for full, parent, child_name, linear in _linear_children(module, skip):
+        s = None
+        if act_scales is not None:
+            stat = _lookup_scales(act_scales, prefix, full)
+            if stat is not None:
+                g = effective_group_size(linear.in_features, bits, group_size)
+                s = awq_input_scale(linear.weight, stat, bits, g, awq_alpha)
+        setattr(parent, child_name, QuantLinear.from_linear(linear, bits, group_size, input_scale=s, clip_search=clip_search))
+
+
+def make_quant_shells(
+    module: nn.Module,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    awq: bool = False,
+    skip: Callable[[str], bool] | None = None,
+) -> None:
+    """In place: replace every nn.Linear with an empty QuantLinear of the same shape, so
+    that ``load_state_dict`` (from safetensors) can fill the packed buffers."""
+    _check_bits(bits)
+    for _full, parent, child_name, linear in _linear_children(module, skip):
+        shell = QuantLinear(
+            linear.in_features, linear.out_features, bits, group_size,
+            bias=linear.bias is not None, awq=awq, dtype=linear.weight.dtype,
+        )
+        setattr(parent, child_name, shell.to(linear.weight.device))
+
+
+@torch.no_grad()
+def dequantize_module(module: nn.Module) -> None:
+    """In place: every QuantLinear becomes a plain nn.Linear holding the same function
+    (AWQ input scale folded into the weight). For evaluation harnesses that want speed
+    over memory; never used on the client path."""
+    for name, mod in list(module.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, QuantLinear):
+                w = child.dequantized_weight()
+                if child.input_scale is not None:
+                    w = w / child.input_scale.to(w.dtype).unsqueeze(0)
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=child.compute_dtype)
+                lin.weight.copy_(w)
+                if child.bias is not None:
+                    lin.bias.copy_(child.bias)
+                setattr(mod, child_name, lin.to(w.device))
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer in `module`, as stored (packed codes count as packed)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quant_spec(module: nn.Module) -> dict[str, dict]:
+    """{linear name: {"bits", "group_size", "awq"}} for the manifest."""
+    return {
+        name: {"bits": m.bits, "group_size": m.group_size, "awq": m.input_scale is not None}
+        for name, m in module.named_modules()
+        if isinstance(m, QuantLinear)
+    }
