@@ -1,0 +1,1 @@
+"""Generated stubs of the offsite.v1 gRPC API (see protos/generate.py)."""

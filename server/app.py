@@ -1,0 +1,150 @@
+"""The gRPC server: grpc.aio with every offsite.v1 service, health checking and reflection.
+
+``OffsiteServer(config)`` builds the state, ``await start()`` binds (port 0 picks a free
+port), ``await stop()`` shuts down gracefully: health turns NOT_SERVING, new operations are
+refused, running ones get ``grace_s`` to finish and are then cancelled, and in-flight RPCs
+get a few seconds to complete. :func:`run_in_thread` runs a server beside other code
+(tests, benchmarks) on its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .auth import AuthInterceptor
+from .services import add_services
+from .state import ServerConfig, ServerState
+from .tls import server_credentials
+
+log = logging.getLogger(__name__)
+
+
+class OffsiteServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state = ServerState(config)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> int:
+        cfg, st = self.config, self.state
+        st.ops.bind_loop(asyncio.get_running_loop())
+        recovered = st.ops.recover()
+        if recovered:
+            log.warning("%d operation(s) were left running by the previous process; marked failed", recovered)
+        st.bootstrap_admin_token()
+        self._server = grpc.aio.server(
+            interceptors=[AuthInterceptor(st.auth, st.registry)],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_concurrent_streams", 1000),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+            maximum_concurrent_rpcs=10_000,
+        )
+        names = add_services(self._server, st)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME], self._server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("pass both --tls-cert and --tls-key")
+            creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.client_ca)
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            if cfg.client_ca:
+                raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}; is another server running there?")
+        await self._server.start()
+        return self.port
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.config.tls_cert)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._server is None:
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self.state.ops.shutdown(grace)
+        await self._server.stop(min(grace, 5.0))
+        self._server = None
+        self.state.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGINT/SIGTERM, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down (finishing or cancelling operations)")
+        await self.stop()
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: OffsiteServer | None = None
+        self.port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="offsite-server", daemon=True)
+        self._thread.start()
+
+    def start(self) -> ServerThread:
+        async def _start():
+            self.server = OffsiteServer(self.config)
+            return await self.server.start()
+
+        self.port = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(60)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (Path(self.server.state.data_dir) / "admin.token").read_text().strip()
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop).result(60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_in_thread(config: ServerConfig) -> ServerThread:
+    return ServerThread(config).start()

@@ -1,0 +1,206 @@
+"""Long-running work off the event loop, with progress, cancellation and a durable record.
+
+Work runs in a thread pool (torch releases the GIL for the heavy parts), reports progress
+through an :class:`OperationContext`, and may be cancelled: the next ``ctx.progress`` or
+``ctx.check_cancelled`` call raises :class:`OperationCancelled`. Every state change is
+written to the registry, so GetOperation works after a restart; an operation that was
+running when the server died is marked failed at the next start (its thread is gone).
+Watchers on the event loop get each change pushed to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .registry import OperationRow, Registry
+
+log = logging.getLogger(__name__)
+
+DONE_STATES = ("succeeded", "failed", "cancelled")
+
+
+class OperationCancelled(Exception):
+    """Raised inside work when its operation was cancelled."""
+
+
+@dataclass
+class OperationResult:
+    resource: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class OperationContext:
+    """Handed to the work function: report progress, notice cancellation."""
+
+    def __init__(self, manager: OperationManager, op_id: str, cancel_event: threading.Event) -> None:
+        self._manager = manager
+        self.op_id = op_id
+        self._cancel = cancel_event
+        self._last_write = 0.0
+        self._last_fraction = -1.0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise OperationCancelled(f"operation {self.op_id} was cancelled")
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Record progress in [0, 1]; raises OperationCancelled when cancelled.
+
+        Writes are throttled (every 0.25 s or 1%) so a chatty loop does not load the database.
+        """
+        self.check_cancelled()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = time.monotonic()
+        if now - self._last_write < 0.25 and abs(fraction - self._last_fraction) < 0.01 and fraction < 1.0:
+            return
+        self._last_write, self._last_fraction = now, fraction
+        self._manager._update(self.op_id, progress=fraction, message=message[:500])
+
+
+class OperationManager:
+    def __init__(self, registry: Registry, max_workers: int = 2) -> None:
+        self.registry = registry
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="offsite-op")
+        self._cancel: dict[str, threading.Event] = {}
+        self._futures: dict[str, Future] = {}
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def recover(self) -> int:
+        """Mark operations left running by a previous process as failed; returns how many."""
+        stale = self.registry.list_operations(states=("pending", "running"))
+        for row in stale:
+            self.registry.update_operation(row.id, state="failed",
+                                           error="the server stopped while this ran; start it again")
+        return len(stale)
+
+    # ---- starting and running ---------------------------------------------------------------
+    def start(self, kind: str, work: Callable[[OperationContext], OperationResult | None],
+              created_by: str = "", on_finish: Callable[[OperationRow], None] | None = None) -> OperationRow:
+        if self._closing:
+            raise RuntimeError("the server is shutting down; start the operation again after it restarts")
+        row = self.registry.add_operation(kind, created_by=created_by)
+        cancel = threading.Event()
+        with self._lock:
+            self._cancel[row.id] = cancel
+            self._futures[row.id] = self._executor.submit(self._run, row.id, work, cancel, on_finish)
+        return row
+
+    def _run(self, op_id: str, work, cancel: threading.Event, on_finish) -> None:
+        if cancel.is_set():
+            self._update(op_id, state="cancelled", message="cancelled before it started")
+        else:
+            self._update(op_id, state="running", message="started")
+            ctx = OperationContext(self, op_id, cancel)
+            try:
+                outcome = work(ctx) or OperationResult()
+                if cancel.is_set():
+                    raise OperationCancelled("cancelled")
+                self._update(op_id, state="succeeded", progress=1.0, message="done",
+                             resource=outcome.resource, result=outcome.result)
+            except OperationCancelled:
+                self._update(op_id, state="cancelled", message="cancelled")
+            except Exception as e:  # the error is the operation's result, not the server's
+                log.warning("operation %s failed: %s\n%s", op_id, e, traceback.format_exc())
+                self._update(op_id, state="failed", error=f"{type(e).__name__}: {e}"[:4000])
+        with self._lock:
+            self._cancel.pop(op_id, None)
+            self._futures.pop(op_id, None)
+        if on_finish is not None:
+            try:
+                on_finish(self.registry.get_operation(op_id))
+            except Exception:
+                log.exception("on_finish hook of operation %s failed", op_id)
+
+    def _update(self, op_id: str, **fields: Any) -> None:
+        row = self.registry.update_operation(op_id, **fields)
+        self._publish(row)
+
+    def _publish(self, row: OperationRow) -> None:
+        loop, queues = self._loop, list(self._watchers.get(row.id, ()))
+        if loop is None or not queues:
+            return
+        for q in queues:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, row)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    # ---- control ------------------------------------------------------------------------------
+    def cancel(self, op_id: str) -> OperationRow:
+        row = self.registry.get_operation(op_id)
+        if row.state in DONE_STATES:
+            return row
+        with self._lock:
+            event = self._cancel.get(op_id)
+            future = self._futures.get(op_id)
+        if event is None:
+            # Not ours (left over from another process): nothing runs it any more.
+            return self.registry.update_operation(op_id, state="cancelled", message="cancelled")
+        event.set()
+        if future is not None and future.cancel():
+            self._update(op_id, state="cancelled", message="cancelled before it started")
+        return self.registry.get_operation(op_id)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._futures)
+
+    async def watch(self, op_id: str) -> AsyncIterator[OperationRow]:
+        """Yield the operation now and after every change until it is done."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._watchers.setdefault(op_id, set()).add(queue)
+        try:
+            row = self.registry.get_operation(op_id)
+            yield row
+            while row.state not in DONE_STATES:
+                try:
+                    row = await asyncio.wait_for(queue.get(), timeout=5.0)
+                except asyncio.TimeoutError:
+                    # A change published by another process sharing the registry.
+                    fresh = self.registry.get_operation(op_id)
+                    if fresh.updated_at == row.updated_at and fresh.state == row.state:
+                        continue
+                    row = fresh
+                yield row
+        finally:
+            watchers = self._watchers.get(op_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    self._watchers.pop(op_id, None)
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Let running work finish within `grace_s`, then cancel what is left and wait for it."""
+        self._closing = True
+        deadline = time.monotonic() + grace_s
+        while self.running_ids() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.running_ids()
+        for op_id in left:
+            log.warning("cancelling operation %s at shutdown", op_id)
+            self.cancel(op_id)
+        deadline = time.monotonic() + max(5.0, grace_s)
+        while self.running_ids() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for op_id in self.running_ids():
+            # Work that ignores cancellation: record the truth, the thread dies with the process.
+            self.registry.update_operation(op_id, state="cancelled", message="cancelled at server shutdown")
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,119 @@
+"""The server's shared state: configuration, registry, artifact store, auth, operations.
+
+Everything the services need, in one object, so a test or another team's code can build
+it without a gRPC server (e.g. the eval scheduler calls :meth:`ServerState.start_eval`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import ArtifactStore
+from .auth import ADMIN, Authenticator
+from .hooks import (
+    DEFAULT_EMULATOR_BUILDER,
+    DEFAULT_EVAL_RUNNER,
+    DEFAULT_JOB_RUNNER,
+    DEFAULT_RELEASE_EXPORTER,
+)
+from .operations import OperationManager
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-gpt2", "tiny-opt")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    database_url: str | None = None          # default: sqlite in data_dir
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None            # set: mutual TLS, clients need a certificate from this CA
+    signing_key: Path | None = None          # default: data_dir/keys/signing.key (created on first start)
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_upload_bytes: int = 16 * 1024 ** 3
+    download_chunk_bytes: int = 1024 * 1024
+    op_workers: int = 2
+    grace_s: float = 10.0
+    federation_address: str = ""             # told to data owners at enrollment
+    job_runner: str = DEFAULT_JOB_RUNNER
+    eval_runner: str = DEFAULT_EVAL_RUNNER
+    emulator_builder: str = DEFAULT_EMULATOR_BUILDER
+    release_exporter: str = DEFAULT_RELEASE_EXPORTER
+    extra: dict = field(default_factory=dict)
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self.models_dir = self.data_dir / "models"
+        self.work_dir = self.data_dir / "work"
+        self.models_dir.mkdir(exist_ok=True)
+        self.work_dir.mkdir(exist_ok=True)
+        self.registry = Registry(config.database_url or f"sqlite:///{self.data_dir / 'registry.db'}")
+        self.store = ArtifactStore(self.data_dir / "artifacts")
+        self.auth = Authenticator(self.registry)
+        self.ops = OperationManager(self.registry, max_workers=config.op_workers)
+        self.signing_key, self.public_key = self._signing_keys()
+        self.admin_token_path: Path | None = None
+
+    def _signing_keys(self) -> tuple[Path, Path]:
+        if self.config.signing_key is not None:
+            key = Path(self.config.signing_key)
+            pub = key.with_suffix(".pub")
+            if not key.is_file() or not pub.is_file():
+                raise FileNotFoundError(f"signing key {key} or its public half {pub} is missing; "
+                                        "create them with `offsite-admin keys init --dir DIR`")
+            return key, pub
+        keys = self.data_dir / "keys"
+        key, pub = keys / "signing.key", keys / "signing.pub"
+        if not key.is_file():
+            from offsite.emulators.signing import generate_signing_key
+
+            key, pub = generate_signing_key(keys)
+            log.info("created the bundle signing key %s", key)
+        return key, pub
+
+    def bootstrap_admin_token(self) -> Path | None:
+        """On a registry with no admin token, create one and write it to data_dir/admin.token (mode 600)."""
+        if self.registry.count_tokens(ADMIN) > 0:
+            return None
+        secret, _row = self.auth.create_token("admin", ADMIN)
+        path = self.data_dir / ADMIN_TOKEN_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, 0o600)
+        self.admin_token_path = path
+        return path
+
+    def resolve_model_source(self, source: str) -> str:
+        """A built-in model name, or a directory under data_dir/models (never an arbitrary path)."""
+        if source in BUILTIN_MODELS:
+            return source
+        if not source or "\x00" in source or os.path.isabs(source) or ".." in Path(source).parts:
+            raise ValueError(f"model source {source!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) or the name "
+                             f"of a Hugging Face model directory you copied into {self.models_dir}")
+        path = (self.models_dir / source).resolve()
+        if self.models_dir.resolve() not in path.parents or not path.is_dir():
+            raise ValueError(f"model source {source!r}: no directory {path}; copy the model directory into "
+                             f"{self.models_dir} first, or use a built-in name ({', '.join(BUILTIN_MODELS)})")
+        return str(path)
+
+    def close(self) -> None:
+        self.registry.close()
