@@ -1,0 +1,137 @@
+"""Training checkpoints: safetensors for tensors, JSON for the rest, written atomically.
+
+Layout: ``DIR/step-000010/{trainable,optimizer}.safetensors + state.json`` and
+``DIR/LATEST`` (JSON naming the newest complete step directory). A new checkpoint is
+written to a temporary directory, fsynced and renamed; only then is LATEST replaced
+(os.replace) and the previous step directory removed. A failure at any point (a full
+disk included) leaves LATEST pointing at the previous, intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not match this run."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in state_dict["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: dict,
+) -> Path:
+    """Write checkpoint `step` atomically and make it the latest; returns its directory."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    try:
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
+        _save_tensors(trainable, staging / "trainable.safetensors")
+        _save_tensors(opt_tensors, staging / "optimizer.safetensors")
+        _save_tensors({"torch": torch.get_rng_state()}, staging / "rng.safetensors")
+        body = json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1)
+        with open(staging / "state.json", "w") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(root)
+        previous = latest_checkpoint(root)
+        pointer = root / ".LATEST.tmp"
+        with open(pointer, "w") as fh:
+            fh.write(json.dumps({"step": step, "dir": final.name}))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(pointer, root / "LATEST")
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        (root / ".LATEST.tmp").unlink(missing_ok=True)
+        hint = "the disk is full; free space" if e.errno == errno.ENOSPC else "check the directory"
+        raise CheckpointError(
+            f"could not write checkpoint step {step} to {root} ({e.strerror or e}); {hint} and resume: "
+            f"the previous checkpoint ({latest_checkpoint(root) or 'none'}) is intact"
+        ) from e
+    if previous is not None and previous != final:
+        shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    root = Path(directory)
+    pointer = root / "LATEST"
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["dir"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{pointer}: unreadable ({e}); remove {root} to start afresh") from None
+    path = root / name
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{pointer} names {name}, which is missing; remove {root} to start afresh")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, torch.Tensor]:
+    """(trainable tensors, optimizer state_dict, state json, torch RNG state)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        trainable = load_file(str(path / "trainable.safetensors"))
+        opt = _optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+        rng = load_file(str(path / "rng.safetensors"))["torch"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint ({e}); remove it to start afresh") from None
+    return trainable, opt, state, rng

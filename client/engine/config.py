@@ -1,0 +1,54 @@
+"""What a training run is asked to do (`TrainConfig`) and what it returns (`TrainResult`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    """One client training run. Field names follow the cross-team contract (contracts.md)."""
+
+    scheme: str = "full"  # see schemes.py for the spec syntax, e.g. "top:full,bottom:norms"
+    memory_budget_mb: float | None = None  # when set, the scheme is chosen by budget.py instead
+    steps: int = 50
+    lr: float = 1e-4
+    optimizer: str = "adamw"  # "adamw" or "sgd" (no optimizer state)
+    batch_size: int = 4
+    grad_accum: int = 1
+    block_size: int = 256
+    warmup_steps: int | None = None  # None: a tenth of the steps, at most 10
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_fraction: float = 0.1  # held-out slice of the client's own blocks
+    eval_batches: int | None = None  # cap on held-out batches per evaluation (None: all)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end when checkpoint_dir is set)
+    resume: bool = True  # continue from checkpoint_dir's latest checkpoint when there is one
+    precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 where the CPU/GPU computes it natively)
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 256  # tokens per chunk of the LM head + loss
+    channel_targets: tuple[str, ...] | None = None  # linear names for channels:R (None: input projections)
+    lora_alpha_ratio: float = 2.0  # lora_alpha = ratio * rank
+    probe_steps: int = 3  # contribution analysis: steps per candidate unit
+    probe_batches: int = 1
+
+    def fingerprint(self) -> dict:
+        """The fields that must match for a checkpoint to be resumed."""
+        keep = ("scheme", "memory_budget_mb", "steps", "lr", "optimizer", "batch_size", "grad_accum", "block_size", "warmup_steps",
+                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_fraction", "precision",
+                "channel_targets", "lora_alpha_ratio")
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps({k: d[k] for k in keep}, default=list))
+
+
+@dataclass
+class TrainResult:
+    adapter_state: dict[str, torch.Tensor]  # FULL adapter, keyed by original names, fp32
+    metrics: dict = field(default_factory=dict)

@@ -1,0 +1,74 @@
+"""Process memory as the benchmarks and the budget see it: resident set size.
+
+`tracemalloc` does not see torch's allocator, so we read the kernel's counters:
+VmRSS (now) and VmHWM (peak) from /proc/self/status, falling back to getrusage.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+MB = 1024 * 1024
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return ru / MB if sys.platform == "darwin" else ru / 1024
+    return kb / 1024
+
+
+def current_rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs); False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class SavedActivations:
+    """Bytes of tensors autograd saves for backward while active (distinct storages)."""
+
+    def __init__(self, exclude: torch.nn.Module | None = None) -> None:
+        self.bytes = 0
+        # weights saved for backward are not activations: they exist anyway
+        self._seen: set[int] = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude else set()
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            key = id(t)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

@@ -1,0 +1,97 @@
+"""Backward pruning and the cheap forward: what makes sparse updates actually cheap.
+
+- The frozen prefix (everything below the lowest trainable block) runs under
+  `torch.no_grad()`, so it records no graph and keeps no activations; grad mode turns on
+  at the lowest trainable block's entry (a forward pre-hook). `no_grad`, not
+  `inference_mode`: inference tensors cannot enter a graph later.
+- Never `enable_input_require_grads()` and never reentrant checkpointing on the prefix:
+  both silently bring back a full-depth backward.
+- Frozen weights outside the adapter blocks are kept in bf16 when computing in bf16
+  (QuantLinear buffers stay packed); trainable and adapter-block weights stay fp32 so an
+  untouched adapter weight comes back bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from offsite.emulators.families import Family
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bf16 where the hardware computes it natively, else fp32."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int], dtype: torch.dtype) -> int:
+    """Cast frozen floating parameters outside `keep_blocks` to `dtype`; returns bytes saved."""
+    if dtype == torch.float32:
+        return 0
+    saved = 0
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen or param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+            continue
+        seen.add(id(param))
+        if family.block_index(name) in keep_blocks:
+            continue
+        before = param.numel() * param.element_size()
+        param.data = param.data.to(dtype)  # tied weights share the Parameter: cast once
+        saved += before - param.numel() * param.element_size()
+    return saved
+
+
+@contextlib.contextmanager
+def pruned_backward(model: nn.Module, family: Family, lowest_block: int, checkpoint_blocks: bool = False) -> Iterator[None]:
+    """Inside, run the model's forward under `torch.no_grad()`: grad turns on at `lowest_block`.
+
+    With `checkpoint_blocks`, blocks from `lowest_block` up recompute their activations in
+    backward (non-reentrant checkpointing; the prefix is never checkpointed).
+    """
+    blocks = family.get_blocks(model)
+
+    def enable_grad(_module, _args):
+        torch.set_grad_enabled(True)  # the enclosing no_grad() restores the caller's mode on exit
+
+    handles = [blocks[lowest_block].register_forward_pre_hook(enable_grad)]
+    patched: list[nn.Module] = []
+    if checkpoint_blocks:
+        for block in list(blocks)[lowest_block:]:
+            original = block.forward
+
+            def wrapped(*args, _original=original, **kwargs):
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            block.forward = wrapped
+            patched.append(block)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for block in patched:
+            del block.forward  # drop the instance attribute: the class method is back
