@@ -24,5 +24,21 @@ app.command("plugin")(plugin.plugin)
 app.add_typer(evals.app, name="eval")
 app.command("demo")(demo.demo)
 
+# server: global connection options, then the gRPC-backed command groups
+from . import eval_server, jobs, models, ops, releases, remote, serve, tokens  # noqa: E402
+
+app.callback()(remote.global_options)
+app.command("serve")(serve.serve)
+app.add_typer(tokens.app, name="tokens")
+app.command("audit")(tokens.audit)
+app.command("whoami")(tokens.whoami)
+app.add_typer(models.app, name="models")
+app.add_typer(models.bundles_app, name="bundles")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(releases.app, name="releases")
+app.add_typer(eval_server.app, name="evals")
+app.add_typer(ops.app, name="ops")
+app.add_typer(ops.artifacts_app, name="artifacts")
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,78 @@
+"""`offsite-admin releases ...`: candidate releases, the approval decision and export."""
+
+from __future__ import annotations
+
+import typer
+
+from offsite.protos.v1 import releases_pb2, releases_pb2_grpc
+
+from .remote import CONNECTION, JsonOpt, call, emit_json, finish_operation, fmt_time, show_message, table, to_dict
+
+app = typer.Typer(no_args_is_help=True, help="List, approve, reject and export releases.")
+
+
+def _stub() -> releases_pb2_grpc.ReleasesStub:
+    return releases_pb2_grpc.ReleasesStub(CONNECTION.channel())
+
+
+@app.command("list")
+def list_(status: str = typer.Option("", "--status", help="pending-gate | approved | rejected | released | blocked"),
+          job: str = typer.Option("", "--job"), limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOpt) -> None:
+    """List releases.
+
+    Example: offsite-admin releases list --status pending-gate
+    """
+    resp = call(_stub().ListReleases, releases_pb2.ListReleasesRequest(status=status, job_id=job, limit=limit),
+                as_json=json_out)
+    if json_out:
+        emit_json([to_dict(r) for r in resp.releases])
+        return
+    table("releases", ["id", "job", "status", "gate", "report", "decided by", "reason", "created"],
+          [(r.id, r.job_id, r.status, r.gate_verdict or "-", r.gate_report_id, r.decided_by, r.reason[:40],
+            fmt_time(r.created_at)) for r in resp.releases])
+
+
+@app.command("get")
+def get(release_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
+    """Show one release.
+
+    Example: offsite-admin releases get rel_1a2b3c4d5e6f
+    """
+    show_message("release", call(_stub().GetRelease, releases_pb2.GetReleaseRequest(id=release_id), as_json=json_out),
+                 json_out)
+
+
+@app.command("approve")
+def approve(release_id: str = typer.Argument(...),
+            override_reason: str = typer.Option("", "--override-reason",
+                                                help="approve although the gate did not pass (audited)"),
+            json_out: bool = JsonOpt) -> None:
+    """Approve a release that passed the safety gate (admins only).
+
+    Example: offsite-admin releases approve rel_1a2b3c4d5e6f
+    """
+    resp = call(_stub().ApproveRelease, releases_pb2.ApproveReleaseRequest(id=release_id, override_reason=override_reason),
+                as_json=json_out)
+    show_message(f"release {resp.id}", resp, json_out)
+
+
+@app.command("reject")
+def reject(release_id: str = typer.Argument(...), reason: str = typer.Option(..., "--reason"),
+           json_out: bool = JsonOpt) -> None:
+    """Reject a release, with a reason (admins only).
+
+    Example: offsite-admin releases reject rel_1a2b3c4d5e6f --reason "forgets Python syntax"
+    """
+    resp = call(_stub().RejectRelease, releases_pb2.RejectReleaseRequest(id=release_id, reason=reason), as_json=json_out)
+    show_message(f"release {resp.id}", resp, json_out)
+
+
+@app.command("export")
+def export(release_id: str = typer.Argument(...), wait: bool = typer.Option(True, "--wait/--no-wait"),
+           json_out: bool = JsonOpt) -> None:
+    """Plug the adapter into the base model and store the HF directory as an artifact (approved releases).
+
+    Example: offsite-admin releases export rel_1a2b3c4d5e6f && offsite-admin artifacts download SHA --out model.tar
+    """
+    op = call(_stub().ExportRelease, releases_pb2.ExportReleaseRequest(id=release_id), as_json=json_out)
+    finish_operation(op, wait, json_out)
