@@ -1,0 +1,305 @@
+"""Running a federated job: the simulation engine, the deployment engine, the server hook.
+
+- `prepare_local_job`: the one-machine set-up behind `offsite-admin job run`: registry and
+  artifact store under --data-dir, a signed bundle (built once per model and options and
+  reused), the job row, the corpus split into one shard per data owner, and a bundle
+  cache that the clients read by digest.
+- `run_simulation_job`: Flower's Simulation Engine (Ray) with N virtual data owners.
+- `run_deployment_job`: `flwr run` against a running SuperLink (see deploy/local).
+- `run_job(ctx)`: the server's job-runner hook (`offsite.server.federation:run_job`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offsite.client.flower_app import ClientSettings
+from offsite.emulators.data import PYTHON_REFERENCE, load_examples, python_reference_split
+
+from .checkpoint import JOB_FILE, write_json_atomic
+from .config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+class JobSetupError(RuntimeError):
+    """The job cannot start: bad corpus, missing bundle or key; the message says what to do."""
+
+
+@dataclass
+class LocalJob:
+    cfg: FederationConfig
+    clients: int
+    settings: ClientSettings
+    data_dir: Path
+    shards: list[str] = field(default_factory=list)
+
+
+def quiet_flower() -> None:
+    for k, v in FLOWER_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+# --- set-up ---------------------------------------------------------------------------
+
+
+def _signing_key(data_dir: Path) -> tuple[Path, Path]:
+    from offsite.emulators.signing import generate_signing_key
+
+    keys = data_dir / "keys"
+    key, pub = keys / "signing.key", keys / "signing.pub"
+    if not key.exists():
+        key, pub = generate_signing_key(keys)
+    return key, pub
+
+
+def _build_or_reuse_bundle(data_dir: Path, model: str, build: dict, key: Path, progress: bool) -> Path:
+    """A bundle for (model, build options), built once under DATA_DIR/bundles and reused."""
+    from offsite.emulators.build import BuildConfig, build_bundle
+
+    cfg = BuildConfig(model=model, **build)
+    tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = data_dir / "bundles" / f"{Path(model).name}-{tag}"
+    if not (out / "manifest.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_bundle(cfg, key, out, progress=progress)
+    return out
+
+
+def _split_corpus(corpus: str, clients: int, job_dir: Path) -> tuple[list[str], str]:
+    """One data spec per data owner, and the model owner's held-out set."""
+    if corpus == PYTHON_REFERENCE:
+        python_reference_split(clients)  # fails early and clearly if N is too large
+        return [f"{PYTHON_REFERENCE}:{i}/{clients}" for i in range(clients)], PYTHON_REFERENCE
+    path = Path(corpus)
+    if not path.exists():
+        raise JobSetupError(f"--corpus {corpus}: no such file or directory; pass {PYTHON_REFERENCE!r} or a JSONL/text file or directory")
+    examples = load_examples(path)
+    if len(examples) < clients + 1:
+        raise JobSetupError(f"--corpus {corpus} has {len(examples)} examples; it needs more than one per client plus a held-out share")
+    # Every 10th example is the model owner's held-out set; the rest go round-robin to owners.
+    heldout = examples[::10]
+    train = [e for i, e in enumerate(examples) if i % 10]
+    shard_dir = job_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i in range(clients):
+        p = shard_dir / f"shard-{i}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in train[i::clients]))
+        specs.append(str(p))
+    hp = job_dir / "heldout.jsonl"
+    hp.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in heldout))
+    return specs, str(hp)
+
+
+def prepare_local_job(
+    data_dir: str | Path,
+    model: str,
+    clients: int,
+    rounds: int,
+    corpus: str = PYTHON_REFERENCE,
+    bundle: str | None = None,
+    public_key: str | None = None,
+    build: dict | None = None,
+    name: str = "",
+    engine: str = "simulation",
+    progress: bool = False,
+    **options,
+) -> LocalJob:
+    """Registry, bundle, job row, shards and client cache for a job on this machine."""
+    from offsite.client.flower_app import bundle_digest
+    from offsite.server.artifacts import ArtifactStore
+    from offsite.server.registry import NotFound, Registry
+
+    if clients < 1:
+        raise JobSetupError("--clients must be at least 1")
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    registry_url = f"sqlite:///{data_dir / 'registry.db'}"
+    registry = Registry(registry_url)
+    store = ArtifactStore(data_dir / "artifacts")
+    if bundle:
+        if not public_key:
+            raise JobSetupError("--bundle needs --public-key (the signing.pub it was signed with)")
+        bundle_path, pub = Path(bundle).resolve(), Path(public_key).resolve()
+    else:
+        key, pub = _signing_key(data_dir)
+        bundle_path = _build_or_reuse_bundle(data_dir, model, build or {}, key, progress)
+    if not bundle_path.is_dir():
+        raise JobSetupError(f"{bundle_path}: pass an unpacked bundle directory")
+    from offsite.emulators.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle_path, pub)
+    model_name = Path(model).name if Path(model).is_dir() else model
+    try:
+        model_row = registry.get_model(model_name)
+    except NotFound:
+        model_row = registry.add_model(model_name, source=model, digest=manifest.get("base_model", {}).get("digest", ""))
+    bundle_sha = store.put_dir_as_tar(bundle_path)
+    registry.add_artifact(bundle_sha, store.size(bundle_sha), "bundle", f"{bundle_path.name}.tar")
+    emulator = registry.add_emulator(model_row.id, bundle_sha, build or {}, manifest)
+    digest = bundle_digest(bundle_path)
+    spec = {"engine": engine, "rounds": rounds, "min_clients": options.get("min_clients", min(2, clients)),
+            "fraction": options.get("fraction", 1.0), "clients": clients, "corpus": corpus, "options": dict(options)}
+    job = registry.add_job(name or f"{model_name}-{engine}", model_row.id, emulator.id, spec)
+    job_dir = data_dir / "work" / job.id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    cache = job_dir / "bundle-cache"
+    cache.mkdir(exist_ok=True)
+    link = cache / digest
+    if not link.exists():
+        link.symlink_to(bundle_path, target_is_directory=True)
+    shards, heldout = _split_corpus(corpus, clients, job_dir)
+    options.setdefault("min_clients", min(2, clients))
+    cfg = FederationConfig(
+        job_id=job.id, model=model, bundle=str(bundle_path), bundle_digest=digest, job_dir=str(job_dir),
+        public_key=str(pub), rounds=rounds, heldout=heldout, registry_url=registry_url,
+        artifacts_root=str(data_dir / "artifacts"), **options,
+    )
+    template = data_template(corpus, clients, job_dir)
+    settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(pub), threads=1)
+    write_json_atomic(job_dir / "federation.json", {"config": cfg.to_run_config(), "clients": clients, "shards": shards,
+                                                    "client_settings": settings.__dict__})
+    registry.close()
+    return LocalJob(cfg=cfg, clients=clients, settings=settings, data_dir=data_dir, shards=shards)
+
+
+def data_template(corpus: str, clients: int, job_dir: Path) -> str:
+    """The clients' data spec, with `{partition}` standing for each simulated owner's index."""
+    if corpus == PYTHON_REFERENCE:
+        return f"{PYTHON_REFERENCE}:{{partition}}/{clients}"
+    return str(job_dir / "shards" / "shard-{partition}.jsonl")
+
+
+def load_local_job(data_dir: str | Path, job_id: str) -> LocalJob:
+    """A job prepared earlier (to resume it after a restart)."""
+    data_dir = Path(data_dir).resolve()
+    path = data_dir / "work" / job_id / "federation.json"
+    if not path.exists():
+        raise JobSetupError(f"no federated job {job_id} under {data_dir}/work; `offsite-admin job run` prints the job id")
+    saved = json.loads(path.read_text())
+    return LocalJob(FederationConfig.from_run_config(saved["config"]), int(saved["clients"]),
+                    ClientSettings(**saved["client_settings"]), data_dir, saved["shards"])
+
+
+# --- engines ----------------------------------------------------------------------------
+
+
+def simulation_backend(workers: int | None = None) -> dict:
+    """Ray settings: one CPU per virtual client at a time, `workers` of them in parallel."""
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": logging.ERROR, "log_to_driver": False,
+                      "include_dashboard": False},
+    }
+
+
+def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=None, evaluator=None) -> dict:
+    """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json)."""
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from offsite.client.flower_app import make_client_app
+
+    from .server_app import make_server_app
+
+    result: dict = {}
+    server_app = make_server_app(job.cfg, "simulation", evaluator=evaluator, result=result)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app or make_client_app(job.settings),
+        num_supernodes=job.clients,
+        backend_config=simulation_backend(workers),
+    )
+    return read_job(job.cfg.job_dir) if not result else result
+
+
+def read_job(job_dir: str | Path) -> dict:
+    path = Path(job_dir) / JOB_FILE
+    if not path.exists():
+        raise JobSetupError(f"{path}: the job has not started (no {JOB_FILE})")
+    return json.loads(path.read_text())
+
+
+def run_deployment_job(job: LocalJob, app_dir: str | Path, superlink: str, flwr_home: str | Path, stream: bool = False) -> dict:
+    """Submit the job to a running SuperLink with `flwr run`; results arrive in job.json/registry."""
+    from .deployment import submit_run
+
+    return submit_run(job.cfg, app_dir, superlink, flwr_home, stream=stream)
+
+
+# --- the server's hook --------------------------------------------------------------------
+
+
+def run_job(ctx) -> None:
+    """`offsite.server.federation:run_job`: run a job the gRPC server was asked to start.
+
+    The job's spec names the engine: "simulation" runs `spec.clients` data owners on this
+    machine over `spec.corpus`; "deployment" submits to the SuperLink at the job's
+    federation address (spec options `superlink`, `flwr_home`, `app_dir`)."""
+    quiet_flower()
+    from offsite.client.flower_app import bundle_digest
+
+    from .server_app import FederatedJob  # noqa: F401  (import errors surface before the run)
+
+    spec = dict(ctx.job.spec or {})
+    options = dict(spec.get("options") or {})
+    train = dict(spec.get("train_config") or {})
+    engine = spec.get("engine") or "deployment"
+    clients = int(spec.get("clients") or options.pop("clients", 0) or max(1, len(ctx.data_owners)) or 2)
+    corpus = str(spec.get("corpus") or options.pop("corpus", PYTHON_REFERENCE))
+    job_dir = Path(ctx.work_dir)
+    bundle_root = job_dir / "bundle"
+    if not (bundle_root / "manifest.json").exists():
+        from offsite.emulators.bundle import bundle_dir
+
+        with bundle_dir(ctx.bundle_path) as root:
+            tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=job_dir))
+            shutil.copytree(root, tmp / "b")
+            os.replace(tmp / "b", bundle_root)
+            shutil.rmtree(tmp, ignore_errors=True)
+    digest = bundle_digest(bundle_root)
+    cache = job_dir / "bundle-cache"
+    cache.mkdir(exist_ok=True)
+    if not (cache / digest).exists():
+        (cache / digest).symlink_to(bundle_root, target_is_directory=True)
+    fed_keys = {f for f in FederationConfig.__dataclass_fields__}
+    extra = {k: v for k, v in {**train, **options}.items() if k in fed_keys}
+    shards, heldout = _split_corpus(corpus, clients, job_dir)
+    cfg = FederationConfig(
+        job_id=ctx.job.id, model=ctx.model.source or ctx.model.name, bundle=str(bundle_root), bundle_digest=digest,
+        job_dir=str(job_dir), public_key=str(ctx.public_key_path), rounds=int(spec.get("rounds", 1)),
+        min_clients=int(spec.get("min_clients", 2)), fraction=float(spec.get("fraction", 1.0)), heldout=heldout,
+        registry_url=ctx.registry.url, artifacts_root=str(ctx.store.root), **extra,
+    )
+    if engine == "simulation":
+        template = data_template(corpus, clients, job_dir)
+        settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(ctx.public_key_path))
+        run_simulation_job(LocalJob(cfg, clients, settings, Path(ctx.data_dir), shards))
+    else:
+        from .deployment import submit_run
+
+        submit_run(cfg, options.get("app_dir") or default_app_dir(), options.get("superlink", "offsite"),
+                   options.get("flwr_home") or str(Path(ctx.data_dir) / "flwr-home"), wait=True)
+
+
+def default_app_dir() -> str:
+    """The Flower app directory shipped in deploy/flower-app (code and config only, no weights)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "deploy" / "flower-app"
+        if (candidate / "pyproject.toml").exists():
+            return str(candidate)
+    raise JobSetupError("deploy/flower-app is not found next to this installation; pass --app-dir")

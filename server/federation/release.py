@@ -1,0 +1,106 @@
+"""After the last round: plug the adapter into the full model and record a candidate.
+
+The candidate is never released from here: it gets status `pending-gate`, and only the
+safety gate may move it on. The adapter-only artifact and the plugged-in model directory
+are both written atomically (temp path, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offsite.emulators.adapter import save_adapter
+
+from .evaluate import PluginEvaluator
+
+PENDING_GATE = "pending-gate"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def export_candidate(evaluator: PluginEvaluator, adapter: dict[str, np.ndarray], adapter_meta: dict, out: Path) -> Path:
+    """The plugged-in full model as a Hugging Face directory at `out` (atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()}
+    try:
+        try:
+            from offsite.emulators.plugin import export_model_dir, plug_in
+        except ImportError:  # plug-in module not landed: the same by-name copy, in place and undone
+            export_model_dir = plug_in = None
+        if plug_in is not None:
+            model = plug_in(evaluator.loaded, state, adapter_meta)
+            export_model_dir(model, evaluator.loaded.tokenizer, staging / "model")
+        else:
+            params = dict(evaluator.loaded.model.named_parameters())
+            saved = {k: params[k].detach().clone() for k in state}
+            try:
+                for k, v in state.items():
+                    params[k].copy_(v.view_as(params[k]))
+                evaluator.loaded.model.save_pretrained(staging / "model", safe_serialization=True)
+                evaluator.loaded.tokenizer.save_pretrained(staging / "model")
+            finally:
+                for k, v in saved.items():
+                    params[k].copy_(v)
+        model_dir = staging / "model"
+        for f in model_dir.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(model_dir, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def make_candidate(
+    *, job_id: str, job_dir: Path, evaluator: PluginEvaluator, adapter: dict[str, np.ndarray], base_digest: str,
+    model: str, rounds: int, plugin_ppl: float | None, candidate_dir: str = "", artifacts_root: str = "",
+) -> dict:
+    """Write the final adapter and the plugged-in model; return the release record (pending-gate)."""
+    adapter_path = save_adapter(
+        job_dir / "final-adapter.safetensors",
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()},
+        base_digest,
+        job_id=job_id,
+        rounds=str(rounds),
+        base_model=model,
+    )
+    meta = {"base_model_digest": base_digest, "job_id": job_id}
+    model_dir = export_candidate(evaluator, adapter, meta, Path(candidate_dir) if candidate_dir else job_dir / "candidate")
+    adapter_sha = sha256_file(adapter_path)
+    if artifacts_root:
+        try:
+            from offsite.server.artifacts import ArtifactStore
+
+            adapter_sha = ArtifactStore(artifacts_root).put_file(adapter_path)
+        except ImportError:
+            pass
+    return {
+        "id": f"{job_id}-candidate",
+        "job_id": job_id,
+        "status": PENDING_GATE,
+        "base_model": model,
+        "base_digest": base_digest,
+        "adapter_path": str(adapter_path),
+        "adapter_sha256": adapter_sha,
+        "model_dir": str(model_dir),
+        "plugin_ppl": plugin_ppl,
+        "created_at": time.time(),
+    }

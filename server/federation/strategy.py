@@ -1,0 +1,92 @@
+"""FedAvg with a per-client bound on the update norm, and DP accounting.
+
+Each client's update (its adapter minus the round's global adapter) is scaled down to at
+most `norm_bound` before the weighted average, so one poisoned or broken client moves
+the global adapter by at most `weight_share * norm_bound`, whatever it sends. Replies with
+errors (a client that dropped out) are left out; the round fails only when fewer than
+`min_train_nodes` usable replies remain. Aggregation itself is Flower's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore import log
+
+from .arrays import AdapterMismatchError, bound_update, check_same_layout, numpy_to_record, record_nbytes, record_to_numpy
+
+UNIT_WEIGHT_KEY = "unit-weight"  # every client reports 1.0: the weight DP's noise calibration assumes
+EXAMPLES_KEY = "num-examples"
+
+
+class RoundFailedError(RuntimeError):
+    """Too few clients replied for the round to count."""
+
+
+@dataclass
+class ClientReport:
+    node_id: int
+    metrics: dict
+    update_norm: float
+    scale: float
+    bytes_up: int
+    error: str = ""
+
+
+@dataclass
+class RoundReport:
+    sent: int = 0
+    bytes_down: int = 0
+    clients: list[ClientReport] = field(default_factory=list)
+    failures: list[ClientReport] = field(default_factory=list)
+
+
+class BoundedFedAvg(FedAvg):
+    """Flower's FedAvg, plus update-norm bounds, layout checks and per-client reports."""
+
+    def __init__(self, *, norm_bound: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.norm_bound = norm_bound
+        self.report = RoundReport()
+        self._global: dict | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = record_to_numpy(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.report = RoundReport(sent=len(messages), bytes_down=record_nbytes(arrays) * len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
+        for msg in errors:
+            self.report.failures.append(ClientReport(msg.metadata.src_node_id, {}, 0.0, 0.0, 0, str(msg.error.reason)))
+        records: list[RecordDict] = []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            reply_arrays = next(iter(msg.content.array_records.values()))
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            arrays = record_to_numpy(reply_arrays)
+            try:
+                check_same_layout(self._global, arrays, f"node {node}")
+            except AdapterMismatchError as e:
+                log(INFO, "aggregate_train: leaving out node %s: %s", node, e)
+                self.report.failures.append(ClientReport(node, metrics, 0.0, 0.0, record_nbytes(reply_arrays), str(e)))
+                continue
+            arrays, norm, scale = bound_update(arrays, self._global, self.norm_bound)
+            if scale < 1.0:
+                log(INFO, "aggregate_train: node %s update norm %.4g bounded to %.4g", node, norm, self.norm_bound)
+            self.report.clients.append(ClientReport(node, metrics, norm, scale, record_nbytes(reply_arrays)))
+            records.append(RecordDict({"arrays": numpy_to_record(arrays), "metrics": MetricRecord(metrics)}))
+        if len(records) < max(1, self.min_train_nodes):
+            raise RoundFailedError(
+                f"round {server_round}: {len(records)} usable replies of {self.report.sent} sampled "
+                f"(minimum {self.min_train_nodes}); failures: "
+                + "; ".join(f"node {f.node_id}: {f.error[:200]}" for f in self.report.failures)
+            )
+        return aggregate_arrayrecords(records, self.weighted_by_key), self.train_metrics_aggr_fn(records, self.weighted_by_key)
