@@ -21,5 +21,10 @@ def _root() -> None:
     """Offsite data-owner tools."""
 
 
+from . import cli_enroll  # noqa: E402
+
+app.command("enroll")(cli_enroll.enroll)
+app.command("fetch")(cli_enroll.fetch)
+
 if __name__ == "__main__":
     app()

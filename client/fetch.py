@@ -1,0 +1,267 @@
+"""The data owner's side of enrollment and bundle download.
+
+``enroll`` asks the server for a job's bundle, its signing key and the federation
+settings, and saves them (with the token, mode 600) under the client home
+(``$OFFSITE_CLIENT_HOME``, default ``~/.offsite-client``). ``fetch_bundle`` downloads the
+bundle with the Artifacts service, resuming from the bytes already on disk whenever the
+connection breaks, checks the sha256, verifies the Ed25519 signature of the manifest
+(``offsite.emulators.bundle.verify_bundle``), and keeps the result in a cache keyed by the
+digest, so a second fetch downloads nothing.
+
+Only ``offsite.protos`` and ``offsite.emulators`` are used here: the client never imports
+the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from offsite.protos.channel import open_channel
+from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+# Codes after which a download is worth retrying: the server went away or the stream broke.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class FetchError(RuntimeError):
+    """The bundle could not be fetched or did not verify; the message says why and what to do."""
+
+
+def client_home() -> Path:
+    return Path(os.environ.get("OFFSITE_CLIENT_HOME", Path.home() / ".offsite-client"))
+
+
+def bundle_cache_dir() -> Path:
+    base = os.environ.get("OFFSITE_CACHE", Path.home() / ".cache" / "offsite")
+    return Path(base) / "bundles"
+
+
+@dataclass
+class Enrollment:
+    server: str
+    job_id: str
+    data_owner: str
+    bundle_sha256: str
+    bundle_size: int
+    public_key_path: str
+    federation_address: str = ""
+    emulator_id: str = ""
+    base_model_digest: str = ""
+    train_config: dict = field(default_factory=dict)
+    federation: dict = field(default_factory=dict)
+    ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def channel(self, token: str) -> grpc.Channel:
+        return open_channel(self.server, token, self.ca, self.client_cert, self.client_key)
+
+
+def _write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _job_file(home: Path, job_id: str) -> Path:
+    if not job_id or "/" in job_id or job_id.startswith("."):
+        raise FetchError(f"job id {job_id!r} is not valid")
+    return home / "enrollments" / f"{job_id}.json"
+
+
+def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_cert: str | None = None,
+           client_key: str | None = None, public_key: str | Path | None = None, home: Path | None = None) -> Enrollment:
+    """Enroll in `job_id` and save what fetch and join need. With `public_key`, the server's
+    signing key must equal it (pinning); otherwise the key received over the channel is kept."""
+    home = home or client_home()
+    channel = open_channel(server, token, ca, client_cert, client_key)
+    try:
+        resp = jobs_pb2_grpc.JobsStub(channel).Enroll(jobs_pb2.EnrollRequest(job_id=job_id))
+    except grpc.RpcError as e:
+        raise FetchError(_rpc_message(e, server)) from None
+    finally:
+        channel.close()
+    if public_key is not None:
+        pinned = Path(public_key).read_bytes().strip()
+        if pinned != resp.bundle_public_key.strip():
+            raise FetchError(f"the server's bundle signing key differs from {public_key}; refusing to enroll "
+                             "(ask the model owner which key is right)")
+    pub_path = home / "keys" / f"{job_id}.pub"
+    _write_private(pub_path, resp.bundle_public_key, 0o644)
+    enrollment = Enrollment(
+        server=server, job_id=resp.job_id, data_owner=resp.data_owner, bundle_sha256=resp.bundle.sha256,
+        bundle_size=resp.bundle.size, public_key_path=str(pub_path), federation_address=resp.federation_address,
+        emulator_id=resp.emulator_id, base_model_digest=resp.base_model_digest,
+        train_config=MessageToDict(resp.train_config), federation=MessageToDict(resp.federation),
+        ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
+        client_key=str(client_key) if client_key else None)
+    _write_private(_job_file(home, job_id), json.dumps({**asdict(enrollment), "token": token}, indent=2))
+    return enrollment
+
+
+def load_enrollment(job_id: str | None = None, home: Path | None = None) -> tuple[Enrollment, str]:
+    """(enrollment, saved token) for `job_id`, or for the most recent enrollment."""
+    home = home or client_home()
+    if job_id:
+        path = _job_file(home, job_id)
+    else:
+        files = sorted((home / "enrollments").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        if not files:
+            raise FetchError(f"no enrollment under {home}; run `offsite-client enroll --server S --token T --job J` first")
+        path = files[-1]
+    if not path.is_file():
+        raise FetchError(f"not enrolled in {job_id} (no {path}); run `offsite-client enroll --job {job_id}` first")
+    data = json.loads(path.read_text())
+    token = data.pop("token", "")
+    return Enrollment(**data), token
+
+
+def _rpc_message(e: grpc.RpcError, server: str) -> str:
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the server at {server} ({e.details()}); check --server (and --ca for TLS)"
+    return f"{code.name}: {e.details()}"
+
+
+@dataclass
+class FetchResult:
+    path: Path            # the verified bundle directory
+    sha256: str
+    size: int
+    downloaded: int       # bytes received over the network by this call
+    cached: bool          # True when nothing had to be downloaded
+    resumes: int          # times the download resumed after a broken connection
+    seconds: float
+    manifest: dict
+
+
+def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, part: Path,
+                      on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
+                      chunk_size: int = 0, backoff_s: float = 0.25) -> tuple[int, int, int]:
+    """Download into `part`, appending from its current size; returns (size, downloaded, resumes).
+
+    A broken connection (server restart, network cut) is retried with exponential backoff
+    from the byte where it stopped; errors a person must fix (not found, no permission)
+    are raised at once.
+    """
+    part.parent.mkdir(parents=True, exist_ok=True)
+    downloaded = resumes = attempt = 0
+    total = -1
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        channel = channel_factory()
+        try:
+            stub = artifacts_pb2_grpc.ArtifactsStub(channel)
+            stream = stub.Download(artifacts_pb2.DownloadRequest(sha256=sha256, offset=offset, chunk_size=chunk_size))
+            with open(part, "ab") as fh:
+                for chunk in stream:
+                    if chunk.sha256 != sha256 or chunk.offset != offset:
+                        raise FetchError(f"the server sent bytes for {chunk.sha256[:12]}@{chunk.offset}, expected "
+                                         f"{sha256[:12]}@{offset}; try again")
+                    total = chunk.total_size
+                    fh.write(chunk.data)
+                    offset += len(chunk.data)
+                    downloaded += len(chunk.data)
+                    attempt = 0  # progress was made: the retry budget starts over
+                    if on_progress is not None:
+                        on_progress(offset, total)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if total < 0 or offset != total:
+                raise FetchError(f"the stream ended at byte {offset} of {total}; try again")
+            return total, downloaded, resumes
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.OUT_OF_RANGE:
+                part.unlink(missing_ok=True)  # a stale partial file longer than the artifact
+            elif e.code() not in _TRANSIENT:
+                raise FetchError(_rpc_message(e, "the server")) from None
+            attempt += 1
+            if attempt > retries:
+                raise FetchError(f"download of {sha256[:12]} kept failing ({e.code().name}: {e.details()}); "
+                                 f"{part} keeps the {offset} bytes received, run fetch again to resume") from None
+            resumes += 1
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), 5.0))
+        finally:
+            channel.close()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _extract(tar_path: Path, dest: Path) -> None:
+    with tarfile.open(tar_path) as tf:
+        members = tf.getmembers()
+        for m in members:
+            p = PurePosixPath(m.name)
+            if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()):
+                raise FetchError(f"bundle archive member {m.name!r} is a link or points outside the bundle; refusing it")
+        tf.extractall(dest, members=members, filter="data")
+
+
+def _verify(bundle: Path, public_key: str | Path) -> dict:
+    from offsite.emulators.bundle import BundleError, verify_bundle
+
+    try:
+        return verify_bundle(bundle, public_key)
+    except BundleError as e:
+        raise FetchError(f"bundle failed verification: {e}") from None
+
+
+def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = None,
+                 on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
+                 chunk_size: int = 0) -> FetchResult:
+    """Download (or reuse) the enrollment's bundle; returns the verified bundle directory."""
+    sha = enrollment.bundle_sha256
+    cache = Path(cache_dir) if cache_dir else bundle_cache_dir()
+    final = cache / sha
+    start = time.perf_counter()
+    if final.is_dir():
+        # Re-verify the cached copy: a file changed on disk must not slip into training.
+        manifest = _verify(final, enrollment.public_key_path)
+        return FetchResult(final, sha, enrollment.bundle_size, 0, True, 0, time.perf_counter() - start, manifest)
+    part = cache / "partial" / f"{sha}.part"
+    size, downloaded, resumes = download_artifact(lambda: enrollment.channel(token), sha, part, on_progress,
+                                                  retries=retries, chunk_size=chunk_size)
+    actual = _sha256_file(part)
+    if actual != sha:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"downloaded bytes have sha256 {actual}, the server announced {sha}; the partial file was "
+                         "removed, fetch again")
+    staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
+    try:
+        _extract(part, staging)
+        manifest = _verify(staging, enrollment.public_key_path)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    part.unlink(missing_ok=True)
+    return FetchResult(final, sha, size, downloaded, False, resumes, time.perf_counter() - start, manifest)
