@@ -39,6 +39,7 @@ app.add_typer(releases.app, name="releases")
 app.add_typer(eval_server.app, name="evals")
 app.add_typer(ops.app, name="ops")
 app.add_typer(ops.artifacts_app, name="artifacts")
+app.add_typer(__import__("offsite.server.cli.job", fromlist=["app"]).app, name="job")  # federation: one-machine jobs
 
 if __name__ == "__main__":
     app()

@@ -206,7 +206,7 @@ def simulation_backend(workers: int | None = None) -> dict:
     }
 
 
-def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=None, evaluator=None) -> dict:
+def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=None, evaluator=None, on_round=None) -> dict:
     """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json)."""
     quiet_flower()
     from flwr.simulation import run_simulation
@@ -216,7 +216,7 @@ def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=Non
     from .server_app import make_server_app
 
     result: dict = {}
-    server_app = make_server_app(job.cfg, "simulation", evaluator=evaluator, result=result)
+    server_app = make_server_app(job.cfg, "simulation", evaluator=evaluator, result=result, on_round=on_round)
     run_simulation(
         server_app=server_app,
         client_app=client_app or make_client_app(job.settings),

@@ -34,6 +34,7 @@ class JobRecorder:
             "started_at": time.time(),
         }
         self.registry = _registry_mirror(cfg)
+        self.on_round = None  # optional callback(record): progress bars in the CLI
 
     def resume(self, rounds: list[dict], extra: dict) -> None:
         self.job["rounds"] = list(rounds)
@@ -56,6 +57,8 @@ class JobRecorder:
         self._write()
         if self.registry:
             self.registry.round_done(self.cfg.job_id, record)
+        if self.on_round is not None:
+            self.on_round(record)
 
     def release(self, release: dict) -> None:
         self.job["release"] = release

@@ -81,11 +81,12 @@ def _client_row(c: ClientReport) -> dict:
 
 
 class FederatedJob:
-    def __init__(self, cfg: FederationConfig, engine: str = "", evaluator: PluginEvaluator | None = None):
+    def __init__(self, cfg: FederationConfig, engine: str = "", evaluator: PluginEvaluator | None = None, on_round=None):
         self.cfg = cfg
         self.engine = engine
         self.checkpoint = JobCheckpoint(cfg.job_dir, cfg.job_id)
         self.recorder = JobRecorder(cfg, engine)
+        self.recorder.on_round = on_round
         self.evaluator = evaluator
         self.accountant = None
         self.names: list[str] = []
@@ -248,13 +249,14 @@ class FederatedJob:
         return runner.round(server_round, global_arrays, self.names)
 
 
-def make_server_app(cfg: FederationConfig, engine: str = "simulation", evaluator: PluginEvaluator | None = None, result: dict | None = None) -> ServerApp:
+def make_server_app(cfg: FederationConfig, engine: str = "simulation", evaluator: PluginEvaluator | None = None,
+                    result: dict | None = None, on_round=None) -> ServerApp:
     """A ServerApp bound to `cfg` (simulation engine: same process, no run config needed)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        job = FederatedJob(cfg, engine, evaluator).run(grid, context)
+        job = FederatedJob(cfg, engine, evaluator, on_round).run(grid, context)
         if result is not None:
             result.update(job)
 
