@@ -38,7 +38,10 @@ class HookUnavailable(RuntimeError):
     """The hook's module is not installed or has no such attribute."""
 
 
-def load_hook(spec: str) -> Callable[..., Any]:
+def load_hook(spec: str | Callable[..., Any]) -> Callable[..., Any]:
+    """Resolve a ``module:attribute`` string (or pass a callable through, for embedding and tests)."""
+    if callable(spec):
+        return spec
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"hook {spec!r} must look like 'package.module:function'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,11 @@ class ServerConfig:
     op_workers: int = 2
     grace_s: float = 10.0
     federation_address: str = ""             # told to data owners at enrollment
-    job_runner: str = DEFAULT_JOB_RUNNER
-    eval_runner: str = DEFAULT_EVAL_RUNNER
-    emulator_builder: str = DEFAULT_EMULATOR_BUILDER
-    release_exporter: str = DEFAULT_RELEASE_EXPORTER
+    # Hooks: "module:function" strings, or callables when embedding the server (see hooks.py).
+    job_runner: str | Callable = DEFAULT_JOB_RUNNER
+    eval_runner: str | Callable = DEFAULT_EVAL_RUNNER
+    emulator_builder: str | Callable = DEFAULT_EMULATOR_BUILDER
+    release_exporter: str | Callable = DEFAULT_RELEASE_EXPORTER
     extra: dict = field(default_factory=dict)
 
 
