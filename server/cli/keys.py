@@ -1,7 +1,61 @@
-"""`offsite-admin keys ...` commands."""
+"""`offsite-admin keys ...`: the model owner's signing key (and, later, TLS material).
+
+`init_keys` does the work and returns what it wrote, so other key material (a dev TLS CA
+and server certificate) is one more step there and one more row in the output.
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+from pathlib import Path
 
-app = typer.Typer(no_args_is_help=True, help="keys commands")
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from offsite.emulators.signing import SigningKeyError, generate_signing_key, public_key_fingerprint, load_public_key
+
+app = typer.Typer(no_args_is_help=True, help="Create and manage the model owner's keys.")
+
+
+@app.callback()
+def _keys() -> None:
+    """Create and manage the model owner's keys."""
+
+
+def init_keys(directory: Path, force: bool = False) -> dict[str, str]:
+    """Write the key material into `directory`; returns {what: path or fingerprint}."""
+    key_path, pub_path = generate_signing_key(directory, force=force)
+    return {
+        "signing_key": str(key_path),
+        "signing_pub": str(pub_path),
+        "signing_fingerprint": public_key_fingerprint(load_public_key(pub_path)),
+    }
+
+
+@app.command("init")
+def init(
+    dir: Path = typer.Option(..., "--dir", help="directory for signing.key (mode 600) and signing.pub"),
+    force: bool = typer.Option(False, "--force", help="overwrite existing keys (bundles signed with the old key stop verifying)"),
+    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """Create an Ed25519 signing key pair for bundles.
+
+    Example: offsite-admin keys init --dir keys
+    """
+    try:
+        result = init_keys(dir, force=force)
+    except SigningKeyError as e:
+        if json_out:
+            typer.echo(json.dumps({"ok": False, "error": str(e)}))
+        else:
+            Console(stderr=True).print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    if json_out:
+        typer.echo(json.dumps({"ok": True, **result}))
+        return
+    table = Table(title="keys written", show_header=False)
+    for k, v in result.items():
+        table.add_row(k, v)
+    Console().print(table)
+    Console().print("Keep signing.key secret; give signing.pub to data owners so they can verify bundles.")
