@@ -11,10 +11,11 @@ Public API:
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig, TrainResult
+from .budget import BudgetError, parse_memory
 from .schemes import SchemeError, parse_scheme
 from .trainer import EngineError, EngineTarget, export_adapter, train_adapter, train_model
 
 __all__ = [
-    "CheckpointError", "EngineError", "EngineTarget", "SchemeError", "TrainConfig", "TrainResult",
-    "export_adapter", "parse_scheme", "train_adapter", "train_model",
+    "BudgetError", "CheckpointError", "EngineError", "EngineTarget", "SchemeError", "TrainConfig", "TrainResult",
+    "export_adapter", "parse_memory", "parse_scheme", "train_adapter", "train_model",
 ]

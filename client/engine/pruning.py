@@ -65,6 +65,40 @@ def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int
     return saved
 
 
+def quant_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Let QuantLinear modules dequantize straight into the compute dtype (no fp32 detour)."""
+    count = 0
+    for m in model.modules():
+        if type(m).__name__ == "QuantLinear" and hasattr(m, "compute_dtype"):
+            m.compute_dtype = dtype
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def store_frozen_adapter_fp16(model: nn.Module, family: Family, blocks: list[int]) -> int:
+    """Frozen adapter-block weights that fp16 holds exactly (bundles ship them as fp16) -> fp16.
+
+    Exactness is checked per tensor, so an untouched weight still exports bit-identical."""
+    saved = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad or param.dtype != torch.float32 or family.block_index(name) not in blocks:
+            continue
+        half = param.data.to(torch.float16)
+        if torch.equal(half.to(torch.float32), param.data):
+            saved += param.numel() * 2
+            param.data = half
+    return saved
+
+
+@torch.no_grad()
+def restore_adapter_fp32(model: nn.Module, family: Family, blocks: list[int]) -> None:
+    """Undo `store_frozen_adapter_fp16` (exact) before deltas are folded into the weights."""
+    for name, param in model.named_parameters():
+        if family.block_index(name) in blocks and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
 @contextlib.contextmanager
 def pruned_backward(model: nn.Module, family: Family, lowest_block: int, checkpoint_blocks: bool = False) -> Iterator[None]:
     """Inside, run the model's forward under `torch.no_grad()`: grad turns on at `lowest_block`.

@@ -25,7 +25,16 @@ from offsite.emulators.losses import causal_lm_nll, hidden_states, lm_nll_from_h
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainResult
 from .memory import current_rss_mb, peak_rss_mb
-from .pruning import autocast, pruned_backward, resolve_precision, store_frozen_weights
+from .headloss import frozen_head_nll
+from .pruning import (
+    autocast,
+    pruned_backward,
+    quant_compute_dtype,
+    resolve_precision,
+    restore_adapter_fp32,
+    store_frozen_adapter_fp16,
+    store_frozen_weights,
+)
 from .schemes import AppliedScheme, apply_scheme, parse_scheme
 
 
@@ -124,12 +133,16 @@ class Stepper:
         self.device, self.dtype = device, dtype
         self.lowest = applied.lowest_block
         self.head = model.get_output_embeddings()
+        self.fused_head = (cfg.fused_head_loss and getattr(self.head, "bias", None) is None
+                           and not self.head.weight.requires_grad)
 
     def loss_sum(self, ids, labels, mask) -> tuple[torch.Tensor, int]:
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
         with autocast(self.device, self.dtype):
             with pruned_backward(self.model, self.family, self.lowest, self.cfg.activation_checkpointing), torch.no_grad():
                 hidden = hidden_states(self.model, ids, mask)
+            if self.fused_head:
+                return frozen_head_nll(self.head, hidden, labels, self.cfg.loss_chunk_tokens, self.dtype)
             return lm_nll_from_hidden(self.head, hidden, labels, self.cfg.loss_chunk_tokens)
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
@@ -222,6 +235,7 @@ def train_model(
                 "(or delete it) to start afresh, or resume with the same settings and data")
 
     store_frozen_weights(model, family, target.trainable_blocks, dtype)
+    quant_compute_dtype(model, dtype)
     choice = None
     if resumed:
         spec = resumed[2]["scheme_spec"]
@@ -234,6 +248,8 @@ def train_model(
         spec = cfg.scheme
     plan = parse_scheme(spec, target.trainable_blocks)
     applied = apply_scheme(model, family, plan, cfg.channel_targets, cfg.lora_alpha_ratio)
+    if dtype != torch.float32:
+        store_frozen_adapter_fp16(model, family, target.trainable_blocks)
     params = [p for _, p in applied.trainable_parameters()]
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -297,6 +313,7 @@ def train_model(
 
     trainable_params, lowest_block = applied.trainable_params, applied.lowest_block
     del optimizer, scheduler, params
+    restore_adapter_fp32(model, family, target.trainable_blocks)
     applied.finalize()
     eval_after = eval_ppl(model, data.heldout, cfg, device, dtype)
     adapter = export_adapter(target)

@@ -1,0 +1,310 @@
+"""Choosing a scheme under a memory budget by contribution analysis (Tiny Training).
+
+For each candidate unit (a block's norms, a fraction of its input channels, or the whole
+block) we measure how much the loss drops when that unit alone trains for a few steps
+(the probe), and estimate the memory it costs:
+
+- own cost, analytic: trainable elements x (gradient + optimizer state [+ the new
+  parameter itself]) plus, for channel slices, the gathered input columns autograd keeps;
+- depth cost, measured once per candidate lowest block: bytes autograd saves for one
+  micro-batch when backward reaches down to that block (saved-tensor hooks);
+- fixed cost: the process's resident memory now (runtime, frozen weights, data) plus the
+  chunked loss's workspace.
+
+Gains are assumed additive (as in the paper); every combination (one weight option and
+optionally norms per block) is scored exhaustively when there are few trainable blocks,
+greedily otherwise, and the best total gain under the budget wins. The run's measured
+peak RSS is reported next to the estimate, which is how the estimate is validated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from offsite.emulators.data import TokenBlocks
+
+from .config import TrainConfig
+from .layers import input_features, is_linear, output_features
+from .memory import MB, SavedActivations, current_rss_mb
+from .schemes import BlockScheme, SchemePlan, _is_norm, apply_scheme, channel_target_names
+
+CHANNEL_FRACTIONS = (0.125, 0.25, 0.5)
+WEIGHT_OPTIONS = (None, *(f"channels:{r:g}" for r in CHANNEL_FRACTIONS), "full")
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot be met; the message states the minimum."""
+
+
+@dataclass
+class Unit:
+    block: int
+    kind: str  # "norms", "channels:R" or "full"
+    own_mb: float
+    gain: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.block}:{self.kind}"
+
+
+@dataclass
+class BudgetChoice:
+    spec: str
+    budget_mb: float
+    estimate_mb: float
+    minimum_mb: float
+    fixed_mb: float
+    depth_mb: dict[int, float]
+    units: list[Unit]
+    chosen: list[str]
+    loss_probe_before: float
+    probe_seconds: float
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "spec": self.spec, "budget_mb": self.budget_mb, "estimate_mb": round(self.estimate_mb, 1),
+            "minimum_mb": round(self.minimum_mb, 1), "fixed_mb": round(self.fixed_mb, 1),
+            "depth_mb": {str(k): round(v, 1) for k, v in self.depth_mb.items()},
+            "units": [{"unit": u.name, "gain": u.gain, "own_mb": round(u.own_mb, 2), "chosen": u.name in self.chosen}
+                      for u in self.units],
+            "loss_probe_before": self.loss_probe_before, "probe_seconds": round(self.probe_seconds, 2),
+            "reasons": self.reasons,
+        }
+
+
+def parse_memory(text: str | float | int) -> float:
+    """'600MB', '1.5GB', '600' -> megabytes (MiB)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().upper().replace(" ", "")
+    for suffix, mult in (("GIB", 1024), ("GB", 1024), ("G", 1024), ("MIB", 1), ("MB", 1), ("M", 1)):
+        if s.endswith(suffix):
+            s, factor = s[: -len(suffix)], mult
+            break
+    else:
+        factor = 1
+    try:
+        value = float(s) * factor
+    except ValueError:
+        raise BudgetError(f"memory budget {text!r} is not a size; write e.g. 600MB or 1.5GB") from None
+    if value <= 0:
+        raise BudgetError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+# --- memory ---------------------------------------------------------------------------
+
+
+def unit_own_bytes(block: torch.nn.Module, kind: str, cfg: TrainConfig, tokens: int, act_bytes: int) -> int:
+    opt = 8 if cfg.optimizer == "adamw" else 0
+    per_existing = 4 + opt  # gradient + optimizer state; the weight itself exists anyway
+    per_new = 4 + per_existing
+    if kind == "full":
+        n = sum(p.numel() for p in block.parameters())
+        return n * (per_existing + (2 if act_bytes == 2 else 0))  # + autocast's bf16 weight copy
+    if kind == "norms":
+        total = 0
+        for _, m in block.named_modules():
+            if _is_norm(m):
+                total += sum(p.numel() for p in m.parameters(recurse=False)) * per_existing
+            elif is_linear(m):
+                total += output_features(m) * (per_existing if m.bias is not None else per_new)
+        return total
+    if kind.startswith("channels:"):
+        r = float(kind.split(":")[1])
+        total = 0
+        for name in channel_target_names(block, cfg.channel_targets):
+            m = block.get_submodule(name)
+            k = max(1, min(input_features(m), round(r * input_features(m))))
+            total += output_features(m) * k * per_new + tokens * k * act_bytes
+        return total
+    raise ValueError(kind)
+
+
+def loss_workspace_bytes(vocab: int, cfg: TrainConfig, act_bytes: int) -> int:
+    # one chunk's logits (compute dtype), their fp32 copy, log-softmax and its gradient
+    return cfg.loss_chunk_tokens * vocab * (act_bytes + 4 + 4 + 4)
+
+
+# --- the analysis ---------------------------------------------------------------------
+
+
+def _probe_batches(train: TokenBlocks, cfg: TrainConfig) -> tuple[list, tuple]:
+    bs = min(cfg.batch_size, 2)
+    g = torch.Generator().manual_seed(cfg.seed + 17)
+    order = torch.randperm(len(train), generator=g)
+    need = bs * (cfg.probe_batches + 1)
+    idx = order.repeat(math.ceil(need / len(train)))[:need]
+    batches = [(train.input_ids[i], train.labels[i], train.attention_mask[i]) for i in idx.split(bs)]
+    return batches[:-1], batches[-1]
+
+
+def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                  log: Callable[[str], None] = print) -> BudgetChoice:
+    """Pick the scheme with the largest measured loss drop that fits `cfg.memory_budget_mb`."""
+    from .trainer import Stepper, make_optimizer
+
+    model, family, positions = target.model, target.family, sorted(target.trainable_blocks)
+    budget = float(cfg.memory_budget_mb)
+    blocks = family.get_blocks(model)
+    act_bytes = 2 if dtype == torch.bfloat16 else 4
+    tokens = cfg.batch_size * cfg.block_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    fixed_mb = current_rss_mb() + loss_workspace_bytes(vocab, cfg, act_bytes) / MB
+
+    units = [Unit(p, kind, unit_own_bytes(blocks[p], kind, cfg, tokens, act_bytes) / MB)
+             for p in positions for kind in ("norms", *WEIGHT_OPTIONS[1:])]
+    by_name = {u.name: u for u in units}
+
+    # depth cost: what backward down to block l keeps, measured on one real micro-batch
+    train_batch = (train.input_ids[: cfg.batch_size], train.labels[: cfg.batch_size], train.attention_mask[: cfg.batch_size])
+    depth_mb: dict[int, float] = {}
+    for p in positions:
+        applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
+        try:
+            with SavedActivations(exclude=model) as saved:
+                nll, _ = Stepper(model, family, applied, cfg, device, dtype).loss_sum(*train_batch)
+            del nll
+        finally:
+            applied.undo()
+        depth_mb[p] = saved.bytes / MB * (1 if not cfg.activation_checkpointing else 0.25)
+
+    def estimate(selection: dict[int, tuple[bool, str | None]]) -> float:
+        chosen = [p for p, (n, w) in selection.items() if n or w]
+        if not chosen:
+            return math.inf
+        own = sum(by_name[f"{p}:norms"].own_mb for p, (n, w) in selection.items() if n and w != "full")
+        own += sum(by_name[f"{p}:{w}"].own_mb for p, (_, w) in selection.items() if w)
+        return fixed_mb + depth_mb[min(chosen)] + own
+
+    options = [(n, w) for w in WEIGHT_OPTIONS for n in (False, True) if not (n and w == "full")]
+    minimum = min(estimate({p: opt}) for p in positions for opt in options if opt != (False, None))
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {budget:.0f} MB is below the minimum for this model and data: {math.ceil(minimum)} MB "
+            f"(runtime, frozen weights and data {fixed_mb:.0f} MB, plus the cheapest update); "
+            f"pass --memory-budget {math.ceil(minimum)}MB or more, or lower --batch-size/--block-size")
+
+    # contribution: loss drop on a held-back probe batch after a few steps of each unit alone
+    started = time.perf_counter()
+    probe_train, probe_eval = _probe_batches(train, cfg)
+    with torch.no_grad():
+        before_nll, before_n = _eval_loss(model, family, cfg, device, dtype, probe_eval, positions)
+    for u in units:
+        plan = SchemePlan({u.block: _block_scheme(u.kind)})
+        applied = apply_scheme(model, family, plan, cfg.channel_targets, snapshot=True)
+        try:
+            params = [p for _, p in applied.trainable_parameters()]
+            opt = make_optimizer(params, cfg)
+            stepper = Stepper(model, family, applied, cfg, device, dtype)
+            for s in range(cfg.probe_steps):
+                stepper.step([probe_train[s % len(probe_train)]])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                after_nll, after_n = _eval_loss(model, family, cfg, device, dtype, probe_eval, positions)
+            u.gain = before_nll / max(before_n, 1) - after_nll / max(after_n, 1)
+            del opt, params, stepper
+        finally:
+            applied.undo()
+    probe_seconds = time.perf_counter() - started
+
+    best, best_gain = None, -math.inf
+    gains = {u.name: u.gain for u in units}
+
+    def total_gain(selection):
+        g = 0.0
+        for p, (n, w) in selection.items():
+            if w:
+                g += gains[f"{p}:{w}"]
+            if n and w != "full":
+                g += gains[f"{p}:norms"]
+        return g
+
+    if len(options) ** len(positions) <= 200_000:
+        candidates = (dict(zip(positions, combo)) for combo in itertools.product(options, repeat=len(positions)))
+    else:
+        candidates = _greedy_candidates(positions, options, gains, estimate, budget)
+    for selection in candidates:
+        cost = estimate(selection)
+        if cost > budget:
+            continue
+        g = total_gain(selection)
+        if g > best_gain or (g == best_gain and best is not None and cost < estimate(best)):
+            best, best_gain = selection, g
+    assert best is not None  # the minimum fits, so something does
+    plan = SchemePlan({p: _block_scheme_from(n, w) for p, (n, w) in best.items() if n or w})
+    chosen = [f"{p}:norms" for p, (n, w) in best.items() if n and w != "full"] + [f"{p}:{w}" for p, (_, w) in best.items() if w]
+    est = estimate(best)
+    choice = BudgetChoice(plan.spec(), budget, est, minimum, fixed_mb, depth_mb, units, chosen,
+                          before_nll / max(before_n, 1), probe_seconds)
+    choice.reasons = _explain(choice, units, best_gain)
+    for line in choice.reasons:
+        log(line)
+    return choice
+
+
+def _eval_loss(model, family, cfg, device, dtype, batch, positions) -> tuple[float, int]:
+    from offsite.emulators.losses import causal_lm_nll
+
+    from .pruning import autocast
+
+    ids, labels, mask = (t.to(device) for t in batch)
+    with autocast(device, dtype):
+        nll, n = causal_lm_nll(model, ids, labels, mask, cfg.loss_chunk_tokens)
+    return float(nll), n
+
+
+def _block_scheme(kind: str) -> BlockScheme:
+    if kind == "norms":
+        return BlockScheme(norms=True)
+    if kind == "full":
+        return BlockScheme(full=True)
+    return BlockScheme(channels=float(kind.split(":")[1]))
+
+
+def _block_scheme_from(norms: bool, weight: str | None) -> BlockScheme:
+    b = _block_scheme(weight) if weight else BlockScheme()
+    if norms and not b.full:
+        b.norms = True
+    return b
+
+
+def _greedy_candidates(positions, options, gains, estimate, budget):
+    """Many trainable blocks: for each lowest block, add the best gain-per-MB options greedily."""
+    for low in positions:
+        selection = {p: (False, None) for p in positions}
+        ranked = sorted(((gains[f"{p}:{w}"] if w else 0) + (gains[f"{p}:norms"] if n and w != "full" else 0), p, (n, w))
+                        for p in positions if p >= low for (n, w) in options if (n, w) != (False, None))
+        for g, p, opt in sorted(ranked, reverse=True):
+            if g <= 0:
+                break
+            trial = {**selection, p: opt}
+            if selection[p] == (False, None) and estimate(trial) <= budget:
+                selection = trial
+        yield selection
+
+
+def _explain(choice: BudgetChoice, units: list[Unit], gain: float) -> list[str]:
+    lines = [
+        f"memory budget {choice.budget_mb:.0f} MB: fixed {choice.fixed_mb:.0f} MB (runtime, frozen weights, data, loss workspace); "
+        f"minimum {choice.minimum_mb:.0f} MB",
+        "backward depth cost (MB) by lowest trainable block: "
+        + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(choice.depth_mb.items())),
+        f"{'unit':<18}{'loss drop':>11}{'MB':>9}  chosen",
+    ]
+    for u in sorted(units, key=lambda u: (-u.block, u.kind)):
+        lines.append(f"{u.name:<18}{u.gain:>11.4f}{u.own_mb:>9.1f}  {'yes' if u.name in choice.chosen else ''}")
+    lines.append(
+        f"chose {choice.spec!r}: the largest summed probe loss drop ({gain:.4f}) whose estimate "
+        f"({choice.estimate_mb:.0f} MB) fits the budget ({choice.probe_seconds:.1f} s of probes)"
+    )
+    return lines

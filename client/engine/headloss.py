@@ -1,0 +1,61 @@
+"""The LM-head loss for a frozen head: chunked, and with its input gradient in the same pass.
+
+`emulators.losses` checkpoints each chunk, so the 49k-wide logits are computed twice
+(forward, then again in backward). The head never trains here (it is tied to the frozen
+embeddings), so the only gradient needed is d(loss)/d(hidden), and it can be formed while
+the chunk's logits are still at hand: softmax - one-hot, times W. Each chunk's logits live
+only inside the loop, the head GEMM runs once forward and once for the gradient, and the
+saved state is a (tokens x hidden) gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offsite.emulators.data import IGNORE_INDEX
+
+
+class _FrozenHeadNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        ctx.hidden_dtype = hidden.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for i in range(0, hidden.shape[0], chunk):
+                h = hidden[i : i + chunk].to(compute_dtype)
+                y = targets[i : i + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                    grad[i : i + chunk] = (probs.to(compute_dtype) @ w).float()
+                del logits
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.hidden_dtype), None, None, None, None
+
+
+def frozen_head_nll(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 256,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over labels != IGNORE_INDEX, and their count (head frozen, no bias)."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    h, y = h[keep], y[keep]
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    return _FrozenHeadNLL.apply(h, head.weight, y, chunk_tokens, compute_dtype), n
