@@ -25,6 +25,9 @@ from . import cli_enroll  # noqa: E402
 
 app.command("enroll")(cli_enroll.enroll)
 app.command("fetch")(cli_enroll.fetch)
+from . import cli_train  # noqa: E402
+
+app.command("train")(cli_train.train)
 
 if __name__ == "__main__":
     app()
