@@ -230,7 +230,7 @@ class FederatedJob:
             "round": server_round,
             "sampled": sent,
             "clients": [_client_row(c) for c in report.clients],
-            "dropped": [{"node_id": int(f.node_id), "error": f.error[:500]} for f in report.failures]
+            "dropped": [{"node_id": int(f.node_id), "error": f.error[-500:]} for f in report.failures]
             + [{"node_id": None, "error": "no reply before the round timeout"}] * max(0, sent - len(replies)),
             "bytes_down": report.bytes_down,
             "bytes_up": sum(c.bytes_up for c in report.clients),

@@ -87,6 +87,6 @@ class BoundedFedAvg(FedAvg):
             raise RoundFailedError(
                 f"round {server_round}: {len(records)} usable replies of {self.report.sent} sampled "
                 f"(minimum {self.min_train_nodes}); failures: "
-                + "; ".join(f"node {f.node_id}: {f.error[:200]}" for f in self.report.failures)
+                + "; ".join(f"node {f.node_id}: {f.error[-300:]}" for f in self.report.failures)
             )
         return aggregate_arrayrecords(records, self.weighted_by_key), self.train_metrics_aggr_fn(records, self.weighted_by_key)
