@@ -27,7 +27,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     eval_fraction: float = 0.1  # held-out slice of the client's own blocks
-    eval_batches: int | None = None  # cap on held-out batches per evaluation (None: all)
+    eval_batches: int | None = 16  # cap on held-out batches per evaluation (None: all of them)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end when checkpoint_dir is set)
     resume: bool = True  # continue from checkpoint_dir's latest checkpoint when there is one
