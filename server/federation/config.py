@@ -46,7 +46,10 @@ class FederationConfig:
     secagg: bool = False
     secagg_shares: float = 1.0  # share of sampled clients that hold a key share (float) or a count (>1)
     secagg_threshold: float = 0.67
-    secagg_clipping_range: float = 8.0
+    # Values are quantized over [-range, range] after scaling by examples / max_weight: updates
+    # (not weights) travel under SecAgg+, so a narrow range keeps the quantization step small.
+    secagg_clipping_range: float = 1.0
+    secagg_max_weight: float = 1000.0  # >= the largest client example count, or weights saturate
     # where results go
     registry_url: str = ""  # sqlite:///... of the server's registry ("" = job.json only)
     artifacts_root: str = ""

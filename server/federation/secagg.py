@@ -33,7 +33,7 @@ class _CollectingFedAvg(LegacyFedAvg):
     """Legacy FedAvg that keeps the (already securely averaged) result and each client's metrics."""
 
     def __init__(self, train_config: dict, **kwargs):
-        super().__init__(on_fit_config_fn=lambda rnd: dict(train_config), **kwargs)
+        super().__init__(on_fit_config_fn=lambda rnd: {**train_config, "server-round": rnd}, **kwargs)
         self.results: list[tuple[int, FitRes]] = []
         self.failures: list[str] = []
         self.aggregated: list[np.ndarray] | None = None
@@ -79,7 +79,7 @@ class SecAggRunner:
             reconstruction_threshold=cfg.secagg_threshold if cfg.secagg_threshold <= 1 else int(cfg.secagg_threshold),
             clipping_range=cfg.secagg_clipping_range,
             quantization_range=q_range,
-            max_weight=10_000.0,
+            max_weight=cfg.secagg_max_weight,
             timeout=cfg.round_timeout,
         )
 

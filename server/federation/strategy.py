@@ -63,14 +63,23 @@ class BoundedFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
+        # Flower's consistency check rejects the whole round for one bad reply; check per reply instead.
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         for msg in errors:
             self.report.failures.append(ClientReport(msg.metadata.src_node_id, {}, 0.0, 0.0, 0, str(msg.error.reason)))
         records: list[RecordDict] = []
         for msg in valid:
             node = msg.metadata.src_node_id
-            reply_arrays = next(iter(msg.content.array_records.values()))
-            metrics = dict(next(iter(msg.content.metric_records.values())))
+            content = msg.content
+            if len(content.array_records) != 1 or len(content.metric_records) != 1:
+                self.report.failures.append(ClientReport(node, {}, 0.0, 0.0, 0, "reply must hold one ArrayRecord and one MetricRecord"))
+                continue
+            reply_arrays = next(iter(content.array_records.values()))
+            metrics = dict(next(iter(content.metric_records.values())))
+            weight = metrics.get(self.weighted_by_key)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
+                self.report.failures.append(ClientReport(node, metrics, 0.0, 0.0, 0, f"reply lacks a positive {self.weighted_by_key!r}"))
+                continue
             arrays = record_to_numpy(reply_arrays)
             try:
                 check_same_layout(self._global, arrays, f"node {node}")
