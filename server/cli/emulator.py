@@ -24,7 +24,7 @@ def _fail(message: str, json_out: bool, code: int = 2) -> None:
     if json_out:
         typer.echo(json.dumps({"ok": False, "error": message}))
     else:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -38,18 +38,26 @@ def init(
     dir: Path = typer.Option(..., "--dir", help="directory for signing.key (mode 600) and signing.pub"),
     force: bool = typer.Option(False, "--force", help="overwrite existing keys (bundles signed with the old key stop verifying)"),
     json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    tls: bool = typer.Option(False, "--tls", help="also write a dev TLS CA and server/client certificates "
+                             "(ca.pem, server.pem, server.key, client.pem, client.key) for `offsite-admin serve`"),
+    tls_host: list[str] = typer.Option([], "--tls-host", help="host name or IP the server certificate covers "
+                                       "(repeatable; default localhost, 127.0.0.1, ::1)"),
 ) -> None:
-    """Create an Ed25519 signing key pair for bundles.
+    """Create an Ed25519 signing key pair for bundles (and, with --tls, dev TLS certificates).
 
-    Example: offsite-admin keys init --dir keys
+    Example: offsite-admin keys init --dir keys --tls
     """
     try:
         result = init_keys(dir, force=force)
-    except SigningKeyError as e:
+        if tls:  # server team: TLS material beside the signing key (offsite.server.tls)
+            from offsite.server.tls import DEFAULT_HOSTS, write_dev_pki
+
+            result |= {k: str(v) for k, v in write_dev_pki(dir, tuple(tls_host) or DEFAULT_HOSTS, force=force).items()}
+    except (SigningKeyError, FileExistsError) as e:
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(e)}))
         else:
-            Console(stderr=True).print(f"[red]error:[/red] {e}")
+            Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     if json_out:
         typer.echo(json.dumps({"ok": True, **result}))

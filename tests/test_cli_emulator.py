@@ -1,0 +1,157 @@
+"""The model owner's CLI: keys init, emulator build/verify/inspect, plugin; bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from offsite.emulators.bundle import load_bundle
+from offsite.emulators.adapter import save_adapter
+from offsite.server.cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    r = invoke("keys", "init", "--dir", d, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    return out["signing_key"], out["signing_pub"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus file keeps AWQ calibration fast."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 4}) for i in range(12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, keys, corpus):
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    r = invoke("emulator", "build", "--model", "tiny-llama", "--adapter-layers", "2,2", "--emulator-layers", "3",
+               "--quantize", "int4", "--awq", "--corpus", corpus, "--block-size", "64",
+               "--signing-key", keys[0], "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    return out, manifest
+
+
+def test_keys_init_mode_and_refusal(tmp_path):
+    r = invoke("keys", "init", "--dir", tmp_path / "k")
+    assert r.exit_code == 0, r.output
+    key = tmp_path / "k" / "signing.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    before = key.read_bytes()
+    r = invoke("keys", "init", "--dir", tmp_path / "k")
+    assert r.exit_code != 0 and "already exists" in r.output and "--force" in r.output
+    assert key.read_bytes() == before
+    assert invoke("keys", "init", "--dir", tmp_path / "k", "--force").exit_code == 0
+    assert key.read_bytes() != before
+
+
+def test_build_writes_a_bundle_that_verifies_and_inspects(bundle, keys):
+    out, manifest = bundle
+    assert [b["origin"] for b in manifest["blocks"]] == [0, 1, 2, 4, 5, 6, 7]
+    assert manifest["quantization"]["middle"] == "int4+awq"
+    r = invoke("emulator", "verify", out, "--public-key", keys[1])
+    assert r.exit_code == 0 and "OK" in r.output
+    r = invoke("emulator", "inspect", out, "--json", "--public-key", keys[1])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["verified"] and info["layer_origin"] == [0, 1, 2, 4, 5, 6, 7]
+    assert [b["role"] for b in info["blocks"]].count("adapter") == 4
+    assert info["files"]["emulator.safetensors"]["sha256"] == manifest["files"]["emulator.safetensors"]["sha256"]
+    r = invoke("emulator", "inspect", out)
+    assert r.exit_code == 0 and "original block" in r.output and "not verified" in r.output
+
+
+def test_verify_reports_a_tampered_file(bundle, keys, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle[0], copy)
+    data = bytearray((copy / "emulator.safetensors").read_bytes())
+    data[-5] ^= 1
+    (copy / "emulator.safetensors").write_bytes(bytes(data))
+    r = invoke("emulator", "verify", copy, "--public-key", keys[1])
+    assert r.exit_code == 1 and "emulator.safetensors" in r.output and "FAILED" in r.output
+    r = invoke("emulator", "verify", copy, "--public-key", keys[1], "--json")
+    assert json.loads(r.stdout)["ok"] is False
+
+
+def _bad_build(tmp_path, keys, corpus, **overrides):
+    args = {"--model": "tiny-llama", "--signing-key": keys[0], "--out": tmp_path / "out", "--corpus": corpus,
+            "--block-size": "64"}
+    args.update(overrides)
+    flat = [x for kv in args.items() for x in kv if x is not None]
+    return invoke("emulator", "build", *flat), args["--out"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"--model": "no-such-model"}, "unknown model"),
+        ({"--emulator-layers": "7"}, "only 8 blocks"),
+        ({"--adapter-layers": "5,5"}, "only 8 blocks"),
+        ({"--adapter-layers": "2"}, "two numbers"),
+        ({"--quantize": "int5"}, "int5"),
+        ({"--signing-key": "MISSING"}, "no such signing key"),
+        ({"--signing-key": "PUB"}, "public key"),
+        ({"--corpus": "TINY"}, "fewer than one block"),
+        ({"--out": "UNDER_FILE"}, "cannot write"),
+    ],
+)
+def test_bad_input_names_the_problem_and_leaves_nothing(tmp_path, keys, corpus, overrides, needle):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x = 1\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    subst = {"MISSING": tmp_path / "missing.key", "PUB": keys[1], "TINY": tiny, "UNDER_FILE": blocker / "out"}
+    overrides = {k: subst.get(v, v) for k, v in overrides.items()}
+    r, out = _bad_build(tmp_path, keys, corpus, **overrides)
+    assert r.exit_code != 0
+    assert needle in r.output, r.output
+    assert not os.path.exists(out)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_build_refuses_an_existing_out(bundle, keys, corpus):
+    out, manifest = bundle
+    r = invoke("emulator", "build", "--model", "tiny-llama", "--signing-key", keys[0], "--out", out, "--corpus", corpus, "--block-size", "64")
+    assert r.exit_code != 0 and "already exists" in r.output
+    assert json.loads((out / "manifest.json").read_text())["created_at"] == manifest["created_at"]
+
+
+def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, keys, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = bundle
+    b = load_bundle(out, keys[1])
+    state = {k: v + 0.01 for k, v in b.adapter_state().items()}
+    save_adapter(tmp_path / "adapter.safetensors", state, b.base_digest)
+    r = invoke("plugin", "--model", "tiny-llama", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand",
+               "--bundle", out, "--public-key", keys[1], "--json")
+    assert r.exit_code == 0, r.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cand", local_files_only=True)
+    params = dict(model.named_parameters())
+    name = "model.layers.7.mlp.down_proj.weight"
+    assert torch.equal(params[name], state[name])
+    # The same adapter against another base model: refused, nothing written.
+    r = invoke("plugin", "--model", "tiny-gpt2", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand2")
+    assert r.exit_code != 0 and "made for base model" in r.output
+    assert not (tmp_path / "cand2").exists()
