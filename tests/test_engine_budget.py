@@ -1,0 +1,53 @@
+"""Memory budget: the choice fits the budget; below the minimum the error names the minimum."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from offsite.client.engine import BudgetError, EngineTarget, TrainConfig, parse_memory, parse_scheme, train_model
+from offsite.emulators.data import Example
+from offsite.emulators.models import load_model
+
+ADAPTER = [6, 7]  # two trainable blocks keep the probes few
+TEXT = [Example("", ("while x < %d:\n    x += 1\n" % i) * 8, f"t:{i}") for i in range(24)]
+
+
+def _target():
+    lm = load_model("tiny-llama")
+    return EngineTarget(lm.model, lm.tokenizer, lm.family, ADAPTER)
+
+
+def _cfg(budget):
+    return TrainConfig(memory_budget_mb=budget, steps=2, lr=1e-2, block_size=32, batch_size=2, precision="fp32",
+                       probe_steps=1)
+
+
+def test_budget_below_minimum_names_the_minimum_and_choice_fits(monkeypatch):
+    from offsite.client.engine import budget
+
+    # the process's resident size drifts as tests run; pin the fixed part so budgets are comparable
+    monkeypatch.setattr(budget, "current_rss_mb", lambda: 300.0)
+    with pytest.raises(BudgetError, match=r"below the minimum .*: \d+ MB") as info:
+        train_model(_target(), TEXT, _cfg(1.0), progress=False)
+    minimum = int(re.search(r"minimum for this model and data: (\d+) MB", str(info.value)).group(1))
+    lines: list[str] = []
+    r = train_model(_target(), TEXT, _cfg(minimum + 0.2), progress=False, log=lines.append)
+    b = r.metrics["budget"]
+    assert b["estimate_mb"] <= minimum + 0.2
+    assert lines and lines[-1].startswith("chose")  # the choice and why are printed
+    chosen = [u for u in b["units"] if u["chosen"]]
+    assert chosen and r.metrics["scheme"] == b["spec"]
+    parse_scheme(b["spec"], ADAPTER)  # the chosen scheme is a valid, reproducible spec
+    # a generous budget affords at least as much estimated memory and gain
+    big = train_model(_target(), TEXT, _cfg(minimum + 500), progress=False).metrics["budget"]
+    gain = lambda bb: sum(u["gain"] for u in bb["units"] if u["chosen"])  # noqa: E731
+    assert gain(big) >= gain(b) - 1e-9
+
+
+def test_parse_memory():
+    assert parse_memory("600MB") == 600
+    assert parse_memory("1.5GB") == 1536
+    with pytest.raises(BudgetError):
+        parse_memory("lots")
