@@ -22,11 +22,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .artifacts import ArtifactStore
-from .operations import OperationContext
-from .registry import EmulatorRow, JobRow, ModelRow, Registry, ReleaseRow, RoundRow
+if TYPE_CHECKING:  # annotations only: `offsite-admin serve --help` should not load SQLAlchemy
+    from .artifacts import ArtifactStore
+    from .operations import OperationContext
+    from .registry import EmulatorRow, JobRow, ModelRow, Registry, ReleaseRow, RoundRow
 
 DEFAULT_JOB_RUNNER = "offsite.server.federation:run_job"
 DEFAULT_EVAL_RUNNER = "offsite.safety_evals.runner:run_eval"

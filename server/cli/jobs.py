@@ -7,6 +7,7 @@ one-machine path; these commands drive jobs on a running server.)
 from __future__ import annotations
 
 import typer
+from google.protobuf.struct_pb2 import Struct
 
 from offsite.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -24,10 +25,16 @@ from .remote import (
     table,
     to_dict,
 )
-from ..convert import JOB_STATE, struct
 
 app = typer.Typer(no_args_is_help=True, help="Create, start, follow and cancel federated jobs on the server.")
+JOB_STATE = {name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value}
 STATE_NAMES = {v: k for k, v in JOB_STATE.items()}
+
+
+def struct(data: dict) -> Struct:
+    out = Struct()
+    out.update(data)
+    return out
 
 
 def _stub() -> jobs_pb2_grpc.JobsStub:
