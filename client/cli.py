@@ -28,6 +28,7 @@ app.command("fetch")(cli_enroll.fetch)
 from . import cli_train  # noqa: E402
 
 app.command("train")(cli_train.train)
+app.command("join")(__import__("offsite.client.cli_join", fromlist=["join"]).join)  # federation: run a SuperNode
 
 if __name__ == "__main__":
     app()

@@ -2,8 +2,8 @@
 
 What travels in Flower messages is the adapter (fp32 arrays keyed by the base model's
 parameter names) and numeric metrics. The emulator never does: each client loads the
-signed bundle from its local cache, by digest (`offsite-client fetch` or the job runner
-put it there), and verifies it with the model owner's public key.
+signed bundle from its local cache, by the bundle artifact's sha256 (`offsite-client
+fetch` or the job runner put it there), and verifies it with the model owner's public key.
 
 Settings come from the SuperNode's node config in a deployment (`--node-config
 "data='...' bundle-cache='...' public-key='...'"`), or from `ClientSettings` given to
@@ -19,7 +19,6 @@ on, since that path drops names and quantizes values to a bounded range.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -38,9 +37,6 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from offsite.emulators.data import PYTHON_REFERENCE, load_examples, python_reference_split
-
-MANIFEST = "manifest.json"
-
 
 class ClientSetupError(RuntimeError):
     """The data owner's node is missing its bundle, key or data; the message says how to fix it."""
@@ -67,15 +63,6 @@ class ClientSettings:
         return s
 
 
-def bundle_digest(path: str | Path) -> str:
-    """A bundle's identity: sha256 of its manifest bytes (the manifest holds every file's hash)."""
-    p = Path(path)
-    manifest = p / MANIFEST if p.is_dir() else None
-    if manifest is None or not manifest.exists():
-        raise ClientSetupError(f"{p}: not a bundle directory (no {MANIFEST}); build one with `offsite-admin emulator build`")
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
-
-
 # --- cached state per process (a Ray worker serves many virtual clients) ------------
 
 _BUNDLES: dict[str, object] = {}
@@ -87,15 +74,19 @@ def load_cached_bundle(digest: str, settings: ClientSettings):
         return _BUNDLES[digest]
     from offsite.emulators.bundle import load_bundle
 
-    if not settings.bundle_cache:
-        raise ClientSetupError("no bundle cache configured; start the node with --node-config \"bundle-cache='DIR'\"")
-    path = Path(settings.bundle_cache) / digest
+    from offsite.client.fetch import bundle_cache_dir
+
+    cache = Path(settings.bundle_cache) if settings.bundle_cache else bundle_cache_dir()
+    path = cache / digest
     if not path.exists():
         raise ClientSetupError(
-            f"bundle {digest[:12]} is not in the cache {settings.bundle_cache}; "
-            f"fetch it first (`offsite-client fetch --out {path}`)"
+            f"bundle {digest[:12]} is not in the bundle cache {cache}; fetch it first "
+            "(`offsite-client enroll ...` then `offsite-client fetch --job JOB`), or point the node at the cache "
+            "with --node-config \"bundle-cache='DIR'\""
         )
-    bundle = load_bundle(path, settings.public_key or None)
+    if not settings.public_key:
+        raise ClientSetupError("no public key to verify the bundle with; start the node with --node-config \"public-key='signing.pub'\"")
+    bundle = load_bundle(path, settings.public_key)
     _BUNDLES.clear()  # one bundle per process: the emulator is the largest thing a client holds
     _BUNDLES[digest] = bundle
     return bundle

@@ -118,7 +118,6 @@ def prepare_local_job(
     **options,
 ) -> LocalJob:
     """Registry, bundle, job row, shards and client cache for a job on this machine."""
-    from offsite.client.flower_app import bundle_digest
     from offsite.server.artifacts import ArtifactStore
     from offsite.server.registry import NotFound, Registry
 
@@ -149,17 +148,18 @@ def prepare_local_job(
     bundle_sha = store.put_dir_as_tar(bundle_path)
     registry.add_artifact(bundle_sha, store.size(bundle_sha), "bundle", f"{bundle_path.name}.tar")
     emulator = registry.add_emulator(model_row.id, bundle_sha, build or {}, manifest)
-    digest = bundle_digest(bundle_path)
+    digest = bundle_sha  # clients cache bundles by artifact sha256 (as `offsite-client fetch` does)
     spec = {"engine": engine, "rounds": rounds, "min_clients": options.get("min_clients", min(2, clients)),
             "fraction": options.get("fraction", 1.0), "clients": clients, "corpus": corpus, "options": dict(options)}
     job = registry.add_job(name or f"{model_name}-{engine}", model_row.id, emulator.id, spec)
     job_dir = data_dir / "work" / job.id
     job_dir.mkdir(parents=True, exist_ok=True)
+    # The job's own cache, and the data dir's shared one (deploy/local's SuperNodes read it).
+    for cache in (job_dir / "bundle-cache", data_dir / "bundle-cache"):
+        cache.mkdir(exist_ok=True)
+        if not (cache / digest).exists():
+            (cache / digest).symlink_to(bundle_path, target_is_directory=True)
     cache = job_dir / "bundle-cache"
-    cache.mkdir(exist_ok=True)
-    link = cache / digest
-    if not link.exists():
-        link.symlink_to(bundle_path, target_is_directory=True)
     shards, heldout = _split_corpus(corpus, clients, job_dir)
     options.setdefault("min_clients", min(2, clients))
     cfg = FederationConfig(
@@ -250,8 +250,6 @@ def run_job(ctx) -> None:
     machine over `spec.corpus`; "deployment" submits to the SuperLink at the job's
     federation address (spec options `superlink`, `flwr_home`, `app_dir`)."""
     quiet_flower()
-    from offsite.client.flower_app import bundle_digest
-
     from .server_app import FederatedJob  # noqa: F401  (import errors surface before the run)
 
     spec = dict(ctx.job.spec or {})
@@ -270,7 +268,7 @@ def run_job(ctx) -> None:
             shutil.copytree(root, tmp / "b")
             os.replace(tmp / "b", bundle_root)
             shutil.rmtree(tmp, ignore_errors=True)
-    digest = bundle_digest(bundle_root)
+    digest = ctx.emulator.bundle_sha256
     cache = job_dir / "bundle-cache"
     cache.mkdir(exist_ok=True)
     if not (cache / digest).exists():

@@ -1,0 +1,267 @@
+"""Flower's Deployment Engine: certificates, node keys, the SuperLink, and submitting runs.
+
+The topology (deploy/local starts it on one machine; across machines it is the same
+commands): one SuperLink with TLS, SuperNode authentication and `--isolation process`
+(its ServerApps run under a separate SuperExec that authenticates to the SuperLink's
+Runtime API with a shared secret, so that API is not open to anyone on the port), runtime
+dependency installation off, telemetry and update checks off; N SuperNodes, each with an
+ECDSA P-384 key registered at the SuperLink (an unregistered node is refused), each
+reading its own data and bundle cache from its node config.
+
+`submit_run` drives a job with `flwr run`: the ServerApp reads the job from the run config
+and writes rounds and the release to job.json and the registry itself (a deployed run
+returns nothing through Flower), so the submitter watches job.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import JOB_FILE
+from .config import FederationConfig
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+APP_PUBLISHER = "offsite"
+APP_NAME = "offsite-federation"
+
+
+class DeploymentError(RuntimeError):
+    """A deployment step failed; the message names the command and its output."""
+
+
+def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:
+    env = dict(os.environ, **FLOWER_ENV)
+    if flwr_home:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def _bin(name: str) -> str:
+    """A Flower executable next to this interpreter (the venv), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- credentials ------------------------------------------------------------------------
+
+
+@dataclass
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
+    """A private CA and a SuperLink certificate for `hosts` (kept if already there)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = Path(directory)
+    files = TlsFiles(d / "ca.pem", d / "superlink.pem", d / "superlink.key")
+    if all(p.exists() for p in (files.ca_cert, files.server_cert, files.server_key)):
+        return files
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Offsite federation CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    _write_private(files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(files.server_cert, cert.public_bytes(pem), 0o644)
+    _write_private(files.ca_cert, ca.public_bytes(pem), 0o644)
+    return files
+
+
+def make_secret(path: str | Path) -> Path:
+    """The SuperExec shared secret (raw random bytes, mode 600), kept if already there."""
+    path = Path(path)
+    if not path.exists():
+        _write_private(path, secrets.token_bytes(32))
+    return path
+
+
+# --- Flower CLI configuration -------------------------------------------------------------
+
+
+def write_flwr_home(flwr_home: str | Path, name: str, address: str, ca_cert: str | Path) -> Path:
+    """FLWR_HOME/config.toml with one SuperLink connection `name` (TLS, our CA)."""
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    text = (
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n'
+    )
+    _write_private(home / "config.toml", text.encode(), 0o644)
+    return home
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_app_dir(out: str | Path) -> Path:
+    """The Flower app: config only (components point at the installed offsite package).
+
+    Every FederationConfig field is declared with its default, so `flwr run -c` can set any
+    of them; weights never go into the app bundle (Flower caps it at 10 MB anyway)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    defaults = {
+        k: v for k, v in FederationConfig(job_id="", model="", bundle="", bundle_digest="", job_dir="").to_run_config().items()
+    }
+    lines = [
+        "# Generated by offsite.server.federation.deployment.write_app_dir; do not edit.",
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", f'name = "{APP_NAME}"', 'version = "0.1.0"', 'description = "Offsite federated adapter training"',
+        "dependencies = []", "",
+        "[tool.flwr.app]", f'publisher = "{APP_PUBLISHER}"', "",
+        "[tool.flwr.app.components]",
+        'serverapp = "offsite.server.federation.server_app:app"',
+        'clientapp = "offsite.client.flower_app:app"', "",
+        "[tool.flwr.app.config]",
+    ] + [f'"{k}" = {_toml_value(v)}' for k, v in defaults.items()]
+    (out / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def write_run_config(cfg: FederationConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in cfg.to_run_config().items()))
+    return path
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def superlink_command(state_dir: Path, tls: TlsFiles, secret: Path, host: str = "127.0.0.1", port: int = 9092) -> list[str]:
+    return [
+        _bin("flower-superlink"),
+        "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
+        "--enable-supernode-auth",
+        "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+        "--disable-runtime-dependency-installation",
+        "--database", str(state_dir / "superlink.db"),
+        "--host", host, "--port", str(port),
+    ]
+
+
+def superexec_command(runtime_address: str, tls: TlsFiles, secret: Path) -> list[str]:
+    """The SuperExec that runs ServerApps for the SuperLink (authenticated by the secret)."""
+    return [_bin("flower-superexec"), "--runtime-api-address", runtime_address, "--root-certificates", str(tls.ca_cert),
+            "--superexec-auth-secret-file", str(secret)]
+
+
+def flwr(args: list[str], flwr_home: str | Path, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [_bin("flwr"), *args]
+    proc = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise DeploymentError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+    return proc
+
+
+def register_supernode(public_key: str | Path, flwr_home: str | Path, superlink: str = "offsite", retries: int = 30) -> dict:
+    """Register a SuperNode's public key at the SuperLink (waits for the SuperLink to answer)."""
+    last = None
+    for _ in range(retries):
+        proc = flwr(["supernode", "register", str(public_key), superlink, "--format", "json"], flwr_home, check=False)
+        if proc.returncode == 0:
+            try:
+                return json.loads(proc.stdout)
+            except json.JSONDecodeError:
+                return {"output": proc.stdout}
+        last = proc
+        time.sleep(1)
+    raise DeploymentError(f"could not register {public_key}: {(last.stdout + last.stderr)[-1500:]}")
+
+
+def submit_run(cfg: FederationConfig, app_dir: str | Path, superlink: str, flwr_home: str | Path, wait: bool = True,
+               on_round=None, timeout: float | None = None, stream: bool = False) -> dict:
+    """`flwr run` the job; with `wait`, follow job.json until the job completes or fails."""
+    app_dir = write_app_dir(app_dir) if not (Path(app_dir) / "pyproject.toml").exists() else Path(app_dir)
+    job_dir = Path(cfg.job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    run_config = write_run_config(cfg, job_dir / "run-config.toml")
+    proc = flwr(["run", str(app_dir), superlink, "--format", "json", "--run-config", str(run_config)], flwr_home)
+    try:
+        submitted = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        submitted = {"output": proc.stdout[-2000:]}
+    (job_dir / "flower-run.json").write_text(json.dumps(submitted, indent=2))
+    if not wait:
+        return {"id": cfg.job_id, "status": "submitted", "flower": submitted}
+    deadline = time.monotonic() + (timeout or cfg.rounds * cfg.round_timeout + 600)
+    seen = 0
+    job_file = job_dir / JOB_FILE
+    while time.monotonic() < deadline:
+        if job_file.exists():
+            try:
+                job = json.loads(job_file.read_text())
+            except json.JSONDecodeError:  # replaced mid-read is impossible (atomic); a partial copy is not
+                job = None
+            if job:
+                for record in job.get("rounds", [])[seen:]:
+                    if on_round:
+                        on_round(record)
+                seen = len(job.get("rounds", []))
+                if job.get("status") in ("completed", "failed"):
+                    job["flower"] = submitted
+                    return job
+        time.sleep(0.5)
+    raise DeploymentError(f"job {cfg.job_id} did not finish in time; see `flwr ls` and {job_file}")
