@@ -63,6 +63,9 @@ class BuildConfig:
     distill_lr: float = 1e-4
     distill_batch_size: int = 4
     distill_mse_weight: float = 30.0
+    distill_match: str = "output"  # "output" (the paper) or "all" (every kept middle block)
+    distill_kl_weight: float = 0.0
+    distill_quant_aware: bool = True  # fake-quantize the middle during distillation when it will be quantized
 
     def validate(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
@@ -190,12 +193,28 @@ def _distill(cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress, repo
         steps=cfg.distill_steps, lr=cfg.distill_lr, mse_weight=cfg.distill_mse_weight,
         batch_size=cfg.distill_batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
     )
+    optional = {
+        "seed": cfg.seed,
+        "on_progress": lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg),
+        "match": cfg.distill_match,
+        "kl_weight": cfg.distill_kl_weight,
+        "group_size": cfg.group_size,
+    }
+    if cfg.distill_quant_aware:
+        # Train the latent weights through the rounding they will be stored at.
+        optional["quant_bits"] = block_quant_plan(cfg, plan) or None
     params = inspect.signature(distill_emulator).parameters
-    if "seed" in params:
-        kwargs["seed"] = cfg.seed
-    if "on_progress" in params:
-        kwargs["on_progress"] = lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg)
-    return distill_emulator(loaded, emulator, plan, corpus.train, corpus.heldout, **kwargs) or {}
+    kwargs.update({k: v for k, v in optional.items() if k in params})
+    report_ = dict(distill_emulator(loaded, emulator, plan, corpus.train, corpus.heldout, **kwargs) or {})
+    losses = report_.pop("losses", None)
+    if losses:
+        # The manifest keeps the curve's shape, not every step of a long run.
+        stride = max(1, len(losses) // 50)
+        def rounded(v):
+            return {k: round(float(x), 4) for k, x in v.items()} if isinstance(v, dict) else round(float(v), 4)
+
+        report_["loss_curve"] = {"every": stride, "values": [rounded(v) for v in losses[::stride]]}
+    return report_
 
 
 def _quantize(cfg, emulator, plan, family, corpus, report) -> dict[int, dict]:
@@ -230,7 +249,7 @@ def _quantize(cfg, emulator, plan, family, corpus, report) -> dict[int, dict]:
 def checkpoint_dir_for(cfg: BuildConfig, base_digest: str, out: Path) -> Path:
     """Where an interrupted build's distillation resumes from: keyed by everything that
     changes the distilled weights."""
-    key = {k: v for k, v in cfg.to_dict().items() if k not in ("quantize", "awq", "awq_alpha", "clip_search", "block_bits", "embeddings", "group_size", "awq_calibration_blocks")}
+    key = {k: v for k, v in cfg.to_dict().items() if k not in ("awq", "awq_alpha", "clip_search", "embeddings", "adapter_dtype", "awq_calibration_blocks")}
     key["base"] = base_digest
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return out.parent / f".{out.name}.distill-{h}"

@@ -155,3 +155,20 @@ def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, ke
     r = invoke("plugin", "--model", "tiny-gpt2", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand2")
     assert r.exit_code != 0 and "made for base model" in r.output
     assert not (tmp_path / "cand2").exists()
+
+
+def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
+    pytest.importorskip("offsite.emulators.distill")
+    out = tmp_path / "distilled"
+    r = invoke("emulator", "build", "--model", "tiny-llama", "--emulator-layers", "2", "--distill-steps", "2",
+               "--quantize", "int8", "--corpus", corpus, "--block-size", "32", "--signing-key", keys[0], "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    assert manifest["build"]["distill"]["steps"] == 2
+    assert [b["origin"] for b in manifest["blocks"]] == [0, 1, 2, 5, 6, 7]
+    assert manifest["quantization"]["middle"] == "int8"
+    # The distillation checkpoint is gone once the bundle is written.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distilled"]
+    bundle = load_bundle(out, keys[1])
+    with torch.no_grad():
+        assert torch.isfinite(bundle.model(torch.randint(0, 256, (1, 16))).logits).all()
