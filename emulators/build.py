@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .bundle import BundleError, compress_embeddings_int8, round_adapter, write_bundle
+from .bundle import EMBEDDING_STORAGE, BundleError, encode_vocab_matrices, round_adapter, write_bundle
 from .data import PYTHON_REFERENCE, DataError, TokenBlocks, load_examples, python_reference_split, tokenize_examples
 from .models import LoadedModel, load_model
 from .signing import load_private_key
@@ -58,7 +58,8 @@ class BuildConfig:
     awq_calibration_blocks: int = 16
     clip_search: bool = False
     block_bits: dict[int, int] | None = None  # mixed precision: original block index -> bits (overrides `quantize`)
-    embeddings: str = "auto"  # fp32 | int8 | auto (int8 rows when the middle is quantized)
+    embeddings: str = "auto"  # fp32 | int8 | int4 | int3 | int2 | auto (int8 rows when the middle is quantized)
+    embedding_group_size: int = 64
     adapter_dtype: str = "auto"  # fp32 | fp16 | auto (fp16 when the middle is quantized)
     distill_lr: float = 1e-4
     distill_batch_size: int = 4
@@ -76,8 +77,8 @@ class BuildConfig:
             raise BuildError(f"--distill-steps must be 0 or more, got {self.distill_steps}")
         if self.block_size < 8:
             raise BuildError(f"block size {self.block_size} is too small; use e.g. 256")
-        if self.embeddings not in ("auto", "fp32", "int8"):
-            raise BuildError(f"embeddings storage {self.embeddings!r} must be auto, fp32 or int8")
+        if self.embeddings != "auto" and self.embeddings not in EMBEDDING_STORAGE:
+            raise BuildError(f"embeddings storage {self.embeddings!r} must be auto or one of {', '.join(EMBEDDING_STORAGE)}")
         if self.adapter_dtype not in ("auto", "fp32", "fp16"):
             raise BuildError(f"adapter storage {self.adapter_dtype!r} must be auto, fp32 or fp16")
         for idx, bits in (self.block_bits or {}).items():
@@ -262,10 +263,13 @@ def prepare_emulator(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_progress: ProgressFn | None = None,
+    apply_storage: bool = True,
 ) -> tuple[torch.nn.Module, SplitPlan, dict[int, dict], dict]:
     """The emulator in memory, without writing: (emulator, plan, block_quant, info).
 
-    For benchmarks and the demo; `build_bundle` is this plus write + sign."""
+    For benchmarks and the demo; `build_bundle` is this plus write + sign. With
+    `apply_storage`, the embeddings and adapter are rounded as the bundle would store them,
+    so the model in memory is the one clients would load."""
     cfg.validate()
     report = on_progress or _stage_printer(progress)
     family = loaded.family
@@ -285,9 +289,9 @@ def prepare_emulator(
     # Round what the bundle stores compressed now, so this in-memory emulator is the one
     # clients will load (benchmarks measure the real thing).
     embeddings, adapter_dtype = cfg.storage(bool(block_quant))
-    if embeddings == "int8":
-        compress_embeddings_int8(emulator, family)
-    round_adapter(emulator, plan, family, adapter_dtype)
+    if apply_storage:
+        encode_vocab_matrices(emulator, family, embeddings, cfg.embedding_group_size)
+        round_adapter(emulator, plan, family, adapter_dtype)
     info["storage"] = {"embeddings": embeddings, "adapter": adapter_dtype}
     return emulator, plan, block_quant, info
 
@@ -319,7 +323,8 @@ def build_bundle(
     corpus = load_corpus(cfg.corpus, loaded.tokenizer, cfg.block_size)
 
     ckpt = checkpoint_dir_for(cfg, loaded.digest, out) if cfg.distill_steps else None
-    emulator, plan, block_quant, info = prepare_emulator(cfg, loaded, corpus, ckpt, progress, report)
+    # write_bundle encodes the embeddings itself (once, so memory and file agree exactly).
+    emulator, plan, block_quant, info = prepare_emulator(cfg, loaded, corpus, ckpt, progress, report, apply_storage=False)
 
     report(0.9, f"writing and signing the bundle at {out}")
     embeddings, adapter_dtype = cfg.storage(bool(block_quant))
@@ -336,7 +341,8 @@ def build_bundle(
         manifest = write_bundle(
             out, emulator, plan,
             tokenizer=loaded.tokenizer, base_model_id=loaded.model_id, base_digest=loaded.digest,
-            signing_key=signing_key_path, block_quant=block_quant, embeddings=embeddings, adapter_dtype=adapter_dtype,
+            signing_key=signing_key_path, block_quant=block_quant, embeddings=embeddings,
+            embedding_group_size=cfg.embedding_group_size, adapter_dtype=adapter_dtype,
             base_model_bytes=model_fp32_bytes(loaded.model), build_info=build_info, overwrite=overwrite,
         )
     except BundleError as e:

@@ -58,7 +58,7 @@ SIGNATURE = "manifest.sig"
 EMULATOR_WEIGHTS = "emulator.safetensors"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CONFIG = "config.json"
-SCALE_SUFFIX = "@row_scale"  # companion tensor of a row-wise int8 stored tensor
+SCALE_SUFFIX = "@row_scale"  # companion tensor of a row-wise int8 stored tensor (encoded tensors use NAME@PART keys)
 
 
 class BundleError(ValueError):
@@ -108,28 +108,76 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def _row_int8_targets(model: PreTrainedModel, family: Family) -> list[str]:
-    """Parameter names stored as row-wise int8 when embeddings are compressed: the token
-    embedding and an untied LM head (the big vocabulary matrices)."""
+EMBEDDING_STORAGE = ("fp32", "int8", "int4", "int3", "int2")
+
+
+def _vocab_matrices(model: PreTrainedModel, family: Family) -> list[str]:
+    """The big vocabulary matrices: the token embedding and an untied LM head."""
     names = []
     params = dict(model.named_parameters())  # tied duplicates removed: a tied head is skipped
-    token_emb = family.embeddings[0] + ".weight"
-    for name in (token_emb, family.lm_head + ".weight"):
+    for name in (family.embeddings[0] + ".weight", family.lm_head + ".weight"):
         if name in params and params[name].dim() == 2:
             names.append(name)
     return names
 
 
 @torch.no_grad()
-def compress_embeddings_int8(model: PreTrainedModel, family: Family) -> list[str]:
-    """Replace the vocabulary matrices by their row-wise int8 round trip, in place, so the
-    model in memory is exactly what a bundle written with embeddings="int8" loads."""
-    names = _row_int8_targets(model, family)
+def encode_vocab_matrices(
+    model: PreTrainedModel, family: Family, storage: str, group_size: int = 64
+) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Encode the vocabulary matrices for storage and replace the model's copies with the
+    decoded values, in place, so the model in memory is exactly what the bundle loads.
+
+    "int8": symmetric int8 rows (near lossless); "int4"/"int3"/"int2": asymmetric groups
+    along the hidden size, packed like QuantLinear weights (a deliberately lossy head: the
+    plug-in uses the full model's own). Returns (manifest specs, tensors to store)."""
+    if storage not in EMBEDDING_STORAGE:
+        raise BundleError(f"embeddings storage must be one of {', '.join(EMBEDDING_STORAGE)}, got {storage!r}")
+    specs: dict[str, dict] = {}
+    stored: dict[str, torch.Tensor] = {}
+    if storage == "fp32":
+        return specs, stored
     params = dict(model.named_parameters())
-    for name in names:
-        codes, scale = int8_rows(params[name])
-        params[name].copy_(codes.float() * scale)
-    return names
+    for name in _vocab_matrices(model, family):
+        p = params[name]
+        if storage == "int8":
+            codes, scale = int8_rows(p)
+            p.copy_(codes.float() * scale)
+            stored[name], stored[name + SCALE_SUFFIX] = codes, scale
+            specs[name] = {"codec": "int8-row"}
+        else:
+            try:
+                from .quantize import pack_matrix, unpack_matrix
+            except ImportError as e:
+                raise BundleError(f"{storage} embeddings need offsite.emulators.quantize.pack_matrix ({e}); use int8") from None
+            bits = int(storage[3:])
+            packed = pack_matrix(p, bits, group_size)
+            p.copy_(unpack_matrix(packed, bits, tuple(p.shape), p.dtype))
+            for part, t in packed.items():
+                stored[f"{name}@{part}"] = t.contiguous()
+            specs[name] = {"codec": "packed", "bits": bits, "group_size": group_size, "shape": list(p.shape)}
+    return specs, stored
+
+
+def _decode_vocab_matrices(frozen: dict[str, torch.Tensor], specs: dict[str, dict]) -> None:
+    for name, spec in specs.items():
+        if spec.get("codec") == "int8-row":
+            codes, scale = frozen.pop(name, None), frozen.pop(name + SCALE_SUFFIX, None)
+            if codes is None or scale is None or codes.dtype != torch.int8:
+                raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored as int8 rows with a scale")
+            frozen[name] = codes.float() * scale
+        elif spec.get("codec") == "packed":
+            from .quantize import unpack_matrix
+
+            parts = {k: frozen.pop(f"{name}@{k}", None) for k in ("qweight", "scales", "zeros")}
+            if any(v is None for v in parts.values()):
+                raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored packed (qweight, scales, zeros)")
+            try:
+                frozen[name] = unpack_matrix(parts, int(spec["bits"]), tuple(spec["shape"]), torch.float32)
+            except ValueError as e:
+                raise BundleError(f"{EMULATOR_WEIGHTS}: {name}: {e}") from None
+        else:
+            raise BundleError(f"{MANIFEST}: unknown storage codec {spec.get('codec')!r} for {name}")
 
 
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -173,6 +221,7 @@ def write_bundle(
     signing_key: str | Path,
     block_quant: dict[int, dict] | None = None,
     embeddings: str = "fp32",
+    embedding_group_size: int = 64,
     adapter_dtype: str = "fp32",
     base_model_bytes: int | None = None,
     build_info: dict | None = None,
@@ -181,13 +230,13 @@ def write_bundle(
     """Write and sign a bundle at `out_dir` atomically (staging dir, fsync, rename).
 
     `block_quant` maps emulator block positions to {"bits", "group_size", "awq"} for blocks
-    whose linears are already QuantLinear. With `embeddings="int8"` the vocabulary matrices
-    are stored row-wise int8, and with `adapter_dtype="fp16"` the initial adapter is stored
+    whose linears are already QuantLinear. With `embeddings` other than "fp32" the vocabulary
+    matrices are stored encoded (see `encode_vocab_matrices`), and with `adapter_dtype="fp16"` the initial adapter is stored
     in fp16; in both cases the emulator's own copies are replaced by the stored values (in
     place), so the model in memory equals the loaded one. Returns the manifest."""
     out_dir = Path(out_dir)
-    if embeddings not in ("fp32", "int8"):
-        raise BundleError(f"embeddings storage must be 'fp32' or 'int8', got {embeddings!r}")
+    if embeddings not in EMBEDDING_STORAGE:
+        raise BundleError(f"embeddings storage must be one of {', '.join(EMBEDDING_STORAGE)}, got {embeddings!r}")
     if adapter_dtype not in ADAPTER_DTYPES:
         raise BundleError(f"adapter storage must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
     key = load_private_key(signing_key)  # fail before any work when the key is wrong
@@ -199,7 +248,7 @@ def write_bundle(
         raise BundleError(f"the emulator has {family.num_layers(emulator.config)} blocks but the plan {len(plan.layer_origin)}")
     staging = make_staging_dir(out_dir, overwrite=overwrite)
     try:
-        row_int8 = compress_embeddings_int8(emulator, family) if embeddings == "int8" else []
+        vocab_specs, vocab_stored = encode_vocab_matrices(emulator, family, embeddings, embedding_group_size)
         round_adapter(emulator, plan, family, adapter_dtype)
 
         # adapter.safetensors: the adapter blocks under their original names.
@@ -222,11 +271,9 @@ def write_bundle(
             if tensor.numel() and ptr in seen:
                 continue  # a tied weight (e.g. lm_head = embed_tokens): the model re-ties it on load
             seen.add(ptr)
-            if name in row_int8:
-                codes, scale = int8_rows(tensor)
-                frozen[name], frozen[name + SCALE_SUFFIX] = codes, scale
-            else:
+            if name not in vocab_specs:
                 frozen[name] = tensor.detach().cpu().contiguous()
+        frozen.update(vocab_stored)
         _write_file(staging / EMULATOR_WEIGHTS, st_save(frozen, metadata={"format": BUNDLE_FORMAT}))
 
         emulator.config.to_json_file(str(staging / CONFIG))
@@ -266,10 +313,10 @@ def write_bundle(
             "blocks": blocks_meta,
             "quantization": {
                 "middle": labels[0] if len(labels) == 1 else "mixed",
-                "embeddings": "int8-row" if row_int8 else "fp32",
+                "embeddings": embeddings,
                 "adapter": adapter_dtype,
             },
-            "storage": {"row_int8": row_int8},
+            "storage": {"encoded": vocab_specs},
             "adapter": {"file": ADAPTER_WEIGHTS, "parameters": len(adapter_state),
                         "numel": int(sum(t.numel() for t in adapter_state.values()))},
             "build": build_info or {},
@@ -574,11 +621,7 @@ def load_bundle(path: str | Path, public_key_path: str | Path, device: str | tor
     _make_quant_shells(model, family, block_quant)
 
     frozen = st_load(blobs.pop(EMULATOR_WEIGHTS))
-    for name in manifest.get("storage", {}).get("row_int8", []):
-        scale = frozen.pop(name + SCALE_SUFFIX, None)
-        if scale is None or frozen.get(name) is None or frozen[name].dtype != torch.int8:
-            raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored as int8 rows with a scale")
-        frozen[name] = frozen[name].float() * scale
+    _decode_vocab_matrices(frozen, manifest.get("storage", {}).get("encoded", {}))
     adapter_bytes = blobs.pop(ADAPTER_WEIGHTS)
     adapter_meta = _safetensors_metadata(adapter_bytes)
     base_digest = manifest["base_model"]["digest"]

@@ -151,7 +151,7 @@ def test_quantized_bundle_loads_quant_shells_and_matches_memory(keys, loaded, tm
     manifest = write_bundle(tmp_path / "q", emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",
                             base_digest=loaded.digest, signing_key=keys[0], block_quant=block_quant,
                             embeddings="int8", adapter_dtype="fp16")
-    assert manifest["quantization"] == {"middle": "int4+awq", "embeddings": "int8-row", "adapter": "fp16"}
+    assert manifest["quantization"] == {"middle": "int4+awq", "embeddings": "int8", "adapter": "fp16"}
     assert [b["quantization"]["bits"] if b["quantization"] else None for b in manifest["blocks"]] == [None, None, 4, 4, 4, 4, None, None]
     bundle = load_bundle(tmp_path / "q", keys[1])
     blocks = bundle.family.get_blocks(bundle.model)
@@ -161,6 +161,25 @@ def test_quantized_bundle_loads_quant_shells_and_matches_memory(keys, loaded, tm
         torch.testing.assert_close(bundle.model(IDS).logits, emulator(IDS).logits, rtol=1e-5, atol=1e-5)
     size = sum(f["size"] for f in read_manifest_unverified(tmp_path / "q")["files"].values())
     assert size < 0.5 * model_fp32_bytes(loaded.model)  # the bundle really shrinks
+
+
+def test_low_bit_embeddings_round_trip_exactly(keys, loaded, tmp_path):
+    from offsite.emulators import quantize
+
+    if not hasattr(quantize, "pack_matrix"):
+        pytest.skip("quantize.pack_matrix not available")
+    plan = plan_split(8, (2, 2))
+    emulator = build_emulator_model(loaded, plan)
+    manifest = write_bundle(tmp_path / "e", emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",
+                            base_digest=loaded.digest, signing_key=keys[0], embeddings="int3")
+    assert manifest["storage"]["encoded"]["model.embed_tokens.weight"]["bits"] == 3
+    emb = emulator.get_input_embeddings().weight
+    assert not torch.equal(emb, loaded.model.get_input_embeddings().weight)  # lossy, in place
+    assert emulator.get_output_embeddings().weight is emb  # still tied
+    bundle = load_bundle(tmp_path / "e", keys[1])
+    assert torch.equal(bundle.model.get_input_embeddings().weight, emb)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(IDS).logits, emulator(IDS).logits)
 
 
 # --- verification fails closed ---------------------------------------------------------

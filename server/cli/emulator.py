@@ -57,6 +57,7 @@ def build(
     quantize: str = typer.Option("none", "--quantize", help="weight storage of the middle blocks: none|int8|int4|int3|int2"),
     awq: bool = typer.Option(False, "--awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"),
     group_size: int = typer.Option(64, "--group-size", help="input channels per quantization group (int4/int3/int2)"),
+    embeddings: str = typer.Option("auto", "--embeddings", help="storage of the embedding/LM head: auto (int8 rows when quantized)|fp32|int8|int4|int3|int2"),
     corpus: str = typer.Option("python-reference", "--corpus", help="python-reference, or a JSONL/text file or directory"),
     block_size: int = typer.Option(256, "--block-size", help="tokens per training block"),
     seed: int = typer.Option(0, "--seed"),
@@ -78,7 +79,7 @@ def build(
     cfg = BuildConfig(
         model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
         distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
-        seed=seed, kept=_int_list(kept, "--kept"), group_size=group_size,
+        seed=seed, kept=_int_list(kept, "--kept"), group_size=group_size, embeddings=embeddings,
     )
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
