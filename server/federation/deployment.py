@@ -42,6 +42,8 @@ class DeploymentError(RuntimeError):
 
 def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:
     env = dict(os.environ, **FLOWER_ENV)
+    # SuperExec and SuperNodes launch flwr-serverapp / flwr-clientapp by name: put this venv first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if flwr_home:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -231,6 +233,16 @@ def register_supernode(public_key: str | Path, flwr_home: str | Path, superlink:
     raise DeploymentError(f"could not register {public_key}: {(last.stdout + last.stderr)[-1500:]}")
 
 
+def run_status(run_id: str, flwr_home: str | Path, superlink: str) -> str:
+    """The Flower run's status, e.g. "running" or "finished:completed" ("" when unknown)."""
+    proc = flwr(["ls", superlink, "--run-id", run_id, "--format", "json"], flwr_home, check=False, timeout=60)
+    try:
+        runs = json.loads(proc.stdout).get("runs", [])
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    return str(runs[0].get("status", "")) if runs else ""
+
+
 def submit_run(cfg: FederationConfig, app_dir: str | Path, superlink: str, flwr_home: str | Path, wait: bool = True,
                on_round=None, timeout: float | None = None, stream: bool = False) -> dict:
     """`flwr run` the job; with `wait`, follow job.json until the job completes or fails."""
@@ -249,7 +261,19 @@ def submit_run(cfg: FederationConfig, app_dir: str | Path, superlink: str, flwr_
     deadline = time.monotonic() + (timeout or cfg.rounds * cfg.round_timeout + 600)
     seen = 0
     job_file = job_dir / JOB_FILE
+    run_id = str(submitted.get("run-id", ""))
+    next_check = time.monotonic() + 5
     while time.monotonic() < deadline:
+        if run_id and time.monotonic() > next_check:
+            next_check = time.monotonic() + 5
+            status = run_status(run_id, flwr_home, superlink)
+            if status.startswith("finished") and not status.endswith("completed"):
+                time.sleep(1)  # let a last job.json write land
+                job = json.loads(job_file.read_text()) if job_file.exists() else {"id": cfg.job_id}
+                if job.get("status") not in ("completed", "failed"):
+                    job.update(status="failed", error=f"the Flower run {run_id} ended as {status!r}; see `flwr log {run_id}`")
+                job["flower"] = submitted
+                return job
         if job_file.exists():
             try:
                 job = json.loads(job_file.read_text())

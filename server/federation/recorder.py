@@ -61,12 +61,13 @@ class JobRecorder:
             self.on_round(record)
 
     def release(self, release: dict) -> None:
+        if self.registry:  # first, so job.json carries the registry's release id
+            self.registry.release_created(self.cfg.job_id, release)
         self.job["release"] = release
         self.job["status"] = "completed"
         self.job["finished_at"] = time.time()
         self._write()
         if self.registry:
-            self.registry.release_created(self.cfg.job_id, release)
             self.registry.job_finished(self.cfg.job_id, "completed", "")
 
     def failed(self, error: str) -> None:
