@@ -47,6 +47,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise and RSS stays high)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class SavedActivations:
     """Bytes of tensors autograd saves for backward while active (distinct storages)."""
 

@@ -24,7 +24,7 @@ from offsite.emulators.losses import causal_lm_nll, hidden_states, lm_nll_from_h
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainResult
-from .memory import current_rss_mb, peak_rss_mb
+from .memory import current_rss_mb, peak_rss_mb, release_free_memory
 from .headloss import frozen_head_nll
 from .pruning import (
     autocast,
@@ -196,6 +196,18 @@ def export_adapter(target: EngineTarget) -> dict[str, torch.Tensor]:
     }
 
 
+def count_step_flops(stepper: Stepper, batches, params: list[nn.Parameter]) -> int:
+    """Matmul FLOPs of one forward+backward (no optimizer step; gradients are dropped)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        stepper.step(batches)
+    for p in params:
+        p.grad = None
+    return int(counter.get_total_flops())
+
+
 def _log_default(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -236,6 +248,7 @@ def train_model(
 
     store_frozen_weights(model, family, target.trainable_blocks, dtype)
     quant_compute_dtype(model, dtype)
+    release_free_memory()  # loading and tokenizing leave freed pages behind; the budget sees RSS
     choice = None
     if resumed:
         spec = resumed[2]["scheme_spec"]
@@ -275,6 +288,10 @@ def train_model(
         state["eval_ppl_before"] = eval_ppl(model, data.heldout, cfg, device, dtype)
 
     fingerprint = cfg.fingerprint()
+    flops_per_step = None
+    if cfg.count_flops and start < cfg.steps:
+        flops_per_step = count_step_flops(stepper, list(micro_batches(data.train, cfg.batch_size, cfg.seed, start * cfg.grad_accum,
+                                                                      cfg.grad_accum)), params)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -345,6 +362,7 @@ def train_model(
         "optimizer": cfg.optimizer,
         "added_biases": applied.added_biases,
         "resumed_from_step": start,
+        "flops_per_step": flops_per_step,
     }
     if choice is not None:
         metrics["budget"] = choice.as_dict()

@@ -1,0 +1,289 @@
+"""Client training cost: full fine-tuning vs LoRA vs the Offsite engine, on the default model.
+
+    python -m bench.client_train [--quick] --json bench/results/client_train.json
+
+Same data (python-reference, the engine's own split and batch order for every mode), same
+number of steps, sequence 256, batch 4, 2 threads. Each mode runs in its own process and
+reports that process's peak RSS (VmHWM; also the peak while loading, and the peak of the
+training phase alone, VmHWM reset after loading):
+
+- full_ft: the full model, every parameter, plain PyTorch (HF forward with labels, AdamW).
+- lora_full: peft LoRA r=8 on every linear of the full model (a FlowerTune-style client).
+- offsite_full_adapter: the engine on an int4 emulator bundle, all 4 adapter blocks train.
+- offsite_sparse: the engine on the same bundle under --budget-mb (contribution analysis).
+
+The machine's fp32 (and bf16) GEMM GFLOP/s is measured in the same run; each mode's
+achieved matmul FLOP/s (FlopCounterMode over one forward+backward, times steps, over the
+training time) is reported as a fraction of the fp32 figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("full_ft", "lora_full", "offsite_full_adapter", "offsite_sparse")
+THREADS = 2
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def gemm_gflops(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """Best-of sustained GFLOP/s of an n x n x n matmul in this process."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# --- workers (each in its own process) -------------------------------------------------
+
+
+def _vmhwm_mb() -> float:
+    from offsite.client.engine.memory import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def _data_and_cfg(tokenizer, args):
+    from offsite.client.engine import TrainConfig
+    from offsite.client.engine.trainer import prepare_data
+    from offsite.emulators.data import python_reference_split
+
+    examples = python_reference_split(n_shards=1).shards[0]
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=4, block_size=256, seed=0, eval_batches=2,
+                      count_flops=True, warmup_steps=1)
+    return examples, cfg, prepare_data(examples, tokenizer, cfg)
+
+
+def _plain_worker(mode: str, args) -> dict:
+    """full_ft / lora_full: plain PyTorch on the full fp32 model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from offsite.client.engine.memory import reset_peak_rss
+    from offsite.client.engine.trainer import micro_batches
+    from offsite.emulators.models import load_model
+
+    lm = load_model("smollm2-135m")
+    model = lm.model
+    examples, cfg, data = _data_and_cfg(lm.tokenizer, args)
+    if mode == "lora_full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    else:
+        model.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    load_peak = _vmhwm_mb()
+    reset = reset_peak_rss()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    def step(ids, labels, mask):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    batches = list(micro_batches(data.train, cfg.batch_size, cfg.seed, 0, cfg.steps))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(*batches[0])
+    opt.zero_grad(set_to_none=True)
+    losses, tokens, seconds = [], 0, 0.0
+    for ids, labels, mask in batches:
+        t = time.perf_counter()
+        losses.append(step(ids, labels, mask))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - t
+        tokens += int(mask.sum())
+    train_peak = _vmhwm_mb()
+    return {
+        "peak_rss_mb": max(load_peak, train_peak), "load_peak_rss_mb": load_peak,
+        "train_peak_rss_mb": train_peak if reset else None, "tokens_per_s": tokens / seconds,
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "trainable_params": sum(p.numel() for p in params),
+        "train_seconds": seconds, "tokens": tokens, "flops_per_step": int(counter.get_total_flops()),
+        "scheme": "all parameters" if mode == "full_ft" else "peft LoRA r=8, all linears", "precision": "float32",
+    }
+
+
+def _offsite_worker(mode: str, args) -> dict:
+    from offsite.client.engine import TrainConfig, train_adapter
+    from offsite.client.engine.memory import reset_peak_rss
+    from offsite.emulators.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, args.public_key)
+    examples, cfg, _ = _data_and_cfg(bundle.tokenizer, args)
+    load_peak = _vmhwm_mb()
+    reset = reset_peak_rss()
+    if mode == "offsite_sparse":
+        cfg = TrainConfig(**{**cfg.__dict__, "memory_budget_mb": args.budget_mb, "probe_steps": 2})
+    else:
+        cfg = TrainConfig(**{**cfg.__dict__, "scheme": "full"})
+    result = train_adapter(bundle, examples, cfg, progress=False, log=lambda m: print(m, file=sys.stderr))
+    m = result.metrics
+    train_peak = _vmhwm_mb()
+    keep = ("tokens_per_s", "loss_first", "loss_last", "losses", "trainable_params", "train_seconds", "tokens",
+            "flops_per_step", "scheme", "precision", "eval_ppl_before", "eval_ppl_after", "lowest_trainable_block")
+    out = {k: m[k] for k in keep}
+    out.update(peak_rss_mb=max(load_peak, train_peak), load_peak_rss_mb=load_peak,
+               train_peak_rss_mb=train_peak if reset else None, bundle=bundle.manifest.get("build", {}).get("config"))
+    if "budget" in m:
+        out["budget"] = {k: m["budget"][k] for k in ("budget_mb", "estimate_mb", "minimum_mb", "probe_seconds", "spec")}
+    return out
+
+
+def worker(mode: str, args) -> None:
+    _threads()
+    import transformers  # noqa: F401  (the runtime every mode pays for)
+
+    from offsite.client.engine.memory import current_rss_mb
+    from offsite.emulators import bundle, models  # noqa: F401
+
+    floor = current_rss_mb()
+    result = _plain_worker(mode, args) if mode in ("full_ft", "lora_full") else _offsite_worker(mode, args)
+    result["runtime_floor_rss_mb"] = floor
+    result["peak_above_floor_mb"] = result["peak_rss_mb"] - floor
+    Path(args.worker_out).write_text(json.dumps(result))
+
+
+def build_worker(args) -> None:
+    _threads()
+    from offsite.emulators.build import BuildConfig, build_bundle
+    from offsite.emulators.signing import generate_signing_key
+
+    key, pub = generate_signing_key(Path(args.bundle).parent / "keys", force=True)
+    build_bundle(BuildConfig(quantize=args.quantize, emulator_layers=args.emulator_layers), key, args.bundle,
+                 progress=False, overwrite=True)
+
+
+def gemm_worker(args) -> None:
+    _threads()
+    Path(args.worker_out).write_text(json.dumps({"fp32": gemm_gflops("float32"), "bf16": gemm_gflops("bfloat16")}))
+
+
+# --- orchestration -----------------------------------------------------------------
+
+
+def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "bench.client_train", *extra, "--worker-out", str(out)]
+    proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("Loading weights")))
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
+def table(result: dict) -> str:
+    rows = [f"| mode | peak RSS MB | above runtime floor MB | train-phase peak MB | tokens/s | loss first -> last | "
+            f"trainable params | FLOP/s vs fp32 GEMM | scheme |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode in MODES:
+        r = result["modes"].get(mode)
+        if not r:
+            continue
+        rows.append(
+            f"| {mode} | {r['peak_rss_mb']:.0f} | {r['peak_above_floor_mb']:.0f} | {r['train_peak_rss_mb'] or float('nan'):.0f} | "
+            f"{r['tokens_per_s']:.0f} | "
+            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {r['trainable_params']:,} | "
+            f"{r['flops_fraction_of_fp32_gemm']:.2f} | {r['scheme']} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.client_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 steps per mode (a smoke run)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--steps", type=int, default=None, help="training steps per mode (default 12; 3 with --quick)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--budget-mb", type=float, default=720.0, help="memory budget of offsite_sparse")
+    p.add_argument("--quantize", default="int4")
+    p.add_argument("--emulator-layers", type=int, default=8, help="middle blocks kept in the emulator")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--public-key", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 12)
+    if args.worker == "build":
+        return build_worker(args)
+    if args.worker == "gemm":
+        return gemm_worker(args)
+    if args.worker:
+        return worker(args.worker, args)
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-client-train-") as tmp:
+        tmp = Path(tmp)
+        bundle = tmp / "bundle"
+        common = ["--steps", str(args.steps), "--lr", str(args.lr), "--budget-mb", str(args.budget_mb),
+                  "--bundle", str(bundle), "--public-key", str(tmp / "keys" / "signing.pub"),
+                  "--quantize", args.quantize, "--emulator-layers", str(args.emulator_layers)]
+        print(f"building the {args.quantize} emulator bundle (2-{args.emulator_layers}-2) ...", file=sys.stderr)
+        _run_child(["--worker", "build", *common], tmp / "build.json", 1800)
+        gemm = _run_child(["--worker", "gemm"], tmp / "gemm.json", 300)
+        modes = {}
+        for mode in args.modes.split(","):
+            print(f"running {mode} ({args.steps} steps) ...", file=sys.stderr)
+            r = _run_child(["--worker", mode, *common], tmp / f"{mode}.json", 3600)
+            r["flops_fraction_of_fp32_gemm"] = r["flops_per_step"] * args.steps / r["train_seconds"] / 1e9 / gemm["fp32"]
+            modes[mode] = r
+            print(f"  peak RSS {r['peak_rss_mb']:.0f} MB, {r['tokens_per_s']:.0f} tokens/s, loss "
+                  f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", file=sys.stderr)
+    result = {
+        "benchmark": "client_train", "quick": args.quick, "steps": args.steps, "lr": args.lr, "sequence": 256, "batch": 4,
+        "threads": THREADS, "model": "smollm2-135m", "emulator": f"2-{args.emulator_layers}-2, {args.quantize} middle",
+        "gemm_gflops": gemm, "modes": modes, "seconds": round(time.time() - started, 1),
+        "load_average_at_end": os.getloadavg()[0],
+    }
+    full, lora, sparse = modes.get("full_ft"), modes.get("lora_full"), modes.get("offsite_sparse")
+    if full and sparse:
+        result["ratios"] = {
+            "sparse_rss_vs_full": sparse["peak_rss_mb"] / full["peak_rss_mb"],
+            "sparse_train_rss_vs_full": (sparse["train_peak_rss_mb"] or 0) / (full["train_peak_rss_mb"] or 1),
+            "sparse_speedup_vs_full": sparse["tokens_per_s"] / full["tokens_per_s"],
+            "sparse_above_floor_vs_full": sparse["peak_above_floor_mb"] / full["peak_above_floor_mb"],
+        }
+        if lora:
+            result["ratios"]["sparse_rss_vs_lora"] = sparse["peak_rss_mb"] / lora["peak_rss_mb"]
+            result["ratios"]["sparse_above_floor_vs_lora"] = sparse["peak_above_floor_mb"] / lora["peak_above_floor_mb"]
+        tail = sparse["losses"][-3:]
+        result["targets"] = {
+            "rss_at_most_1/8_of_full_ft": result["ratios"]["sparse_rss_vs_full"] <= 1 / 8,
+            "rss_at_most_1/3_of_lora_full": bool(lora) and result["ratios"]["sparse_rss_vs_lora"] <= 1 / 3,
+            "tokens_per_s_at_least_6.5x_full_ft": result["ratios"]["sparse_speedup_vs_full"] >= 6.5,
+            "loss_falls": sum(tail) / len(tail) < sparse["loss_first"],
+        }
+    text = table(result)
+    print(text)
+    if "ratios" in result:
+        print(json.dumps({"ratios": result["ratios"], "targets": result["targets"]}, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
