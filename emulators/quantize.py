@@ -445,3 +445,30 @@ def quant_spec(module: nn.Module) -> dict[str, dict]:
         for name, m in module.named_modules()
         if isinstance(m, QuantLinear)
     }
+
+
+# --- whole matrices (e.g. the tied embedding / LM head) ------------------------------
+
+
+def pack_matrix(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """Store a [rows, cols] matrix (e.g. a token embedding, groups along the hidden size) as
+    {"qweight", "scales", "zeros"}, the same layout as a QuantLinear of that shape."""
+    g = effective_group_size(weight.shape[1], bits, group_size)
+    codes, scales, zeros = quantize_weight(weight.detach().float(), bits, g)
+    return {"qweight": pack_codes(codes, bits), "scales": scales, "zeros": zeros}
+
+
+def unpack_matrix(packed: Mapping[str, torch.Tensor], bits: int, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `pack_matrix` (the group size follows from the scales' shape)."""
+    rows, cols = shape
+    n_groups = packed["scales"].shape[1]
+    if packed["scales"].shape[0] != rows or cols % n_groups:
+        raise QuantizationError(f"packed scales of shape {tuple(packed['scales'].shape)} do not fit a {rows}x{cols} matrix")
+    g = cols // n_groups
+    codes = unpack_codes(packed["qweight"], bits, rows * cols).view(rows, n_groups, g).to(dtype)
+    return ((codes - packed["zeros"].to(dtype).unsqueeze(-1)) * packed["scales"].to(dtype).unsqueeze(-1)).view(rows, cols)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+    """The matrix exactly as `pack_matrix` + `unpack_matrix` would give it back."""
+    return unpack_matrix(pack_matrix(weight, bits, group_size), bits, tuple(weight.shape), weight.dtype)

@@ -17,6 +17,9 @@ from offsite.emulators.quantize import (
     awq_input_scale,
     collect_act_scales,
     dequantize_module,
+    fake_quantize,
+    pack_matrix,
+    unpack_matrix,
     make_quant_shells,
     pack_codes,
     packed_numel,
@@ -202,3 +205,13 @@ def test_ambiguous_statistics_name_the_fix():
     block = copy.deepcopy(loaded.model.model.layers[2])
     with pytest.raises(QuantizationError, match="prefix="):
         quantize_module(block, 4, act_scales=stats)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_matrix_packing_round_trips_the_grid(bits):
+    w = torch.randn(50, 128)
+    packed = pack_matrix(w, bits, 64)
+    back = unpack_matrix(packed, bits, (50, 128))
+    assert torch.equal(back, fake_quantize(w, bits, 64))
+    assert torch.allclose(fake_quantize(back, bits, 64), back, atol=1e-3)  # the grid is (nearly) a fixed point
+    assert packed["qweight"].numel() == (50 * 128 if bits == 8 else packed_numel(50 * 128, bits))
