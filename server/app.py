@@ -52,7 +52,6 @@ class OffsiteServer:
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.http2.max_pings_without_data", 0),
             ],
-            maximum_concurrent_rpcs=10_000,
         )
         names = add_services(self._server, st)
         self._health = health.aio.HealthServicer()

@@ -207,18 +207,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, registry: Registry) -> None:
         self.auth = authenticator
         self.registry = registry
+        # One wrapped handler per method, built on first use: the token is read from the
+        # call's metadata inside the wrapper, so nothing is rebuilt per call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
         if handler is None or not method.startswith("/offsite.v1."):
             return handler  # health, reflection: public by design
-        authorization = None
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value
-                break
-        return self._wrap(handler, method, authorization)
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = wrapped
+        return wrapped
 
     def _admit(self, method: str, authorization: str | None) -> tuple[Principal | None, grpc.StatusCode | None, str]:
         try:
@@ -239,10 +242,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except Exception:  # auditing must never take the API down
             log.exception("could not write audit entry for %s", method)
 
-    def _wrap(self, handler, method: str, authorization: str | None):
+    def _wrap(self, handler, method: str):
         mutating = _is_mutating(method)
 
-        async def _deny_or_enter(context, request=None):
+        async def _deny_or_enter(context):
+            authorization = None
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    authorization = value
+                    break
             principal, code, msg = self._admit(method, authorization)
             if code is not None:
                 await context.abort(code, msg)
