@@ -73,7 +73,22 @@ class OffsiteServer:
         if not self.port:
             raise OSError(f"could not bind {address}; is another server running there?")
         await self._server.start()
+        self._start_background_tasks()
         return self.port
+
+    def _start_background_tasks(self) -> None:
+        from .hooks import HookUnavailable, load_hook
+
+        self._tasks: list[asyncio.Task] = []
+        for spec in self.config.background_tasks:
+            try:
+                fn = load_hook(spec)
+            except HookUnavailable as e:
+                log.info("background task not started: %s", e)
+                continue
+            task = asyncio.get_running_loop().create_task(fn(self.state), name=str(spec))
+            task.add_done_callback(_log_task_end)
+            self._tasks.append(task)
 
     @property
     def tls(self) -> bool:
@@ -85,6 +100,8 @@ class OffsiteServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
         await self.state.ops.shutdown(grace)
         await self._server.stop(min(grace, 5.0))
         self._server = None
@@ -103,6 +120,11 @@ class OffsiteServer:
         await stop.wait()
         log.info("shutting down (finishing or cancelling operations)")
         await self.stop()
+
+
+def _log_task_end(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r", task.get_name(), task.exception())
 
 
 class ServerThread:

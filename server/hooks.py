@@ -12,6 +12,11 @@ first used, so a team can ship its part without touching the server:
   (candidate, base, suites, limit, out_dir, progress, policy_path) -> report dict.
 - **emulator builder** (emulator-core): ``build(cfg: dict, signing_key: Path, out: Path,
   on_progress) -> manifest``; the default calls ``offsite.emulators.build.build_bundle``.
+- **eval scheduler** (safety): ``async def run_scheduler(state: ServerState)``, a background
+  task on the server's event loop until cancelled at shutdown. It polls
+  ``state.registry.due_eval_schedules()``, starts runs with
+  ``offsite.server.services.start_eval(state, candidate, base, suites, limit, schedule_id=...)``
+  and advances ``state.registry.update_eval_schedule(id, next_run_at=..., last_run_at=...)``.
 - **release exporter**: ``export(base_source, adapter_path, out_dir) -> None`` writes an HF
   model directory; the default plugs the adapter in with ``offsite.emulators.plugin``.
 """
@@ -33,6 +38,7 @@ DEFAULT_JOB_RUNNER = "offsite.server.federation:run_job"
 DEFAULT_EVAL_RUNNER = "offsite.safety_evals.runner:run_eval"
 DEFAULT_EMULATOR_BUILDER = "offsite.server.hooks:build_emulator"
 DEFAULT_RELEASE_EXPORTER = "offsite.server.hooks:export_release"
+DEFAULT_EVAL_SCHEDULER = "offsite.safety_evals.scheduler:run_scheduler"
 
 
 class HookUnavailable(RuntimeError):

@@ -18,6 +18,7 @@ from .auth import ADMIN, Authenticator
 from .hooks import (
     DEFAULT_EMULATOR_BUILDER,
     DEFAULT_EVAL_RUNNER,
+    DEFAULT_EVAL_SCHEDULER,
     DEFAULT_JOB_RUNNER,
     DEFAULT_RELEASE_EXPORTER,
 )
@@ -52,6 +53,9 @@ class ServerConfig:
     eval_runner: str | Callable = DEFAULT_EVAL_RUNNER
     emulator_builder: str | Callable = DEFAULT_EMULATOR_BUILDER
     release_exporter: str | Callable = DEFAULT_RELEASE_EXPORTER
+    # Long-lived tasks on the server's event loop: `async def task(state: ServerState)`,
+    # cancelled at shutdown. One whose module is not installed is skipped with a log line.
+    background_tasks: list = field(default_factory=lambda: [DEFAULT_EVAL_SCHEDULER])
     extra: dict = field(default_factory=dict)
 
 
@@ -108,6 +112,11 @@ class ServerState:
         """A built-in model name, or a directory under data_dir/models (never an arbitrary path)."""
         if source in BUILTIN_MODELS:
             return source
+        models_root = self.models_dir.resolve()
+        if source and os.path.isabs(source) and "\x00" not in source:
+            path = Path(source).resolve()
+            if models_root in path.parents and path.is_dir():
+                return str(path)  # a registered model's stored (already checked) location
         if not source or "\x00" in source or os.path.isabs(source) or ".." in Path(source).parts:
             raise ValueError(f"model source {source!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) or the name "
                              f"of a Hugging Face model directory you copied into {self.models_dir}")
