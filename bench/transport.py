@@ -12,6 +12,9 @@ Three measurements, each against a real `offsite-admin serve` in its own process
    connection. Two loads: *closed loop* (every client calls back to back: the server's
    saturation, where latency = clients / throughput) and *paced* (every client calls
    every 100 ms, an aggressive polling rate for a data owner).
+   The target (p99 < 20 ms at 200 clients) is read against the paced load: a closed loop
+   of 200 back-to-back clients measures saturation (Little's law: 200 / calls per second),
+   which no Python server on 2 shared cores turns into 20 ms.
 3. Resume after the connection is cut mid-download: the server is SIGKILLed at 25% and
    restarted; the time from the kill to the first resumed byte, and from the restarted
    server being ready to that byte (the client's own reconnect cost).
@@ -184,11 +187,19 @@ async def _latency_run(address: str, token: str, clients: int, duration: float, 
             "p50_ms": round(q(0.50), 2), "p99_ms": round(q(0.99), 2), "max_ms": round(lat[-1] * 1000, 2)}
 
 
-def measure_latency(address: str, token: str, duration: float) -> dict:
-    out = {"closed_loop": [], "paced_100ms": []}
-    for clients in (1, 50, 200):
-        out["closed_loop"].append(asyncio.run(_latency_run(address, token, clients, duration, None)))
-        out["paced_100ms"].append(asyncio.run(_latency_run(address, token, clients, duration, 0.1)))
+def measure_latency(address: str, token: str, duration: float, repeats: int) -> dict:
+    """Each point `repeats` times (interleaved); the run with the median p99 is reported, with all p99s."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(repeats):
+        for clients in (1, 50, 200):
+            runs.setdefault(("closed_loop", clients), []).append(
+                asyncio.run(_latency_run(address, token, clients, duration, None)))
+            runs.setdefault(("paced_100ms", clients), []).append(
+                asyncio.run(_latency_run(address, token, clients, duration, 0.1)))
+    out: dict[str, list[dict]] = {"closed_loop": [], "paced_100ms": []}
+    for (load, _clients), rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["p99_ms"])
+        out[load].append({**rs[len(rs) // 2], "p99_ms_all_runs": [r["p99_ms"] for r in rs]})
     return out
 
 
@@ -224,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mb", type=int, default=256, help="artifact size for throughput")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per latency point")
+    ap.add_argument("--latency-repeats", type=int, default=3, help="runs per latency point (median p99 reported)")
     ap.add_argument("--quick", action="store_true", help="64 MB, 1 repeat, 1 s latency points")
     ns = ap.parse_args(argv)
     if ns.quick:
-        ns.size_mb, ns.repeats, ns.duration = 64, 1, 1.0
+        ns.size_mb, ns.repeats, ns.duration, ns.latency_repeats = 64, 1, 1.0, 1
     console = Console()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         tmp = Path(tmp)
         srv = ServerProcess(tmp / "srv").start()
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             stored = srv.data_dir / "artifacts" / "sha256" / sha[:2] / sha
             console.print(f"server pid {srv.proc.pid} on {srv.address}; artifact {sha[:12]} ({ns.size_mb} MiB)")
             throughput = measure_throughput(srv.address, token, sha, stored, ns.repeats)
-            latency = measure_latency(srv.address, token, ns.duration)
+            latency = measure_latency(srv.address, token, ns.duration, ns.latency_repeats)
             resume = measure_resume(srv, token, sha, tmp / "resume.part")
         finally:
             srv.kill()
@@ -250,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "transport",
         "command": "python -m bench.transport " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
-                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+                    "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "note": "the machine is shared; compare ratios measured in the same run, not absolute numbers"},
         "throughput": throughput,
         "latency_whoami": latency,
         "resume": resume,
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "download_ratio_vs_raw_ge_0.5_best": throughput["ratio_best_default_chunk_vs_raw"] >= 0.5,
             "download_ratio_vs_raw_ge_0.5_median": throughput["ratio_median_default_chunk_vs_raw"] >= 0.5,
             "p99_ms_at_200_clients_lt_20_paced": latency["paced_100ms"][-1]["p99_ms"] < 20,
-            "p99_ms_at_200_clients_lt_20_closed_loop": latency["closed_loop"][-1]["p99_ms"] < 20,
+            "p99_ms_at_200_clients_lt_20_closed_loop_saturation": latency["closed_loop"][-1]["p99_ms"] < 20,
         },
     }
     t = Table(title=f"download throughput, {throughput['repeats']} interleaved repeats")

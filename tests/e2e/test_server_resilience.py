@@ -103,8 +103,10 @@ def test_restart_after_kill_loses_nothing_acknowledged(tmp_path):
         op = models_pb2_grpc.EmulatorsStub(admin).BuildEmulator(models_pb2.BuildEmulatorRequest(model="tiny"))
         srv.kill()
 
+        assert "first start: wrote the admin token" in srv.log.read_text()
         srv.start()
         assert srv.admin_token == admin_token  # not re-created
+        assert srv.log.read_text().count("first start") == 1
         admin = open_channel(srv.address, admin_token)
         assert [m.name for m in models_pb2_grpc.ModelsStub(admin).ListModels(models_pb2.ListModelsRequest()).models] == ["tiny"]
         got_job = jobs_pb2_grpc.JobsStub(admin).GetJob(jobs_pb2.GetJobRequest(id=job.id))
