@@ -47,8 +47,14 @@ def test_top_trains_only_top_blocks():
     assert all(torch.equal(before[k], result.adapter_state[k]) for k in result.adapter_state if _block(k) in (0, 1))
 
 
-def test_norms_trains_gains_and_zero_initialised_biases():
-    _, _, result, changed = _train("tiny-llama", "norms")
+def test_norms_trains_only_norm_gains_on_llama():
+    _, before, result, changed = _train("tiny-llama", "norms")
+    assert changed and all("norm" in k for k in changed)
+    assert result.metrics["added_biases"] == [] and set(result.adapter_state) <= set(before)
+
+
+def test_bias_adds_zero_initialised_biases_where_the_family_has_none():
+    _, _, result, changed = _train("tiny-llama", "norms,bias")
     assert changed and all("norm" in k for k in changed)
     added = set(result.metrics["added_biases"])
     assert added and all(f"{m}.bias" in result.adapter_state for m in added)

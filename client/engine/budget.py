@@ -115,8 +115,8 @@ def unit_own_bytes(block: torch.nn.Module, kind: str, cfg: TrainConfig, tokens: 
         for _, m in block.named_modules():
             if _is_norm(m):
                 total += sum(p.numel() for p in m.parameters(recurse=False)) * per_existing
-            elif is_linear(m):
-                total += output_features(m) * (per_existing if m.bias is not None else per_new)
+            elif is_linear(m) and m.bias is not None:
+                total += output_features(m) * per_existing
         return total
     if kind.startswith("channels:"):
         r = float(kind.split(":")[1])

@@ -2,13 +2,17 @@
 
 Spec syntax (comma-separated entries, each ``[SELECTOR:]KIND``)::
 
-    KIND      full | norms | channels:R | lora:R | frozen
+    KIND      full | norms | bias | channels:R | lora:R | frozen
     SELECTOR  all (default) | top | bottom | topN | bottomN | N (a model block index)
 
 - ``full``: every weight of the block.
-- ``norms``: norm gains and biases; where the family's linears have no bias (Llama),
-  a zero-initialised bias is added and trained (Tiny Training's bias update). Added
-  biases appear in the adapter state as ``<linear>.bias``.
+- ``norms``: norm gains and biases, and the linears' biases where the family has them.
+- ``bias``: the linears' biases; where the family has none (Llama), zero-initialised
+  biases are added and trained (Tiny Training's bias update). ``norms,bias`` is the
+  whole Tiny Training "norms + biases" unit. Added biases are not parameters of the base
+  model: they appear in the adapter state as ``<linear>.bias`` and in
+  ``metrics["added_biases"]``, and plug-in by original name rejects them, which is why
+  they are opt-in and never chosen by the memory budget.
 - ``channels:R``: a fraction R (0 < R <= 1) of the input channels of the block's input
   projections (q/k/v/gate/up, GPT-2 c_attn/c_fc, OPT fc1), chosen by weight norm, trained
   as a sliced delta (layers.ChannelDelta); folded into the weight on export.
@@ -36,7 +40,7 @@ from offsite.emulators.families import Family
 
 from .layers import ChannelDelta, is_linear, output_features
 
-KINDS = ("full", "norms", "channels", "lora", "frozen")
+KINDS = ("full", "norms", "bias", "channels", "lora", "frozen")
 INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "fc1",
                      "query_key_value", "qkv_proj", "gate_up_proj", "W_pack")
 
@@ -46,7 +50,7 @@ class SchemeError(ValueError):
 
 
 SYNTAX = ("use comma-separated [SELECTOR:]KIND entries, KIND one of full, norms, channels:R (0<R<=1), "
-          "lora:R (rank), frozen; SELECTOR one of all, top, bottom, topN, bottomN, or a block index; "
+          "lora:R (rank), bias, frozen; SELECTOR one of all, top, bottom, topN, bottomN, or a block index; "
           "e.g. 'top:full,bottom:norms'")
 
 
@@ -54,12 +58,13 @@ SYNTAX = ("use comma-separated [SELECTOR:]KIND entries, KIND one of full, norms,
 class BlockScheme:
     full: bool = False
     norms: bool = False
+    bias: bool = False
     channels: float | None = None
     lora: int | None = None
 
     @property
     def trains(self) -> bool:
-        return self.full or self.norms or self.channels is not None or self.lora is not None
+        return self.full or self.norms or self.bias or self.channels is not None or self.lora is not None
 
     def spec(self) -> list[str]:
         if self.full:
@@ -67,6 +72,8 @@ class BlockScheme:
         out = []
         if self.norms:
             out.append("norms")
+        if self.bias:
+            out.append("bias")
         if self.channels is not None:
             out.append(f"channels:{self.channels:g}")
         if self.lora is not None:
@@ -149,6 +156,8 @@ def parse_scheme(spec: str, positions: list[int]) -> SchemePlan:
                 b.full = True
             elif name == "norms":
                 b.norms = True
+            elif name == "bias":
+                b.bias = True
             elif name == "frozen":
                 blocks[p] = BlockScheme()
             elif name == "channels":
@@ -298,18 +307,18 @@ def apply_scheme(
             in_place += [prefix + n for n, _ in block.named_parameters()]
             block.requires_grad_(True)
             continue
-        if b.norms:
+        if b.norms or b.bias:
             for mname, m in block.named_modules():
-                if _is_norm(m):
+                if _is_norm(m) and b.norms:
                     for pname, param in m.named_parameters(recurse=False):
                         param.requires_grad_(True)
                         in_place.append(f"{prefix}{mname}.{pname}")
                 elif is_linear(m) and ".lora_" not in f".{mname}":
-                    if m.bias is None:
+                    if m.bias is None and b.bias:
                         m.bias = nn.Parameter(torch.zeros(output_features(m), dtype=m.weight.dtype))
                         # the name the bias has once LoRA wrappers are gone
                         applied.added_biases.append(prefix + mname.removesuffix(".base_layer"))
-                    else:
+                    elif m.bias is not None:
                         m.bias.requires_grad_(True)
                         in_place.append(f"{prefix}{mname}.bias")
         if b.channels is not None:
