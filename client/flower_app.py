@@ -127,6 +127,7 @@ def _train_config(cfg) -> object:
         batch_size=int(cfg.get("batch-size", 4)),
         block_size=int(cfg.get("block-size", 256)),
         seed=int(cfg.get("seed", 0)) * 100003 + int(cfg.get("server-round", 0)),
+        eval_fraction=float(cfg.get("eval-fraction", 0.1)),
     )
 
 

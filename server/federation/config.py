@@ -33,6 +33,7 @@ class FederationConfig:
     block_size: int = 256
     scheme: str = "full"
     seed: int = 0
+    eval_fraction: float = 0.1  # share of each client's blocks it scores itself on (0: no client eval)
     # model owner's held-out set for plug-in perplexity: "python-reference" or a path
     heldout: str = "python-reference"
     heldout_limit: int = 0  # at most this many held-out blocks (0 = all)

@@ -115,6 +115,7 @@ def prepare_local_job(
     name: str = "",
     engine: str = "simulation",
     progress: bool = False,
+    client_threads: int = 1,
     **options,
 ) -> LocalJob:
     """Registry, bundle, job row, shards and client cache for a job on this machine."""
@@ -168,7 +169,7 @@ def prepare_local_job(
         artifacts_root=str(data_dir / "artifacts"), **options,
     )
     template = data_template(corpus, clients, job_dir)
-    settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(pub), threads=1)
+    settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(pub), threads=client_threads)
     write_json_atomic(job_dir / "federation.json", {"config": cfg.to_run_config(), "clients": clients, "shards": shards,
                                                     "client_settings": settings.__dict__})
     registry.close()

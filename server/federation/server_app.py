@@ -59,6 +59,7 @@ def train_config(cfg: FederationConfig) -> dict:
         "block-size": cfg.block_size,
         "scheme": cfg.scheme,
         "seed": cfg.seed,
+        "eval-fraction": cfg.eval_fraction,
         "norm-bound": cfg.norm_bound,
     }
 
