@@ -29,6 +29,8 @@ from datetime import datetime, timedelta
 import grpc
 
 from .artifacts import ArtifactNotFound, InvalidDigest
+from .hooks import HookUnavailable
+from .operations import ShuttingDown
 from .registry import ROLES, Conflict, NotFound, Registry, utcnow
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,10 @@ class _AuthError(Exception):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code for an exception raised inside a service, or None if unexpected."""
+    if isinstance(exc, ShuttingDown):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, HookUnavailable):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; install that part of Offsite or configure another hook"
     if isinstance(exc, (NotFound, ArtifactNotFound)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Conflict):

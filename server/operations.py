@@ -31,6 +31,10 @@ class OperationCancelled(Exception):
     """Raised inside work when its operation was cancelled."""
 
 
+class ShuttingDown(RuntimeError):
+    """No new operations: the server is stopping."""
+
+
 @dataclass
 class OperationResult:
     resource: str = ""
@@ -95,7 +99,7 @@ class OperationManager:
     def start(self, kind: str, work: Callable[[OperationContext], OperationResult | None],
               created_by: str = "", on_finish: Callable[[OperationRow], None] | None = None) -> OperationRow:
         if self._closing:
-            raise RuntimeError("the server is shutting down; start the operation again after it restarts")
+            raise ShuttingDown("the server is shutting down; start the operation again after it restarts")
         row = self.registry.add_operation(kind, created_by=created_by)
         cancel = threading.Event()
         with self._lock:
