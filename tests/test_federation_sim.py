@@ -115,3 +115,12 @@ def test_registry_holds_rounds_events_and_the_candidate(runs):
     assert reg.get_job(job.cfg.job_id).state == "completed"
     kinds = [e.kind for e in reg.job_events(job.cfg.job_id)]
     assert kinds.count("round") == 3 and "release" in kinds
+
+
+def test_a_restart_after_the_release_does_not_make_another(runs):
+    from offsite.server.federation.server_app import FederatedJob
+
+    job, _, second = runs
+    again = FederatedJob(job.cfg, "simulation").run(grid=None, context=None)  # returns before using Flower
+    assert again["release"]["id"] == second["release"]["id"]
+    assert len(Registry(job.cfg.registry_url).list_releases(job_id=job.cfg.job_id)) == 1

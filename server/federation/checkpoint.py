@@ -78,3 +78,9 @@ class JobCheckpoint:
             {"job_id": self.job_id, "last_round": server_round, "adapter": str(path), "rounds": rounds, "extra": extra},
         )
         return path
+
+    def mark_released(self, release: dict) -> None:
+        """Record the candidate release in the state file, so a restart does not make another."""
+        state = self.load() or {"job_id": self.job_id, "last_round": 0, "rounds": [], "extra": {}}
+        state["release"] = release
+        write_json_atomic(self.state_path, state)

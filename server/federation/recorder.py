@@ -66,6 +66,13 @@ class JobRecorder:
         self.job["release"] = release
         self.job["status"] = "completed"
         self.job["finished_at"] = time.time()
+        try:
+            from .report import plot_rounds
+
+            figure = plot_rounds(self.job, self.path.parent / "report.png")
+            self.job["report_png"] = str(figure) if figure else None
+        except Exception as e:  # noqa: BLE001 - a missing plot must not fail a finished job
+            log.warning("job %s: could not plot the report: %s", self.cfg.job_id, e)
         self._write()
         if self.registry:
             self.registry.job_finished(self.cfg.job_id, "completed", "")
@@ -75,7 +82,10 @@ class JobRecorder:
         self.job["error"] = error
         self._write()
         if self.registry:
-            self.registry.job_finished(self.cfg.job_id, "failed", error)
+            try:
+                self.registry.job_finished(self.cfg.job_id, "failed", error)
+            except Exception as e:  # noqa: BLE001 - the job's own error is the one to raise
+                log.warning("could not mark job %s failed in the registry: %s", self.cfg.job_id, e)
 
     def _write(self) -> None:
         write_json_atomic(self.path, self.job)

@@ -14,9 +14,9 @@ same loop, so checkpoints, metrics and resume work the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-import timeit
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
@@ -30,7 +30,7 @@ from flwr.supercore.privacy_accounting import (
 )
 
 from .arrays import numpy_to_record, record_nbytes, record_to_numpy
-from .checkpoint import JobCheckpoint
+from .checkpoint import JOB_FILE, JobCheckpoint
 from .config import FederationConfig
 from .evaluate import PluginEvaluator
 from .recorder import JobRecorder
@@ -98,6 +98,9 @@ class FederatedJob:
         cfg = self.cfg
         try:
             saved = self.checkpoint.load()
+            if saved and saved.get("release"):
+                # Already finished (a restart after the release): never create a second candidate.
+                return json.loads((self.checkpoint.dir / JOB_FILE).read_text())
             if saved and saved["last_round"] >= 1:
                 start = saved["last_round"] + 1
                 global_arrays = self.checkpoint.load_adapter(saved["last_round"])
@@ -158,6 +161,7 @@ class FederatedJob:
                 candidate_dir=cfg.candidate_dir, artifacts_root=cfg.artifacts_root,
             )
             self.recorder.release(release)
+            self.checkpoint.mark_released(release)
             return self.recorder.job
         except BaseException as e:
             self.recorder.failed(f"{type(e).__name__}: {e}")
@@ -223,10 +227,11 @@ class FederatedJob:
         new_global = record_to_numpy(arrays)
         t3 = time.perf_counter()
         if self.accountant is not None and report.clients:
-            n_sampled, k = sent, len(report.clients)
+            n_sampled, k = strategy.num_sampled_clients, min(len(report.clients), strategy.num_sampled_clients)
             # Noise is calibrated to n sampled clients; averaging k < n replies raises each one's
             # sensitivity to C/k, i.e. an effective noise multiplier of z * k / n.
-            self.accountant.compose(GaussianPrivacyEvent(cfg.dp_noise_multiplier * k / n_sampled, n_sampled, self.accountant.config.population_size))
+            population = self.accountant.config.population_size
+            self.accountant.compose(GaussianPrivacyEvent(cfg.dp_noise_multiplier * k / n_sampled, min(sent, population), population))
         return new_global, {
             "round": server_round,
             "sampled": sent,
