@@ -172,3 +172,19 @@ def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
     bundle = load_bundle(out, keys[1])
     with torch.no_grad():
         assert torch.isfinite(bundle.model(torch.randint(0, 256, (1, 16))).logits).all()
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
+    args = ["demo", "--work-dir", tmp_path / "demo", "--model", "tiny-llama", "--quantize", "int4", "--no-awq",
+            "--steps", "2", "--block-size", "64", "--eval-blocks", "4", "--no-export", "--json"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(res["ppl"]) == {"full_zero_shot", "emulator_zero_shot", "emulator_finetuned", "plugin"}
+    assert all(v > 1 for v in res["ppl"].values())
+    assert (tmp_path / "demo" / "keys" / "signing.key").exists() and (tmp_path / "demo" / "adapter.safetensors").exists()
+    created = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())["created_at"]
+    again = json.loads(invoke(*args).stdout.strip().splitlines()[-1])
+    assert again["training"] == {"reused": True}
+    assert json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())["created_at"] == created
+    assert again["ppl"]["plugin"] == pytest.approx(res["ppl"]["plugin"])

@@ -163,6 +163,15 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
 
     def ppl(model, what: str) -> float:
         t0 = time.time()
+        if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+            # QuantLinear unpacks its codes in every forward; plain Linears holding the same
+            # dequantized values compute the same function, faster, for evaluation only.
+            import copy
+
+            from offsite.emulators.quantize import dequantize_module
+
+            model = copy.deepcopy(model)
+            dequantize_module(model)
         value = perplexity(model, heldout, batch_size=cfg.batch_size)
         log(f"    {what}: held-out ppl {value:.2f} ({time.time() - t0:.0f} s)")
         return value
@@ -193,6 +202,9 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         if train_adapter is not None:
             tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, block_size=cfg.block_size, seed=cfg.seed,
                                checkpoint_dir=str(work_dir / "train-ckpt"), checkpoint_every=10)
+            if hasattr(tcfg, "eval_batches") and cfg.eval_blocks:
+                # The engine's own validation (its slice of the client's data) at the demo's scale.
+                tcfg.eval_batches = max(1, cfg.eval_blocks // cfg.batch_size)
             result = train_adapter(bundle, train_examples, tcfg, progress=True)
             # The engine may leave frozen weights in a lower precision; evaluate a fresh fp32 copy.
             bundle = load_bundle(bundle_dir, pub_path)
