@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import typer
@@ -108,7 +107,7 @@ def run(
     workers: int = typer.Option(0, "--workers", help="simulation: clients trained in parallel (default: min(2, CPUs))"),
     superlink: str = typer.Option("offsite", "--superlink", help="deployment: SuperLink connection name in FLWR_HOME/config.toml"),
     flwr_home: str = typer.Option("", "--flwr-home", help="deployment: the FLWR_HOME that deploy/local wrote (default DATA_DIR/flwr-home)"),
-    app_dir: str = typer.Option("", "--app-dir", help="deployment: the Flower app directory (default deploy/flower-app)"),
+    app_dir: str = typer.Option("", "--app-dir", help="deployment: the Flower app directory (default DATA_DIR/flower-app, generated)"),
     json_out: bool = typer.Option(False, "--json", help="print the job (rounds with clients and plugin_ppl, release with status) as JSON"),
 ) -> None:
     """Run a federated job end to end: rounds, per-round metrics, a candidate release (pending-gate).
@@ -116,7 +115,7 @@ def run(
     Example: offsite-admin job run --engine simulation --model tiny-llama --clients 3 --rounds 2 --data-dir state --json
     """
     from offsite.server.federation.config import FederationConfigError
-    from offsite.server.federation.job_runner import JobSetupError, default_app_dir, prepare_local_job, quiet_flower
+    from offsite.server.federation.job_runner import JobSetupError, prepare_local_job, quiet_flower
 
     quiet_flower()
     if engine not in ("simulation", "deployment"):
@@ -131,7 +130,7 @@ def run(
         job_obj = prepare_local_job(data_dir, model, clients, rounds, corpus=corpus, bundle=bundle or None,
                                     public_key=public_key or None, build=build, engine=engine, progress=not json_out, **options)
         if engine == "deployment":
-            app_dir = app_dir or default_app_dir()
+            app_dir = app_dir or str(Path(data_dir).resolve() / "flower-app")
             flwr_home = flwr_home or str(Path(data_dir).resolve() / "flwr-home")
         if json_out:
             logging.getLogger("flwr").setLevel(logging.WARNING)

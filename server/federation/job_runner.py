@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,15 +288,5 @@ def run_job(ctx) -> None:
     else:
         from .deployment import submit_run
 
-        submit_run(cfg, options.get("app_dir") or default_app_dir(), options.get("superlink", "offsite"),
+        submit_run(cfg, options.get("app_dir") or str(Path(ctx.data_dir) / "flower-app"), options.get("superlink", "offsite"),
                    options.get("flwr_home") or str(Path(ctx.data_dir) / "flwr-home"), wait=True)
-
-
-def default_app_dir() -> str:
-    """The Flower app directory shipped in deploy/flower-app (code and config only, no weights)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "deploy" / "flower-app"
-        if (candidate / "pyproject.toml").exists():
-            return str(candidate)
-    raise JobSetupError("deploy/flower-app is not found next to this installation; pass --app-dir")

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
-from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.app_utils import start_update_client_manager_thread

@@ -29,7 +29,7 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from .arrays import numpy_to_record, record_nbytes, record_to_numpy
+from .arrays import numpy_to_record, record_to_numpy
 from .checkpoint import JOB_FILE, JobCheckpoint
 from .config import FederationConfig
 from .evaluate import PluginEvaluator
