@@ -406,12 +406,15 @@ class Registry:
             stmt = stmt.where(JobRow.id.in_(job_ids))
         return self._list(stmt, limit)
 
-    def update_job(self, job_id: str, **fields: Any) -> JobRow:
-        """Set job fields; a state change is also appended to the job's events."""
+    def update_job(self, job_id: str, expect_state: tuple[str, ...] | None = None, **fields: Any) -> JobRow:
+        """Set job fields; a state change is also appended to the job's events. With
+        `expect_state`, only from one of those states (checked in the transaction)."""
         with self.session() as s:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
+            if expect_state is not None and row.state not in expect_state:
+                raise Conflict(f"job {job_id} is {row.state!r}; this needs one of {list(expect_state)}")
             old_state = row.state
             for k, v in fields.items():
                 if not hasattr(JobRow, k):

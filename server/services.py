@@ -39,7 +39,7 @@ from offsite.protos.v1 import (
 from . import convert
 from .artifacts import BlobWriter, check_sha256
 from .auth import ADMIN, DATA_OWNER, Principal, current_principal
-from .hooks import HookUnavailable, JobRunContext, load_hook
+from .hooks import JobRunContext, load_hook
 from .operations import OperationCancelled, OperationContext, OperationResult
 from .registry import RELEASE_STATUSES, Conflict, NotFound, utcnow
 from .state import NAME_RE, ServerState
@@ -438,21 +438,22 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
 
     async def StartJob(self, request, context):
         job = self.s.registry.get_job(_require(request.id, "id"))
-        if job.state == "running":
-            raise Conflict(f"job {job.id} is already running (operation {job.operation_id})")
         if job.state == "completed":
             raise Conflict(f"job {job.id} has completed; create a new job to train again")
-        try:
-            runner = load_hook(self.s.config.job_runner)
-        except HookUnavailable as e:
-            raise Conflict(f"no job runner is installed ({e}); start the server with --job-runner module:function")
+        runner = load_hook(self.s.config.job_runner)
         s = self.s
         emulator = s.registry.get_emulator(job.emulator_id)
         model = s.registry.get_model(job.model_id)
         job_id = job.id
+        # Claim the job first (one transaction), so two StartJob calls cannot both run it.
+        previous = job.state
+        try:
+            s.registry.update_job(job_id, expect_state=("created", "failed", "cancelled"), state="running", error="")
+        except Conflict:
+            raise Conflict(f"job {job_id} is already running (operation {s.registry.get_job(job_id).operation_id})")
 
         def work(ctx: OperationContext) -> OperationResult:
-            job_row = s.registry.update_job(job_id, state="running", operation_id=ctx.op_id, error="")
+            job_row = s.registry.get_job(job_id)
             work_dir = s.work_dir / job_id
             work_dir.mkdir(exist_ok=True)
             run_ctx = JobRunContext(job=job_row, emulator=emulator, model=model, registry=s.registry, store=s.store,
@@ -473,7 +474,11 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
                                    result={"job_id": job_id, "release_id": final.release_id,
                                            "rounds": final.current_round})
 
-        row = s.ops.start("job-run", work, created_by=current_principal().name)
+        try:
+            row = s.ops.start("job-run", work, created_by=current_principal().name)
+        except BaseException:
+            s.registry.update_job(job_id, state=previous)
+            raise
         s.registry.update_job(job_id, operation_id=row.id)
         return convert.operation(row)
 
