@@ -309,6 +309,7 @@ def write_bundle(
                 "n_layers": plan.n_layers,
                 "fp32_bytes": base_model_bytes,
             },
+            "config": json.loads((staging / CONFIG).read_text()),
             "plan": plan.to_dict(),
             "blocks": blocks_meta,
             "quantization": {

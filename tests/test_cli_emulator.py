@@ -188,3 +188,17 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
     assert again["training"] == {"reused": True}
     assert json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())["created_at"] == created
     assert again["ppl"]["plugin"] == pytest.approx(res["ppl"]["plugin"])
+
+
+def test_mixed_precision_per_block(tmp_path, keys, corpus):
+    out = tmp_path / "mixed"
+    r = invoke("emulator", "build", "--model", "tiny-llama", "--quantize", "int4", "--block-bits", "3:2,4:8,5:0",
+               "--corpus", corpus, "--block-size", "64", "--signing-key", keys[0], "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    bits = {b["origin"]: (b["quantization"] or {}).get("bits") for b in manifest["blocks"]}
+    assert bits == {0: None, 1: None, 2: 4, 3: 2, 4: 8, 5: None, 6: None, 7: None}
+    assert manifest["quantization"]["middle"] == "mixed"
+    assert manifest["config"]["num_hidden_layers"] == 8
+    bundle = load_bundle(out, keys[1])
+    assert bundle.block_quant[3]["bits"] == 2

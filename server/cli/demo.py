@@ -109,7 +109,8 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
     from offsite.emulators.plugin import export_model_dir, plug_in
     from offsite.emulators.signing import generate_signing_key
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins (shared machines)
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.time()
     timings: dict[str, float] = {}
     work_dir.mkdir(parents=True, exist_ok=True)

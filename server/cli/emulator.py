@@ -37,6 +37,16 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise typer.BadParameter(f"{what} must be comma-separated integers, e.g. 2,2; got {text!r}") from None
 
 
+def _block_bits(text: str | None) -> dict[int, int] | None:
+    if not text:
+        return None
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(block): int(bits) for block, bits in pairs}
+    except ValueError:
+        raise typer.BadParameter(f"--block-bits must look like 10:2,11:2 (original block:bits); got {text!r}") from None
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "-"
@@ -57,6 +67,7 @@ def build(
     quantize: str = typer.Option("none", "--quantize", help="weight storage of the middle blocks: none|int8|int4|int3|int2"),
     awq: bool = typer.Option(False, "--awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"),
     group_size: int = typer.Option(64, "--group-size", help="input channels per quantization group (int4/int3/int2)"),
+    block_bits: str | None = typer.Option(None, "--block-bits", help="mixed precision: original block:bits pairs overriding --quantize, e.g. 10:2,11:2,20:8 (0 = fp32)"),
     embeddings: str = typer.Option("auto", "--embeddings", help="storage of the embedding/LM head: auto (int8 rows when quantized)|fp32|int8|int4|int3|int2"),
     corpus: str = typer.Option("python-reference", "--corpus", help="python-reference, or a JSONL/text file or directory"),
     block_size: int = typer.Option(256, "--block-size", help="tokens per training block"),
@@ -80,6 +91,7 @@ def build(
         model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
         distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
         seed=seed, kept=_int_list(kept, "--kept"), group_size=group_size, embeddings=embeddings,
+        block_bits=_block_bits(block_bits),
     )
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
