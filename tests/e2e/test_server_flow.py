@@ -194,7 +194,9 @@ def test_eval_schedules(server):
 
 def test_cancel_a_running_job(server):
     admin = open_channel(server.address, server.admin_token)
-    emu = models_pb2_grpc.EmulatorsStub(admin).ListEmulators(models_pb2.ListEmulatorsRequest()).emulators[0]
+    reg = server.server.state.registry
+    model = reg.add_model("hang-model", "tiny-opt")
+    emu = reg.add_emulator(model.id, "0" * 64, {}, {})  # the hanging runner never opens the bundle
     jobs = jobs_pb2_grpc.JobsStub(admin)
     from offsite.server.convert import struct
 
