@@ -37,6 +37,7 @@ from offsite.protos.v1 import (
 from offsite.server.app import ServerThread
 from offsite.server.hooks import JobRunContext
 from offsite.server.state import ServerConfig
+from offsite.server.testing import tiny_bundle
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ def fake_job_runner(ctx: JobRunContext) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cfg = ServerConfig(data_dir=tmp_path_factory.mktemp("srv"), port=0, job_runner=fake_job_runner,
-                       eval_runner=fake_eval_runner)
+                       eval_runner=fake_eval_runner, signing_key=tiny_bundle().signing_key)
     s = ServerThread(cfg).start()
     yield s
     s.stop()
@@ -219,7 +220,11 @@ def test_tampered_bundles_are_refused(server, tmp_path):
     """Changed bytes fail the digest; a re-packed bundle with a changed file fails the signature."""
     state = server.server.state
     admin = open_channel(server.address, server.admin_token)
-    emu = models_pb2_grpc.EmulatorsStub(admin).ListEmulators(models_pb2.ListEmulatorsRequest()).emulators[0]
+    model = state.registry.add_model("tamper-base", "tiny-llama")
+    sha = state.store.put_file(tiny_bundle().tar_path)
+    state.registry.add_artifact(sha, state.store.size(sha), "bundle", "tiny.tar")
+    emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
+        models_pb2.RegisterEmulatorRequest(model=model.id, bundle_sha256=sha))
     good_tar = state.store.path(emu.bundle.sha256)
 
     # 1. A re-packed bundle whose config.json was edited (a compromised store or server).
