@@ -284,6 +284,8 @@ def write_bundle(
         for pos, origin in enumerate(plan.layer_origin):
             prefix = family.block_prefix(pos)
             nbytes = sum(t.numel() * t.element_size() for n, t in state.items() if n.startswith(prefix))
+            if plan.role(pos) == "adapter":  # as stored (fp16 halves it), not as trained
+                nbytes = nbytes * torch.tensor([], dtype=store).element_size() // 4
             q = block_quant.get(pos)
             blocks_meta.append({
                 "position": pos,
