@@ -9,7 +9,7 @@ import typer
 
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .remote import CONNECTION, JsonOpt, call, console, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
+from .remote import CONNECTION, JsonOpt, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="Register and list base models on the server.")
 bundles_app = typer.Typer(no_args_is_help=True, help="Build, upload and list emulator bundles on the server.")
