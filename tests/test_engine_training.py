@@ -113,6 +113,9 @@ def test_bf16_run_leaves_untouched_adapter_weights_bit_identical_and_loss_falls(
         if k.startswith(("model.layers.0.", "model.layers.1.")):
             assert torch.equal(v, before[k]), k
     assert r.metrics["loss_last_avg"] < r.metrics["loss_first"]
+    # the caller gets a model in its own dtypes back: a plain fp32 forward works
+    assert {p.dtype for p in target.model.parameters()} == {torch.float32}
+    target.model(input_ids=_batch()[0])
     for key in ("scheme", "examples", "tokens", "loss_first", "loss_last", "eval_ppl_before", "eval_ppl_after",
                 "peak_rss_mb", "tokens_per_s", "trainable_params", "num_examples"):
         assert r.metrics[key] is not None, key

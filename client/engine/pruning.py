@@ -47,11 +47,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int], dtype: torch.dtype) -> int:
-    """Cast frozen floating parameters outside `keep_blocks` to `dtype`; returns bytes saved."""
+def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int], dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """Cast frozen floating parameters outside `keep_blocks` to `dtype`; returns what to undo."""
     if dtype == torch.float32:
-        return 0
-    saved = 0
+        return []
+    changed: list[tuple[nn.Parameter, torch.dtype]] = []
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen or param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
@@ -59,20 +59,27 @@ def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int
         seen.add(id(param))
         if family.block_index(name) in keep_blocks:
             continue
-        before = param.numel() * param.element_size()
+        changed.append((param, param.dtype))
         param.data = param.data.to(dtype)  # tied weights share the Parameter: cast once
-        saved += before - param.numel() * param.element_size()
-    return saved
+    return changed
 
 
-def quant_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
-    """Let QuantLinear modules dequantize straight into the compute dtype (no fp32 detour)."""
-    count = 0
+@torch.no_grad()
+def undo_frozen_weights(changed: list[tuple[nn.Parameter, torch.dtype]]) -> None:
+    """Give the caller back a model in its own dtypes (values keep the compute dtype's rounding)."""
+    for param, dtype in changed:
+        param.data = param.data.to(dtype)
+
+
+def quant_compute_dtype(model: nn.Module, dtype: torch.dtype) -> dict[nn.Module, torch.dtype]:
+    """Let QuantLinear modules dequantize straight into the compute dtype (no fp32 detour);
+    returns the previous settings."""
+    previous = {}
     for m in model.modules():
         if type(m).__name__ == "QuantLinear" and hasattr(m, "compute_dtype"):
+            previous[m] = m.compute_dtype
             m.compute_dtype = dtype
-            count += 1
-    return count
+    return previous
 
 
 @torch.no_grad()

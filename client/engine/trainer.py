@@ -34,6 +34,7 @@ from .pruning import (
     restore_adapter_fp32,
     store_frozen_adapter_fp16,
     store_frozen_weights,
+    undo_frozen_weights,
 )
 from .schemes import AppliedScheme, apply_scheme, parse_scheme
 
@@ -246,8 +247,8 @@ def train_model(
                 f"{resume_from} was written by a run with other settings or data; use another --checkpoint-dir "
                 "(or delete it) to start afresh, or resume with the same settings and data")
 
-    store_frozen_weights(model, family, target.trainable_blocks, dtype)
-    quant_compute_dtype(model, dtype)
+    cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
+    quant_before = quant_compute_dtype(model, dtype)
     release_free_memory()  # loading and tokenizing leave freed pages behind; the budget sees RSS
     choice = None
     if resumed:
@@ -334,6 +335,10 @@ def train_model(
     applied.finalize()
     eval_after = eval_ppl(model, data.heldout, cfg, device, dtype)
     adapter = export_adapter(target)
+    # the caller (e.g. a Flower client evaluating without autocast) gets its dtypes back
+    undo_frozen_weights(cast_back)
+    for module, previous in quant_before.items():
+        module.compute_dtype = previous
     losses = state["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     metrics = {
