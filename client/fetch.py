@@ -115,11 +115,23 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
         server=server, job_id=resp.job_id, data_owner=resp.data_owner, bundle_sha256=resp.bundle.sha256,
         bundle_size=resp.bundle.size, public_key_path=str(pub_path), federation_address=resp.federation_address,
         emulator_id=resp.emulator_id, base_model_digest=resp.base_model_digest,
-        train_config=MessageToDict(resp.train_config), federation=MessageToDict(resp.federation),
+        train_config=_whole_numbers(MessageToDict(resp.train_config)),
+        federation=_whole_numbers(MessageToDict(resp.federation)),
         ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
         client_key=str(client_key) if client_key else None)
     _write_private(_job_file(home, job_id), json.dumps({**asdict(enrollment), "token": token}, indent=2))
     return enrollment
+
+
+def _whole_numbers(value):
+    # protobuf Struct keeps every number as a double; `steps: 20.0` must come back as 20.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def load_enrollment(job_id: str | None = None, home: Path | None = None) -> tuple[Enrollment, str]:

@@ -53,9 +53,21 @@ def struct(data: Any) -> struct_pb2.Struct:
 
 
 def from_struct(value: struct_pb2.Struct) -> dict:
+    """A Struct as a dict; whole numbers come back as ints (Struct keeps every number as a
+    double, and `steps: 20.0` must not reach code that does `range(steps)`)."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(value) if value is not None else {}
+    return _whole_numbers_as_int(MessageToDict(value)) if value is not None else {}
+
+
+def _whole_numbers_as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(v) for v in value]
+    return value
 
 
 def artifact_ref(reg: r.Registry, sha: str, kind: str = "") -> common_pb2.ArtifactRef | None:

@@ -112,9 +112,13 @@ def test_full_path(server, tmp_path):
     assert emu.bundle.size > 0 and emu.manifest["base_model"]["digest"] == model.digest
 
     jobs = jobs_pb2_grpc.JobsStub(admin)
-    job = jobs.CreateJob(jobs_pb2.CreateJobRequest(name="py", spec=jobs_pb2.JobSpec(emulator_id=emu_id, rounds=2,
-                                                                                      min_clients=1)))
+    from offsite.server.convert import struct
+
+    job = jobs.CreateJob(jobs_pb2.CreateJobRequest(name="py", spec=jobs_pb2.JobSpec(
+        emulator_id=emu_id, rounds=2, min_clients=1, train_config=struct({"steps": 20, "lr": 1e-4}))))
     assert job.state == jobs_pb2.JOB_STATE_CREATED
+    # Runners get Python ints back for whole numbers (a Struct stores doubles).
+    assert server.server.state.registry.get_job(job.id).spec["train_config"] == {"steps": 20, "lr": 1e-4}
     tok = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="alice", role="data-owner",
                                                                                   jobs=[job.id]))
 
@@ -122,6 +126,7 @@ def test_full_path(server, tmp_path):
     home, cache = tmp_path / "home", tmp_path / "cache"
     enrollment = enroll(server.address, tok.secret, job.id, home=home)
     assert enrollment.bundle_sha256 == emu.bundle.sha256 and Path(enrollment.public_key_path).is_file()
+    assert enrollment.train_config == {"steps": 20, "lr": 1e-4} and isinstance(enrollment.train_config["steps"], int)
     first = fetch_bundle(enrollment, tok.secret, cache_dir=cache)
     assert not first.cached and first.downloaded == emu.bundle.size
     assert (first.path / "manifest.json").is_file()

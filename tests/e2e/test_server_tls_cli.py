@@ -74,7 +74,7 @@ def test_admin_and_client_cli(pki, tmp_path):
                       "--json", env=env)
         assert r.returncode == 0, r.stderr
         job = json.loads(r.stdout)
-        assert job["spec"]["train_config"] == {"steps": 3.0}
+        assert job["spec"]["train_config"] == {"steps": 3.0}  # JSON of a Struct: numbers are doubles
         r = admin_cli("tokens", "create", "--role", "data-owner", "--name", "alice", "--job", job["id"], "--json", env=env)
         secret = json.loads(r.stdout)["secret"]
         # A partner may not list tokens: a clear error and a non-zero exit.
