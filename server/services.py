@@ -469,7 +469,11 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             except Exception as e:
                 s.registry.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}"[:2000])
                 raise
-            final = s.registry.update_job(job_id, state="completed")
+            final = s.registry.get_job(job_id)
+            if final.state == "running":  # a runner may have recorded its own end state already
+                final = s.registry.update_job(job_id, state="completed")
+            if final.state in ("failed", "cancelled"):
+                raise RuntimeError(f"the job runner ended the job as {final.state}: {final.error}")
             return OperationResult(resource=f"jobs/{job_id}",
                                    result={"job_id": job_id, "release_id": final.release_id,
                                            "rounds": final.current_round})
