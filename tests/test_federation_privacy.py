@@ -1,10 +1,11 @@
 """Robustness and privacy options of the federation.
 
 - update-norm bound: one poisoned client cannot swamp a round (Flower messages, no Ray);
-- the same 3-client round three ways through the Simulation Engine: plain FedAvg,
-  SecAgg+ (the securely summed result, mapped back to names, matches plain FedAvg up to
-  quantisation), and DP (clients clip, the server adds calibrated Gaussian noise and
-  reports epsilon from Flower's RDP accountant).
+- a 3-client round through the Simulation Engine with SecAgg+: the securely summed result,
+  mapped back to names, matches the example-weighted mean of the same three clients'
+  adapters (trained here, in-process, with the same seeds) up to quantisation;
+- the same round with DP: clients clip, the server adds calibrated Gaussian noise and
+  reports epsilon from Flower's RDP accountant.
 """
 
 from __future__ import annotations
@@ -86,14 +87,13 @@ pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def three_ways(tmp_path_factory):
+def two_ways(tmp_path_factory):
     from offsite.server.federation.job_runner import prepare_local_job, run_simulation_job
 
     data_dir = tmp_path_factory.mktemp("privacy")
     common = dict(clients=3, rounds=1, local_steps=2, batch_size=2, block_size=128, heldout_limit=2, min_clients=3)
     out = {}
     for name, extra in {
-        "plain": {},
         "secagg": {"secagg": True},
         "dp": {"dp_noise_multiplier": 1.0, "dp_clipping_norm": 0.02, "dp_population": 3},
     }.items():
@@ -113,18 +113,37 @@ def _initial(job):
     return {k: v.numpy() for k, v in load_bundle(job.cfg.bundle, job.cfg.public_key).adapter_state().items()}
 
 
-def test_secagg_round_matches_plain_fedavg(three_ways):
-    (_, plain), (_, sec) = three_ways["plain"], three_ways["secagg"]
+def _plain_fedavg(job):
+    """The example-weighted mean of the three clients' round-1 adapters, trained in this process."""
+    import torch
+    from flwr.app import ConfigRecord as _Cfg
+
+    from offsite.client.flower_app import train_local
+    from offsite.server.federation.server_app import train_config
+
+    cfg = _Cfg({**train_config(job.cfg), "server-round": 1})
+    initial = {k: torch.from_numpy(v) for k, v in _initial(job).items()}
+    states, weights = [], []
+    for i in range(job.clients):
+        state, metrics = train_local(dict(initial), cfg, job.settings.resolved({"partition-id": i}))
+        states.append({k: v.numpy().astype(np.float64) for k, v in state.items()})
+        weights.append(metrics["num-examples"])
+    total = float(sum(weights))
+    return {k: sum(w / total * s[k] for w, s in zip(weights, states)) for k in states[0]}
+
+
+def test_secagg_round_matches_plain_fedavg(two_ways):
+    job, sec = two_ways["secagg"]
     assert sec["status"] == "completed" and sec["release"]["status"] == "pending-gate"
     assert sec["rounds"][0]["secagg"] and len(sec["rounds"][0]["clients"]) == 3
-    a, b = _final(plain), _final(sec)
-    assert set(a) == set(b)  # names came back from SecAgg+'s unnamed arrays
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    expected, got = _plain_fedavg(job), _final(sec)
+    assert set(expected) == set(got)  # names came back from SecAgg+'s unnamed arrays
+    worst = max(float(np.abs(expected[k] - got[k]).max()) for k in expected)
     assert worst < 1e-4, f"SecAgg+ result differs from FedAvg by {worst}"
 
 
-def test_dp_clips_adds_noise_and_reports_epsilon(three_ways):
-    job, dp = three_ways["dp"]
+def test_dp_clips_adds_noise_and_reports_epsilon(two_ways):
+    job, dp = two_ways["dp"]
     r = dp["rounds"][0]
     assert all(c["update_norm"] <= 0.02 * (1 + 1e-4) for c in r["clients"])  # clipped by fixedclipping_mod
     eps = dp["privacy"]["epsilon"]

@@ -281,12 +281,26 @@ def run_job(ctx) -> None:
         min_clients=int(spec.get("min_clients", 2)), fraction=float(spec.get("fraction", 1.0)), heldout=heldout,
         registry_url=ctx.registry.url, artifacts_root=str(ctx.store.root), **extra,
     )
+    def on_round(record: dict) -> None:
+        ctx.progress(record["round"] / cfg.rounds, f"round {record['round']}/{cfg.rounds}: {len(record['clients'])} clients")
+        ctx.op.check_cancelled()  # raises inside the ServerApp: the job stops after a persisted round
+
     if engine == "simulation":
         template = data_template(corpus, clients, job_dir)
         settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(ctx.public_key_path))
-        run_simulation_job(LocalJob(cfg, clients, settings, Path(ctx.data_dir), shards))
+        job = run_simulation_job(LocalJob(cfg, clients, settings, Path(ctx.data_dir), shards), on_round=on_round)
     else:
-        from .deployment import submit_run
+        from .deployment import flwr, submit_run
 
-        submit_run(cfg, options.get("app_dir") or str(Path(ctx.data_dir) / "flower-app"), options.get("superlink", "offsite"),
-                   options.get("flwr_home") or str(Path(ctx.data_dir) / "flwr-home"), wait=True)
+        flwr_home = options.get("flwr_home") or str(Path(ctx.data_dir) / "flwr-home")
+        superlink = options.get("superlink", "offsite")
+        try:
+            job = submit_run(cfg, options.get("app_dir") or str(Path(ctx.data_dir) / "flower-app"), superlink, flwr_home,
+                             wait=True, on_round=on_round)
+        except BaseException:
+            run_id = json.loads((job_dir / "flower-run.json").read_text()).get("run-id") if (job_dir / "flower-run.json").exists() else None
+            if run_id:  # do not leave the Flower run going when the operation is cancelled or fails
+                flwr(["stop", str(run_id), superlink], flwr_home, check=False)
+            raise
+    if job.get("status") != "completed":
+        raise RuntimeError(f"job {cfg.job_id} {job.get('status')}: {job.get('error', '')}")
