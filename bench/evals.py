@@ -105,9 +105,21 @@ def main(argv: list[str] | None = None) -> int:
                    for s in report["suites"] if s["status"] == "completed"},
         "report_dir": str(out),
     }
+    # Per-suite CPU seconds scaled to the full item counts: the estimate of a full run when
+    # --limit was given (model work is linear in items for every method).
+    from offsite.safety_evals.suite import select_suites
+
+    full_items = {s.name: len(s.items()) for s in select_suites(args.suites)}
+    est_cpu = sum(s["timing"]["cpu_s"] * full_items[s["name"]] / max(s["n_items"], 1)
+                  for s in report["suites"] if s.get("timing"))
+    result["full_items"] = full_items
+    result["per_suite_timing"] = {s["name"]: s.get("timing") for s in report["suites"]}
+    result["full_run_cpu_s_estimate"] = round(est_cpu, 1)
+    result["full_run_uncontended_s_estimate"] = round(est_cpu / args.threads, 1)
     rows = [("samples (item x side)", samples), ("wall s", result["wall_s"]), ("cpu s / threads", result["uncontended_estimate_s"]),
             ("samples/s", result["samples_per_s"]), ("model share", result["share_model"]),
             ("grading share", result["share_grading"]), ("peak RSS MB", result["peak_rss_mb"]),
+            ("full run cpu s (est.)", result["full_run_cpu_s_estimate"]),
             ("load avg before/after", f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}")]
     print(f"safety evals on {args.model} (threads={args.threads}, batch={args.batch_size}, limit={args.limit})")
     for k, v in rows:

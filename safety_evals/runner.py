@@ -422,8 +422,10 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
                     bar.advance(tasks[_name], n)
 
             workers = {role: Worker(side, cache, batch_size, timing, tick) for role, side in sides.items()}
+            w0, c0 = time.perf_counter(), time.process_time()
             try:
                 per_side = METHOD_FUNCS[s.method](s, items, workers, timing)
+                record["timing"] = {"wall_s": round(time.perf_counter() - w0, 3), "cpu_s": round(time.process_time() - c0, 3)}
                 t0 = time.perf_counter()
                 scored = score_suite(s.metric, per_side["candidate"], per_side["base"], policy.bootstrap_resamples)
                 record.update(level_suite(scored, policy))
