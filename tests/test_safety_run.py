@@ -195,3 +195,35 @@ def test_cli_eval_run_writes_the_report(tmp_path):
     # a --limit run of one suite can never admit a release under the default policy
     assert summary["gate"]["verdict"] == "block"
     assert {"report.json", "report.html", "report.md", "samples.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+def test_cli_evaluates_a_release_by_id_from_a_server_data_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from offsite.emulators.adapter import save_adapter
+    from offsite.server.artifacts import ArtifactStore
+    from offsite.server.cli.main import app
+    from offsite.server.registry import Registry
+
+    tiny = load_model("tiny-llama")
+    prefix = tiny.family.block_prefix(7)
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items() if k.startswith(prefix)}
+    next(iter(state.values())).mul_(1.01)  # a different candidate, by name, in the last block
+    adapter = save_adapter(tmp_path / "adapter.safetensors", state, tiny.digest)
+    data = tmp_path / "server"
+    data.mkdir()
+    reg = Registry(f"sqlite:///{data / 'registry.db'}")
+    model = reg.add_model("tiny-llama", "tiny-llama")
+    sha = ArtifactStore(data / "artifacts").put_file(adapter)
+    release = reg.create_release("job_x", model.id, sha)
+    reg.close()
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["eval", "run", "--candidate", release.id, "--data-dir", str(data), "--suites",
+                                      "over_refusal", "--limit", "2", "--threads", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["candidate"].startswith("adapter:") and summary["base"] == "tiny-llama"
+    report = json.loads((out / "report.json").read_text())
+    assert report["candidate"]["digest"] != report["base"]["digest"]
+    missing = CliRunner().invoke(app, ["eval", "run", "--candidate", release.id, "--out", str(out)])
+    assert missing.exit_code == 2 and "--data-dir" in missing.output

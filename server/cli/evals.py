@@ -28,8 +28,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command("run")
 def run(
-    candidate: str = typer.Option(..., "--candidate", help="model name, HF model directory, or adapter:PATH (plugged into --base)"),
-    base: str = typer.Option("smollm2-135m", "--base", help="the base model the candidate is compared with"),
+    candidate: str = typer.Option(..., "--candidate", help="model name, HF model directory, adapter:PATH (plugged into --base), or a release id rel_... (with --data-dir)"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model the candidate is compared with (default: the release's base, else smollm2-135m)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="a server data directory, to evaluate a release by id offline"),
     suites: Optional[list[str]] = typer.Option(None, "--suites", "--suite", help="suite or category names, or YAML paths (repeatable; default: all)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="items per suite, for a quick look (the default policy then blocks)"),
     out: Path = typer.Option(..., "--out", help="report directory (report.json/html/md, samples.jsonl, cache/)"),
@@ -54,9 +55,13 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     try:
-        report = run_eval(candidate, base, suites or None, limit, out, progress=not json_out and sys.stderr.isatty(),
-                          policy_path=policy, cache_dir=cache_dir, batch_size=batch_size)
-    except (ModelNotFoundError, PolicyError, SuiteError, EvalError, FileNotFoundError, ValueError) as e:
+        if candidate.startswith("rel_"):
+            candidate, release_base = _release_candidate(candidate, data_dir)
+            base = base or release_base
+        report = run_eval(candidate, base or "smollm2-135m", suites or None, limit, out,
+                          progress=not json_out and sys.stderr.isatty(), policy_path=policy, cache_dir=cache_dir,
+                          batch_size=batch_size)
+    except (ModelNotFoundError, PolicyError, SuiteError, EvalError, FileNotFoundError, ValueError, LookupError) as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
         _fail(str(e) or "interrupted", 130)
@@ -67,6 +72,31 @@ def run(
         _print_summary(report, out)
     if fail_on_block and report["gate"]["verdict"] != "pass":
         raise typer.Exit(3)
+
+
+def _release_candidate(release_id: str, data_dir: Path | None) -> tuple[str, str]:
+    """(adapter:PATH, base model source) of a release in a server's registry and artifact store."""
+    if data_dir is None:
+        raise ValueError(f"{release_id} is a release id: pass --data-dir SERVER_DATA_DIR (or run "
+                         f"`offsite-admin evals run --candidate {release_id}` against the server)")
+    from offsite.server.artifacts import ArtifactStore
+    from offsite.server.registry import Registry
+    from offsite.server.state import BUILTIN_MODELS
+
+    db = data_dir / "registry.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"{db}: no registry; --data-dir must be the directory `offsite-admin serve` uses")
+    reg = Registry(f"sqlite:///{db}")
+    try:
+        release = reg.get_release(release_id)
+        model = reg.get_model(release.model_id)
+    finally:
+        reg.close()
+    if not release.adapter_sha256:
+        raise ValueError(f"release {release_id} has no adapter artifact")
+    adapter = ArtifactStore(data_dir / "artifacts").path(release.adapter_sha256)
+    source = model.source if model.source in BUILTIN_MODELS else str(data_dir / "models" / model.source)
+    return f"adapter:{adapter}", source
 
 
 def _summary(report: dict, out: Path) -> dict:
