@@ -203,6 +203,40 @@ def measure_latency(address: str, token: str, duration: float, repeats: int) -> 
     return out
 
 
+class _BareIdentity(admin_pb2_grpc.IdentityServicer):
+    async def WhoAmI(self, request, context):
+        return admin_pb2.WhoAmIResponse(name="bare")
+
+
+def _bare_server_process(q) -> None:
+    """The same RPC on a bare grpc.aio server (no auth, no interceptor): the floor of this machine."""
+    async def main() -> None:
+        server = grpc.aio.server()
+        admin_pb2_grpc.add_IdentityServicer_to_server(_BareIdentity(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        q.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def measure_bare_baseline(duration: float, repeats: int) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_bare_server_process, args=(q,), daemon=True)
+    proc.start()
+    address = f"127.0.0.1:{q.get(timeout=30)}"
+    try:
+        runs = [asyncio.run(_latency_run(address, "ofs_unused", 200, duration, 0.1)) for _ in range(repeats)]
+    finally:
+        proc.terminate()
+    runs.sort(key=lambda r: r["p99_ms"])
+    return {**runs[len(runs) // 2], "p99_ms_all_runs": [r["p99_ms"] for r in runs]}
+
+
 # ---- 3. resume ------------------------------------------------------------------------------------------
 def measure_resume(srv: ServerProcess, token: str, sha: str, part: Path) -> dict:
     marks: dict[str, float] = {}
@@ -256,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"server pid {srv.proc.pid} on {srv.address}; artifact {sha[:12]} ({ns.size_mb} MiB)")
             throughput = measure_throughput(srv.address, token, sha, stored, ns.repeats)
             latency = measure_latency(srv.address, token, ns.duration, ns.latency_repeats)
+            latency["bare_grpc_aio_paced_100ms_200_clients"] = measure_bare_baseline(ns.duration, ns.latency_repeats)
             resume = measure_resume(srv, token, sha, tmp / "resume.part")
         finally:
             srv.kill()
@@ -288,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("load", "clients", "calls/s", "p50 ms", "p99 ms", "errors"):
         t.add_column(col)
     for load, rows in latency.items():
-        for r in rows:
+        for r in rows if isinstance(rows, list) else [rows]:
             t.add_row(load, str(r["clients"]), str(r["rps"]), str(r["p50_ms"]), str(r["p99_ms"]), str(r["errors"]))
     console.print(t)
     console.print(f"resume: killed at byte {resume['killed_at_byte']}, server back in {resume['server_restart_s']} s, "
