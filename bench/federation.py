@@ -96,16 +96,16 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, quantize: str
     }
 
 
-def _paragraph_corpus(path: Path, min_chars: int = 200) -> Path:
-    """python-reference cut into paragraphs: thousands of small examples for many clients."""
+def _paragraph_corpus(path: Path, chunk_chars: int = 400) -> Path:
+    """python-reference cut into ~400-character pieces: thousands of small examples for many clients."""
     from pydoc_data.topics import topics
 
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "paragraphs.jsonl", "w") as fh:
         for name in sorted(topics):
-            for para in topics[name].split("\n\n"):
-                if len(para.strip()) >= min_chars:
-                    fh.write(json.dumps({"text": para.strip()}) + "\n")
+            text = topics[name]
+            for i in range(0, len(text) - chunk_chars // 2, chunk_chars):
+                fh.write(json.dumps({"text": text[i : i + chunk_chars]}) + "\n")
     return path
 
 

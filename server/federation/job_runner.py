@@ -84,11 +84,14 @@ def _split_corpus(corpus: str, clients: int, job_dir: Path) -> tuple[list[str], 
     if not path.exists():
         raise JobSetupError(f"--corpus {corpus}: no such file or directory; pass {PYTHON_REFERENCE!r} or a JSONL/text file or directory")
     examples = load_examples(path)
-    if len(examples) < clients + 1:
-        raise JobSetupError(f"--corpus {corpus} has {len(examples)} examples; it needs more than one per client plus a held-out share")
     # Every 10th example is the model owner's held-out set; the rest go round-robin to owners.
     heldout = examples[::10]
     train = [e for i, e in enumerate(examples) if i % 10]
+    if len(train) < clients:
+        raise JobSetupError(
+            f"--corpus {corpus} has {len(examples)} examples, {len(train)} after the held-out tenth; "
+            f"each of the {clients} clients needs at least one: add data or use fewer --clients"
+        )
     shard_dir = job_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     specs = []
