@@ -442,9 +442,13 @@ def _read_manifest(root: Path, public_key_path: str | Path) -> tuple[dict, bytes
             f"{SIGNATURE}: the signature does not match {MANIFEST} under {public_key_path}: "
             f"the manifest was changed or signed with another key.{hint}"
         )
-    manifest = json.loads(manifest_bytes)
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{MANIFEST}: format {manifest.get('format')!r}, this version reads {BUNDLE_FORMAT!r}")
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as e:
+        raise BundleError(f"{MANIFEST}: signed but not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{MANIFEST}: format {found!r}, this version reads {BUNDLE_FORMAT!r}")
     return manifest, manifest_bytes
 
 
@@ -592,6 +596,13 @@ def _make_quant_shells(model: PreTrainedModel, family: Family, block_quant: dict
 
 def load_bundle(path: str | Path, public_key_path: str | Path, device: str | torch.device | None = None) -> EmulatorBundle:
     """Verify and load a bundle. Every byte deserialised is the byte that was hashed."""
+    try:
+        return _load_bundle(path, public_key_path, device)
+    except KeyError as e:
+        raise BundleError(f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool") from None
+
+
+def _load_bundle(path, public_key_path, device) -> EmulatorBundle:
     from transformers import AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -139,8 +139,13 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
             manifest = None
     if manifest is None:
         log(f"2/6 bundle: building {cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model} ...")
-        manifest = build_bundle(build_cfg, key_path, bundle_dir, progress=False, overwrite=True, loaded=loaded,
-                                on_progress=lambda f, m: None)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("    {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("building", total=1.0)
+            manifest = build_bundle(build_cfg, key_path, bundle_dir, progress=False, overwrite=True, loaded=loaded,
+                                    on_progress=lambda f, m: bar.update(task, completed=f, description=m[:60]))
         log(f"2/6 bundle: written to {bundle_dir} in {manifest['build']['build_seconds']} s")
     else:
         log(f"2/6 bundle: reusing {bundle_dir} (same configuration)")
