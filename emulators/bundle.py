@@ -413,12 +413,18 @@ def _extract_tar(tar_path: Path, dest: Path) -> Path:
     raise BundleError(f"{tar_path}: {MANIFEST} missing (neither at the top of the archive nor in its single folder); not an Offsite bundle")
 
 
-def _read_manifest(root: Path, public_key_path: str | Path) -> tuple[dict, bytes]:
+def _read_manifest(root: Path, public_key_path: str | Path | None, check_signature: bool = True) -> tuple[dict, bytes]:
+    manifest_path, sig_path = root / MANIFEST, root / SIGNATURE
+    if not check_signature:
+        if not manifest_path.is_file():
+            raise BundleError(f"{MANIFEST}: missing in {root}; not an Offsite bundle")
+        return _parse_manifest(manifest_path.read_bytes()), manifest_path.read_bytes()
+    if public_key_path is None:
+        raise BundleError("no public key given: a bundle is verified with the model owner's signing.pub before use")
     try:
         public_key = load_public_key(public_key_path)
     except SigningKeyError as e:
         raise BundleError(str(e)) from None
-    manifest_path, sig_path = root / MANIFEST, root / SIGNATURE
     if not manifest_path.is_file():
         raise BundleError(f"{MANIFEST}: missing in {root}; not an Offsite bundle")
     if not sig_path.is_file():
@@ -442,14 +448,18 @@ def _read_manifest(root: Path, public_key_path: str | Path) -> tuple[dict, bytes
             f"{SIGNATURE}: the signature does not match {MANIFEST} under {public_key_path}: "
             f"the manifest was changed or signed with another key.{hint}"
         )
+    return _parse_manifest(manifest_bytes), manifest_bytes
+
+
+def _parse_manifest(manifest_bytes: bytes) -> dict:
     try:
         manifest = json.loads(manifest_bytes)
     except ValueError as e:
-        raise BundleError(f"{MANIFEST}: signed but not valid JSON ({e})") from None
+        raise BundleError(f"{MANIFEST}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{MANIFEST}: format {found!r}, this version reads {BUNDLE_FORMAT!r}")
-    return manifest, manifest_bytes
+    return manifest
 
 
 def _check_listing(root: Path, manifest: dict) -> dict[str, dict]:
@@ -594,20 +604,30 @@ def _make_quant_shells(model: PreTrainedModel, family: Family, block_quant: dict
         make_quant_shells(blocks[pos], bits=int(q["bits"]), group_size=int(q.get("group_size", 64)), awq=bool(q.get("awq", False)))
 
 
-def load_bundle(path: str | Path, public_key_path: str | Path, device: str | torch.device | None = None) -> EmulatorBundle:
-    """Verify and load a bundle. Every byte deserialised is the byte that was hashed."""
+def load_bundle(
+    path: str | Path,
+    public_key_path: str | Path | None,
+    device: str | torch.device | None = None,
+    trust_local_copy: bool = False,
+) -> EmulatorBundle:
+    """Verify and load a bundle. Every byte deserialised is the byte that was hashed.
+
+    Without a public key the bundle is refused (fail closed), unless `trust_local_copy` is
+    set by a caller holding the model owner's own freshly built copy: then the signature is
+    not checked, but every file still must match the manifest's sizes and hashes."""
+    check_signature = not (public_key_path is None and trust_local_copy)
     try:
-        return _load_bundle(path, public_key_path, device)
+        return _load_bundle(path, public_key_path, device, check_signature=check_signature)
     except KeyError as e:
         raise BundleError(f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool") from None
 
 
-def _load_bundle(path, public_key_path, device) -> EmulatorBundle:
+def _load_bundle(path, public_key_path, device, check_signature: bool = True) -> EmulatorBundle:
     from transformers import AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     with bundle_dir(path) as root:
-        manifest, manifest_bytes = _read_manifest(root, public_key_path)
+        manifest, manifest_bytes = _read_manifest(root, public_key_path, check_signature)
         files = _check_listing(root, manifest)
         blobs: dict[str, bytes] = {}
         for name, expected in sorted(files.items()):

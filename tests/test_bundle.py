@@ -265,6 +265,15 @@ def test_wrong_key_and_other_signer_fail(bundle_copy, keys, other_keys):
         verify_bundle(bundle_copy, bundle_copy / "nope.pub")
 
 
+def test_no_public_key_is_refused_unless_the_local_copy_is_trusted(bundle_copy, keys):
+    with pytest.raises(BundleError, match="no public key"):
+        load_bundle(bundle_copy, None)
+    assert load_bundle(bundle_copy, None, trust_local_copy=True).plan.middle_kept == [2, 4, 5]
+    _tamper_changed(bundle_copy)
+    with pytest.raises(BundleError, match="emulator.safetensors"):
+        load_bundle(bundle_copy, None, trust_local_copy=True)  # hashes are still checked
+
+
 def test_a_swap_after_verification_is_caught_at_load(bundle_copy, keys, monkeypatch):
     # load_bundle hashes the bytes it deserialises, so a file replaced between the
     # listing check and the read is still refused.
