@@ -211,6 +211,9 @@ def simulation_backend(workers: int | None = None) -> dict:
 def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=None, evaluator=None, on_round=None) -> dict:
     """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json)."""
     quiet_flower()
+    # Ray starts its workers at nice 15; on a shared machine that starves the very clients
+    # the simulation is made of, while the ServerApp (driver) runs at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.simulation import run_simulation
 
     from offsite.client.flower_app import make_client_app
