@@ -34,7 +34,7 @@ from .layers import input_features, is_linear, output_features
 from .memory import MB, SavedActivations, current_rss_mb
 from .schemes import BlockScheme, SchemePlan, _is_norm, apply_scheme, channel_target_names
 
-CHANNEL_FRACTIONS = (0.125, 0.25, 0.5)
+CHANNEL_FRACTIONS = (0.25, 0.5)
 WEIGHT_OPTIONS = (None, *(f"channels:{r:g}" for r in CHANNEL_FRACTIONS), "full")
 
 
@@ -73,7 +73,7 @@ class BudgetChoice:
             "spec": self.spec, "budget_mb": self.budget_mb, "estimate_mb": round(self.estimate_mb, 1),
             "minimum_mb": round(self.minimum_mb, 1), "fixed_mb": round(self.fixed_mb, 1),
             "depth_mb": {str(k): round(v, 1) for k, v in self.depth_mb.items()},
-            "units": [{"unit": u.name, "gain": u.gain, "own_mb": round(u.own_mb, 2), "chosen": u.name in self.chosen}
+            "units": [{"unit": u.name, "gain": u.gain if math.isfinite(u.gain) else None, "own_mb": round(u.own_mb, 2), "chosen": u.name in self.chosen}
                       for u in self.units],
             "loss_probe_before": self.loss_probe_before, "probe_seconds": round(self.probe_seconds, 2),
             "reasons": self.reasons,
@@ -130,7 +130,9 @@ def unit_own_bytes(block: torch.nn.Module, kind: str, cfg: TrainConfig, tokens: 
 
 
 def loss_workspace_bytes(vocab: int, cfg: TrainConfig, act_bytes: int) -> int:
-    # one chunk's logits (compute dtype), their fp32 copy, log-softmax and its gradient
+    if cfg.fused_head_loss:  # one chunk's logits, their fp32 copy (softmax in place), its gradient
+        return cfg.loss_chunk_tokens * vocab * (act_bytes + 4 + act_bytes)
+    # checkpointed chunks: logits, fp32 copy, log-softmax and its gradient
     return cfg.loss_chunk_tokens * vocab * (act_bytes + 4 + 4 + 4)
 
 
@@ -138,7 +140,7 @@ def loss_workspace_bytes(vocab: int, cfg: TrainConfig, act_bytes: int) -> int:
 
 
 def _probe_batches(train: TokenBlocks, cfg: TrainConfig) -> tuple[list, tuple]:
-    bs = min(cfg.batch_size, 2)
+    bs = 1  # a probe compares units; one block keeps it cheap
     g = torch.Generator().manual_seed(cfg.seed + 17)
     order = torch.randperm(len(train), generator=g)
     need = bs * (cfg.probe_batches + 1)
@@ -164,8 +166,9 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
              for p in positions for kind in ("norms", *WEIGHT_OPTIONS[1:])]
     by_name = {u.name: u for u in units}
 
-    # depth cost: what backward down to block l keeps, measured on one real micro-batch
-    train_batch = (train.input_ids[: cfg.batch_size], train.labels[: cfg.batch_size], train.attention_mask[: cfg.batch_size])
+    # depth cost: what backward down to block l keeps, measured on one sequence and scaled
+    # to the micro-batch (activations grow linearly with it), so the analysis itself stays small
+    train_batch = (train.input_ids[:1], train.labels[:1], train.attention_mask[:1])
     depth_mb: dict[int, float] = {}
     for p in positions:
         applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
@@ -175,7 +178,7 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
             del nll
         finally:
             applied.undo()
-        depth_mb[p] = saved.bytes / MB * (1 if not cfg.activation_checkpointing else 0.25)
+        depth_mb[p] = saved.bytes * cfg.batch_size / MB * (1 if not cfg.activation_checkpointing else 0.25)
 
     def estimate(selection: dict[int, tuple[bool, str | None]]) -> float:
         chosen = [p for p, (n, w) in selection.items() if n or w]
@@ -199,6 +202,10 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     with torch.no_grad():
         before_nll, before_n = _eval_loss(model, family, cfg, device, dtype, probe_eval, positions)
     for u in units:
+        alone = {u.block: (u.kind == "norms", None if u.kind == "norms" else u.kind)}
+        if estimate(alone) > budget:  # cannot be chosen: do not spend time (or memory) probing it
+            u.gain = -math.inf
+            continue
         plan = SchemePlan({u.block: _block_scheme(u.kind)})
         applied = apply_scheme(model, family, plan, cfg.channel_targets, snapshot=True)
         try:
@@ -302,7 +309,8 @@ def _explain(choice: BudgetChoice, units: list[Unit], gain: float) -> list[str]:
         f"{'unit':<18}{'loss drop':>11}{'MB':>9}  chosen",
     ]
     for u in sorted(units, key=lambda u: (-u.block, u.kind)):
-        lines.append(f"{u.name:<18}{u.gain:>11.4f}{u.own_mb:>9.1f}  {'yes' if u.name in choice.chosen else ''}")
+        gain = "too big" if u.gain == -math.inf else f"{u.gain:.4f}"
+        lines.append(f"{u.name:<18}{gain:>11}{u.own_mb:>9.1f}  {'yes' if u.name in choice.chosen else ''}")
     lines.append(
         f"chose {choice.spec!r}: the largest summed probe loss drop ({gain:.4f}) whose estimate "
         f"({choice.estimate_mb:.0f} MB) fits the budget ({choice.probe_seconds:.1f} s of probes)"
