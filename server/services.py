@@ -634,6 +634,14 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
     return state.ops.start("eval-run", work, created_by=created_by)
 
 
+def _suite_names(suites) -> list[str]:
+    names = list(suites)
+    for name in names:
+        if not NAME_RE.match(name):
+            raise ValueError(f"suite {name!r}: suite names are 1-64 letters, digits, . _ - (see `offsite-admin eval suites`)")
+    return names
+
+
 class EvalsService(evals_pb2_grpc.EvalsServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
@@ -641,7 +649,7 @@ class EvalsService(evals_pb2_grpc.EvalsServicer):
     async def RunEval(self, request, context):
         if request.limit < 0:
             raise ValueError("limit must be >= 0 (0 = every item)")
-        row = start_eval(self.s, _require(request.candidate, "candidate"), request.base, list(request.suites),
+        row = start_eval(self.s, _require(request.candidate, "candidate"), request.base, _suite_names(request.suites),
                          request.limit, created_by=current_principal().name)
         return convert.operation(row)
 
@@ -671,7 +679,7 @@ class EvalsService(evals_pb2_grpc.EvalsServicer):
         now = utcnow()
         next_run = croniter(cron, now).get_next(type(now))
         row = self.s.registry.add_eval_schedule(request.name or f"{candidate}-{cron}", cron, candidate, request.base,
-                                                list(request.suites), request.limit, next_run_at=next_run)
+                                                _suite_names(request.suites), request.limit, next_run_at=next_run)
         return convert.eval_schedule(row)
 
     async def ListEvalSchedules(self, request, context):

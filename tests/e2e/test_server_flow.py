@@ -189,6 +189,9 @@ def test_eval_schedules(server):
     with pytest.raises(grpc.RpcError) as e:
         evals.CreateEvalSchedule(evals_pb2.CreateEvalScheduleRequest(cron="every day", candidate="sched-base"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cron" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        evals.RunEval(evals_pb2.RunEvalRequest(candidate="sched-base", suites=["../../etc/passwd"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "suite" in e.value.details()
     s = evals.CreateEvalSchedule(evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate="sched-base", limit=10))
     assert s.enabled and s.next_run_at.seconds > time.time()
     assert s.id in [x.id for x in evals.ListEvalSchedules(evals_pb2.ListEvalSchedulesRequest()).schedules]
