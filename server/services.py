@@ -393,10 +393,13 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         job_id = _require(request.id, "id")
         _check_job_visible(self.s, job_id)
         after = request.after_seq
+        me = current_principal()
         while True:
             events = self.s.registry.job_events(job_id, after)
             for ev in events:
                 after = ev.seq
+                if not me.is_staff and ev.kind == "enrolled" and (ev.data or {}).get("data_owner") != me.name:
+                    continue  # data owners do not learn who else is enrolled
                 yield convert.job_event(ev)
             if not request.follow:
                 return

@@ -145,6 +145,13 @@ def test_data_owner_sees_only_enrolled_jobs_and_their_bundle(world):
     listed = [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs]
     assert listed == [world["job"].id]
     assert list(jobs.GetJob(jobs_pb2.GetJobRequest(id=world["job"].id)).data_owners) == []  # others stay private
+    admin_jobs = jobs_pb2_grpc.JobsStub(open_channel(address, world["server"].admin_token))
+    admin_jobs.Enroll(jobs_pb2.EnrollRequest(job_id=world["job"].id, data_owner="zed"))
+    seen = [dict(e.data) for e in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=world["job"].id)) if e.kind == "enrolled"]
+    assert seen == [{"data_owner": "alice"}]
+    all_seen = [e.data["data_owner"] for e in admin_jobs.WatchJob(jobs_pb2.WatchJobRequest(id=world["job"].id))
+                if e.kind == "enrolled"]
+    assert all_seen == ["alice", "zed"]
     with pytest.raises(grpc.RpcError) as e:
         jobs.GetJob(jobs_pb2.GetJobRequest(id=world["other"].id))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
