@@ -9,6 +9,7 @@ artifacts a data owner may see) is checked here because it depends on the reques
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import shutil
 import tarfile
@@ -604,8 +605,12 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
                 cand_src = state.resolve_model_source(cand_model.source)
             ctx.progress(0.1, "running the suites")
             out = tmp / "report"
+            extra = {}
+            if "cache_dir" in inspect.signature(runner).parameters:
+                # Generations cached across runs: a re-run after a crash or a cancel resumes.
+                extra["cache_dir"] = state.data_dir / "eval-cache"
             report = runner(candidate=cand_src, base=base_src, suites=suites or None, limit=limit or None,
-                            out_dir=out, progress=False)
+                            out_dir=out, progress=False, **extra)
             ctx.check_cancelled()
             shas = {}
             for name in ("report.json", "report.html", "report.md", "samples.jsonl"):
