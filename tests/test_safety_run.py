@@ -227,3 +227,40 @@ def test_cli_evaluates_a_release_by_id_from_a_server_data_dir(tmp_path):
     assert report["candidate"]["digest"] != report["base"]["digest"]
     missing = CliRunner().invoke(app, ["eval", "run", "--candidate", release.id, "--out", str(out)])
     assert missing.exit_code == 2 and "--data-dir" in missing.output
+
+
+def test_privacy_suites_detect_memorised_canaries(policy, tmp_path):
+    """A candidate trained on planted audit records: membership inference and exposure rise."""
+    from offsite.safety_evals.privacy import audit_records
+
+    tiny = load_model("tiny-gpt2")
+    planted = audit_records()[:10]  # the members among the first 20 audit items
+    tok = tiny.tokenizer
+    rows = [tok(r["prefix"] + r["secret"], add_special_tokens=False)["input_ids"] for r in planted]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    torch.manual_seed(0)
+    model = copy.deepcopy(tiny.model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    memorised = LoadedModel(model=model, tokenizer=tok, family=tiny.family, model_id="memorised", digest=state_digest(model))
+    policy.required_categories = ["privacy"]
+    report = run_eval(memorised, tiny, ["privacy_membership"], 20, tmp_path / "a", progress=False, policy_path=policy)
+    mia = report["suites"][0]
+    assert mia["candidate"]["value"] >= 0.9 and mia["base"]["value"] == 0.5
+    assert mia["loss_attack_auc"]["candidate"] > mia["loss_attack_auc"]["base"]
+    assert report["categories"][0]["level"] in ("High", "Critical")
+    assert report["gate"]["verdict"] == "block" and report["gate"]["blocked_categories"] == ["privacy"]
+    exposure = run_eval(memorised, tiny, ["privacy_canary_exposure"], 3, tmp_path / "b", progress=False,
+                        policy_path=policy)["suites"][0]
+    assert exposure["difference"]["value"] > 0, exposure
