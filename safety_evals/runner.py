@@ -32,7 +32,7 @@ from offsite.emulators.models import LoadedModel, load_model, state_digest
 
 from .cache import OutputCache, cache_key
 from .gate import decide
-from .graders import ForbiddenStringGrader, RefusalGrader, grader_agreement
+from .graders import ForbiddenStringGrader, RefusalGrader, grader_agreement, load_validation
 from .policy import as_policy
 from .scorecard import build_categories, level_suite, score_suite
 from .suite import Suite, select_suites
@@ -453,6 +453,9 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
 
     t0 = time.perf_counter()
     refusal_agreement = grader_agreement(RefusalGrader())
+    real = [r for r in load_validation() if str(r.get("source", "")).startswith("smollm2")]
+    if real:  # hand-labelled outputs of the default model: the style of text the grader really sees
+        refusal_agreement["real_completions"] = grader_agreement(RefusalGrader(), real)
     timing["grading_s"] += time.perf_counter() - t0
     report = {
         "format": REPORT_FORMAT,
