@@ -309,8 +309,8 @@ def _explain(choice: BudgetChoice, units: list[Unit], gain: float) -> list[str]:
         f"{'unit':<18}{'loss drop':>11}{'MB':>9}  chosen",
     ]
     for u in sorted(units, key=lambda u: (-u.block, u.kind)):
-        gain = "too big" if u.gain == -math.inf else f"{u.gain:.4f}"
-        lines.append(f"{u.name:<18}{gain:>11}{u.own_mb:>9.1f}  {'yes' if u.name in choice.chosen else ''}")
+        drop = "too big" if u.gain == -math.inf else f"{u.gain:.4f}"
+        lines.append(f"{u.name:<18}{drop:>11}{u.own_mb:>9.1f}  {'yes' if u.name in choice.chosen else ''}")
     lines.append(
         f"chose {choice.spec!r}: the largest summed probe loss drop ({gain:.4f}) whose estimate "
         f"({choice.estimate_mb:.0f} MB) fits the budget ({choice.probe_seconds:.1f} s of probes)"
