@@ -202,3 +202,17 @@ def test_mixed_precision_per_block(tmp_path, keys, corpus):
     assert manifest["config"]["num_hidden_layers"] == 8
     bundle = load_bundle(out, keys[1])
     assert bundle.block_quant[3]["bits"] == 2
+
+
+def test_unknown_family_names_the_supported_ones(tmp_path, keys, corpus):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from offsite.emulators.models import byte_tokenizer
+
+    model_dir = tmp_path / "neox"
+    config = GPTNeoXConfig(vocab_size=259, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    r, out = _bad_build(tmp_path, keys, corpus, **{"--model": str(model_dir)})
+    assert r.exit_code != 0 and "gpt_neox" in r.output and "llama" in r.output, r.output
+    assert not out.exists()
