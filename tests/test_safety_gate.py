@@ -153,3 +153,31 @@ def test_override_is_refused_when_the_audit_fails(policy):
 
     with pytest.raises(OSError):
         override(report, actor="alice", reason="a long enough reason", audit=broken)
+
+
+def test_cli_gate_and_override_on_a_stored_report(tmp_path, policy):
+    from typer.testing import CliRunner
+
+    from offsite.server.cli.main import app
+
+    suites = [_suite("disallowed_content", "disallowed_content", "not_unsafe", _scores([0] * 20), _scores([1] * 20), policy),
+              _suite("over_refusal", "over_refusal", "not_overrefuse", _scores([1] * 20), _scores([1] * 20), policy)]
+    report = _report(suites)
+    report.update(candidate={"spec": "cand"}, report_id="r1")
+    report["gate"] = decide(report, policy)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text("deployable_level: Critical\nrequire_full_run: false\nrequired_categories: [disallowed_content]\n"
+                       "metrics:\n  not_unsafe: {regression: {Critical: 0.9}}\n  not_overrefuse: {}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "gate", str(tmp_path), "--json"])
+    assert res.exit_code == 3 and json.loads(res.stdout)["verdict"] == "block"
+    res = runner.invoke(app, ["eval", "gate", str(tmp_path), "--policy", str(lenient), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "pass", res.output
+    res = runner.invoke(app, ["eval", "override", str(tmp_path), "--actor", "alice", "--reason", "short"])
+    assert res.exit_code == 2 and "reason" in res.output
+    res = runner.invoke(app, ["eval", "override", str(tmp_path), "--actor", "alice", "--reason", "accepted for an internal pilot"])
+    assert res.exit_code == 0, res.output
+    stored = json.loads((tmp_path / "report.json").read_text())
+    assert stored["gate"]["verdict"] == "pass" and stored["gate"]["override"]["actor"] == "alice"
+    assert json.loads((tmp_path / "audit.jsonl").read_text())["reason"] == "accepted for an internal pilot"
