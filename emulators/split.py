@@ -206,6 +206,10 @@ def build_emulator_model(loaded: LoadedModel, plan: SplitPlan) -> PreTrainedMode
     Every parameter and buffer of the new model must have a source in the original, or
     this fails instead of leaving random weights behind."""
     family = loaded.family
+    if getattr(loaded.model.config, "scale_attn_by_inverse_layer_idx", False) and plan.layer_origin != list(range(plan.n_layers)):
+        # GPT-2 with this option scales attention by the block's position, so a block moved
+        # to another position would compute something else.
+        raise SplitError("this GPT-2 config scales attention by layer index; dropping blocks would change the kept ones. Keep every middle block")
     model = empty_model_like(emulator_config(loaded, plan))
     model.to(next(loaded.model.parameters()).device)
     source = dict(loaded.model.named_parameters(remove_duplicate=False))
