@@ -104,8 +104,8 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("int4+emb3", bits=4, embed_bits=3),
     EmulatorConfig("int8+emb3", bits=8, embed_bits=3),
 ]
-QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int3-awq", bits=3, awq=True)]
-NAMED = "int3-awq"
+QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int4+emb4", bits=4, embed_bits=4)]
+NAMED = "int4+emb4"
 
 
 # --- measuring -----------------------------------------------------------------------
@@ -258,6 +258,7 @@ def trade_off_rows(baselines: dict, results: dict[str, dict], configs: list[Emul
             "blocks_kept": len(r["kept"]),
             "weight_bits": "/".join(map(str, bits)) if bits else "fp32",
             "awq": cfg.awq,
+            "vocab_matrix": f"int{cfg.embed_bits}-g{cfg.embed_group}" if cfg.embed_bits else "int8-row",
             "distill_steps": cfg.distill_steps,
             "selection": cfg.selection,
             "plugin_share": log_gain_share(zs, ceil, r["plugin"]),
@@ -274,14 +275,14 @@ def trade_off_rows(baselines: dict, results: dict[str, dict], configs: list[Emul
 
 def print_table(rows: list[dict], baselines: dict) -> str:
     lines = [
-        "| config | blocks kept | bits | AWQ | distill | selection | plug-in share | emulator ppl | emulator+adapter ppl | plug-in ppl | protection | bytes vs fp32 | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | blocks kept | bits | AWQ | embedding/head | distill | selection | plug-in share | emulator ppl | emulator+adapter ppl | plug-in ppl | protection | bundle MB | vs fp32 model | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['blocks_kept']} | {r['weight_bits']} | {'yes' if r['awq'] else 'no'} | {r['distill_steps']} | "
+            f"| {r['config']} | {r['blocks_kept']} | {r['weight_bits']} | {'yes' if r['awq'] else 'no'} | {r['vocab_matrix']} | {r['distill_steps']} | "
             f"{r['selection']} | {100 * r['plugin_share']:.0f}% | {r['emulator_zero_shot_ppl']:.2f} | {r['emulator_finetuned_ppl']:.2f} | "
-            f"{r['plugin_ppl']:.2f} | {r['protection']:.2f}x | {r['bytes_vs_full']:.3f} | {r['build_seconds']:.0f} |"
+            f"{r['plugin_ppl']:.2f} | {r['protection']:.2f}x | {r['emulator_bytes'] / 1e6:.0f} | {r['bytes_vs_full']:.3f} | {r['build_seconds']:.0f} |"
         )
     head = (f"full zero-shot {baselines['full_zero_shot']['ppl']:.2f}, adapter ceiling {baselines['adapter_ceiling']['ppl']:.2f}"
             + (f", full fine-tune {baselines['full_finetuned']['ppl']:.2f}" if "full_finetuned" in baselines else ""))
@@ -303,6 +304,7 @@ def main(
     steps: int = typer.Option(30, "--steps", help="adapter (and full fine-tune) training steps"),
     lr: float = typer.Option(2e-4, "--lr", help="AdamW learning rate of the adapter and the full fine-tune"),
     heldout_blocks: int = typer.Option(32, "--heldout-blocks", help="held-out blocks evaluated (0: all)"),
+    full_ft: bool = typer.Option(True, "--full-ft/--no-full-ft", help="measure the full fine-tune row (the most expensive)"),
     part: str = typer.Option("all", "--part", help="all | rows | ceiling | full-ft: measure one part (to run parts in parallel processes; they share the cache)"),
 ) -> None:
     """Example: python -m bench.offsite_quality --quick --json /tmp/q.json"""
@@ -329,7 +331,7 @@ def main(
         print(measure_baselines(loaded, train, heldout, proto, cache, key, with_full=part == "full-ft", with_ceiling=part == "ceiling"))
         return
     if not rows_only:
-        baselines = measure_baselines(loaded, train, heldout, proto, cache, key)
+        baselines = measure_baselines(loaded, train, heldout, proto, cache, key, with_full=full_ft)
     results = {}
     for cfg in all_cfgs:
         results[cfg.name] = _cached(cache, "emulator", {**key, "emulator": cfg.key()},
@@ -342,6 +344,7 @@ def main(
     table = print_table(rows, baselines)
     nr = results.get(named) or results[all_cfgs[0].name]
     out = {
+        "full_finetuned": None,  # replaced when measured (--full-ft)
         **baselines,
         "emulator_zero_shot": {"ppl": nr["emulator_zero_shot"]},
         "emulator_finetuned": {"ppl": nr["emulator_finetuned"]},
