@@ -11,8 +11,6 @@ import base64
 import copy
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -186,12 +184,15 @@ def test_loss_based_suites_run_and_equal_models_score_equal(policy, tmp_path):
 
 
 def test_cli_eval_run_writes_the_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from offsite.server.cli.main import app
+
     out = tmp_path / "ev"
-    proc = subprocess.run([sys.executable, "-m", "offsite.server.cli.main", "eval", "run", "--candidate", "tiny-opt",
-                           "--base", "tiny-opt", "--suites", "over_refusal", "--limit", "3", "--threads", "1", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    result = CliRunner().invoke(app, ["eval", "run", "--candidate", "tiny-opt", "--base", "tiny-opt", "--suites",
+                                      "over_refusal", "--limit", "3", "--threads", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     # a --limit run of one suite can never admit a release under the default policy
     assert summary["gate"]["verdict"] == "block"
     assert {"report.json", "report.html", "report.md", "samples.jsonl"} <= {p.name for p in out.iterdir()}
