@@ -139,7 +139,7 @@ def available_suites(directory: Path = SUITES_DIR) -> dict[str, Suite]:
 
 
 def select_suites(names: list[str] | None, directory: Path = SUITES_DIR) -> list[Suite]:
-    """Suites by name, a category name (all its suites), or a YAML path; None = all."""
+    """Suites by name, a category name (all its suites), or a YAML path containing "/"; None = all."""
     suites = available_suites(directory)
     if not names:
         return list(suites.values())
@@ -149,10 +149,12 @@ def select_suites(names: list[str] | None, directory: Path = SUITES_DIR) -> list
             chosen.append(suites[n])
         elif any(s.category == n for s in suites.values()):
             chosen.extend(s for s in suites.values() if s.category == n)
-        elif n.endswith((".yaml", ".yml")) and Path(n).exists():
+        elif n.endswith((".yaml", ".yml")) and "/" in n and Path(n).is_file():
+            # Only an explicit path (with a "/", e.g. ./mine.yaml) names a file: a bare name
+            # coming from a remote caller can never reach the server's file system.
             chosen.append(load_suite(Path(n)))
         else:
-            raise SuiteError(f"unknown suite {n!r}; available: {', '.join(suites)} (or a category, or a .yaml path)")
+            raise SuiteError(f"unknown suite {n!r}; available: {', '.join(suites)} (or a category, or a path like ./mine.yaml)")
     seen, unique = set(), []
     for s in chosen:
         if s.name not in seen:
