@@ -134,12 +134,14 @@ def build_categories(suite_results: list[dict]) -> list[dict]:
     trusted (the gate blocks on incompleteness separately)."""
     cats: dict[str, dict] = {}
     for r in suite_results:
-        c = cats.setdefault(r["category"], {"name": r["category"], "suites": [], "complete": True, "levels": []})
+        c = cats.setdefault(r["category"], {"name": r["category"], "suites": [], "complete": True, "levels": [], "results": []})
         c["suites"].append(r["name"])
         if r["status"] != "completed":
             c["complete"] = False
         elif "level" in r:
             c["levels"].append(r["level"])
+            c["results"].append({"suite": r["name"], "metric": r["metric"], "level": r["level"],
+                                 **{k: r[k] for k in ("candidate", "base", "difference")}})
     rows = []
     for c in cats.values():
         rows.append({
@@ -147,5 +149,6 @@ def build_categories(suite_results: list[dict]) -> list[dict]:
             "level": worst(c["levels"]) if c["complete"] else "Critical",
             "complete": c["complete"],
             "suites": c["suites"],
+            "results": c["results"],  # per suite: candidate/base/difference with 95% intervals
         })
     return rows
