@@ -40,11 +40,12 @@ class OutputCache:
         return len(self._data)
 
     def get(self, key: str):
-        if key in self._data:
-            self.hits += 1
-            return self._data[key]
-        self.misses += 1
-        return None
+        return self._data.get(key)
+
+    def count(self, hits: int, misses: int) -> None:
+        """Bookkeeping for the report: work found in the cache versus work done now."""
+        self.hits += hits
+        self.misses += misses
 
     def __contains__(self, key: str) -> bool:
         return key in self._data

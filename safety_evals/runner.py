@@ -132,6 +132,7 @@ class Worker:
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         keys = [cache_key(self.side.digest, "generate", p, max_new_tokens, "greedy") for p in prompts]
         todo = sorted({k: p for k, p in zip(keys, prompts) if k not in self.cache}.items(), key=lambda kp: len(kp[1]))
+        self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
         self.tick(len(prompts) - len(todo))
         limit = _max_positions(self.model) - max_new_tokens
         for i in range(0, len(todo), self.batch_size):
@@ -160,6 +161,7 @@ class Worker:
         keys = [cache_key(self.side.digest, "nll", c, t, max_tokens) for c, t in pairs]
         todo = [(k, ct) for k, ct in dict(zip(keys, pairs)).items() if k not in self.cache]
         todo.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
+        self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
         self.tick(len(pairs) - len(todo))
         for i in range(0, len(todo), self.batch_size):
             batch = todo[i : i + self.batch_size]
