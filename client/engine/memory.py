@@ -75,7 +75,9 @@ class SavedActivations:
         if key not in self._seen:
             self._seen.add(key)
             self.bytes += t.untyped_storage().nbytes()
-        return t
+        # detached: returning `t` itself would tie a node's saved output back to the node,
+        # a cycle that keeps the whole graph (and its activations) alive after the loss is dropped
+        return t.detach()
 
     def __enter__(self):
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
