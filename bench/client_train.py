@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--emulator-layers", type=int, default=8, help="middle blocks kept in the emulator")
     # the engine's modes first: they are quick, and a budget below the minimum shows at once
     p.add_argument("--modes", default=",".join(reversed(MODES)))
+    p.add_argument("--merge", action="store_true",
+                   help="update the modes run here inside an existing --json file (noted under 'reruns')")
     p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)
     p.add_argument("--public-key", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -250,11 +252,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"running {mode} ({args.steps} steps) ...", file=sys.stderr)
             r = _run_child(["--worker", mode, *common], tmp / f"{mode}.json", 3600)
             r["flops_fraction_of_fp32_gemm"] = r["flops_per_step"] * args.steps / r["train_seconds"] / 1e9 / gemm["fp32"]
+            r["gemm_gflops_same_run"] = gemm
+            r["load_average_1min"] = os.getloadavg()[0]
             modes[mode] = r
             print(f"  peak RSS {r['peak_rss_mb']:.0f} MB, {r['tokens_per_s']:.0f} tokens/s, loss "
                   f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", file=sys.stderr)
+    reruns = {}
+    if args.merge and args.json and args.json.exists():
+        previous = json.loads(args.json.read_text())
+        reruns = previous.get("reruns", {})
+        for mode in modes:
+            reruns[mode] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        modes = {**previous["modes"], **modes}
     result = {
-        "benchmark": "client_train", "quick": args.quick, "steps": args.steps, "lr": args.lr, "sequence": 256, "batch": 4,
+        "benchmark": "client_train", "reruns": reruns, "quick": args.quick, "steps": args.steps, "lr": args.lr, "sequence": 256, "batch": 4,
         "threads": THREADS, "model": "smollm2-135m", "emulator": f"2-{args.emulator_layers}-2, {args.quantize} middle",
         "gemm_gflops": gemm, "modes": modes, "seconds": round(time.time() - started, 1),
         "load_average_at_end": os.getloadavg()[0],
