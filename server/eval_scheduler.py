@@ -10,11 +10,14 @@ Missed runs (the server was down across several cron times) are coalesced into o
 an eval of the same release twice in a row adds nothing. The next time is computed and
 stored *before* the run starts, so a crash while starting never loops on one schedule.
 
-The server starts it: ``EvalScheduler(state).start()`` and ``.stop()`` on shutdown.
+The server runs :func:`run_scheduler` as a background task on its event loop (the
+``DEFAULT_EVAL_SCHEDULER`` hook); embedders may instead use ``EvalScheduler(state).start()``
+and ``.stop()``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from datetime import datetime
@@ -104,3 +107,18 @@ class EvalScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+async def run_scheduler(state: ServerState, poll_s: float = 30.0) -> None:
+    """The server's background task: tick every `poll_s` until the server cancels it.
+
+    Each tick touches SQLite and may start operations, so it runs in a worker thread and
+    never blocks the event loop that serves RPCs.
+    """
+    scheduler = EvalScheduler(state, poll_s=poll_s)
+    while True:
+        try:
+            await asyncio.to_thread(scheduler.tick)
+        except Exception:  # noqa: BLE001 - keep polling through a transient database error
+            log.exception("eval scheduler tick failed")
+        await asyncio.sleep(poll_s)

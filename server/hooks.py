@@ -38,7 +38,7 @@ DEFAULT_JOB_RUNNER = "offsite.server.federation:run_job"
 DEFAULT_EVAL_RUNNER = "offsite.safety_evals.runner:run_eval"
 DEFAULT_EMULATOR_BUILDER = "offsite.server.hooks:build_emulator"
 DEFAULT_RELEASE_EXPORTER = "offsite.server.hooks:export_release"
-DEFAULT_EVAL_SCHEDULER = "offsite.safety_evals.scheduler:run_scheduler"
+DEFAULT_EVAL_SCHEDULER = "offsite.server.eval_scheduler:run_scheduler"
 
 
 class HookUnavailable(RuntimeError):

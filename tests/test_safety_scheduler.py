@@ -78,3 +78,22 @@ def test_scheduler_thread_starts_and_stops(state):
     time.sleep(0.2)
     s.stop()
     assert s._thread is None
+
+
+def test_the_server_background_task_disables_a_due_broken_schedule(state):
+    """`run_scheduler` (what `offsite-admin serve` starts) ticks on its own until cancelled."""
+    import asyncio
+
+    from offsite.server.eval_scheduler import run_scheduler
+    from offsite.server.hooks import DEFAULT_EVAL_SCHEDULER, load_hook
+
+    assert load_hook(DEFAULT_EVAL_SCHEDULER) is run_scheduler
+    sched = state.registry.add_eval_schedule("bad", "not a cron", "tiny-llama", next_run_at=utcnow() - timedelta(minutes=1))
+
+    async def run_briefly():
+        task = asyncio.create_task(run_scheduler(state, poll_s=0.05))
+        await asyncio.sleep(0.5)
+        task.cancel()
+
+    asyncio.run(run_briefly())
+    assert state.registry.get_eval_schedule(sched.id).enabled is False
