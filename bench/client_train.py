@@ -211,6 +211,29 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def derive(result: dict) -> None:
+    """Ratios and target checks from `result["modes"]` (in place)."""
+    modes = result["modes"]
+    full, lora, sparse = modes.get("full_ft"), modes.get("lora_full"), modes.get("offsite_sparse")
+    if full and sparse:
+        result["ratios"] = {
+            "sparse_rss_vs_full": sparse["peak_rss_mb"] / full["peak_rss_mb"],
+            "sparse_train_rss_vs_full": (sparse["train_peak_rss_mb"] or 0) / (full["train_peak_rss_mb"] or 1),
+            "sparse_speedup_vs_full": sparse["tokens_per_s"] / full["tokens_per_s"],
+            "sparse_above_floor_vs_full": sparse["peak_above_floor_mb"] / full["peak_above_floor_mb"],
+        }
+        if lora:
+            result["ratios"]["sparse_rss_vs_lora"] = sparse["peak_rss_mb"] / lora["peak_rss_mb"]
+            result["ratios"]["sparse_above_floor_vs_lora"] = sparse["peak_above_floor_mb"] / lora["peak_above_floor_mb"]
+        tail = sparse["losses"][-3:]
+        result["targets"] = {
+            "rss_at_most_1/8_of_full_ft": result["ratios"]["sparse_rss_vs_full"] <= 1 / 8,
+            "rss_at_most_1/3_of_lora_full": bool(lora) and result["ratios"]["sparse_rss_vs_lora"] <= 1 / 3,
+            "tokens_per_s_at_least_6.5x_full_ft": result["ratios"]["sparse_speedup_vs_full"] >= 6.5,
+            "loss_falls": sum(tail) / len(tail) < sparse["loss_first"],
+        }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.client_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps per mode (a smoke run)")
@@ -270,24 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "gemm_gflops": gemm, "modes": modes, "seconds": round(time.time() - started, 1),
         "load_average_at_end": os.getloadavg()[0],
     }
-    full, lora, sparse = modes.get("full_ft"), modes.get("lora_full"), modes.get("offsite_sparse")
-    if full and sparse:
-        result["ratios"] = {
-            "sparse_rss_vs_full": sparse["peak_rss_mb"] / full["peak_rss_mb"],
-            "sparse_train_rss_vs_full": (sparse["train_peak_rss_mb"] or 0) / (full["train_peak_rss_mb"] or 1),
-            "sparse_speedup_vs_full": sparse["tokens_per_s"] / full["tokens_per_s"],
-            "sparse_above_floor_vs_full": sparse["peak_above_floor_mb"] / full["peak_above_floor_mb"],
-        }
-        if lora:
-            result["ratios"]["sparse_rss_vs_lora"] = sparse["peak_rss_mb"] / lora["peak_rss_mb"]
-            result["ratios"]["sparse_above_floor_vs_lora"] = sparse["peak_above_floor_mb"] / lora["peak_above_floor_mb"]
-        tail = sparse["losses"][-3:]
-        result["targets"] = {
-            "rss_at_most_1/8_of_full_ft": result["ratios"]["sparse_rss_vs_full"] <= 1 / 8,
-            "rss_at_most_1/3_of_lora_full": bool(lora) and result["ratios"]["sparse_rss_vs_lora"] <= 1 / 3,
-            "tokens_per_s_at_least_6.5x_full_ft": result["ratios"]["sparse_speedup_vs_full"] >= 6.5,
-            "loss_falls": sum(tail) / len(tail) < sparse["loss_first"],
-        }
+    derive(result)
     text = table(result)
     print(text)
     if "ratios" in result:
