@@ -105,7 +105,7 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("int8+emb3", bits=8, embed_bits=3),
 ]
 QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int4+emb4", bits=4, embed_bits=4)]
-NAMED = "int4+emb4"
+NAMED = "int4"
 
 
 # --- measuring -----------------------------------------------------------------------
