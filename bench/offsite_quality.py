@@ -16,7 +16,8 @@ Rows, each as held-out perplexity:
   on it, and that adapter plugged into the full model.
 
 Summary keys (emulator_zero_shot, emulator_finetuned, plugin, bundle_bytes, build_seconds)
-describe the named configuration (`--named`, default the one that meets the targets).
+describe the named configuration (`--named`; default `int4`, the best point measured so far:
+no configuration has met both targets yet, see README "Emulator quality").
 The trade-off table reports for every configuration: the plug-in's share of the ceiling's
 log-perplexity gain, emulator-alone ppl, emulator+adapter ppl, the protection ratio
 (emulator+adapter / plug-in), bundle bytes and build time.

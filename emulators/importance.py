@@ -32,7 +32,6 @@ from .split import SplitPlan, build_emulator_model, plan_split
 
 
 def _adapter_params(model, family, positions: list[int], origin: list[int]) -> dict[str, torch.nn.Parameter]:
-    prefixes = {family.block_prefix(p): p for p in positions}
     out = {}
     for name, p in model.named_parameters():
         idx = family.block_index(name)
