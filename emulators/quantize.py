@@ -233,8 +233,9 @@ def quantize_weight(
 def _rtn(g: torch.Tensor, qmax: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lo = (g.amin(dim=-1) * ratio).clamp(max=0.0)
     hi = (g.amax(dim=-1) * ratio).clamp(min=0.0)
-    # 1e-6 keeps all-zero groups finite and stays representable in fp16.
-    scales = ((hi - lo) / qmax).clamp(min=1e-6).to(torch.float16)
+    # 1e-6 keeps all-zero groups finite and stays representable in fp16. The factor rounds
+    # the fp16 scale up, never down: a smaller stored scale would clip the group's extremes.
+    scales = ((hi - lo) / qmax * (1 + 2**-10)).clamp(min=1e-6).to(torch.float16)
     zeros = torch.round(-lo / scales.float()).clamp(0, qmax).to(torch.float16)
     codes = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).clamp(0, qmax)
     return codes.to(torch.uint8), scales, zeros
