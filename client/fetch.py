@@ -14,7 +14,6 @@ the server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 
 from offsite.protos.channel import open_channel
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from offsite.files import atomic_write, sha256_file
 
 # Codes after which a download is worth retrying: the server went away or the stream broke.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -71,21 +71,6 @@ class Enrollment:
         return open_channel(self.server, token, self.ca, self.client_cert, self.client_key)
 
 
-def _write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _job_file(home: Path, job_id: str) -> Path:
     if not job_id or "/" in job_id or job_id.startswith("."):
         raise FetchError(f"job id {job_id!r} is not valid")
@@ -110,7 +95,7 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
             raise FetchError(f"the server's bundle signing key differs from {public_key}; refusing to enroll "
                              "(ask the model owner which key is right)")
     pub_path = home / "keys" / f"{job_id}.pub"
-    _write_private(pub_path, resp.bundle_public_key, 0o644)
+    atomic_write(pub_path, resp.bundle_public_key, 0o644)
     enrollment = Enrollment(
         server=server, job_id=resp.job_id, data_owner=resp.data_owner, bundle_sha256=resp.bundle.sha256,
         bundle_size=resp.bundle.size, public_key_path=str(pub_path), federation_address=resp.federation_address,
@@ -119,7 +104,7 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
         federation=_whole_numbers(MessageToDict(resp.federation)),
         ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
         client_key=str(client_key) if client_key else None)
-    _write_private(_job_file(home, job_id), json.dumps({**asdict(enrollment), "token": token}, indent=2))
+    atomic_write(_job_file(home, job_id), json.dumps({**asdict(enrollment), "token": token}, indent=2), 0o600)
     return enrollment
 
 
@@ -220,14 +205,6 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
             channel.close()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
-
-
 def _extract(tar_path: Path, dest: Path) -> None:
     with tarfile.open(tar_path) as tf:
         members = tf.getmembers()
@@ -262,7 +239,7 @@ def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = No
     part = cache / "partial" / f"{sha}.part"
     size, downloaded, resumes = download_artifact(lambda: enrollment.channel(token), sha, part, on_progress,
                                                   retries=retries, chunk_size=chunk_size)
-    actual = _sha256_file(part)
+    actual = sha256_file(part)
     if actual != sha:
         part.unlink(missing_ok=True)
         raise FetchError(f"downloaded bytes have sha256 {actual}, the server announced {sha}; the partial file was "

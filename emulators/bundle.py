@@ -51,6 +51,7 @@ from .signing import (
     verify_signature,
 )
 from .split import SplitPlan, empty_model_like, to_emulator_name, to_original_name
+from offsite.files import fsync_dir, sha256_file
 
 BUNDLE_FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
@@ -70,27 +71,6 @@ class BundleError(ValueError):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -329,7 +309,7 @@ def write_bundle(
         manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         _write_file(staging / MANIFEST, manifest_bytes)
         _write_file(staging / SIGNATURE, base64.b64encode(sign(key, manifest_bytes)) + b"\n")
-        _fsync_dir(staging)
+        fsync_dir(staging)
         commit_staging_dir(staging, out_dir, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -368,7 +348,7 @@ def commit_staging_dir(staging: Path, out_dir: Path, overwrite: bool = False) ->
         if old is not None:
             os.rename(old, out_dir)
         raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

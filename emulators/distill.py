@@ -41,8 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX, TokenBlocks, perplexity
-from .losses import CHUNK_TOKENS, causal_lm_nll, lm_nll_from_hidden
+from .data import TokenBlocks, perplexity
+from .losses import CHUNK_TOKENS, lm_nll_from_hidden
 from .models import LoadedModel
 from .quantize import DEFAULT_GROUP_SIZE, QuantLinear, effective_group_size, quantize_weight
 from .split import SplitPlan

@@ -10,22 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from pathlib import Path
 
 from .policy import LEVELS
+from offsite.files import atomic_write
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 LEVEL_COLOURS = {"Low": "#2e7d32", "Medium": "#f9a825", "High": "#ef6c00", "Critical": "#c62828"}
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def category_plot_png(category: dict, suites: list[dict]) -> str:
@@ -120,10 +111,10 @@ def write_report(out_dir: str | Path, report: dict, samples: list[dict]) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("samples.jsonl", "report.html", "report.md", "report.json")}
-    _atomic_write(paths["samples.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-    _atomic_write(paths["report.html"], render_html(report, samples))
-    _atomic_write(paths["report.md"], render_markdown(report))
-    _atomic_write(paths["report.json"], json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    atomic_write(paths["samples.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    atomic_write(paths["report.html"], render_html(report, samples))
+    atomic_write(paths["report.md"], render_markdown(report))
+    atomic_write(paths["report.json"], json.dumps(report, indent=2, ensure_ascii=False, default=str))
     return paths
 
 

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
+from offsite.files import fsync_dir
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COPY_CHUNK = 1 << 20
@@ -34,14 +35,6 @@ def check_sha256(sha: str) -> str:
     if not isinstance(sha, str) or not _SHA256.match(sha):
         raise InvalidDigest(f"{sha!r} is not a sha256 digest (64 lowercase hex characters)")
     return sha
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ArtifactStore:
@@ -139,7 +132,7 @@ class ArtifactStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, 0o444)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def read_range(self, sha: str, offset: int, length: int) -> bytes:
         with self.open(sha) as fh:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from offsite.files import atomic_write
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 _VALID_DAYS = 825  # the longest validity mainstream TLS clients accept for a leaf
@@ -75,20 +74,6 @@ def issue_certificate(ca_key, ca_cert: x509.Certificate, common_name: str, hosts
     return key, cert
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _key_pem(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -116,14 +101,14 @@ def write_dev_pki(directory: str | Path, hosts: tuple[str, ...] = DEFAULT_HOSTS,
                               "(certificates issued from the old CA stop working)")
     ca_key, ca_cert = generate_ca()
     srv_key, srv_cert = issue_certificate(ca_key, ca_cert, hosts[0], hosts)
-    _write(paths["ca_key"], _key_pem(ca_key), 0o600)
-    _write(paths["ca_pem"], _cert_pem(ca_cert), 0o644)
-    _write(paths["server_key"], _key_pem(srv_key), 0o600)
-    _write(paths["server_pem"], _cert_pem(srv_cert), 0o644)
+    atomic_write(paths["ca_key"], _key_pem(ca_key), 0o600)
+    atomic_write(paths["ca_pem"], _cert_pem(ca_cert), 0o644)
+    atomic_write(paths["server_key"], _key_pem(srv_key), 0o600)
+    atomic_write(paths["server_pem"], _cert_pem(srv_cert), 0o644)
     if client_name:
         cl_key, cl_cert = issue_certificate(ca_key, ca_cert, client_name, (client_name,), client=True)
-        _write(paths["client_key"], _key_pem(cl_key), 0o600)
-        _write(paths["client_pem"], _cert_pem(cl_cert), 0o644)
+        atomic_write(paths["client_key"], _key_pem(cl_key), 0o600)
+        atomic_write(paths["client_pem"], _cert_pem(cl_cert), 0o644)
     return paths
 
 

@@ -18,23 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from offsite.files import fsync_dir
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not match this run."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -84,11 +72,11 @@ def save_checkpoint(
             fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         previous = latest_checkpoint(root)
         pointer = root / ".LATEST.tmp"
         with open(pointer, "w") as fh:
@@ -96,7 +84,7 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(pointer, root / "LATEST")
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         (root / ".LATEST.tmp").unlink(missing_ok=True)

@@ -226,7 +226,8 @@ def override_cmd(
     Example: offsite-admin eval override eval-out --actor alice --reason "capability drop accepted for the pilot"
     """
     from offsite.safety_evals.gate import GateError, jsonl_audit, override
-    from offsite.safety_evals.report import _atomic_write, load_report
+    from offsite.files import atomic_write
+    from offsite.safety_evals.report import load_report
 
     try:
         report = load_report(report_dir)
@@ -234,7 +235,7 @@ def override_cmd(
     except (FileNotFoundError, GateError) as e:
         _fail(str(e))
     report["gate"] = new_gate
-    _atomic_write(Path(report_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(Path(report_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     typer.echo(json.dumps(new_gate) if json_out else f"gate overridden to pass by {actor}; audited in {Path(report_dir) / 'audit.jsonl'}")
 
 

@@ -22,13 +22,13 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import JOB_FILE
 from .config import FederationConfig
+from offsite.files import atomic_write
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 APP_PUBLISHER = "offsite"
@@ -52,21 +52,6 @@ def _bin(name: str) -> str:
     """A Flower executable next to this interpreter (the venv), else on PATH."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- credentials ------------------------------------------------------------------------
@@ -120,9 +105,9 @@ def make_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "loca
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM
-    _write_private(files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    _write_private(files.server_cert, cert.public_bytes(pem), 0o644)
-    _write_private(files.ca_cert, ca.public_bytes(pem), 0o644)
+    atomic_write(files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    atomic_write(files.server_cert, cert.public_bytes(pem), 0o644)
+    atomic_write(files.ca_cert, ca.public_bytes(pem), 0o644)
     return files
 
 
@@ -130,7 +115,7 @@ def make_secret(path: str | Path) -> Path:
     """The SuperExec shared secret (raw random bytes, mode 600), kept if already there."""
     path = Path(path)
     if not path.exists():
-        _write_private(path, secrets.token_bytes(32))
+        atomic_write(path, secrets.token_bytes(32), 0o600)
     return path
 
 
@@ -145,7 +130,7 @@ def write_flwr_home(flwr_home: str | Path, name: str, address: str, ca_cert: str
         f'[superlink]\ndefault = "{name}"\n\n'
         f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n'
     )
-    _write_private(home / "config.toml", text.encode(), 0o644)
+    atomic_write(home / "config.toml", text.encode(), 0o644)
     return home
 
 

@@ -7,7 +7,6 @@ are both written atomically (temp path, fsync, rename).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -20,16 +19,9 @@ import torch
 from offsite.emulators.adapter import save_adapter
 
 from .evaluate import PluginEvaluator
+from offsite.files import sha256_file
 
 PENDING_GATE = "pending-gate"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
