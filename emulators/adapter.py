@@ -8,13 +8,13 @@ different model.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from offsite.files import atomic_write
 
 ADAPTER_FORMAT = "offsite-adapter/1"
 
@@ -24,22 +24,10 @@ class AdapterError(ValueError):
 
 
 def save_adapter(path: str | Path, state: dict[str, torch.Tensor], base_digest: str, **metadata: str) -> Path:
-    """Write `state` atomically (temp file, fsync, rename): never a half-written adapter."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` atomically (offsite.files.atomic_write): never a half-written adapter."""
     meta = {"format": ADAPTER_FORMAT, "base_model_digest": base_digest, **{k: str(v) for k, v in metadata.items()}}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(tensors, metadata=meta))
 
 
 def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -28,14 +28,19 @@ def _chunk_nll(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def loss_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states that predict a label (shifted by one) and those labels, flattened."""
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    return h[keep], y[keep]
+
+
 def lm_nll_from_hidden(
     head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over label tokens != IGNORE_INDEX, and their count."""
-    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
+    h, y = loss_positions(hidden, labels)
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0

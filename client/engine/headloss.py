@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from offsite.emulators.data import IGNORE_INDEX
+from offsite.emulators.losses import loss_positions
 
 
 class _FrozenHeadNLL(torch.autograd.Function):
@@ -51,10 +51,7 @@ def frozen_head_nll(
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labels != IGNORE_INDEX, and their count (head frozen, no bias)."""
-    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
+    h, y = loss_positions(hidden, labels)
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
