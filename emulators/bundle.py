@@ -32,13 +32,12 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapter import ADAPTER_FORMAT
 from .families import Family, family_for, get_family
@@ -52,6 +51,9 @@ from .signing import (
 )
 from .split import SplitPlan, empty_model_like, to_emulator_name, to_original_name
 from offsite.files import fsync_dir, sha256_file
+
+if TYPE_CHECKING:  # see lean.py: the client's load path must not import transformers' model classes
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUNDLE_FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
@@ -139,13 +141,22 @@ def encode_vocab_matrices(
     return specs, stored
 
 
-def _decode_vocab_matrices(frozen: dict[str, torch.Tensor], specs: dict[str, dict]) -> None:
+def _decode_int8_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
+    """codes * scale, computed in fp32 a slice of rows at a time and stored in `dtype`, so a
+    bf16 client never holds the whole matrix in fp32 (113 MB for SmolLM2's vocabulary)."""
+    out = torch.empty(codes.shape, dtype=dtype)
+    for i in range(0, codes.shape[0], rows):
+        out[i : i + rows] = codes[i : i + rows].float() * scale[i : i + rows]
+    return out
+
+
+def _decode_vocab_matrices(frozen: dict[str, torch.Tensor], specs: dict[str, dict], dtype: torch.dtype = torch.float32) -> None:
     for name, spec in specs.items():
         if spec.get("codec") == "int8-row":
             codes, scale = frozen.pop(name, None), frozen.pop(name + SCALE_SUFFIX, None)
             if codes is None or scale is None or codes.dtype != torch.int8:
                 raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored as int8 rows with a scale")
-            frozen[name] = codes.float() * scale
+            frozen[name] = _decode_int8_rows(codes, scale, dtype)
         elif spec.get("codec") == "packed":
             from .quantize import unpack_matrix
 
@@ -153,7 +164,7 @@ def _decode_vocab_matrices(frozen: dict[str, torch.Tensor], specs: dict[str, dic
             if any(v is None for v in parts.values()):
                 raise BundleError(f"{EMULATOR_WEIGHTS}: {name} should be stored packed (qweight, scales, zeros)")
             try:
-                frozen[name] = unpack_matrix(parts, int(spec["bits"]), tuple(spec["shape"]), torch.float32)
+                frozen[name] = unpack_matrix(parts, int(spec["bits"]), tuple(spec["shape"]), torch.float32).to(dtype)
             except ValueError as e:
                 raise BundleError(f"{EMULATOR_WEIGHTS}: {name}: {e}") from None
         else:
@@ -584,28 +595,37 @@ def _make_quant_shells(model: PreTrainedModel, family: Family, block_quant: dict
         make_quant_shells(blocks[pos], bits=int(q["bits"]), group_size=int(q.get("group_size", 64)), awq=bool(q.get("awq", False)))
 
 
+RUNTIMES = ("auto", "lean", "transformers")
+
+
 def load_bundle(
     path: str | Path,
     public_key_path: str | Path | None,
     device: str | torch.device | None = None,
     trust_local_copy: bool = False,
+    runtime: str = "transformers",
+    vocab_dtype: torch.dtype = torch.float32,
 ) -> EmulatorBundle:
     """Verify and load a bundle. Every byte deserialised is the byte that was hashed.
 
     Without a public key the bundle is refused (fail closed), unless `trust_local_copy` is
     set by a caller holding the model owner's own freshly built copy: then the signature is
-    not checked, but every file still must match the manifest's sizes and hashes."""
+    not checked, but every file still must match the manifest's sizes and hashes.
+
+    `runtime`: "transformers" builds the model with transformers; "lean" with
+    `offsite.emulators.lean` (plain Llama only; never imports transformers' model classes,
+    ~140 MB less resident memory); "auto" takes lean where it applies. `vocab_dtype`: the
+    dtype the embedding / LM-head matrix is decoded into (bf16 for a bf16 trainer)."""
+    if runtime not in RUNTIMES:
+        raise BundleError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     check_signature = not (public_key_path is None and trust_local_copy)
     try:
-        return _load_bundle(path, public_key_path, device, check_signature=check_signature)
+        return _load_bundle(path, public_key_path, device, check_signature, runtime, vocab_dtype)
     except KeyError as e:
         raise BundleError(f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool") from None
 
 
-def _load_bundle(path, public_key_path, device, check_signature: bool = True) -> EmulatorBundle:
-    from transformers import AutoTokenizer
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
+def _read_verified(path, public_key_path, check_signature: bool) -> tuple[dict, bytes, dict[str, bytes]]:
     with bundle_dir(path) as root:
         manifest, manifest_bytes = _read_manifest(root, public_key_path, check_signature)
         files = _check_listing(root, manifest)
@@ -617,25 +637,47 @@ def _load_bundle(path, public_key_path, device, check_signature: bool = True) ->
     for required in (EMULATOR_WEIGHTS, ADAPTER_WEIGHTS, CONFIG):
         if required not in blobs:
             raise BundleError(f"{required}: the manifest does not list it; the bundle is incomplete")
+    return manifest, manifest_bytes, blobs
 
-    plan = SplitPlan.from_dict(manifest["plan"])
-    family = get_family(manifest["base_model"]["family"])
-    config_dict = json.loads(blobs.pop(CONFIG))
+
+def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: str) -> tuple[nn.Module, bool]:
+    """An unfilled model for `config_dict` and whether it is the lean one."""
+    from . import lean
+
+    why_not = lean.supports(config_dict)
+    if runtime == "lean" and why_not:
+        raise BundleError(f"{CONFIG}: the lean runtime cannot run this model ({why_not}); load it with runtime='transformers'")
+    use_lean = runtime == "lean" or (runtime == "auto" and why_not is None)
     model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise BundleError(f"{CONFIG}: unknown model_type {model_type!r}")
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    if use_lean:
+        config = lean.LeanConfig.from_dict(config_dict)
+    else:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise BundleError(f"{CONFIG}: unknown model_type {model_type!r}")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     if family_for(config).name != family.name:
         raise BundleError(f"{CONFIG}: model type {model_type!r} does not belong to family {family.name!r} named in the manifest")
     if family.num_layers(config) != len(plan.layer_origin):
         raise BundleError(f"{CONFIG}: {family.num_layers(config)} blocks, the manifest's plan has {len(plan.layer_origin)}")
+    return (lean.empty_model(config_dict) if use_lean else empty_model_like(config)), use_lean
+
+
+def _load_bundle(path, public_key_path, device, check_signature: bool = True, runtime: str = "transformers",
+                 vocab_dtype: torch.dtype = torch.float32) -> EmulatorBundle:
+    manifest, manifest_bytes, blobs = _read_verified(path, public_key_path, check_signature)
+    plan = SplitPlan.from_dict(manifest["plan"])
+    family = get_family(manifest["base_model"]["family"])
+    config_dict = json.loads(blobs.pop(CONFIG))
+    model, use_lean = _model_shell(config_dict, family, plan, runtime)
 
     block_quant = {int(b["position"]): b["quantization"] for b in manifest["blocks"] if b.get("quantization")}
-    model = empty_model_like(config)
     _make_quant_shells(model, family, block_quant)
 
-    frozen = st_load(blobs.pop(EMULATOR_WEIGHTS))
-    _decode_vocab_matrices(frozen, manifest.get("storage", {}).get("encoded", {}))
+    frozen = st_load(blobs.pop(EMULATOR_WEIGHTS))  # the bytes go as soon as they are tensors
+    encoded = manifest.get("storage", {}).get("encoded", {})
+    _decode_vocab_matrices(frozen, encoded, vocab_dtype if use_lean else torch.float32)
     adapter_bytes = blobs.pop(ADAPTER_WEIGHTS)
     adapter_meta = _safetensors_metadata(adapter_bytes)
     base_digest = manifest["base_model"]["digest"]
@@ -643,24 +685,22 @@ def _load_bundle(path, public_key_path, device, check_signature: bool = True) ->
         raise BundleError(f"{ADAPTER_WEIGHTS}: not an Offsite adapter (format {adapter_meta.get('format')!r})")
     if adapter_meta.get("base_model_digest") != base_digest:
         raise BundleError(f"{ADAPTER_WEIGHTS}: made for base model {adapter_meta.get('base_model_digest')!r}, the manifest names {base_digest!r}")
-    state = dict(frozen)
+    state = frozen
     for original, tensor in st_load(adapter_bytes).items():
         try:
             state[to_emulator_name(original, plan, family)] = tensor.float()  # fp16-stored adapters train in fp32
         except KeyError as e:
             raise BundleError(f"{ADAPTER_WEIGHTS}: {e}") from None
-    _load_state_strict(model, state)
+    del adapter_bytes
+    if use_lean:
+        _assign_state_strict(model, state, set(encoded))
+    else:
+        _load_state_strict(model, state)
+    del state, frozen
     model.eval()
     if device is not None:
         model.to(device)
-
-    with tempfile.TemporaryDirectory(prefix="offsite-tokenizer-") as tok_dir:
-        # Load the tokenizer from the verified bytes, not from the bundle path again.
-        for name, data in blobs.items():
-            (Path(tok_dir) / name).write_bytes(data)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _load_tokenizer(blobs, use_lean)
 
     return EmulatorBundle(
         model=model,
@@ -674,6 +714,26 @@ def _load_bundle(path, public_key_path, device, check_signature: bool = True) ->
         path=str(path),
         block_quant=block_quant,
     )
+
+
+def _load_tokenizer(files: dict[str, bytes], use_lean: bool):
+    """The tokenizer from the verified bytes, not from the bundle path again."""
+    if use_lean:
+        from .lean import LeanTokenizer
+
+        try:
+            return LeanTokenizer(files)
+        except ValueError as e:
+            raise BundleError(f"tokenizer files: {e}") from None
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="offsite-tokenizer-") as tok_dir:
+        for name, data in files.items():
+            (Path(tok_dir) / name).write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @torch.no_grad()
@@ -699,6 +759,32 @@ def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                 f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
             )
         target.copy_(tensor)
+
+
+@torch.no_grad()
+def _assign_state_strict(model: nn.Module, state: dict[str, torch.Tensor], decoded: set[str]) -> None:
+    """Fill a meta-device lean model by taking the loaded tensors themselves (no second copy).
+
+    Same checks as `_load_state_strict`; the `decoded` vocabulary matrices may come in the
+    caller's `vocab_dtype` instead of fp32."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise BundleError(f"{EMULATOR_WEIGHTS}: tensors the model does not have, e.g. {unexpected[0]!r}")
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(state) - tied)
+    if missing:
+        raise BundleError(f"{EMULATOR_WEIGHTS}: tensor {missing[0]!r} is missing")
+    for name, tensor in state.items():
+        target = expected[name]
+        dtype_ok = target.dtype == tensor.dtype or (name in decoded and tensor.is_floating_point())
+        if tuple(target.shape) != tuple(tensor.shape) or not dtype_ok:
+            raise BundleError(
+                f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def bundle_summary(manifest: dict) -> dict:

@@ -9,12 +9,16 @@ block can never silently shift the adapter's position.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .families import Family
-from .models import LoadedModel
+
+if TYPE_CHECKING:  # transformers' model classes cost ~140 MB of RSS to import; a client may not need them
+    from transformers import PreTrainedModel
+
+    from .models import LoadedModel
 
 
 class SplitError(ValueError):
@@ -181,6 +185,7 @@ def empty_model_like(config) -> PreTrainedModel:
     Parameters are allocated but not initialised: every one is overwritten by the caller.
     Non-persistent buffers (rotary frequencies, causal masks) are computed in __init__,
     so they are correct."""
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     with no_init_weights():

@@ -23,6 +23,7 @@ from offsite.emulators.families import Family
 from offsite.emulators.losses import causal_lm_nll, hidden_states, lm_nll_from_hidden
 
 from . import checkpoint as ckpt
+from . import optim
 from .config import TrainConfig, TrainResult
 from .memory import current_rss_mb, peak_rss_mb, release_free_memory
 from .headloss import frozen_head_nll
@@ -117,11 +118,11 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise EngineError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
 
 
@@ -266,7 +267,7 @@ def train_model(
         store_frozen_adapter_fp16(model, family, target.trainable_blocks)
     params = [p for _, p in applied.trainable_parameters()]
     optimizer = make_optimizer(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = optim.LambdaSchedule(optimizer, lr_lambda(cfg))
     stepper = Stepper(model, family, applied, cfg, device, dtype)
 
     state = {"losses": [], "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "eval_ppl_before": None}
@@ -289,10 +290,6 @@ def train_model(
         state["eval_ppl_before"] = eval_ppl(model, data.heldout, cfg, device, dtype)
 
     fingerprint = cfg.fingerprint()
-    flops_per_step = None
-    if cfg.count_flops and start < cfg.steps:
-        flops_per_step = count_step_flops(stepper, list(micro_batches(data.train, cfg.batch_size, cfg.seed, start * cfg.grad_accum,
-                                                                      cfg.grad_accum)), params)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -328,6 +325,11 @@ def train_model(
             on_step(done, loss)
     if bar is not None:
         bar.close()
+    train_peak_mb = peak_rss_mb()
+    flops_per_step = None
+    if cfg.count_flops:
+        # after training: the FLOP counter imports sympy (~70 MB), which no real client pays
+        flops_per_step = count_step_flops(stepper, list(micro_batches(data.train, cfg.batch_size, cfg.seed, 0, cfg.grad_accum)), params)
 
     trainable_params, lowest_block = applied.trainable_params, applied.lowest_block
     del optimizer, scheduler, params
@@ -357,7 +359,7 @@ def train_model(
         "losses": losses,
         "eval_ppl_before": state["eval_ppl_before"],
         "eval_ppl_after": eval_after,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": train_peak_mb,  # of the process until the end of training (loading included)
         "rss_mb_end": current_rss_mb(),
         "train_seconds": state["train_seconds"],
         "tokens_per_s": state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
