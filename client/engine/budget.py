@@ -72,7 +72,7 @@ class BudgetChoice:
         return {
             "spec": self.spec, "budget_mb": self.budget_mb, "estimate_mb": round(self.estimate_mb, 1),
             "minimum_mb": round(self.minimum_mb, 1), "fixed_mb": round(self.fixed_mb, 1),
-            "depth_mb": {str(k): round(v, 1) for k, v in self.depth_mb.items()},
+            "depth_mb": {str(k): round(v, 1) if math.isfinite(v) else None for k, v in self.depth_mb.items()},
             "units": [{"unit": u.name, "gain": u.gain if math.isfinite(u.gain) else None, "own_mb": round(u.own_mb, 2), "chosen": u.name in self.chosen}
                       for u in self.units],
             "loss_probe_before": self.loss_probe_before, "probe_seconds": round(self.probe_seconds, 2),
@@ -130,8 +130,8 @@ def unit_own_bytes(block: torch.nn.Module, kind: str, cfg: TrainConfig, tokens: 
 
 
 def loss_workspace_bytes(vocab: int, cfg: TrainConfig, act_bytes: int) -> int:
-    if cfg.fused_head_loss:  # one chunk's logits, their fp32 copy (softmax in place), its gradient
-        return cfg.loss_chunk_tokens * vocab * (act_bytes + 4 + act_bytes)
+    if cfg.fused_head_loss:  # one chunk's logits and their fp32 copy; softmax and its gradient reuse them
+        return cfg.loss_chunk_tokens * vocab * (act_bytes + 4)
     # checkpointed chunks: logits, fp32 copy, log-softmax and its gradient
     return cfg.loss_chunk_tokens * vocab * (act_bytes + 4 + 4 + 4)
 
@@ -169,8 +169,13 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     # depth cost: what backward down to block l keeps, measured on one sequence and scaled
     # to the micro-batch (activations grow linearly with it), so the analysis itself stays small
     train_batch = (train.input_ids[:1], train.labels[:1], train.attention_mask[:1])
+    # Top block first: depth only grows downwards, so once it alone breaks the budget the
+    # lower blocks are out too and are not measured (measuring them would itself cost memory).
     depth_mb: dict[int, float] = {}
-    for p in positions:
+    for p in sorted(positions, reverse=True):
+        if depth_mb and fixed_mb + max(depth_mb.values()) > budget:
+            depth_mb[p] = math.inf
+            continue
         applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
         try:
             with SavedActivations(exclude=model) as saved:
@@ -305,7 +310,7 @@ def _explain(choice: BudgetChoice, units: list[Unit], gain: float) -> list[str]:
         f"memory budget {choice.budget_mb:.0f} MB: fixed {choice.fixed_mb:.0f} MB (runtime, frozen weights, data, loss workspace); "
         f"minimum {choice.minimum_mb:.0f} MB",
         "backward depth cost (MB) by lowest trainable block: "
-        + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(choice.depth_mb.items())),
+        + ", ".join(f"{k}: {v:.0f}" if math.isfinite(v) else f"{k}: over budget, not measured" for k, v in sorted(choice.depth_mb.items())),
         f"{'unit':<18}{'loss drop':>11}{'MB':>9}  chosen",
     ]
     for u in sorted(units, key=lambda u: (-u.block, u.kind)):

@@ -29,13 +29,18 @@ class _FrozenHeadNLL(torch.autograd.Function):
                 h = hidden[i : i + chunk].to(compute_dtype)
                 y = targets[i : i + chunk]
                 logits = (h @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                target = logits.gather(1, y[:, None]).squeeze(1)
+                # log-sum-exp by hand, in place: torch.logsumexp would allocate a second
+                # vocabulary-wide fp32 buffer, the largest allocation of the whole step
+                peak = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()
+                norm = probs.sum(dim=-1, keepdim=True)
+                total += (norm.log() + peak).squeeze(1).sub(target).sum()
                 if need_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs.div_(norm)  # softmax
                     probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
                     grad[i : i + chunk] = (probs.to(compute_dtype) @ w).float()
-                del logits
+                del logits, probs
         if need_grad:
             ctx.save_for_backward(grad)
         return total
