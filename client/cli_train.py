@@ -64,8 +64,18 @@ def train(
         budget_mb = parse_memory(memory_budget) if memory_budget else None
     except BudgetError as e:
         _fail(str(e), json_out)
+    import torch
+
+    from .engine.pruning import resolve_precision
+
     try:
-        loaded = load_bundle(bundle, public_key)  # verifies signature and every file's hash first
+        vocab_dtype = resolve_precision(precision, torch.device("cpu"))
+    except ValueError as e:
+        _fail(str(e), json_out)
+    try:
+        # verifies the signature and every file's hash first; the lean runtime where it applies,
+        # with the vocabulary decoded straight into the compute dtype
+        loaded = load_bundle(bundle, public_key, runtime="auto", vocab_dtype=vocab_dtype)
     except (BundleError, OSError) as e:
         _fail(f"bundle {bundle} failed verification, refusing to train on it: {e}", json_out)
     try:

@@ -86,7 +86,7 @@ def load_cached_bundle(digest: str, settings: ClientSettings):
         )
     if not settings.public_key:
         raise ClientSetupError("no public key to verify the bundle with; start the node with --node-config \"public-key='signing.pub'\"")
-    bundle = load_bundle(path, settings.public_key)
+    bundle = load_bundle(path, settings.public_key, runtime="auto")  # the lean runtime where it applies
     _BUNDLES.clear()  # one bundle per process: the emulator is the largest thing a client holds
     _BUNDLES[digest] = bundle
     return bundle
