@@ -75,6 +75,7 @@ class EmulatorConfig:
     group_size: int = 64
     embed_bits: int | None = None  # tied embedding / LM head stored at this many bits (None: int8 rows)
     embed_group: int = 64
+    gptq: bool = False  # GPTQ error-compensating rounding (input second moments from 16 train blocks)
 
     @property
     def selection(self) -> str:
@@ -86,7 +87,15 @@ class EmulatorConfig:
         d = asdict(self)
         d.pop("name")
         d["block_bits"] = {str(k): v for k, v in sorted(self.block_bits.items())}
+        # options added after rows were cached enter the key only when set, so the
+        # cached rows of older configurations keep their hash
+        for k in _LATE_OPTIONS:
+            if d[k] == _LATE_OPTIONS[k]:
+                d.pop(k)
         return d
+
+
+_LATE_OPTIONS = {"gptq": False}
 
 
 def bits_of(cfg: EmulatorConfig, block: int) -> int | None:
@@ -104,6 +113,10 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("int4+emb4", bits=4, embed_bits=4),
     EmulatorConfig("int4+emb3", bits=4, embed_bits=3),
     EmulatorConfig("int8+emb3", bits=8, embed_bits=3),
+    EmulatorConfig("int3-awq-gptq", bits=3, awq=True, gptq=True),
+    EmulatorConfig("int4-awq", bits=4, awq=True),
+    EmulatorConfig("int3-awq-a0.75", bits=3, awq=True, awq_alpha=0.75),
+    EmulatorConfig("int4-awq-a1.0", bits=4, awq=True, awq_alpha=1.0),
 ]
 QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int4+emb4", bits=4, embed_bits=4)]
 NAMED = "int4"
@@ -158,13 +171,19 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
     if cfg.awq:
         prefixes = tuple(loaded.family.block_prefix(p) for p in plan.emulator_positions)
         stats = collect_act_scales(emu, train, lambda name: name.startswith(prefixes), max_blocks=16)
+    hessians = None
+    if cfg.gptq:
+        from offsite.emulators.quantize import collect_input_hessians
+
+        prefixes = tuple(loaded.family.block_prefix(p) for p in plan.emulator_positions)
+        hessians = collect_input_hessians(emu, train, lambda name: name.startswith(prefixes), max_blocks=16)
     blocks = loaded.family.get_blocks(emu)
     for pos in plan.emulator_positions:
         b = bits_of(cfg, plan.layer_origin[pos])
         if b is None:
             continue
         quantize_module(blocks[pos], b, cfg.group_size, act_scales=stats, prefix=loaded.family.block_prefix(pos),
-                        awq_alpha=cfg.awq_alpha, clip_search=cfg.clip_search)
+                        awq_alpha=cfg.awq_alpha, clip_search=cfg.clip_search, hessians=hessians)
     return emu, plan, time.perf_counter() - t0
 
 

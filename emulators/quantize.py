@@ -173,12 +173,15 @@ class QuantLinear(nn.Module):
         group_size: int = DEFAULT_GROUP_SIZE,
         input_scale: torch.Tensor | None = None,
         clip_search: bool = False,
+        hessian: torch.Tensor | None = None,
     ) -> QuantLinear:
         """Quantize `linear` (round to nearest, asymmetric) into a new QuantLinear.
 
         `input_scale` (AWQ): the weight's columns are multiplied by it before rounding and
         the forward divides the input by it. `clip_search` shrinks each group's range to
-        the ratio (1.0 .. 0.7) with the least squared weight error.
+        the ratio (1.0 .. 0.7) with the least squared weight error. `hessian` (E[x x^T] of
+        the layer's input, from `collect_input_hessians`) switches rounding to GPTQ's
+        error compensation; the stored format is the same.
         """
         w = linear.weight.detach().float()
         out = cls(
@@ -189,7 +192,14 @@ class QuantLinear(nn.Module):
             s = input_scale.detach().float().to(w.device)
             out.input_scale.copy_(s)
             w = w * s.unsqueeze(0)
-        codes, scales, zeros = quantize_weight(w, bits, out.group_size, clip_search=clip_search)
+        if hessian is not None:
+            h = hessian.detach().float().to(w.device)
+            if input_scale is not None:
+                # the rounded weight sees x / s, whose second moment is H / (s s^T)
+                h = h / (s.unsqueeze(0) * s.unsqueeze(1))
+            codes, scales, zeros = gptq_quantize_weight(w, h, bits, out.group_size)
+        else:
+            codes, scales, zeros = quantize_weight(w, bits, out.group_size, clip_search=clip_search)
         out.qweight = pack_codes(codes, bits)
         out.scales.copy_(scales)
         out.zeros.copy_(zeros)
@@ -239,6 +249,117 @@ def _rtn(g: torch.Tensor, qmax: int, ratio: float) -> tuple[torch.Tensor, torch.
     zeros = torch.round(-lo / scales.float()).clamp(0, qmax).to(torch.float16)
     codes = torch.round(g / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).clamp(0, qmax)
     return codes.to(torch.uint8), scales, zeros
+
+
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022): round columns left to right and push each column's
+    rounding error onto the columns not yet rounded, weighted by the inverse of the input
+    second moment `hessian` (E[x x^T], [in, in]), so the layer's *output* error on that
+    input distribution is what gets minimised rather than the weight error.
+
+    Same result layout as `quantize_weight` (asymmetric groups of `group_size` columns,
+    fp16 scales/zeros chosen when the group is reached, from the error-updated weights).
+    `damp` adds that fraction of the mean diagonal to H so it can be inverted.
+    """
+    _check_bits(bits)
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise QuantizationError(f"group size {group_size} does not divide the input width {in_f}")
+    if hessian.shape != (in_f, in_f):
+        raise QuantizationError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {in_f} input channels")
+    qmax = (1 << bits) - 1
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0  # inputs never seen: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += torch.eye(in_f, dtype=H.dtype, device=H.device) * (damp * float(torch.diag(H).mean()))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    n_groups = in_f // group_size
+    scales = torch.zeros(out_f, n_groups, dtype=torch.float16, device=W.device)
+    zeros = torch.zeros(out_f, n_groups, dtype=torch.float16, device=W.device)
+    # whole groups per lazy block, so a group's range is read after all earlier updates
+    block = group_size * max(1, block_size // group_size)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        h1 = hinv[i1:i2, i1:i2]
+        s = z = None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                _c, s16, z16 = _rtn(W1[:, i:i + group_size].unsqueeze(1), qmax, 1.0)
+                scales[:, col // group_size] = s16[:, 0]
+                zeros[:, col // group_size] = z16[:, 0]
+                s, z = s16[:, 0].float(), z16[:, 0].float()
+            c = torch.round(W1[:, i] / s + z).clamp(0, qmax)
+            codes[:, col] = c.to(torch.uint8)
+            e = (W1[:, i] - (c - z) * s) / h1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scales, zeros
+
+
+@torch.no_grad()
+def collect_input_hessians(
+    model: nn.Module,
+    blocks,
+    module_filter: Callable[[str], bool] | None = None,
+    max_blocks: int | None = 16,
+    batch_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """E[x x^T] over the input tokens of every nn.Linear whose name passes `module_filter`
+    (padding ignored), over the first `max_blocks` calibration blocks: GPTQ's statistics.
+    Layers that read the same input (q/k/v, gate/up) get equal matrices."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_mod, inputs, _out):
+            x = inputs[0].detach().float()
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.bool()]
+            x = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (module_filter is None or module_filter(name)):
+            hooks.append(mod.register_forward_hook(hook_for(name)))
+    if not hooks:
+        raise QuantizationError("no nn.Linear layer matched the filter; nothing to calibrate")
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for ids, _labels, mask in blocks.batches(batch_size, shuffle=False):
+            if max_blocks is not None and seen >= max_blocks:
+                break
+            if max_blocks is not None:
+                ids, mask = ids[: max_blocks - seen], mask[: max_blocks - seen]
+            current_mask[0] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen += ids.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 
 # --- AWQ statistics and scale search -----------------------------------------------
@@ -371,6 +492,7 @@ def quantize_module(
     awq_alpha: float | None = 0.5,
     clip_search: bool = False,
     skip: Callable[[str], bool] | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """In place: every nn.Linear inside `module` becomes a QuantLinear of `bits` bits.
 
@@ -378,7 +500,8 @@ def quantize_module(
     as `prefix + name inside module` (pass e.g. ``prefix="model.layers.5."`` when
     quantizing one block with statistics collected on the whole model). A layer without
     statistics is quantized without scaling. `awq_alpha=None` searches alpha per layer.
-    Mixed precision is calling this per block with different `bits`.
+    Mixed precision is calling this per block with different `bits`. `hessians` (from
+    `collect_input_hessians`, keyed like `act_scales`) switches rounding to GPTQ.
     """
     _check_bits(bits)
     for full, parent, child_name, linear in _linear_children(module, skip):
@@ -388,7 +511,8 @@ def quantize_module(
             if stat is not None:
                 g = effective_group_size(linear.in_features, bits, group_size)
                 s = awq_input_scale(linear.weight, stat, bits, g, awq_alpha)
-        setattr(parent, child_name, QuantLinear.from_linear(linear, bits, group_size, input_scale=s, clip_search=clip_search))
+        h = _lookup_scales(hessians, prefix, full) if hessians is not None else None
+        setattr(parent, child_name, QuantLinear.from_linear(linear, bits, group_size, input_scale=s, clip_search=clip_search, hessian=h))
 
 
 def make_quant_shells(

@@ -16,6 +16,8 @@ from offsite.emulators.quantize import (
     QuantLinear,
     awq_input_scale,
     collect_act_scales,
+    collect_input_hessians,
+    gptq_quantize_weight,
     dequantize_module,
     fake_quantize,
     pack_matrix,
@@ -143,6 +145,68 @@ def test_awq_does_not_hurt_reconstruction_on_skewed_activations(bits):
     e_plain, e_search, e_fixed = (_rel_err(m(x), ref) for m in (plain, searched, fixed))
     assert e_search <= e_plain * 1.001
     assert e_fixed < e_plain  # salient channels get a finer grid
+
+
+def _correlated_inputs(seed=0, n=1024, d=128):
+    """Inputs with strongly correlated channels (low-rank plus noise), where error
+    compensation has room to work."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, d, generator=g)
+    return torch.randn(n, 8, generator=g) @ basis + 0.1 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_gptq_lowers_output_error_and_keeps_the_stored_format(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = _correlated_inputs(bits)
+    lin = nn.Linear(128, 32, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 128, generator=g) * 0.1)
+    ref = lin(x)
+    h = x.T @ x / x.shape[0]
+    rtn = QuantLinear.from_linear(lin, bits, 64)
+    gptq = QuantLinear.from_linear(lin, bits, 64, hessian=h)
+    assert _rel_err(gptq(x), ref) < 0.8 * _rel_err(rtn(x), ref)
+    # same buffers, same grid: the stored codes dequantize with the stored scales/zeros
+    assert {n for n, _ in gptq.named_buffers()} == {n for n, _ in rtn.named_buffers()}
+    codes, scales, zeros = gptq_quantize_weight(lin.weight, h, bits, 64)
+    assert int(codes.max()) <= (1 << bits) - 1
+    expect = ((codes.view(32, 2, 64).float() - zeros.float()[..., None]) * scales.float()[..., None]).view(32, 128)
+    assert torch.equal(gptq.dequantized_weight(), expect)
+
+
+def test_gptq_with_identity_hessian_is_plain_rounding():
+    # with uncorrelated unit inputs there is no error to push anywhere: GPTQ == RTN
+    w = torch.randn(16, 128)
+    c1, s1, z1 = gptq_quantize_weight(w, torch.eye(128), 4, 64, damp=0.0)
+    c2, s2, z2 = quantize_weight(w, 4, 64)
+    assert torch.equal(c1, c2) and torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def test_gptq_with_awq_scale_and_module_hessians():
+    lin, x = _skewed(1)
+    ref = lin(x)
+    s = awq_input_scale(lin.weight, x.abs().mean(0), 3, 64, alpha=0.5)
+    h = x.T @ x / x.shape[0]
+    awq = QuantLinear.from_linear(lin, 3, input_scale=s)
+    both = QuantLinear.from_linear(lin, 3, input_scale=s, hessian=h)
+    assert _rel_err(both(x), ref) < _rel_err(awq(x), ref)
+    with pytest.raises(QuantizationError, match="does not fit"):
+        gptq_quantize_weight(lin.weight, torch.eye(64), 3, 64)
+
+
+def test_collected_hessians_drive_quantize_module():
+    loaded = load_model("tiny-llama")
+    model = loaded.model
+    split = python_reference_split(n_shards=1)
+    blocks = tokenize_examples(split.shards[0][:40], loaded.tokenizer, 64)
+    prefix = loaded.family.block_prefix(3)
+    hs = collect_input_hessians(model, blocks, lambda n: n.startswith(prefix), max_blocks=8)
+    assert hs and all(h.shape[0] == h.shape[1] for h in hs.values())
+    assert all(torch.allclose(h, h.T, atol=1e-5) for h in hs.values())
+    block = copy.deepcopy(loaded.family.get_blocks(model)[3])
+    quantize_module(block, 3, hessians=hs, prefix=prefix)
+    assert all(isinstance(m, QuantLinear) for m in block.modules() if isinstance(m, (nn.Linear, QuantLinear)))
 
 
 def test_quantize_module_with_act_scales_and_shells_round_trip(tmp_path):
