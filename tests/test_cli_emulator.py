@@ -176,7 +176,7 @@ def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
 
 def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
     args = ["demo", "--work-dir", tmp_path / "demo", "--model", "tiny-llama", "--quantize", "int4", "--no-awq",
-            "--steps", "2", "--block-size", "64", "--eval-blocks", "4", "--no-export", "--json"]
+            "--steps", "2", "--block-size", "64", "--eval-blocks", "4", "--no-export", "--rounds", "0", "--json"]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -216,3 +216,28 @@ def test_unknown_family_names_the_supported_ones(tmp_path, keys, corpus):
     r, out = _bad_build(tmp_path, keys, corpus, **{"--model": str(model_dir)})
     assert r.exit_code != 0 and "gpt_neox" in r.output and "llama" in r.output, r.output
     assert not out.exists()
+
+
+def test_demo_rounds_end_in_a_gated_release_and_resume(tmp_path):
+    """Stages 7-8: federated rounds on the demo's bundle, then the gate; a capped eval fails closed."""
+    from offsite.server.registry import Registry
+
+    args = ["demo", "--work-dir", tmp_path / "demo", "--model", "tiny-llama", "--quantize", "int4", "--no-awq",
+            "--steps", "1", "--block-size", "64", "--eval-blocks", "2", "--no-export", "--rounds", "1", "--clients", "2",
+            "--local-steps", "1", "--eval-limit", "1", "--gate-suites", "capability_general", "--json"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    fed = json.loads(r.stdout.strip().splitlines()[-1])["federation"]
+    assert [x["clients"] for x in fed["rounds"]] == [2]
+    # one item per suite is not a full run: the default policy blocks it, and the release says so
+    assert fed["gate"]["verdict"] == "block" and fed["release"]["status"] == "blocked"
+    assert any("limit" in reason for reason in fed["gate"]["reasons"])
+    registry = Registry(f"sqlite:///{tmp_path / 'demo' / 'federation' / 'registry.db'}")
+    try:
+        row = registry.get_release(fed["release"]["id"])
+        assert (row.status, row.gate_verdict) == ("blocked", "block")
+    finally:
+        registry.close()
+    assert (tmp_path / "demo" / "gate" / "report.html").exists()
+    again = json.loads(invoke(*args).stdout.strip().splitlines()[-1])["federation"]
+    assert again["job_id"] == fed["job_id"]  # the finished job is reused, not run again

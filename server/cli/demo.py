@@ -2,7 +2,8 @@
 
 keys -> signed emulator bundle -> verify -> fine-tune the adapter on the emulator (the
 data owner's side) -> plug-in into the full model -> quality table on held-out
-python-reference text. Each stage writes into the work directory and is skipped on a
+python-reference text -> federated rounds of simulated data owners on the same bundle
+(Flower) -> candidate release -> safety gate against the base model (demo_release.py). Each stage writes into the work directory and is skipped on a
 re-run when its output is already there and matches the options, so an interrupted demo
 resumes where it stopped.
 """
@@ -42,6 +43,11 @@ class DemoConfig:
     adapter_layers: tuple[int, int] = (2, 2)
     steps: int = 40
     lr: float = 1e-4
+    rounds: int = 2  # federated rounds after the single-owner fine-tune (0: stop after plug-in)
+    clients: int = 2
+    local_steps: int = 10
+    eval_limit: int = 0  # safety items per suite at the gate (0: every item; the policy blocks a capped run)
+    gate_suites: tuple[str, ...] = ()  # suites or categories at the gate (empty: all)
     batch_size: int = 4
     block_size: int = 256
     eval_blocks: int = 32  # held-out blocks per evaluation (0: all)
@@ -121,9 +127,9 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
     # 1. keys (the model owner's, once)
     if not (key_path.exists() and pub_path.exists()):
         generate_signing_key(keys_dir)
-        log(f"1/6 keys: wrote {key_path} (mode 600) and {pub_path}")
+        log(f"1/8 keys: wrote {key_path} (mode 600) and {pub_path}")
     else:
-        log(f"1/6 keys: reusing {keys_dir}")
+        log(f"1/8 keys: reusing {keys_dir}")
 
     # 2. the signed bundle (the model owner's, once per configuration)
     t = time.time()
@@ -138,7 +144,7 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         except BundleError:
             manifest = None
     if manifest is None:
-        log(f"2/6 bundle: building {cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model} ...")
+        log(f"2/8 bundle: building {cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model} ...")
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("    {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -146,9 +152,9 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
             task = bar.add_task("building", total=1.0)
             manifest = build_bundle(build_cfg, key_path, bundle_dir, progress=False, overwrite=True, loaded=loaded,
                                     on_progress=lambda f, m: bar.update(task, completed=f, description=m[:60]))
-        log(f"2/6 bundle: written to {bundle_dir} in {manifest['build']['build_seconds']} s")
+        log(f"2/8 bundle: written to {bundle_dir} in {manifest['build']['build_seconds']} s")
     else:
-        log(f"2/6 bundle: reusing {bundle_dir} (same configuration)")
+        log(f"2/8 bundle: reusing {bundle_dir} (same configuration)")
     timings["bundle_s"] = round(time.time() - t, 1)
     bundle_bytes = sum(f["size"] for f in manifest["files"].values())
 
@@ -156,7 +162,7 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
     t = time.time()
     verify_bundle(bundle_dir, pub_path)
     bundle = load_bundle(bundle_dir, pub_path)
-    log(f"3/6 verify: signature and {len(manifest['files'])} files OK; loaded the emulator in {time.time() - t:.1f} s")
+    log(f"3/8 verify: signature and {len(manifest['files'])} files OK; loaded the emulator in {time.time() - t:.1f} s")
 
     split = python_reference_split(n_shards=1)
     train_examples = split.shards[0]
@@ -183,7 +189,7 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         return value
 
     results: dict = {}
-    log("4/6 zero-shot quality on held-out python-reference text")
+    log("4/8 zero-shot quality on held-out python-reference text")
     results["full_zero_shot"] = ppl(loaded.model, "full model, zero-shot")
     results["emulator_zero_shot"] = ppl(bundle.model, "emulator, zero-shot")
 
@@ -197,10 +203,10 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
             and meta.get("demo_lr") == str(cfg.lr)
     if reuse:
         bundle.load_adapter_state(state)
-        log(f"5/6 fine-tune: reusing {adapter_path}")
+        log(f"5/8 fine-tune: reusing {adapter_path}")
         train_meta = {"reused": True}
     else:
-        log(f"5/6 fine-tune: {cfg.steps} steps of the adapter on the emulator (batch {cfg.batch_size} x {cfg.block_size} tokens)")
+        log(f"5/8 fine-tune: {cfg.steps} steps of the adapter on the emulator (batch {cfg.batch_size} x {cfg.block_size} tokens)")
         try:
             from offsite.client.engine import TrainConfig, train_adapter
         except ImportError:
@@ -223,13 +229,13 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         save_adapter(adapter_path, state, bundle.base_digest, bundle_manifest_sha256=bundle.manifest_sha256,
                      demo_steps=cfg.steps, demo_lr=cfg.lr)
         shutil.rmtree(work_dir / "train-ckpt", ignore_errors=True)
-        log(f"5/6 fine-tune: done in {time.time() - t:.0f} s; adapter saved to {adapter_path}")
+        log(f"5/8 fine-tune: done in {time.time() - t:.0f} s; adapter saved to {adapter_path}")
     timings["train_s"] = round(time.time() - t, 1)
     results["emulator_finetuned"] = ppl(bundle.model, "emulator + trained adapter")
     del bundle
 
     # 5. plug the adapter into the full model
-    log("6/6 plug-in: the trained adapter into the full model, by name")
+    log("6/8 plug-in: the trained adapter into the full model, by name")
     state, meta = load_adapter(adapter_path)
     plug_in(loaded, state, meta)
     results["plugin"] = ppl(loaded.model, "full model + plugged-in adapter")
@@ -237,6 +243,18 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         export_model_dir(loaded.model, loaded.tokenizer, candidate_dir, overwrite=True,
                          provenance={"base_model_id": loaded.model_id, "base_model_digest": loaded.digest, "adapter": str(adapter_path)})
         log(f"    exported {candidate_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+
+    federated = None
+    if cfg.rounds > 0:
+        from .demo_release import RoundsConfig, run_rounds_and_gate
+
+        del loaded  # the simulated data owners and the gate load their own copies
+        t = time.time()
+        federated = run_rounds_and_gate(
+            work_dir, cfg.model, bundle_dir, pub_path,
+            RoundsConfig(clients=cfg.clients, rounds=cfg.rounds, local_steps=cfg.local_steps, lr=cfg.lr,
+                         heldout_limit=cfg.eval_blocks or 16, eval_limit=cfg.eval_limit, suites=tuple(cfg.gate_suites)), log)
+        timings["federation_and_gate_s"] = round(time.time() - t, 1)
 
     zs, pl, ef = results["full_zero_shot"], results["plugin"], results["emulator_finetuned"]
     out = {
@@ -250,6 +268,7 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         "full_model_fp32_bytes": manifest["base_model"].get("fp32_bytes"),
         "eval_tokens": eval_tokens,
         "training": train_meta,
+        "federation": federated,  # rounds, candidate release and the safety gate's verdict (None: --rounds 0)
         "timings": {**timings, "total_s": round(time.time() - started, 1)},
         "paths": {"keys": str(keys_dir), "bundle": str(bundle_dir), "adapter": str(adapter_path),
                   "candidate": str(candidate_dir) if cfg.export else None},
@@ -282,6 +301,12 @@ def _print_table(res: dict) -> None:
         f"bundle {mb:.0f} MiB{ratio}; emulator+adapter / plug-in = {res['protection_ratio']:.2f}x "
         f"(the bundle alone should stay worse); total {res['timings']['total_s']:.0f} s", highlight=False,
     )
+    fed = res.get("federation")
+    if fed:
+        rounds = ", ".join(f"round {r['round']}: {r['plugin_ppl']:.2f}" for r in fed["rounds"] if r.get("plugin_ppl"))
+        console.print(f"federated job {fed['job_id']}: plug-in ppl by round ({rounds}); safety gate "
+                      f"[bold]{fed['gate']['verdict']}[/bold] -> release {fed['release']['id']} {fed['release']['status']}; "
+                      f"report {fed['gate']['report']}", highlight=False)
 
 
 def demo(
@@ -295,20 +320,29 @@ def demo(
     lr: float = typer.Option(1e-4, "--lr"),
     block_size: int = typer.Option(256, "--block-size"),
     eval_blocks: int = typer.Option(32, "--eval-blocks", help="held-out blocks per evaluation (0: all)"),
+    rounds: int = typer.Option(2, "--rounds", help="federated rounds after the plug-in, then the safety gate (0: stop after the plug-in)"),
+    clients: int = typer.Option(2, "--clients", help="simulated data owners in the federated rounds"),
+    local_steps: int = typer.Option(10, "--local-steps", help="training steps per data owner per round"),
+    eval_limit: int = typer.Option(0, "--eval-limit", help="safety items per suite at the gate (0: every item; the default policy blocks a capped run)"),
+    gate_suites: str = typer.Option("", "--gate-suites", help="comma-separated suites or categories at the gate (default: all)"),
     fresh: bool = typer.Option(False, "--fresh", help="discard earlier results in --work-dir (keys are kept)"),
     no_export: bool = typer.Option(False, "--no-export", help="skip writing the plugged-in model directory"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
-    """Run the end-to-end path: keys, signed bundle, verify, fine-tune on the emulator, plug-in, quality table.
+    """Run the end-to-end path: keys, signed bundle, verify, fine-tune on the emulator, plug-in, quality
+    table; then federated rounds (Flower simulation) and the safety gate on the resulting candidate.
 
-    Example: offsite-admin demo --work-dir demo-out --steps 40
+    Example: offsite-admin demo --work-dir demo-out --steps 40 --rounds 2 --clients 2
     """
     if fresh:
-        for name in ("bundle", "adapter.safetensors", "candidate", "train-ckpt", "demo-results.json"):
+        for name in ("bundle", "adapter.safetensors", "candidate", "train-ckpt", "demo-results.json", "federation", "gate",
+                     "gate-cache"):
             p = work_dir / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     cfg = DemoConfig(model=model, quantize=quantize, awq=awq, emulator_layers=emulator_layers, distill_steps=distill_steps,
-                     steps=steps, lr=lr, block_size=block_size, eval_blocks=eval_blocks, export=not no_export)
+                     steps=steps, lr=lr, block_size=block_size, eval_blocks=eval_blocks, export=not no_export,
+                     rounds=rounds, clients=clients, local_steps=local_steps, eval_limit=eval_limit,
+                     gate_suites=tuple(x for x in gate_suites.split(",") if x))
     try:
         res = run_demo(work_dir, cfg)
     except (ValueError, OSError) as e:
