@@ -159,7 +159,7 @@ def _offsite_worker(mode: str, args) -> dict:
     keep = ("tokens_per_s", "loss_first", "loss_last", "losses", "trainable_params", "train_seconds", "tokens",
             "flops_per_step", "scheme", "precision", "eval_ppl_before", "eval_ppl_after", "lowest_trainable_block")
     out = {k: m[k] for k in keep}
-    out.update(peak_rss_mb=max(load_peak, train_peak), load_peak_rss_mb=load_peak,
+    out.update(peak_rss_mb=max(load_peak, train_peak), load_peak_rss_mb=load_peak, vmhwm_after_flop_count_mb=_vmhwm_mb(),
                train_peak_rss_mb=train_peak if reset else None, bundle=bundle.manifest.get("build", {}).get("config"))
     if "budget" in m:
         out["budget"] = {k: m["budget"][k] for k in ("budget_mb", "estimate_mb", "minimum_mb", "probe_seconds", "spec")}
