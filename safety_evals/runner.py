@@ -365,10 +365,12 @@ def _work_units(suite: Suite, items: list[dict]) -> int:
 def _progress(enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    # stderr: stdout belongs to the command's result (`--json` output must stay parseable)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)
+                    TimeRemainingColumn(), transient=False, console=Console(stderr=True))
 
 
 def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: list[str] | None = None,
