@@ -17,8 +17,8 @@ Rows, each as held-out perplexity:
 
 Summary keys (emulator_zero_shot, emulator_finetuned, plugin, bundle_bytes, build_seconds)
 describe the named configuration (`--named`; default `int3-awq`: no configuration has met
-both targets; it is the measured point nearest to them, meeting protection at 79% of the
-gain; see README "Emulator quality").
+both targets; of those meeting protection it keeps the most gain, 79%; see README
+"Emulator quality").
 The trade-off table reports for every configuration: the plug-in's share of the ceiling's
 log-perplexity gain, emulator-alone ppl, emulator+adapter ppl, the protection ratio
 (emulator+adapter / plug-in), bundle bytes, build time, and `protection_per_lost_gain` =
@@ -127,7 +127,14 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("int4-awq+qk2", bits=4, awq=True, linear_bits={"q_proj": 2, "k_proj": 2}),
     # where in depth low bits cost least share per protection: the early or the late half at 3 bits
     EmulatorConfig("awq-early3-late4", bits=4, awq=True, block_bits={i: 3 for i in range(2, 15)}),
-    # quantization-aware distillation of the 3-bit middle towards the teacher's block outputs
+    EmulatorConfig("awq-early4-late3", bits=4, awq=True, block_bits={i: 3 for i in range(15, 28)}),
+    EmulatorConfig("awq-last4-2bit", bits=4, awq=True, block_bits={i: 2 for i in range(24, 28)}),
+    EmulatorConfig("awq-8to27-3bit", bits=4, awq=True, block_bits={i: 3 for i in range(8, 28)}),
+]
+# Defined but not yet measured (too slow for the shared machine in the time available);
+# run with --configs NAME. Quantization-aware distillation of the 3-bit middle towards the
+# teacher's block outputs.
+PENDING_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("int3-qat40", bits=3, distill_steps=40, distill_qat=True, distill_match="all", distill_lm_weight=0.0),
 ]
 QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int4+emb4", bits=4, embed_bits=4)]
@@ -362,7 +369,10 @@ def main(
     all_cfgs = QUICK_CONFIGS if quick else FULL_CONFIGS
     if configs:
         wanted = configs.split(",")
-        all_cfgs = [c for c in FULL_CONFIGS + QUICK_CONFIGS if c.name in wanted]
+        all_cfgs = [c for c in FULL_CONFIGS + QUICK_CONFIGS + PENDING_CONFIGS if c.name in wanted]
+        unknown = sorted(set(wanted) - {c.name for c in all_cfgs})
+        if unknown:
+            raise typer.BadParameter(f"unknown configuration(s) {unknown}; known: {[c.name for c in FULL_CONFIGS + PENDING_CONFIGS]}")
         all_cfgs = list({c.name: c for c in all_cfgs}.values())
     named = named or (all_cfgs[0].name if quick else NAMED)
     cache = None if fresh else cache_dir
