@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 MODES = ("full_ft", "lora_full", "offsite_full_adapter", "offsite_sparse")
+MMAP_THRESHOLD_BYTES = 2 * 1024 * 1024  # = offsite.client.engine.memory.MMAP_THRESHOLD_BYTES (no torch import here)
 THREADS = 2
 
 
@@ -204,7 +205,10 @@ def gemm_worker(args) -> None:
 
 
 def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    # Every mode under the allocator policy the engine sets for itself (memory.set_malloc_policy):
+    # the same rules for the baselines, and glibc's dynamic threshold cannot flatter or hurt one mode.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES), "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "bench.client_train", *extra, "--worker-out", str(out)]
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
     if proc.returncode != 0:

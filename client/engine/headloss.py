@@ -25,22 +25,34 @@ class _FrozenHeadNLL(torch.autograd.Function):
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
+            # Two vocabulary-wide buffers for the whole loop, reused by every chunk: fresh ones
+            # per chunk would be ~25 MB of page-faulted memory each time (400 MB a step).
+            n0 = min(chunk, hidden.shape[0])
+            low = torch.empty(n0, w.shape[0], dtype=compute_dtype, device=hidden.device)
+            fp32 = compute_dtype == torch.float32
+            logits_buf = low if fp32 else torch.empty(n0, w.shape[0], device=hidden.device)
             for i in range(0, hidden.shape[0], chunk):
                 h = hidden[i : i + chunk].to(compute_dtype)
                 y = targets[i : i + chunk]
-                logits = (h @ w.t()).float()
+                n = h.shape[0]
+                torch.matmul(h, w.t(), out=low[:n])
+                logits = logits_buf[:n]
+                if not fp32:
+                    logits.copy_(low[:n])
                 target = logits.gather(1, y[:, None]).squeeze(1)
                 # log-sum-exp by hand, in place: torch.logsumexp would allocate a second
-                # vocabulary-wide fp32 buffer, the largest allocation of the whole step
+                # vocabulary-wide fp32 buffer
                 peak = logits.amax(dim=-1, keepdim=True)
                 probs = logits.sub_(peak).exp_()
                 norm = probs.sum(dim=-1, keepdim=True)
                 total += (norm.log() + peak).squeeze(1).sub(target).sum()
                 if need_grad:
                     probs.div_(norm)  # softmax
-                    probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
-                    grad[i : i + chunk] = (probs.to(compute_dtype) @ w).float()
-                del logits, probs
+                    probs[torch.arange(n, device=y.device), y] -= 1.0
+                    if not fp32:
+                        low[:n].copy_(probs)
+                    grad[i : i + chunk] = low[:n] @ w
+            del low, logits_buf
         if need_grad:
             ctx.save_for_backward(grad)
         return total

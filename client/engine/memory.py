@@ -86,3 +86,28 @@ class SavedActivations:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 2 * MB
+
+
+def set_malloc_policy(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve allocations >= `mmap_threshold` with their own mappings, returned on free.
+
+    Why 2 MiB (measured on the sparse scheme of bench.client_train, 2 threads): glibc's default
+    (a dynamic threshold up to 32 MiB) keeps freed activation buffers in a fragmented heap
+    (peak 541 MB); mapping everything above 64 KiB returns it all but page-faults every
+    fresh buffer, which halves the speed (0.95 s a step instead of 0.5 s); 2 MiB keeps the
+    per-step buffers (<= 2 MiB: most of a block's activations) in the heap for reuse and
+    maps the large ones (499 MB, 0.59 s a step). An explicit MALLOC_MMAP_THRESHOLD_ in the
+    environment wins. Returns whether the policy was applied (glibc only)."""
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -25,7 +25,7 @@ from offsite.emulators.losses import causal_lm_nll, hidden_states, lm_nll_from_h
 from . import checkpoint as ckpt
 from . import optim
 from .config import TrainConfig, TrainResult
-from .memory import current_rss_mb, peak_rss_mb, release_free_memory
+from .memory import current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
 from .headloss import frozen_head_nll
 from .pruning import (
     autocast,
@@ -229,6 +229,7 @@ def train_model(
         raise EngineError("steps, batch_size and grad_accum must all be at least 1")
     model, family = target.model, target.family
     device = next(model.parameters()).device
+    set_malloc_policy()
     dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model.eval()  # dropout off: a seed makes runs repeatable and the probe comparable
@@ -306,6 +307,7 @@ def train_model(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["train_seconds"] += time.perf_counter() - t0
+        state.setdefault("step_seconds", []).append(round(time.perf_counter() - t0, 4))
         state["tokens"] += sum(int(m.sum()) for _, _, m in batches)
         state["loss_tokens"] += n_loss
         state["losses"].append(loss)
@@ -362,6 +364,7 @@ def train_model(
         "peak_rss_mb": train_peak_mb,  # of the process until the end of training (loading included)
         "rss_mb_end": current_rss_mb(),
         "train_seconds": state["train_seconds"],
+        "step_seconds": state.get("step_seconds", []),
         "tokens_per_s": state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
         "trainable_params": trainable_params,
         "lowest_trainable_block": lowest_block,
