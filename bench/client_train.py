@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 MODES = ("full_ft", "lora_full", "offsite_full_adapter", "offsite_sparse")
-MMAP_THRESHOLD_BYTES = 2 * 1024 * 1024  # = offsite.client.engine.memory.MMAP_THRESHOLD_BYTES (no torch import here)
+MMAP_THRESHOLD_BYTES = 1024 * 1024  # = offsite.client.engine.memory.MMAP_THRESHOLD_BYTES (no torch import here)
 THREADS = 2
 
 

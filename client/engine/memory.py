@@ -89,18 +89,18 @@ class SavedActivations:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD_BYTES = 2 * MB
+MMAP_THRESHOLD_BYTES = 1 * MB
 
 
 def set_malloc_policy(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Serve allocations >= `mmap_threshold` with their own mappings, returned on free.
 
-    Why 2 MiB (measured on the sparse scheme of bench.client_train, 2 threads): glibc's default
-    (a dynamic threshold up to 32 MiB) keeps freed activation buffers in a fragmented heap
-    (peak 541 MB); mapping everything above 64 KiB returns it all but page-faults every
-    fresh buffer, which halves the speed (0.95 s a step instead of 0.5 s); 2 MiB keeps the
-    per-step buffers (<= 2 MiB: most of a block's activations) in the heap for reuse and
-    maps the large ones (499 MB, 0.59 s a step). An explicit MALLOC_MMAP_THRESHOLD_ in the
+    Why 1 MiB (measured with bench.client_train's sparse mode, 2 threads, SmolLM2 int4 2-8-2):
+    glibc's default (a dynamic threshold up to 32 MiB) keeps freed activation buffers in a
+    fragmented heap (peak 541 MB); mapping everything above 64 KiB returns it all but
+    page-faults every fresh buffer (0.95 s a step instead of 0.5 s); 1 MiB keeps the small
+    per-step buffers in the heap for reuse and maps the large ones (506 MB peak, 1210
+    tokens/s; 2 MiB: 524 MB, 1410 tokens/s). An explicit MALLOC_MMAP_THRESHOLD_ in the
     environment wins. Returns whether the policy was applied (glibc only)."""
     import ctypes
     import os

@@ -260,6 +260,7 @@ def train_model(
 
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
+        release_free_memory()  # the probes' freed buffers would otherwise stay in the heap
     else:
         spec = cfg.scheme
     plan = parse_scheme(spec, target.trainable_blocks)
