@@ -311,16 +311,17 @@ def gptq_quantize_weight(
 
 
 @torch.no_grad()
-def collect_input_hessians(
+def _input_statistics(
     model: nn.Module,
     blocks,
-    module_filter: Callable[[str], bool] | None = None,
-    max_blocks: int | None = 16,
-    batch_size: int = 4,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    module_filter: Callable[[str], bool] | None,
+    max_blocks: int | None,
+    batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    """E[x x^T] over the input tokens of every nn.Linear whose name passes `module_filter`
-    (padding ignored), over the first `max_blocks` calibration blocks: GPTQ's statistics.
-    Layers that read the same input (q/k/v, gate/up) get equal matrices."""
+    """Mean over calibration tokens of `reduce(x)` for the input rows x (tokens x features)
+    of every nn.Linear whose name passes `module_filter`; padding positions are ignored.
+    Keys are the linear layers' names in `model`."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current_mask: list[torch.Tensor | None] = [None]
@@ -333,7 +334,7 @@ def collect_input_hessians(
             if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask.bool()]
             x = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
+            sums[name] = sums.get(name, 0) + reduce(x)
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
@@ -362,10 +363,22 @@ def collect_input_hessians(
     return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 
+def collect_input_hessians(
+    model: nn.Module,
+    blocks,
+    module_filter: Callable[[str], bool] | None = None,
+    max_blocks: int | None = 16,
+    batch_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """E[x x^T] over the input tokens of every nn.Linear whose name passes `module_filter`
+    (padding ignored), over the first `max_blocks` calibration blocks: GPTQ's statistics.
+    Layers that read the same input (q/k/v, gate/up) get equal matrices."""
+    return _input_statistics(model, blocks, lambda x: x.T @ x, module_filter, max_blocks, batch_size)
+
+
 # --- AWQ statistics and scale search -----------------------------------------------
 
 
-@torch.no_grad()
 def collect_act_scales(
     model: nn.Module,
     blocks,
@@ -376,45 +389,7 @@ def collect_act_scales(
     """Mean |x| per input channel of every nn.Linear whose name passes `module_filter`,
     over the first `max_blocks` calibration blocks (a `TokenBlocks`). Keys are the linear
     layers' names in `model`; padding positions are ignored."""
-    stats: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    current_mask: list[torch.Tensor | None] = [None]
-    hooks = []
-
-    def hook_for(name: str):
-        def hook(_mod, inputs, _out):
-            x = inputs[0].detach().float()
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1])
-            stats[name] = stats.get(name, 0) + x.abs().sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return hook
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (module_filter is None or module_filter(name)):
-            hooks.append(mod.register_forward_hook(hook_for(name)))
-    if not hooks:
-        raise QuantizationError("no nn.Linear layer matched the filter; nothing to calibrate")
-    was_training = model.training
-    model.eval()
-    try:
-        seen = 0
-        for ids, _labels, mask in blocks.batches(batch_size, shuffle=False):
-            if max_blocks is not None and seen >= max_blocks:
-                break
-            if max_blocks is not None:
-                ids, mask = ids[: max_blocks - seen], mask[: max_blocks - seen]
-            current_mask[0] = mask
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            seen += ids.shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return {k: (v / max(counts[k], 1)) for k, v in stats.items()}
+    return _input_statistics(model, blocks, lambda x: x.abs().sum(dim=0), module_filter, max_blocks, batch_size)
 
 
 def awq_input_scale(
