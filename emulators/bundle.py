@@ -736,13 +736,24 @@ def _load_tokenizer(files: dict[str, bytes], use_lean: bool):
     return tokenizer
 
 
+def _refuse_unexpected(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise BundleError(f"{EMULATOR_WEIGHTS}: tensors the model does not have, e.g. {unexpected[0]!r}")
+
+
+def _check_like(name: str, tensor: torch.Tensor, target: torch.Tensor, dtype_ok: bool) -> None:
+    if tuple(target.shape) != tuple(tensor.shape) or not dtype_ok:
+        raise BundleError(
+            f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
+        )
+
+
 @torch.no_grad()
 def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict that accepts only missing tied duplicates and nothing unexpected."""
     expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise BundleError(f"{EMULATOR_WEIGHTS}: tensors the model does not have, e.g. {unexpected[0]!r}")
+    _refuse_unexpected(expected, state)
     by_ptr: dict[int, list[str]] = {}
     for name, t in expected.items():
         if t.numel():
@@ -754,10 +765,7 @@ def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             raise BundleError(f"{EMULATOR_WEIGHTS}: tensor {name!r} is missing")
     for name, tensor in state.items():
         target = expected[name]
-        if tuple(target.shape) != tuple(tensor.shape) or target.dtype != tensor.dtype:
-            raise BundleError(
-                f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
-            )
+        _check_like(name, tensor, target, target.dtype == tensor.dtype)
         target.copy_(tensor)
 
 
@@ -768,20 +776,14 @@ def _assign_state_strict(model: nn.Module, state: dict[str, torch.Tensor], decod
     Same checks as `_load_state_strict`; the `decoded` vocabulary matrices may come in the
     caller's `vocab_dtype` instead of fp32."""
     expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise BundleError(f"{EMULATOR_WEIGHTS}: tensors the model does not have, e.g. {unexpected[0]!r}")
+    _refuse_unexpected(expected, state)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(state) - tied)
     if missing:
         raise BundleError(f"{EMULATOR_WEIGHTS}: tensor {missing[0]!r} is missing")
     for name, tensor in state.items():
         target = expected[name]
-        dtype_ok = target.dtype == tensor.dtype or (name in decoded and tensor.is_floating_point())
-        if tuple(target.shape) != tuple(tensor.shape) or not dtype_ok:
-            raise BundleError(
-                f"{EMULATOR_WEIGHTS}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the model expects {target.dtype} {tuple(target.shape)}"
-            )
+        _check_like(name, tensor, target, target.dtype == tensor.dtype or (name in decoded and tensor.is_floating_point()))
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
