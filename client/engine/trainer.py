@@ -260,7 +260,6 @@ def train_model(
 
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
-        release_free_memory()  # the probes' freed buffers would otherwise stay in the heap
     else:
         spec = cfg.scheme
     plan = parse_scheme(spec, target.trainable_blocks)
@@ -307,8 +306,9 @@ def train_model(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        state["train_seconds"] += time.perf_counter() - t0
-        state.setdefault("step_seconds", []).append(round(time.perf_counter() - t0, 4))
+        seconds = time.perf_counter() - t0
+        state["train_seconds"] += seconds
+        state.setdefault("step_seconds", []).append(round(seconds, 4))
         state["tokens"] += sum(int(m.sum()) for _, _, m in batches)
         state["loss_tokens"] += n_loss
         state["losses"].append(loss)
