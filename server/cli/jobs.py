@@ -13,7 +13,7 @@ from offsite.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
 from .remote import (
     CONNECTION,
-    JsonOpt,
+    JsonOption,
     call,
     console,
     emit_json,
@@ -59,7 +59,7 @@ def create(
     engine: str = typer.Option("deployment", "--engine", help="deployment | simulation"),
     train_config: str = typer.Option("", "--train-config", help='JSON or @file: TrainConfig fields, e.g. {"steps": 20}'),
     options: str = typer.Option("", "--options", help='JSON or @file: dp, secagg, norm bounds, e.g. {"dp": {"noise": 0.5}}'),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Create a job that data owners can enroll in.
 
@@ -68,7 +68,7 @@ def create(
     spec = jobs_pb2.JobSpec(emulator_id=emulator, rounds=rounds, min_clients=min_clients, fraction=fraction,
                             engine=engine, train_config=struct(parse_json_option(train_config, "--train-config")),
                             options=struct(parse_json_option(options, "--options")))
-    resp = call(_stub().CreateJob, jobs_pb2.CreateJobRequest(name=name, spec=spec), as_json=json_out)
+    resp = call(_stub().CreateJob, jobs_pb2.CreateJobRequest(name=name, spec=spec), json_out=json_out)
     if json_out:
         emit_json(to_dict(resp))
     else:
@@ -78,14 +78,14 @@ def create(
 
 @app.command("list")
 def list_(state: str = typer.Option("", "--state", help="created | running | completed | failed | cancelled"),
-          limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOpt) -> None:
+          limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption) -> None:
     """List jobs (data owners see only the jobs they are enrolled in).
 
     Example: offsite-admin jobs list --state running
     """
     if state and state not in JOB_STATE:
-        fail(f"--state {state!r} is not one of {', '.join(JOB_STATE)}", code=2)
-    resp = call(_stub().ListJobs, jobs_pb2.ListJobsRequest(state=JOB_STATE.get(state, 0), limit=limit), as_json=json_out)
+        fail(f"--state {state!r} is not one of {', '.join(JOB_STATE)}")
+    resp = call(_stub().ListJobs, jobs_pb2.ListJobsRequest(state=JOB_STATE.get(state, 0), limit=limit), json_out=json_out)
     if json_out:
         emit_json([to_dict(j) for j in resp.jobs])
         return
@@ -93,13 +93,13 @@ def list_(state: str = typer.Option("", "--state", help="created | running | com
 
 
 @app.command("get")
-def get(job_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
+def get(job_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
     """Show a job with its rounds.
 
     Example: offsite-admin jobs get job_1a2b3c4d5e6f --json
     """
-    job = call(_stub().GetJob, jobs_pb2.GetJobRequest(id=job_id), as_json=json_out)
-    rounds = call(_stub().ListRounds, jobs_pb2.ListRoundsRequest(job_id=job_id), as_json=json_out)
+    job = call(_stub().GetJob, jobs_pb2.GetJobRequest(id=job_id), json_out=json_out)
+    rounds = call(_stub().ListRounds, jobs_pb2.ListRoundsRequest(job_id=job_id), json_out=json_out)
     if json_out:
         emit_json({**to_dict(job), "rounds": [to_dict(r) for r in rounds.rounds]})
         return
@@ -111,44 +111,42 @@ def get(job_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
 @app.command("watch")
 def watch(job_id: str = typer.Argument(...), after: int = typer.Option(0, "--after", help="only events after this seq"),
           follow: bool = typer.Option(True, "--follow/--no-follow", help="keep streaming until the job ends"),
-          json_out: bool = JsonOpt) -> None:
+          json_out: bool = JsonOption) -> None:
     """Stream a job's events (enrollments, state changes, rounds, release); JSON lines with --json.
 
     Example: offsite-admin jobs watch job_1a2b3c4d5e6f
     """
-    stream = call(_stub().WatchJob, jobs_pb2.WatchJobRequest(id=job_id, after_seq=after, follow=follow), as_json=json_out)
+    stream = call(_stub().WatchJob, jobs_pb2.WatchJobRequest(id=job_id, after_seq=after, follow=follow), json_out=json_out)
     try:
         for ev in stream:
             if json_out:
-                import json
-
-                print(json.dumps(to_dict(ev)), flush=True)
+                emit_json(to_dict(ev), indent=None)
             else:
                 console.print(f"[dim]{fmt_time(ev.at)} #{ev.seq}[/dim] [bold]{ev.kind}[/bold] {to_dict(ev.data)}",
                               highlight=False)
     except KeyboardInterrupt:
         pass
     except Exception as e:
-        fail(f"watch ended: {e}", as_json=json_out)
+        fail(f"watch ended: {e}", json_out, code=1)
 
 
 @app.command("start")
 def start(job_id: str = typer.Argument(...), wait: bool = typer.Option(False, "--wait/--no-wait"),
-          json_out: bool = JsonOpt) -> None:
+          json_out: bool = JsonOption) -> None:
     """Run a job with the server's job runner (an operation).
 
     Example: offsite-admin jobs start job_1a2b3c4d5e6f --wait
     """
-    finish_operation(call(_stub().StartJob, jobs_pb2.StartJobRequest(id=job_id), as_json=json_out), wait, json_out)
+    finish_operation(call(_stub().StartJob, jobs_pb2.StartJobRequest(id=job_id), json_out=json_out), wait, json_out)
 
 
 @app.command("cancel")
-def cancel(job_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
+def cancel(job_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
     """Cancel a job (a running one stops after its current step).
 
     Example: offsite-admin jobs cancel job_1a2b3c4d5e6f
     """
-    resp = call(_stub().CancelJob, jobs_pb2.CancelJobRequest(id=job_id), as_json=json_out)
+    resp = call(_stub().CancelJob, jobs_pb2.CancelJobRequest(id=job_id), json_out=json_out)
     if json_out:
         emit_json(to_dict(resp))
     else:
@@ -157,12 +155,12 @@ def cancel(job_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
 
 @app.command("enroll")
 def enroll(job_id: str = typer.Argument(...), data_owner: str = typer.Option(..., "--data-owner"),
-           json_out: bool = JsonOpt) -> None:
+           json_out: bool = JsonOption) -> None:
     """Enroll a data owner on its behalf (admins; data owners use `offsite-client enroll`).
 
     Example: offsite-admin jobs enroll job_1a2b3c4d5e6f --data-owner alice
     """
-    resp = call(_stub().Enroll, jobs_pb2.EnrollRequest(job_id=job_id, data_owner=data_owner), as_json=json_out)
+    resp = call(_stub().Enroll, jobs_pb2.EnrollRequest(job_id=job_id, data_owner=data_owner), json_out=json_out)
     if json_out:
         d = to_dict(resp)
         d["bundle_public_key"] = resp.bundle_public_key.decode()

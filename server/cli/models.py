@@ -9,7 +9,7 @@ import typer
 
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .remote import CONNECTION, JsonOpt, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
+from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="Register and list base models on the server.")
 bundles_app = typer.Typer(no_args_is_help=True, help="Build, upload and list emulator bundles on the server.")
@@ -29,24 +29,24 @@ def register(
     source: str = typer.Option("", "--source", help="built-in model (smollm2-135m, tiny-llama, ...) or a directory "
                                "name under the server's DATA_DIR/models; default: NAME"),
     description: str = typer.Option("", "--description"),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Register a base model (the server loads it once to record its family, size and digest).
 
     Example: offsite-admin models register smollm2 --source smollm2-135m
     """
     resp = call(_models().RegisterModel, models_pb2.RegisterModelRequest(name=name, source=source, description=description),
-                as_json=json_out)
+                json_out=json_out)
     show_message(f"model {resp.id}", resp, json_out)
 
 
 @app.command("list")
-def list_(limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOpt) -> None:
+def list_(limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption) -> None:
     """List registered models.
 
     Example: offsite-admin models list --json
     """
-    resp = call(_models().ListModels, models_pb2.ListModelsRequest(limit=limit), as_json=json_out)
+    resp = call(_models().ListModels, models_pb2.ListModelsRequest(limit=limit), json_out=json_out)
     if json_out:
         emit_json([to_dict(m) for m in resp.models])
         return
@@ -55,12 +55,12 @@ def list_(limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOpt) -> 
 
 
 @app.command("get")
-def get(model: str = typer.Argument(..., help="model id or name"), json_out: bool = JsonOpt) -> None:
+def get(model: str = typer.Argument(..., help="model id or name"), json_out: bool = JsonOption) -> None:
     """Show one model.
 
     Example: offsite-admin models get smollm2
     """
-    show_message("model", call(_models().GetModel, models_pb2.GetModelRequest(id=model), as_json=json_out), json_out)
+    show_message("model", call(_models().GetModel, models_pb2.GetModelRequest(id=model), json_out=json_out), json_out)
 
 
 def _pair(value: str | None, what: str) -> list[int]:
@@ -69,7 +69,7 @@ def _pair(value: str | None, what: str) -> list[int]:
     try:
         return [int(x) for x in value.split(",")]
     except ValueError:
-        fail(f"{what}: expected comma-separated integers, e.g. 2,2", code=2)
+        fail(f"{what}: expected comma-separated integers, e.g. 2,2")
 
 
 @bundles_app.command("build")
@@ -84,7 +84,7 @@ def build(
     seed: int = typer.Option(0, "--seed"),
     kept: str = typer.Option("", "--kept", help="explicit original middle block indices to keep, e.g. 3,7,11"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the build to its end"),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Build and sign an emulator bundle on the server (an operation).
 
@@ -94,7 +94,7 @@ def build(
                                          emulator_layers=emulator_layers, distill_steps=distill_steps,
                                          quantize=quantize, awq=awq, block_size=block_size, seed=seed,
                                          kept=_pair(kept, "--kept"))
-    op = call(_emulators().BuildEmulator, models_pb2.BuildEmulatorRequest(model=model, config=cfg), as_json=json_out)
+    op = call(_emulators().BuildEmulator, models_pb2.BuildEmulatorRequest(model=model, config=cfg), json_out=json_out)
     finish_operation(op, wait, json_out)
 
 
@@ -102,7 +102,7 @@ def build(
 def upload(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="a bundle .tar signed with the server's key"),
     model: str = typer.Option(..., "--model", help="the registered model it was built from"),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Upload a bundle built elsewhere; the server verifies its signature before registering it.
 
@@ -116,22 +116,22 @@ def upload(
             while data := fh.read(1 << 20):
                 yield artifacts_pb2.UploadRequest(data=data)
 
-    ref = call(artifacts_pb2_grpc.ArtifactsStub(CONNECTION.channel()).Upload, chunks(), as_json=json_out)
+    ref = call(artifacts_pb2_grpc.ArtifactsStub(CONNECTION.channel()).Upload, chunks(), json_out=json_out)
     if ref.size != size:
-        fail(f"the server stored {ref.size} bytes of {size}; upload again", as_json=json_out)
+        fail(f"the server stored {ref.size} bytes of {size}; upload again", json_out, code=1)
     resp = call(_emulators().RegisterEmulator, models_pb2.RegisterEmulatorRequest(model=model, bundle_sha256=ref.sha256),
-                as_json=json_out)
+                json_out=json_out)
     show_message(f"emulator {resp.id}", resp, json_out)
 
 
 @bundles_app.command("list")
 def bundles_list(model: str = typer.Option("", "--model"), limit: int = typer.Option(0, "--limit"),
-                 json_out: bool = JsonOpt) -> None:
+                 json_out: bool = JsonOption) -> None:
     """List emulator bundles.
 
     Example: offsite-admin bundles list --model smollm2
     """
-    resp = call(_emulators().ListEmulators, models_pb2.ListEmulatorsRequest(model=model, limit=limit), as_json=json_out)
+    resp = call(_emulators().ListEmulators, models_pb2.ListEmulatorsRequest(model=model, limit=limit), json_out=json_out)
     if json_out:
         emit_json([to_dict(e) for e in resp.emulators])
         return
@@ -141,10 +141,10 @@ def bundles_list(model: str = typer.Option("", "--model"), limit: int = typer.Op
 
 
 @bundles_app.command("get")
-def bundles_get(emulator_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
+def bundles_get(emulator_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
     """Show one emulator bundle (with its manifest).
 
     Example: offsite-admin bundles get emu_1a2b3c4d5e6f --json
     """
-    resp = call(_emulators().GetEmulator, models_pb2.GetEmulatorRequest(id=emulator_id), as_json=json_out)
+    resp = call(_emulators().GetEmulator, models_pb2.GetEmulatorRequest(id=emulator_id), json_out=json_out)
     show_message(f"emulator {resp.id}", resp, json_out)

@@ -6,7 +6,7 @@ import typer
 
 from offsite.protos.v1 import releases_pb2, releases_pb2_grpc
 
-from .remote import CONNECTION, JsonOpt, call, emit_json, finish_operation, fmt_time, show_message, table, to_dict
+from .remote import CONNECTION, JsonOption, call, emit_json, finish_operation, fmt_time, show_message, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="List, approve, reject and export releases.")
 
@@ -17,13 +17,13 @@ def _stub() -> releases_pb2_grpc.ReleasesStub:
 
 @app.command("list")
 def list_(status: str = typer.Option("", "--status", help="pending-gate | approved | rejected | released | blocked"),
-          job: str = typer.Option("", "--job"), limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOpt) -> None:
+          job: str = typer.Option("", "--job"), limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption) -> None:
     """List releases.
 
     Example: offsite-admin releases list --status pending-gate
     """
     resp = call(_stub().ListReleases, releases_pb2.ListReleasesRequest(status=status, job_id=job, limit=limit),
-                as_json=json_out)
+                json_out=json_out)
     if json_out:
         emit_json([to_dict(r) for r in resp.releases])
         return
@@ -33,12 +33,12 @@ def list_(status: str = typer.Option("", "--status", help="pending-gate | approv
 
 
 @app.command("get")
-def get(release_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None:
+def get(release_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
     """Show one release.
 
     Example: offsite-admin releases get rel_1a2b3c4d5e6f
     """
-    show_message("release", call(_stub().GetRelease, releases_pb2.GetReleaseRequest(id=release_id), as_json=json_out),
+    show_message("release", call(_stub().GetRelease, releases_pb2.GetReleaseRequest(id=release_id), json_out=json_out),
                  json_out)
 
 
@@ -46,33 +46,33 @@ def get(release_id: str = typer.Argument(...), json_out: bool = JsonOpt) -> None
 def approve(release_id: str = typer.Argument(...),
             override_reason: str = typer.Option("", "--override-reason",
                                                 help="approve although the gate did not pass (audited)"),
-            json_out: bool = JsonOpt) -> None:
+            json_out: bool = JsonOption) -> None:
     """Approve a release that passed the safety gate (admins only).
 
     Example: offsite-admin releases approve rel_1a2b3c4d5e6f
     """
     resp = call(_stub().ApproveRelease, releases_pb2.ApproveReleaseRequest(id=release_id, override_reason=override_reason),
-                as_json=json_out)
+                json_out=json_out)
     show_message(f"release {resp.id}", resp, json_out)
 
 
 @app.command("reject")
 def reject(release_id: str = typer.Argument(...), reason: str = typer.Option(..., "--reason"),
-           json_out: bool = JsonOpt) -> None:
+           json_out: bool = JsonOption) -> None:
     """Reject a release, with a reason (admins only).
 
     Example: offsite-admin releases reject rel_1a2b3c4d5e6f --reason "forgets Python syntax"
     """
-    resp = call(_stub().RejectRelease, releases_pb2.RejectReleaseRequest(id=release_id, reason=reason), as_json=json_out)
+    resp = call(_stub().RejectRelease, releases_pb2.RejectReleaseRequest(id=release_id, reason=reason), json_out=json_out)
     show_message(f"release {resp.id}", resp, json_out)
 
 
 @app.command("export")
 def export(release_id: str = typer.Argument(...), wait: bool = typer.Option(True, "--wait/--no-wait"),
-           json_out: bool = JsonOpt) -> None:
+           json_out: bool = JsonOption) -> None:
     """Plug the adapter into the base model and store the HF directory as an artifact (approved releases).
 
     Example: offsite-admin releases export rel_1a2b3c4d5e6f && offsite-admin artifacts download SHA --out model.tar
     """
-    op = call(_stub().ExportRelease, releases_pb2.ExportReleaseRequest(id=release_id), as_json=json_out)
+    op = call(_stub().ExportRelease, releases_pb2.ExportReleaseRequest(id=release_id), json_out=json_out)
     finish_operation(op, wait, json_out)

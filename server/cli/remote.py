@@ -1,7 +1,6 @@
-"""What every `offsite-admin` command that talks to a server shares: the connection options
-(``--server``, ``--token``, ``--ca``, also from OFFSITE_SERVER / OFFSITE_TOKEN / OFFSITE_CA),
-status-code errors turned into one readable line, rich tables, ``--json`` output, and
-following an operation with a progress bar.
+"""What every `offsite-admin` command that talks to a server shares: the connection (the global
+``--server``, ``--token``, ``--ca`` options from `offsite.cli`), status-code errors turned into
+one readable line, rich tables, and following an operation with a progress bar.
 """
 
 from __future__ import annotations
@@ -17,15 +16,26 @@ from typing import Any
 import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from offsite.cli import (
+    JsonOption,
+    ca_option,
+    client_cert_option,
+    client_key_option,
+    console,
+    emit_json,
+    err_console,
+    fail,
+    server_option,
+    token_option,
+)
 from offsite.protos.channel import DEFAULT_ADDRESS, open_channel
 from offsite.protos.v1 import operations_pb2, operations_pb2_grpc
 
-console = Console()
-err_console = Console(stderr=True)
+__all__ = ["CONNECTION", "JsonOption", "call", "console", "emit_json", "err_console", "fail", "finish_operation",
+           "fmt_time", "follow_operation", "global_options", "parse_json_option", "show_message", "table", "to_dict"]
 
 
 @dataclass
@@ -41,22 +51,19 @@ class Connection:
         if self._channel is None:
             if not self.token:
                 fail("no token: pass --token or set OFFSITE_TOKEN (the server wrote the first admin token to "
-                     "DATA_DIR/admin.token)", code=2)
+                     "DATA_DIR/admin.token)")
             self._channel = open_channel(self.server, self.token, self.ca, self.client_cert, self.client_key)
         return self._channel
 
 
 CONNECTION = Connection()
 
-JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
-
-
 def global_options(
-    server: str = typer.Option(DEFAULT_ADDRESS, "--server", envvar="OFFSITE_SERVER", help="server address HOST:PORT"),
-    token: str = typer.Option(None, "--token", envvar="OFFSITE_TOKEN", help="API token (ofs_...)"),
-    ca: Path = typer.Option(None, "--ca", envvar="OFFSITE_CA", help="CA certificate: turns TLS on"),
-    client_cert: Path = typer.Option(None, "--client-cert", envvar="OFFSITE_CLIENT_CERT", help="client certificate (mutual TLS)"),
-    client_key: Path = typer.Option(None, "--client-key", envvar="OFFSITE_CLIENT_KEY", help="client key (mutual TLS)"),
+    server: str = server_option(DEFAULT_ADDRESS),
+    token: str = token_option(),
+    ca: Path = ca_option(),
+    client_cert: Path = client_cert_option(),
+    client_key: Path = client_key_option(),
 ) -> None:
     """Offsite model-owner tools. Server commands take --server/--token (or OFFSITE_SERVER/OFFSITE_TOKEN)."""
     CONNECTION.server, CONNECTION.token, CONNECTION.ca = server, token, ca
@@ -64,15 +71,7 @@ def global_options(
     CONNECTION._channel = None
 
 
-def fail(message: str, code: int = 1, as_json: bool = False) -> None:
-    if as_json:
-        typer.echo(json.dumps({"ok": False, "error": message}))
-    else:
-        err_console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def call(fn: Callable[..., Any], request: Any, as_json: bool = False, **kwargs) -> Any:
+def call(fn: Callable[..., Any], request: Any, json_out: bool = False, **kwargs) -> Any:
     """Make an RPC; a gRPC error becomes one line naming the status and what to do."""
     try:
         return fn(request, **kwargs)
@@ -82,15 +81,11 @@ def call(fn: Callable[..., Any], request: Any, as_json: bool = False, **kwargs) 
         if code == grpc.StatusCode.UNAVAILABLE:
             details = (f"cannot reach the server at {CONNECTION.server} ({details}); is `offsite-admin serve` running? "
                        "Set --server or OFFSITE_SERVER (and --ca for TLS)")
-        fail(f"{code.name}: {details}", as_json=as_json)
+        fail(f"{code.name}: {details}", json_out, code=1)
 
 
 def to_dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
-def emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
 
 
 def fmt_time(ts) -> str:
@@ -113,8 +108,8 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
         console.print(t)
 
 
-def show_message(title: str, message, as_json: bool) -> None:
-    if as_json:
+def show_message(title: str, message, json_out: bool) -> None:
+    if json_out:
         emit_json(to_dict(message))
         return
     t = Table(title=title, show_header=False)
@@ -132,12 +127,12 @@ def op_summary(op: operations_pb2.Operation) -> dict:
     return d
 
 
-def follow_operation(op: operations_pb2.Operation, as_json: bool) -> operations_pb2.Operation:
+def follow_operation(op: operations_pb2.Operation, json_out: bool) -> operations_pb2.Operation:
     """Watch an operation to its end with a progress bar (or silently with --json)."""
     stub = operations_pb2_grpc.OperationsStub(CONNECTION.channel())
     last = op
     try:
-        if as_json or not sys.stderr.isatty():
+        if json_out or not sys.stderr.isatty():
             for last in stub.WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
                 pass
         else:
@@ -148,18 +143,18 @@ def follow_operation(op: operations_pb2.Operation, as_json: bool) -> operations_
                     bar.update(task, completed=last.progress, description=f"{op.kind}: {last.message}"[:70])
     except grpc.RpcError as e:
         fail(f"{e.code().name}: {e.details()} (the operation {op.id} may still be running: "
-             f"`offsite-admin ops get {op.id}`)", as_json=as_json)
+             f"`offsite-admin ops get {op.id}`)", json_out, code=1)
     except KeyboardInterrupt:
-        fail(f"stopped following; operation {op.id} keeps running (`offsite-admin ops cancel {op.id}` stops it)")
+        fail(f"stopped following; operation {op.id} keeps running (`offsite-admin ops cancel {op.id}` stops it)", code=1)
     return last
 
 
-def finish_operation(op: operations_pb2.Operation, wait: bool, as_json: bool) -> None:
+def finish_operation(op: operations_pb2.Operation, wait: bool, json_out: bool) -> None:
     """Print the operation (after following it when `wait`); exit 1 when it failed."""
     if wait:
-        op = follow_operation(op, as_json)
+        op = follow_operation(op, json_out)
     summary = op_summary(op)
-    if as_json:
+    if json_out:
         emit_json(summary)
     else:
         state = summary["state"]
@@ -180,7 +175,7 @@ def parse_json_option(value: str | None, what: str) -> dict:
         text = Path(value[1:]).read_text() if value.startswith("@") else value
         data = json.loads(text)
     except (OSError, json.JSONDecodeError) as e:
-        fail(f"{what}: not valid JSON ({e}); pass a JSON object or @file.json", code=2)
+        fail(f"{what}: not valid JSON ({e}); pass a JSON object or @file.json")
     if not isinstance(data, dict):
-        fail(f"{what}: expected a JSON object", code=2)
+        fail(f"{what}: expected a JSON object")
     return data

@@ -6,7 +6,7 @@ import typer
 
 from offsite.protos.v1 import admin_pb2, admin_pb2_grpc
 
-from .remote import CONNECTION, JsonOpt, call, console, emit_json, fmt_time, table, to_dict
+from .remote import CONNECTION, JsonOption, call, console, emit_json, fmt_time, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API tokens (admin only).")
 
@@ -21,14 +21,14 @@ def create(
     name: str = typer.Option(..., "--name", help="who holds it; for a data owner, its name in jobs"),
     job: list[str] = typer.Option([], "--job", help="data owners: a job this token may enroll in (repeatable)"),
     ttl: int = typer.Option(0, "--ttl", help="seconds until it expires (0 = never)"),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Create a token; the secret is printed once.
 
     Example: offsite-admin tokens create --role data-owner --name alice --job job_1a2b3c
     """
     resp = call(_stub().CreateToken, admin_pb2.CreateTokenRequest(name=name, role=role, jobs=job, ttl_seconds=ttl),
-                as_json=json_out)
+                json_out=json_out)
     if json_out:
         emit_json({"token": to_dict(resp.token), "secret": resp.secret})
         return
@@ -37,12 +37,12 @@ def create(
 
 
 @app.command("list")
-def list_(all_: bool = typer.Option(False, "--all", help="include revoked tokens"), json_out: bool = JsonOpt) -> None:
+def list_(all_: bool = typer.Option(False, "--all", help="include revoked tokens"), json_out: bool = JsonOption) -> None:
     """List tokens (never their secrets).
 
     Example: offsite-admin tokens list --json
     """
-    resp = call(_stub().ListTokens, admin_pb2.ListTokensRequest(include_revoked=all_), as_json=json_out)
+    resp = call(_stub().ListTokens, admin_pb2.ListTokensRequest(include_revoked=all_), json_out=json_out)
     if json_out:
         emit_json([to_dict(t) for t in resp.tokens])
         return
@@ -52,12 +52,12 @@ def list_(all_: bool = typer.Option(False, "--all", help="include revoked tokens
 
 
 @app.command("revoke")
-def revoke(token_id: str = typer.Argument(..., help="token id (tok_...)"), json_out: bool = JsonOpt) -> None:
+def revoke(token_id: str = typer.Argument(..., help="token id (tok_...)"), json_out: bool = JsonOption) -> None:
     """Revoke a token at once.
 
     Example: offsite-admin tokens revoke tok_1a2b3c4d5e6f
     """
-    resp = call(_stub().RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id), as_json=json_out)
+    resp = call(_stub().RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id), json_out=json_out)
     if json_out:
         emit_json(to_dict(resp))
     else:
@@ -67,13 +67,13 @@ def revoke(token_id: str = typer.Argument(..., help="token id (tok_...)"), json_
 def audit(
     limit: int = typer.Option(50, "--limit", help="most recent entries to show"),
     method: str = typer.Option("", "--method", help="only methods containing this text"),
-    json_out: bool = JsonOpt,
+    json_out: bool = JsonOption,
 ) -> None:
     """Show the audit log: every mutating call and every refused one (admin only).
 
     Example: offsite-admin audit --method Release --limit 20
     """
-    resp = call(_stub().ListAudit, admin_pb2.ListAuditRequest(limit=limit, method=method), as_json=json_out)
+    resp = call(_stub().ListAudit, admin_pb2.ListAuditRequest(limit=limit, method=method), json_out=json_out)
     if json_out:
         emit_json([to_dict(e) for e in resp.entries])
         return
@@ -82,12 +82,12 @@ def audit(
            for e in resp.entries])
 
 
-def whoami(json_out: bool = JsonOpt) -> None:
+def whoami(json_out: bool = JsonOption) -> None:
     """Show who the token belongs to and its role.
 
     Example: OFFSITE_TOKEN=$(cat srv/admin.token) offsite-admin whoami
     """
-    resp = call(admin_pb2_grpc.IdentityStub(CONNECTION.channel()).WhoAmI, admin_pb2.WhoAmIRequest(), as_json=json_out)
+    resp = call(admin_pb2_grpc.IdentityStub(CONNECTION.channel()).WhoAmI, admin_pb2.WhoAmIRequest(), json_out=json_out)
     if json_out:
         emit_json(to_dict(resp))
     else:

@@ -1,0 +1,65 @@
+"""What both command lines (`offsite-admin`, `offsite-client`) share: the consoles, the
+``--json`` option, failure printing and the server connection options.
+
+One spelling everywhere: a command takes ``json_out: bool = JsonOption`` and fails with
+``fail(message, json_out, code)``: one line on stderr (``error: ...``), or with ``--json`` one
+``{"ok": false, "error": ...}`` object on stdout so scripts keep parsing, then exit ``code``.
+Exit codes: 1 = the thing checked is bad (verification failed, the server said no),
+2 = the command line or an input is wrong, 3 = a gate blocked, 130 = interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+# Progress bars and errors go to stderr so `--json` output on stdout stays parseable.
+err_console = Console(stderr=True)
+
+JsonOption: Any = typer.Option(False, "--json", help="print machine-readable JSON")
+
+
+def fail(message: str, json_out: bool = False, code: int = 2) -> NoReturn:
+    """Print one error line that names the problem and the fix, then exit with ``code``."""
+    if json_out:
+        typer.echo(json.dumps({"ok": False, "error": message}))
+    else:
+        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def emit_json(data: Any, indent: int | None = 2) -> None:
+    """Print one JSON document on stdout (paths, datetimes and the like as strings)."""
+    typer.echo(json.dumps(data, indent=indent, default=str))
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (never mixed into ``--json`` output)."""
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+# The server connection, one spelling for both CLIs (flags and environment variables).
+def server_option(default: Any = None, help: str = "server address HOST:PORT") -> Any:
+    return typer.Option(default, "--server", envvar="OFFSITE_SERVER", help=help)
+
+
+def token_option(default: Any = None, help: str = "API token (ofs_...)") -> Any:
+    return typer.Option(default, "--token", envvar="OFFSITE_TOKEN", help=help)
+
+
+def ca_option(help: str = "the server's CA certificate: turns TLS on") -> Any:
+    return typer.Option(None, "--ca", envvar="OFFSITE_CA", help=help)
+
+
+def client_cert_option() -> Any:
+    return typer.Option(None, "--client-cert", envvar="OFFSITE_CLIENT_CERT",
+                        help="your certificate, when the server wants mutual TLS")
+
+
+def client_key_option() -> Any:
+    return typer.Option(None, "--client-key", envvar="OFFSITE_CLIENT_KEY", help="the key of --client-cert")
