@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .job_options import JobPolicy
+
 if TYPE_CHECKING:  # annotations only: `offsite-admin serve --help` should not load SQLAlchemy
     from .artifacts import ArtifactStore
     from .operations import OperationContext
@@ -77,6 +79,7 @@ class JobRunContext:
     public_key_path: Path        # verifies the bundle
     work_dir: Path               # scratch space for this job (kept across restarts for resuming)
     data_owners: list[str] = field(default_factory=list)
+    policy: JobPolicy = field(default_factory=lambda: JobPolicy())  # the admin's bounds (paths, timeouts)
 
     def progress(self, fraction: float, message: str = "") -> None:
         self.op.progress(fraction, message)

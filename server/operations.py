@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 import traceback
@@ -25,6 +27,7 @@ from .registry import OperationRow, Registry
 log = logging.getLogger(__name__)
 
 DONE_STATES = ("succeeded", "failed", "cancelled")
+LONG_KINDS = ("job-run",)  # operation kinds that run in the long-job pool
 
 
 class OperationCancelled(Exception):
@@ -51,6 +54,11 @@ class OperationContext:
         self._last_write = 0.0
         self._last_fraction = -1.0
 
+    def track_process(self, proc) -> None:
+        """A child process (started with start_new_session=True) that this work waits on:
+        cancelling the operation, or a server shutdown, terminates its process group."""
+        self._manager._track(self.op_id, proc)
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -74,12 +82,16 @@ class OperationContext:
 
 
 class OperationManager:
-    def __init__(self, registry: Registry, max_workers: int = 2) -> None:
+    def __init__(self, registry: Registry, max_workers: int = 2, long_workers: int = 2) -> None:
         self.registry = registry
+        # Two pools: federated jobs run for hours, so they get their own workers and can never
+        # hold up the short operations (builds, evals, exports) behind them.
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="offsite-op")
+        self._long_executor = ThreadPoolExecutor(max_workers=long_workers, thread_name_prefix="offsite-job")
         self._cancel: dict[str, threading.Event] = {}
         self._futures: dict[str, Future] = {}
         self._watchers: dict[str, set[asyncio.Queue]] = {}
+        self._procs: dict[str, list] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._lock = threading.Lock()
@@ -104,7 +116,8 @@ class OperationManager:
         cancel = threading.Event()
         with self._lock:
             self._cancel[row.id] = cancel
-            self._futures[row.id] = self._executor.submit(self._run, row.id, work, cancel, on_finish)
+            pool = self._long_executor if kind in LONG_KINDS else self._executor
+            self._futures[row.id] = pool.submit(self._run, row.id, work, cancel, on_finish)
         return row
 
     def _run(self, op_id: str, work, cancel: threading.Event, on_finish) -> None:
@@ -127,11 +140,25 @@ class OperationManager:
         with self._lock:
             self._cancel.pop(op_id, None)
             self._futures.pop(op_id, None)
+            self._procs.pop(op_id, None)
         if on_finish is not None:
             try:
                 on_finish(self.registry.get_operation(op_id))
             except Exception:
                 log.exception("on_finish hook of operation %s failed", op_id)
+
+    def _track(self, op_id: str, proc) -> None:
+        with self._lock:
+            self._procs.setdefault(op_id, []).append(proc)
+            cancelled = self._cancel.get(op_id) is not None and self._cancel[op_id].is_set()
+        if cancelled:
+            _terminate_group(proc)
+
+    def _terminate_children(self, op_id: str) -> None:
+        with self._lock:
+            procs = list(self._procs.get(op_id, ()))
+        for proc in procs:
+            _terminate_group(proc)
 
     def _update(self, op_id: str, **fields: Any) -> None:
         row = self.registry.update_operation(op_id, **fields)
@@ -159,6 +186,7 @@ class OperationManager:
             # Not ours (left over from another process): nothing runs it any more.
             return self.registry.update_operation(op_id, state="cancelled", message="cancelled")
         event.set()
+        self._terminate_children(op_id)  # work blocked in a child process notices at once
         if future is not None and future.cancel():
             self._update(op_id, state="cancelled", message="cancelled before it started")
         return self.registry.get_operation(op_id)
@@ -191,8 +219,11 @@ class OperationManager:
                 if not watchers:
                     self._watchers.pop(op_id, None)
 
-    async def shutdown(self, grace_s: float = 10.0) -> None:
-        """Let running work finish within `grace_s`, then cancel what is left and wait for it."""
+    async def shutdown(self, grace_s: float = 10.0) -> list[str]:
+        """Let running work finish within `grace_s`, then cancel what is left (terminating its
+        child processes) and give it two more seconds. Returns the ids of work that still
+        ignores cancellation: its threads cannot be stopped, so the caller should exit the
+        process rather than wait for them (``offsite-admin serve`` does)."""
         self._closing = True
         deadline = time.monotonic() + grace_s
         while self.running_ids() and time.monotonic() < deadline:
@@ -201,10 +232,36 @@ class OperationManager:
         for op_id in left:
             log.warning("cancelling operation %s at shutdown", op_id)
             self.cancel(op_id)
-        deadline = time.monotonic() + max(5.0, grace_s)
+        deadline = time.monotonic() + 2.0
         while self.running_ids() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for op_id in self.running_ids():
+        stuck = self.running_ids()
+        for op_id in stuck:
             # Work that ignores cancellation: record the truth, the thread dies with the process.
+            self._terminate_children(op_id)
             self.registry.update_operation(op_id, state="cancelled", message="cancelled at server shutdown")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._long_executor.shutdown(wait=False, cancel_futures=True)
+        return stuck
+
+
+def _terminate_group(proc, grace_s: float = 3.0) -> None:
+    """SIGTERM a child's process group now; SIGKILL it from a timer if it is still there after `grace_s`."""
+    if proc.poll() is not None:
+        return
+
+    def signal_group(sig) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    signal_group(signal.SIGTERM)
+    timer = threading.Timer(grace_s, signal_group, args=(signal.SIGKILL,))
+    timer.daemon = True
+    timer.start()

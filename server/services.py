@@ -41,6 +41,7 @@ from . import convert
 from .artifacts import BlobWriter, check_sha256
 from .auth import ADMIN, DATA_OWNER, Principal, current_principal
 from .hooks import JobRunContext, load_hook
+from .job_options import validate_spec
 from .operations import OperationCancelled, OperationContext, OperationResult
 from .registry import RELEASE_STATUSES, Conflict, NotFound, utcnow
 from .state import NAME_RE, ServerState
@@ -48,7 +49,6 @@ from .state import NAME_RE, ServerState
 MAX_LIMIT = 1000
 _MIN_CHUNK, _MAX_CHUNK = 4096, 4 * 1024 * 1024
 _QUANT = ("none", "int8", "int4", "int3", "int2")
-_ENGINES = ("simulation", "deployment")
 _DONE_JOB_STATES = ("completed", "failed", "cancelled")
 
 
@@ -355,21 +355,10 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         emulator = self.s.registry.get_emulator(_require(spec.emulator_id, "spec.emulator_id"))
         if request.name and not NAME_RE.match(request.name):
             raise ValueError(f"job name {request.name!r}: 1-64 letters, digits, . _ -")
-        rounds = spec.rounds or 3
-        min_clients = spec.min_clients or 2
-        fraction = spec.fraction or 1.0
-        engine = spec.engine or "deployment"
-        if not 1 <= rounds <= 10_000:
-            raise ValueError("spec.rounds must be between 1 and 10000")
-        if not 1 <= min_clients <= 100_000:
-            raise ValueError("spec.min_clients must be between 1 and 100000")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError("spec.fraction must be in (0, 1]")
-        if engine not in _ENGINES:
-            raise ValueError(f"spec.engine {engine!r} is not one of {', '.join(_ENGINES)}")
-        spec_dict = {"emulator_id": emulator.id, "rounds": rounds, "min_clients": min_clients, "fraction": fraction,
-                     "engine": engine, "train_config": convert.from_struct(spec.train_config),
-                     "options": convert.from_struct(spec.options)}
+        spec_dict = validate_spec(emulator_id=emulator.id, rounds=spec.rounds, min_clients=spec.min_clients,
+                                  fraction=spec.fraction, engine=spec.engine,
+                                  train_config=convert.from_struct(spec.train_config),
+                                  options=convert.from_struct(spec.options), policy=self.s.config.job_policy)
         row = self.s.registry.add_job(request.name or f"job-{emulator.id}", emulator.model_id, emulator.id, spec_dict,
                                       created_by=current_principal().name,
                                       federation_address=self.s.config.federation_address)
@@ -463,7 +452,7 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             run_ctx = JobRunContext(job=job_row, emulator=emulator, model=model, registry=s.registry, store=s.store,
                                     op=ctx, data_dir=s.data_dir, bundle_path=s.store.path(emulator.bundle_sha256),
                                     public_key_path=s.public_key, work_dir=work_dir,
-                                    data_owners=s.registry.enrolled_data_owners(job_id))
+                                    data_owners=s.registry.enrolled_data_owners(job_id), policy=s.config.job_policy)
             try:
                 runner(run_ctx)
                 ctx.check_cancelled()

@@ -22,6 +22,7 @@ from .hooks import (
     DEFAULT_JOB_RUNNER,
     DEFAULT_RELEASE_EXPORTER,
 )
+from .job_options import JobPolicy
 from .operations import OperationManager
 from .registry import Registry
 
@@ -45,7 +46,9 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 16 * 1024 ** 3
     download_chunk_bytes: int = 512 * 1024  # measured best on loopback (bench.transport)
-    op_workers: int = 2
+    op_workers: int = 2                      # short operations: builds, evals, exports
+    job_workers: int = 2                     # federated jobs (long): their own pool, so they never starve the above
+    job_policy: JobPolicy = field(default_factory=JobPolicy)  # bounds on what a job request may ask for
     grace_s: float = 10.0
     federation_address: str = ""             # told to data owners at enrollment
     # Hooks: "module:function" strings, or callables when embedding the server (see hooks.py).
@@ -72,7 +75,7 @@ class ServerState:
         self.registry = Registry(config.database_url or f"sqlite:///{self.data_dir / 'registry.db'}")
         self.store = ArtifactStore(self.data_dir / "artifacts")
         self.auth = Authenticator(self.registry)
-        self.ops = OperationManager(self.registry, max_workers=config.op_workers)
+        self.ops = OperationManager(self.registry, max_workers=config.op_workers, long_workers=config.job_workers)
         self.signing_key, self.public_key = self._signing_keys()
         self.admin_token_path: Path | None = None
 

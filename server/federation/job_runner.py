@@ -251,18 +251,22 @@ def run_deployment_job(job: LocalJob, app_dir: str | Path, superlink: str, flwr_
 def run_job(ctx) -> None:
     """`offsite.server.federation:run_job`: run a job the gRPC server was asked to start.
 
-    The job's spec names the engine: "simulation" runs `spec.clients` data owners on this
-    machine over `spec.corpus`; "deployment" submits to the SuperLink at the job's
-    federation address (spec options `superlink`, `flwr_home`, `app_dir`)."""
+    The job's spec names the engine: "simulation" runs `options.clients` data owners on this
+    machine over the built-in corpus; "deployment" submits to the SuperLink that the admin
+    configured (`ctx.policy`: connection name and FLWR_HOME). The spec is validated again
+    here (typed options, the admin's bounds), and every path is derived under the data dir:
+    nothing in a request names a file, a directory or a command."""
+    from offsite.server.job_options import deployment_paths, federation_overrides, validate_stored_spec
+
     quiet_flower()
+    policy = ctx.policy
+    spec = validate_stored_spec(dict(ctx.job.spec or {}), policy)
+    options = spec["options"]
+    engine = spec["engine"]
     from .server_app import FederatedJob  # noqa: F401  (import errors surface before the run)
 
-    spec = dict(ctx.job.spec or {})
-    options = dict(spec.get("options") or {})
-    train = dict(spec.get("train_config") or {})
-    engine = spec.get("engine") or "deployment"
-    clients = int(spec.get("clients") or options.pop("clients", 0) or max(1, len(ctx.data_owners)) or 2)
-    corpus = str(spec.get("corpus") or options.pop("corpus", PYTHON_REFERENCE))
+    clients = int(options.get("clients") or max(1, len(ctx.data_owners)))
+    corpus = PYTHON_REFERENCE  # the only corpus a request may name (options.corpus is checked above)
     job_dir = Path(ctx.work_dir)
     bundle_root = job_dir / "bundle"
     if not (bundle_root / "manifest.json").exists():
@@ -278,15 +282,18 @@ def run_job(ctx) -> None:
     cache.mkdir(exist_ok=True)
     if not (cache / digest).exists():
         (cache / digest).symlink_to(bundle_root, target_is_directory=True)
-    fed_keys = {f for f in FederationConfig.__dataclass_fields__}
-    extra = {k: v for k, v in {**train, **options}.items() if k in fed_keys}
     shards, heldout = _split_corpus(corpus, clients, job_dir)
+    overrides = federation_overrides(spec)
+    overrides.setdefault("round_timeout", policy.default_round_timeout_s)
     cfg = FederationConfig(
         job_id=ctx.job.id, model=ctx.model.source or ctx.model.name, bundle=str(bundle_root), bundle_digest=digest,
-        job_dir=str(job_dir), public_key=str(ctx.public_key_path), rounds=int(spec.get("rounds", 1)),
-        min_clients=int(spec.get("min_clients", 2)), fraction=float(spec.get("fraction", 1.0)), heldout=heldout,
-        registry_url=ctx.registry.url, artifacts_root=str(ctx.store.root), **extra,
+        job_dir=str(job_dir), public_key=str(ctx.public_key_path), rounds=spec["rounds"],
+        min_clients=spec["min_clients"], fraction=spec["fraction"], heldout=heldout,
+        registry_url=ctx.registry.url, artifacts_root=str(ctx.store.root), candidate_dir=str(job_dir / "candidate"),
+        **overrides,
     )
+    timeout = policy.job_timeout_s(options, cfg.rounds)
+
     def on_round(record: dict) -> None:
         ctx.progress(record["round"] / cfg.rounds, f"round {record['round']}/{cfg.rounds}: {len(record['clients'])} clients")
         ctx.op.check_cancelled()  # raises inside the ServerApp: the job stops after a persisted round
@@ -298,15 +305,15 @@ def run_job(ctx) -> None:
     else:
         from .deployment import flwr, submit_run
 
-        flwr_home = options.get("flwr_home") or str(Path(ctx.data_dir) / "flwr-home")
-        superlink = options.get("superlink", "offsite")
+        paths = deployment_paths(Path(ctx.data_dir), policy)
         try:
-            job = submit_run(cfg, options.get("app_dir") or str(Path(ctx.data_dir) / "flower-app"), superlink, flwr_home,
-                             wait=True, on_round=on_round)
+            job = submit_run(cfg, paths.app_dir, paths.superlink, paths.flwr_home, wait=True, on_round=on_round,
+                             timeout=timeout, check_cancelled=ctx.op.check_cancelled,
+                             on_process=getattr(ctx.op, "track_process", None))
         except BaseException:
             run_id = json.loads((job_dir / "flower-run.json").read_text()).get("run-id") if (job_dir / "flower-run.json").exists() else None
             if run_id:  # do not leave the Flower run going when the operation is cancelled or fails
-                flwr(["stop", str(run_id), superlink], flwr_home, check=False)
+                flwr(["stop", str(run_id), paths.superlink], paths.flwr_home, check=False, timeout=30)
             raise
     if job.get("status") != "completed":
         raise RuntimeError(f"job {cfg.job_id} {job.get('status')}: {job.get('error', '')}")
