@@ -549,6 +549,15 @@ class Registry:
                 sched.last_report_id = row.id
         return row
 
+    def update_eval_report_summary(self, report_id: str, **fields: Any) -> EvalReportRow:
+        """Merge `fields` into a report's summary (the gate records whether its verdict applied)."""
+        with self.session() as s:
+            row = s.get(EvalReportRow, report_id)
+            if row is None:
+                raise NotFound(f"no eval report with id {report_id!r}")
+            row.summary = {**(row.summary or {}), **fields}
+            return row
+
     def get_eval_report(self, report_id: str) -> EvalReportRow:
         return self._get(EvalReportRow, report_id, "eval report")
 

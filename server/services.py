@@ -517,9 +517,12 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
             what = "blocked it" if rel.gate_verdict == "block" else "has not evaluated it"
             raise Conflict(f"the safety gate {what}; run `offsite-admin evals run --candidate {rel.id}` or approve "
                            "with --override-reason (audited)")
+        notes = [f"override: {reason}"] if reason else []
+        blocks = earlier_blocks(self.s.registry, rel) if rel.gate_verdict == "pass" else []
+        if blocks:
+            notes.append(f"the gate passed in {rel.gate_report_id} after an earlier block ({', '.join(blocks)})")
         row = self.s.registry.update_release(rel.id, expect_status=("pending-gate", "blocked"), status="approved",
-                                             decided_by=current_principal().name,
-                                             reason=f"override: {reason}" if reason else "")
+                                             decided_by=current_principal().name, reason="; ".join(notes))
         return convert.release(self.s.registry, row)
 
     async def RejectRelease(self, request, context):
@@ -570,9 +573,11 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
     if candidate.startswith("rel_"):
         release = reg.get_release(candidate)
         cand_model = reg.get_model(release.model_id)
+        base_model = gate_base_model(state, release, base)
     else:
         cand_model = reg.get_model(candidate)
-    base_model = reg.get_model(base) if base else reg.get_model(release.model_id) if release else cand_model
+        base_model = reg.get_model(base) if base else cand_model
+    complete_scope = not suites and not limit
     runner = load_hook(state.config.eval_runner)
     exporter = load_hook(state.config.release_exporter) if release is not None else None
 
@@ -613,22 +618,96 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
             verdict = gate.get("verdict") or "block"  # no verdict = incomplete = fail closed
             categories = [{"name": c.get("name", ""), "level": c.get("level", "")}
                           for c in report.get("categories", []) if isinstance(c, dict)]
+            scope = {"suites": list(suites or []), "limit": int(limit or 0),
+                     "complete": complete_scope and bool((report.get("run") or {}).get("complete"))}
             row = reg.add_eval_report(candidate=candidate, base=base_model.name, verdict=verdict, categories=categories,
                                       report_json_sha256=shas["report.json"],
                                       report_html_sha256=shas.get("report.html", ""),
-                                      summary={"gate": gate, "artifacts": shas}, release_id=release.id if release else "",
+                                      summary={"gate": gate, "artifacts": shas, "scope": scope},
+                                      release_id=release.id if release else "",
                                       schedule_id=schedule_id, operation_id=ctx.op_id)
+            applied, why = False, "not a release"
             if release is not None:
-                current = reg.get_release(release.id)
-                fields = {"gate_report_id": row.id, "gate_verdict": verdict}
-                if current.status in ("pending-gate", "blocked"):
-                    fields["status"] = "pending-gate" if verdict == "pass" else "blocked"
-                reg.update_release(release.id, **fields)
-            return OperationResult(resource=f"eval-reports/{row.id}", result={"report_id": row.id, "verdict": verdict})
+                complete = complete_scope and bool((report.get("run") or {}).get("complete"))
+                applied, why = _apply_verdict(reg, release.id, row, verdict, gate, complete)
+            return OperationResult(resource=f"eval-reports/{row.id}",
+                                   result={"report_id": row.id, "verdict": verdict, "verdict_applied": applied,
+                                           "why": why})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     return state.ops.start("eval-run", work, created_by=created_by)
+
+
+_LEVELS = ("Low", "Medium", "High", "Critical")
+
+
+def gate_base_model(state: ServerState, release, asked: str = ""):
+    """The gate compares a release with its own job's base model; a request cannot pick another."""
+    reg = state.registry
+    model_id = release.model_id
+    if release.job_id:
+        try:
+            model_id = reg.get_job(release.job_id).model_id or model_id
+        except NotFound:
+            pass
+    fixed = reg.get_model(model_id)
+    if asked:
+        other = reg.get_model(asked)
+        if other.id != fixed.id:
+            raise ValueError(f"release {release.id} is gated against its job's base model {fixed.name!r}; "
+                             f"another base ({other.name[:64]!r}) is not accepted: drop --base")
+    return fixed
+
+
+def _level(gate: dict) -> int:
+    try:
+        return _LEVELS.index(str(gate.get("deployable_level") or "Medium"))
+    except ValueError:
+        return len(_LEVELS)  # unknown = the most permissive, so it never counts as stricter
+
+
+def _as_strict(new: dict, old: dict) -> bool:
+    """Is the policy behind gate result `new` the same as, or stricter than, `old`'s?"""
+    if _level(new) < _level(old):
+        return True
+    return _level(new) == _level(old) and (new.get("policy") or "default") == (old.get("policy") or "default")
+
+
+def _apply_verdict(reg, release_id: str, report, verdict: str, gate: dict, complete: bool) -> tuple[bool, str]:
+    """Record a run's verdict on its release when the rules allow; every run stays in the history.
+
+    A block always applies (fail closed). A pass replaces the release's verdict only when the
+    run was complete (every suite, no --limit) and its policy is the same as or stricter than
+    that of every earlier run that decided this release."""
+    earlier = [r for r in reg.list_eval_reports(release_id=release_id)
+               if r.id != report.id and (r.summary or {}).get("applied")]
+    why = "applied"
+    if verdict == "pass":
+        if not complete:
+            why = "a partial run (suite subset or --limit) cannot pass a release; it is kept in the history only"
+        else:
+            weaker = [r.id for r in earlier if not _as_strict(gate, (r.summary or {}).get("gate") or {})]
+            if weaker:
+                why = f"this run's policy is less strict than that of {', '.join(weaker)}; kept in the history only"
+    applied = why == "applied"
+    reg.update_eval_report_summary(report.id, applied=applied, why=why)
+    release = reg.get_release(release_id)
+    if applied:
+        fields = {"gate_report_id": report.id, "gate_verdict": verdict}
+        if release.status in ("pending-gate", "blocked"):
+            fields["status"] = "pending-gate" if verdict == "pass" else "blocked"
+        reg.update_release(release_id, **fields)
+    if release.job_id:
+        reg.add_job_event(release.job_id, "gate", {"release_id": release_id, "report_id": report.id,
+                                                   "verdict": verdict, "applied": applied, "why": why})
+    return applied, why
+
+
+def earlier_blocks(reg, release) -> list[str]:
+    """Reports that blocked this release before its current (passing) verdict."""
+    return [r.id for r in reg.list_eval_reports(release_id=release.id)
+            if r.verdict != "pass" and (r.summary or {}).get("applied") and r.id != release.gate_report_id]
 
 
 def _suite_names(suites) -> list[str]:
@@ -666,11 +745,11 @@ class EvalsService(evals_pb2_grpc.EvalsServicer):
             raise ValueError(f"cron {cron!r} is not a valid cron expression (five fields, e.g. '0 3 * * *')")
         candidate = _require(request.candidate, "candidate")
         if candidate.startswith("rel_"):
-            self.s.registry.get_release(candidate)
+            gate_base_model(self.s, self.s.registry.get_release(candidate), request.base)
         else:
             self.s.registry.get_model(candidate)
-        if request.base:
-            self.s.registry.get_model(request.base)
+            if request.base:
+                self.s.registry.get_model(request.base)
         if request.limit < 0:
             raise ValueError("limit must be >= 0")
         now = utcnow()

@@ -132,3 +132,55 @@ def test_a_stored_job_with_path_options_does_not_run(world, tmp_path):
     assert done.state == operations_pb2.OPERATION_STATE_FAILED and "app_dir" in done.error
     assert not target.exists()
     assert state.registry.get_job(row.id).state == "failed"
+
+
+# ---- 2. a partner can flip a gate verdict ------------------------------------------------------------
+def _release(world):
+    state, emu = world["state"], world["emulator"]
+    job = state.registry.add_job("gated", emu.model_id, emu.id, {"rounds": 1})
+    adapter = state.store.put_bytes(b"adapter bytes")
+    return state.registry.create_release(job.id, emu.model_id, adapter)
+
+
+def _run_eval(world, channel, **kw):
+    op = evals_pb2_grpc.EvalsStub(channel).RunEval(evals_pb2.RunEvalRequest(**kw))
+    done = _wait_op(world["admin"], op.id)
+    assert done.state == operations_pb2.OPERATION_STATE_SUCCEEDED, done.error
+    return done
+
+
+def test_a_partner_cannot_flip_a_blocked_verdict(world):
+    rel = _release(world)
+    partner, admin = world["partner"], world["admin"]
+    releases = releases_pb2_grpc.ReleasesStub(admin)
+    GATE.update(verdict="block", deployable_level="Medium")
+    _run_eval(world, partner, candidate=rel.id)
+    assert releases.GetRelease(releases_pb2.GetReleaseRequest(id=rel.id)).status == "blocked"
+    # Another base (even another family) is refused: the gate's base is the release's own.
+    GATE["verdict"] = "pass"
+    code, details = _code_and_details(lambda: evals_pb2_grpc.EvalsStub(partner).RunEval(
+        evals_pb2.RunEvalRequest(candidate=rel.id, base="other-family")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "base" in details
+    code, _ = _code_and_details(lambda: evals_pb2_grpc.EvalsStub(partner).CreateEvalSchedule(
+        evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate=rel.id, base="other-family")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Partial runs (a suite subset, a --limit) and a more lenient policy are kept, but decide nothing.
+    for kw in ({"suites": ["refusal"]}, {"limit": 1}):
+        done = _run_eval(world, partner, candidate=rel.id, **kw)
+        assert done.result["verdict_applied"] is False and "partial" in done.result["why"]
+    GATE["deployable_level"] = "High"
+    done = _run_eval(world, partner, candidate=rel.id)
+    assert done.result["verdict_applied"] is False and "less strict" in done.result["why"]
+    rel_now = releases.GetRelease(releases_pb2.GetReleaseRequest(id=rel.id))
+    assert rel_now.status == "blocked" and rel_now.gate_verdict == "block"
+    code, _ = _code_and_details(lambda: releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    # A complete run under the same policy may pass it; the history keeps every run, and the
+    # approval says that an earlier run blocked.
+    GATE["deployable_level"] = "Medium"
+    done = _run_eval(world, partner, candidate=rel.id)
+    assert done.result["verdict_applied"] is True
+    history = evals_pb2_grpc.EvalsStub(admin).ListEvalReports(evals_pb2.ListEvalReportsRequest(release_id=rel.id)).reports
+    assert [r.verdict for r in reversed(history)] == ["block", "pass", "pass", "pass", "pass"]
+    approved = releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id))
+    assert approved.status == "approved" and "after an earlier block" in approved.reason

@@ -49,7 +49,7 @@ def fake_eval_runner(candidate, base, suites, limit, out_dir, progress=True, pol
     assert Path(candidate).is_dir() and (Path(candidate) / "config.json").is_file()  # the plugged-in release
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"categories": [{"name": "disallowed_content", "level": "Low" if GATE["verdict"] == "pass" else "High"}],
+    report = {"run": {"complete": not limit}, "categories": [{"name": "disallowed_content", "level": "Low" if GATE["verdict"] == "pass" else "High"}],
               "gate": {"verdict": GATE["verdict"], "blocked_categories": [] if GATE["verdict"] == "pass"
                        else ["disallowed_content"]}}
     (out_dir / "report.json").write_text(json.dumps(report))
@@ -167,7 +167,8 @@ def test_full_path(server, tmp_path):
     assert [c.level for c in report.categories] == ["Low"]
     rel = releases.GetRelease(releases_pb2.GetReleaseRequest(id=rel.id))
     assert rel.status == "pending-gate" and rel.gate_verdict == "pass" and rel.gate_report_id == report.id
-    assert releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id)).status == "approved"
+    approved = releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id))
+    assert approved.status == "approved" and "after an earlier block" in approved.reason
 
     # Export: the adapter plugged into the base model, stored as a tar of an HF directory.
     done, _ = _wait_op(admin, releases.ExportRelease(releases_pb2.ExportReleaseRequest(id=rel.id)))
