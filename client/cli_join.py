@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from offsite.cli import JsonOption, err_console
+
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -77,7 +77,7 @@ def join(
     port: int = typer.Option(9094, "--port", help="this node's local runtime API port (loopback only)"),
     threads: int = typer.Option(1, "--threads", help="CPU threads for training"),
     print_key: bool = typer.Option(False, "--print-key", help="only create/print this node's public key (to send to the model owner) and exit"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Join a federated job as a data owner: start your SuperNode and train when the job runs.
 
@@ -108,7 +108,7 @@ def join(
         node_config["bundle-cache"] = bundle_cache
     cmd = supernode_command(superlink, root_cert, key_path, node_config, port)
     if not json_out:
-        err.print(f"SuperNode for job {job} -> {superlink} (key {pub_path}); Ctrl-C to leave")
+        err_console.print(f"SuperNode for job {job} -> {superlink} (key {pub_path}); Ctrl-C to leave")
     else:
         typer.echo(json.dumps({"job": job, "superlink": superlink, "public_key": str(pub_path), "command": cmd}))
     env = dict(os.environ, **FLOWER_ENV)

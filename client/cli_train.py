@@ -7,19 +7,9 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, as_json: bool, code: int = 2) -> None:
-    if as_json:
-        typer.echo(json.dumps({"ok": False, "error": message}))
-    else:
-        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+from offsite.cli import console, err_console, fail, json_option
 
 
 def train(
@@ -45,13 +35,15 @@ def train(
     initial_adapter: Path = typer.Option(None, "--initial-adapter", help="start from this adapter (e.g. the last round's)"),
     metrics_out: Path = typer.Option(None, "--metrics-out", help="also write the metrics record to this JSON file"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    json_out: bool = typer.Option(False, "--json", help="print the metrics record as JSON"),
+    json_out: bool = json_option("print the metrics record as JSON"),
 ) -> None:
     """Train the adapter of a verified bundle on your own data; the data never leaves this machine.
 
     Example: offsite-client train --bundle bundle/ --public-key signing.pub --data my.jsonl
     --memory-budget 600MB --steps 100 --out adapter.safetensors --json
     """
+    # Imported here, not at the top of the file: torch and the engine cost seconds and ~250 MB
+    # of RSS, which `offsite-client --help`, `enroll` and `fetch` should never pay.
     from offsite.emulators.adapter import AdapterError, load_adapter, save_adapter
     from offsite.emulators.bundle import BundleError, load_bundle
     from offsite.emulators.data import DataError, load_examples
@@ -59,11 +51,11 @@ def train(
     from .engine import BudgetError, CheckpointError, EngineError, SchemeError, TrainConfig, parse_memory, train_adapter
 
     if scheme and memory_budget:
-        _fail("--scheme and --memory-budget exclude each other: give a scheme, or a budget to choose one", json_out)
+        fail("--scheme and --memory-budget exclude each other: give a scheme, or a budget to choose one", json_out)
     try:
         budget_mb = parse_memory(memory_budget) if memory_budget else None
     except BudgetError as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     import torch
 
     from .engine.pruning import resolve_precision
@@ -71,43 +63,43 @@ def train(
     try:
         vocab_dtype = resolve_precision(precision, torch.device("cpu"))
     except ValueError as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     try:
         # verifies the signature and every file's hash first; the lean runtime where it applies,
         # with the vocabulary decoded straight into the compute dtype
         loaded = load_bundle(bundle, public_key, runtime="auto", vocab_dtype=vocab_dtype)
     except (BundleError, OSError) as e:
-        _fail(f"bundle {bundle} failed verification, refusing to train on it: {e}", json_out)
+        fail(f"bundle {bundle} failed verification, refusing to train on it: {e}", json_out)
     try:
         examples = load_examples(data, loaded.tokenizer)
     except DataError as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     start = None
     if initial_adapter is not None:
         try:
             start, meta = load_adapter(initial_adapter)
         except AdapterError as e:
-            _fail(str(e), json_out)
+            fail(str(e), json_out)
         if meta.get("base_model_digest") != loaded.base_digest:
-            _fail(f"{initial_adapter}: made for another base model than this bundle's", json_out)
+            fail(f"{initial_adapter}: made for another base model than this bundle's", json_out)
     cfg = TrainConfig(
         scheme=scheme or "full", memory_budget_mb=budget_mb, steps=steps, lr=lr, optimizer=optimizer,
         batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, seed=seed, precision=precision,
         eval_fraction=eval_fraction, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every, activation_checkpointing=activation_checkpointing,
     )
-    log = (lambda m: err.print(m, highlight=False, soft_wrap=True)) if not json_out or progress else (lambda m: None)
+    log = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if not json_out or progress else (lambda m: None)
     try:
         result = train_adapter(loaded, examples, cfg, progress=progress, initial_adapter=start, log=log)
     except (SchemeError, BudgetError, CheckpointError, EngineError, DataError, ValueError) as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     m = result.metrics
     try:
         save_adapter(out, result.adapter_state, loaded.base_digest, scheme=m["scheme_resolved"],
                      bundle_manifest_sha256=getattr(loaded, "manifest_sha256", ""), steps=str(steps),
                      examples=str(m["examples"]), added_biases=",".join(m["added_biases"]))
     except OSError as e:
-        _fail(f"could not write {out} ({e.strerror or e}); the adapter was not saved", json_out)
+        fail(f"could not write {out} ({e.strerror or e}); the adapter was not saved", json_out)
     record = {"ok": True, "adapter": str(out), **m}
     if metrics_out is not None:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,12 @@ console = Console()
 # Progress bars and errors go to stderr so `--json` output on stdout stays parseable.
 err_console = Console(stderr=True)
 
-JsonOption: Any = typer.Option(False, "--json", help="print machine-readable JSON")
+def json_option(help: str = "print machine-readable JSON") -> Any:
+    """The ``--json`` flag; the parameter is always spelled ``json_out``."""
+    return typer.Option(False, "--json", help=help)
+
+
+JsonOption: Any = json_option()
 
 
 def fail(message: str, json_out: bool = False, code: int = 2) -> NoReturn:

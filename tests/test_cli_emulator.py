@@ -42,7 +42,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, keys, corpus):
     out = tmp_path_factory.mktemp("b") / "bundle"
-    r = invoke("emulator", "build", "--model", "tiny-llama", "--adapter-layers", "2,2", "--emulator-layers", "3",
+    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--adapter-layers", "2,2", "--emulator-layers", "3",
                "--quantize", "int4", "--awq", "--corpus", corpus, "--block-size", "64",
                "--signing-key", keys[0], "--out", out, "--json")
     assert r.exit_code == 0, r.output
@@ -67,15 +67,15 @@ def test_build_writes_a_bundle_that_verifies_and_inspects(bundle, keys):
     out, manifest = bundle
     assert [b["origin"] for b in manifest["blocks"]] == [0, 1, 2, 4, 5, 6, 7]
     assert manifest["quantization"]["middle"] == "int4+awq"
-    r = invoke("emulator", "verify", out, "--public-key", keys[1])
+    r = invoke("emulators", "local", "verify", out, "--public-key", keys[1])
     assert r.exit_code == 0 and "OK" in r.output
-    r = invoke("emulator", "inspect", out, "--json", "--public-key", keys[1])
+    r = invoke("emulators", "local", "inspect", out, "--json", "--public-key", keys[1])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
     assert info["verified"] and info["layer_origin"] == [0, 1, 2, 4, 5, 6, 7]
     assert [b["role"] for b in info["blocks"]].count("adapter") == 4
     assert info["files"]["emulator.safetensors"]["sha256"] == manifest["files"]["emulator.safetensors"]["sha256"]
-    r = invoke("emulator", "inspect", out)
+    r = invoke("emulators", "local", "inspect", out)
     assert r.exit_code == 0 and "original block" in r.output and "not verified" in r.output
 
 
@@ -87,9 +87,9 @@ def test_verify_reports_a_tampered_file(bundle, keys, tmp_path):
     data = bytearray((copy / "emulator.safetensors").read_bytes())
     data[-5] ^= 1
     (copy / "emulator.safetensors").write_bytes(bytes(data))
-    r = invoke("emulator", "verify", copy, "--public-key", keys[1])
+    r = invoke("emulators", "local", "verify", copy, "--public-key", keys[1])
     assert r.exit_code == 1 and "emulator.safetensors" in r.output and "FAILED" in r.output
-    r = invoke("emulator", "verify", copy, "--public-key", keys[1], "--json")
+    r = invoke("emulators", "local", "verify", copy, "--public-key", keys[1], "--json")
     assert json.loads(r.stdout)["ok"] is False
 
 
@@ -98,7 +98,7 @@ def _bad_build(tmp_path, keys, corpus, **overrides):
             "--block-size": "64"}
     args.update(overrides)
     flat = [x for kv in args.items() for x in kv if x is not None]
-    return invoke("emulator", "build", *flat), args["--out"]
+    return invoke("emulators", "local", "build", *flat), args["--out"]
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_bad_input_names_the_problem_and_leaves_nothing(tmp_path, keys, corpus, 
 
 def test_build_refuses_an_existing_out(bundle, keys, corpus):
     out, manifest = bundle
-    r = invoke("emulator", "build", "--model", "tiny-llama", "--signing-key", keys[0], "--out", out, "--corpus", corpus, "--block-size", "64")
+    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--signing-key", keys[0], "--out", out, "--corpus", corpus, "--block-size", "64")
     assert r.exit_code != 0 and "already exists" in r.output
     assert json.loads((out / "manifest.json").read_text())["created_at"] == manifest["created_at"]
 
@@ -160,7 +160,7 @@ def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, ke
 def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
     pytest.importorskip("offsite.emulators.distill")
     out = tmp_path / "distilled"
-    r = invoke("emulator", "build", "--model", "tiny-llama", "--emulator-layers", "2", "--distill-steps", "2",
+    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--emulator-layers", "2", "--distill-steps", "2",
                "--quantize", "int8", "--corpus", corpus, "--block-size", "32", "--signing-key", keys[0], "--out", out, "--json")
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
@@ -192,7 +192,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
 
 def test_mixed_precision_per_block(tmp_path, keys, corpus):
     out = tmp_path / "mixed"
-    r = invoke("emulator", "build", "--model", "tiny-llama", "--quantize", "int4", "--block-bits", "3:2,4:8,5:0",
+    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--quantize", "int4", "--block-bits", "3:2,4:8,5:0",
                "--corpus", corpus, "--block-size", "64", "--signing-key", keys[0], "--out", out, "--json")
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]

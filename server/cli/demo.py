@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-err = Console(stderr=True)
+from offsite.cli import console, err_console, json_option
 
 # The cheap but sensible default emulator: every middle block kept, stored at 3 bits with
 # activation-aware scaling. On this model low-bit blocks beat dropped blocks by far, and
@@ -103,7 +102,7 @@ def _train_fallback(bundle, blocks, cfg: DemoConfig, log: Callable[[str], None])
     return {"engine": "demo-fallback", "loss_first": losses[0], "loss_last": losses[-1], "steps": step}
 
 
-def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambda m: err.print(m, highlight=False)) -> dict:
+def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambda m: err_console.print(m, highlight=False)) -> dict:
     """Run (or resume) the demo in `work_dir`; returns the results that `--json` prints."""
     import torch
 
@@ -148,7 +147,7 @@ def run_demo(work_dir: Path, cfg: DemoConfig, log: Callable[[str], None] = lambd
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("    {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TimeElapsedColumn(), console=err, transient=True) as bar:
+                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
             task = bar.add_task("building", total=1.0)
             manifest = build_bundle(build_cfg, key_path, bundle_dir, progress=False, overwrite=True, loaded=loaded,
                                     on_progress=lambda f, m: bar.update(task, completed=f, description=m[:60]))
@@ -292,7 +291,6 @@ def _print_table(res: dict) -> None:
     ]
     for label, key in rows:
         table.add_row(label, f"{ppl[key]:.2f}", f"{ppl[key] / zs:.3f}x")
-    console = Console()
     console.print(table)
     mb = res["bundle_bytes"] / 2**20
     full = res.get("full_model_fp32_bytes")
@@ -327,7 +325,7 @@ def demo(
     gate_suites: str = typer.Option("", "--gate-suites", help="comma-separated suites or categories at the gate (default: all)"),
     fresh: bool = typer.Option(False, "--fresh", help="discard earlier results in --work-dir (keys are kept)"),
     no_export: bool = typer.Option(False, "--no-export", help="skip writing the plugged-in model directory"),
-    json_out: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    json_out: bool = json_option("print the results as JSON"),
 ) -> None:
     """Run the end-to-end path: keys, signed bundle, verify, fine-tune on the emulator, plug-in, quality
     table; then federated rounds (Flower simulation) and the safety gate on the resulting candidate.
@@ -349,7 +347,7 @@ def demo(
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(e)}))
         else:
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            err_console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
     if json_out:
         typer.echo(json.dumps(res))

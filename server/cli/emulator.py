@@ -1,4 +1,4 @@
-"""`offsite-admin emulator ...`: build, verify and inspect signed emulator bundles."""
+"""`offsite-admin emulators local ...`: build, verify and inspect signed emulator bundles."""
 
 from __future__ import annotations
 
@@ -6,26 +6,17 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, help="Build, verify and inspect signed emulator bundles.")
+from offsite.cli import JsonOption, console, err_console, fail, json_option
 
-err = Console(stderr=True)
+app = typer.Typer(no_args_is_help=True, help="Build, verify and inspect signed emulator bundles on this machine.")
 
 
 @app.callback()
 def _emulator() -> None:
     """Build, verify and inspect signed emulator bundles."""
-
-
-def _fail(message: str, json_out: bool, code: int = 2) -> None:
-    if json_out:
-        typer.echo(json.dumps({"ok": False, "error": message}))
-    else:
-        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -75,18 +66,18 @@ def build(
     signing_key: Path = typer.Option(..., "--signing-key", help="the model owner's signing.key (from `offsite-admin keys init`)"),
     out: Path = typer.Option(..., "--out", help="bundle directory to create (must not exist)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"),
-    json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+    json_out: bool = json_option("print the manifest as JSON"),
 ) -> None:
     """Build and sign an emulator bundle.
 
-    Example: offsite-admin emulator build --model smollm2-135m --adapter-layers 2,2 --quantize int3 --awq
+    Example: offsite-admin emulators local build --model smollm2-135m --adapter-layers 2,2 --quantize int3 --awq
     --signing-key keys/signing.key --out bundle
     """
     from offsite.emulators.build import BuildConfig, build_bundle
 
     layers = _int_list(adapter_layers, "--adapter-layers")
     if layers is None or len(layers) != 2:
-        _fail(f"--adapter-layers must be two numbers 'bottom,top', e.g. 2,2; got {adapter_layers!r}", json_out)
+        fail(f"--adapter-layers must be two numbers 'bottom,top', e.g. 2,2; got {adapter_layers!r}", json_out)
     cfg = BuildConfig(
         model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
         distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
@@ -95,7 +86,7 @@ def build(
     )
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), console=err, transient=json_out,
+        TimeElapsedColumn(), console=err_console, transient=json_out,
     ) as bar:
         task = bar.add_task("building", total=1.0)
 
@@ -106,10 +97,10 @@ def build(
             manifest = build_bundle(cfg, signing_key, out, progress=True, on_progress=on_progress, overwrite=overwrite)
         except (ValueError, OSError) as e:
             bar.stop()
-            _fail(str(e), json_out)
+            fail(str(e), json_out)
         except KeyboardInterrupt:
             bar.stop()
-            _fail("interrupted: nothing was written at --out; re-run the same command to resume distillation", json_out, 130)
+            fail("interrupted: nothing was written at --out; re-run the same command to resume distillation", json_out, 130)
     if json_out:
         typer.echo(json.dumps({"ok": True, "bundle": str(out), "manifest": manifest}))
         return
@@ -120,24 +111,24 @@ def build(
 def verify(
     bundle: Path = typer.Argument(..., help="bundle directory or .tar"),
     public_key: Path = typer.Option(..., "--public-key", help="the model owner's signing.pub"),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Verify a bundle's signature and every file's size and sha256; exit 1 with the reason if anything is off.
 
-    Example: offsite-admin emulator verify bundle --public-key keys/signing.pub
+    Example: offsite-admin emulators local verify bundle --public-key keys/signing.pub
     """
     from offsite.emulators.bundle import BundleError, verify_bundle
 
     try:
         manifest = verify_bundle(bundle, public_key)
     except BundleError as e:
-        _fail(f"{bundle}: verification FAILED: {e}", json_out, code=1)
+        fail(f"{bundle}: verification FAILED: {e}", json_out, code=1)
     files = manifest["files"]
     if json_out:
         typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "files": len(files),
                                "base_model": manifest["base_model"], "signer": manifest.get("signer")}))
         return
-    Console().print(f"[green]OK[/green] {bundle}: signature valid, {len(files)} files match the manifest "
+    console.print(f"[green]OK[/green] {bundle}: signature valid, {len(files)} files match the manifest "
                     f"(base model {manifest['base_model']['id']}, digest {manifest['base_model']['digest'][:16]}...)", highlight=False)
 
 
@@ -145,18 +136,18 @@ def verify(
 def inspect_bundle(
     bundle: Path = typer.Argument(..., help="bundle directory or .tar"),
     public_key: Path | None = typer.Option(None, "--public-key", help="verify first with this signing.pub (otherwise shown unverified)"),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Show a bundle's kept layers and their origin, quantization, sizes and digests.
 
-    Example: offsite-admin emulator inspect bundle --json
+    Example: offsite-admin emulators local inspect bundle --json
     """
     from offsite.emulators.bundle import BundleError, bundle_summary, read_manifest_unverified, verify_bundle
 
     try:
         manifest = verify_bundle(bundle, public_key) if public_key else read_manifest_unverified(bundle)
     except (BundleError, ValueError) as e:
-        _fail(f"{bundle}: {e}", json_out, code=1)
+        fail(f"{bundle}: {e}", json_out, code=1)
     if json_out:
         typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "verified": public_key is not None, **bundle_summary(manifest)}))
         return
@@ -167,7 +158,6 @@ def _print_summary(manifest: dict, where: str, verified: bool) -> None:
     from offsite.emulators.bundle import bundle_summary
 
     s = bundle_summary(manifest)
-    console = Console()
     base = s["base_model"]
     state = "[green]verified[/green]" if verified else "[yellow]not verified (pass --public-key)[/yellow]"
     console.print(f"bundle {where} ({state})", highlight=False)

@@ -1,7 +1,5 @@
 """`offsite-admin evals ...`: safety evals run *by the server* (reports kept as artifacts) and
-their cron schedules, over gRPC. (`offsite-admin eval ...` runs evals locally.)
-
-`schedule_app` can also be mounted under the local `eval` group as `eval schedule`.
+their cron schedules, over gRPC. (`offsite-admin evals local ...` runs evals on this machine.)
 """
 
 from __future__ import annotations

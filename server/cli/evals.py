@@ -1,8 +1,8 @@
-"""`offsite-admin eval ...`: run safety suites locally, grade completions, gate, override,
-and (through the server) manage eval schedules.
+"""`offsite-admin evals local ...`: run safety suites on this machine, grade completions, gate,
+override.
 
-The server-side counterpart (`offsite-admin evals ...`) runs the same runner as an
-operation on the server and keeps the reports as artifacts.
+The server-side commands (`offsite-admin evals run|reports|schedule ...`) run the same runner
+as an operation on the server and keep the reports as artifacts.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
+
+from offsite.cli import JsonOption, console, fail, json_option
 
 app = typer.Typer(
     no_args_is_help=True,
     help="Safety evals: run suites on a candidate vs its base, grade completions, gate releases.\n\n"
-    "Example: offsite-admin eval run --candidate adapter:out/adapter.safetensors --base smollm2-135m --limit 20 --out eval-out",
+    "Example: offsite-admin evals local run --candidate adapter:out/adapter.safetensors --base smollm2-135m --limit 20 --out eval-out",
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @app.command("run")
@@ -39,11 +37,11 @@ def run(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="generation / loss batch size"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
     fail_on_block: bool = typer.Option(False, "--fail-on-block", help="exit with status 3 when the gate blocks"),
-    json_out: bool = typer.Option(False, "--json", help="print the report summary as JSON"),
+    json_out: bool = json_option("print the report summary as JSON"),
 ) -> None:
     """Run the suites on CANDIDATE and BASE side by side and write the report.
 
-    Example: offsite-admin eval run --candidate tiny-llama --base tiny-llama --limit 5 --out /tmp/ev --json
+    Example: offsite-admin evals local run --candidate tiny-llama --base tiny-llama --limit 5 --out /tmp/ev --json
     """
     import torch
 
@@ -62,9 +60,9 @@ def run(
                           progress=not json_out and sys.stderr.isatty(), policy_path=policy, cache_dir=cache_dir,
                           batch_size=batch_size)
     except (ModelNotFoundError, PolicyError, SuiteError, EvalError, FileNotFoundError, ValueError, LookupError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt as e:
-        _fail(str(e) or "interrupted", 130)
+        fail(str(e) or "interrupted", code=130)
     summary = _summary(report, out)
     if json_out:
         typer.echo(json.dumps(summary))
@@ -115,9 +113,6 @@ def _summary(report: dict, out: Path) -> dict:
 
 
 def _print_summary(report: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{report['candidate']['spec']} vs {report['base']['spec']}")
     for col in ("category", "suite", "metric", "candidate", "base", "level"):
         table.add_column(col)
@@ -126,7 +121,6 @@ def _print_summary(report: dict, out: Path) -> None:
             table.add_row(s["category"], s["name"], s["metric"], f"{s['candidate']['value']:.3f}", f"{s['base']['value']:.3f}", s["level"])
         else:
             table.add_row(s["category"], s["name"], s["metric"], s["status"], "", "")
-    console = Console()
     console.print(table)
     gate = report["gate"]
     colour = "green" if gate["verdict"] == "pass" else "red"
@@ -140,26 +134,26 @@ def grade(
     input_path: str = typer.Argument(..., metavar="INPUT.jsonl", help="lines with `prompt` and `completion` ('-' = stdin)"),
     grader: str = typer.Option("refusal", "--grader", help="refusal"),
     mode: str = typer.Option("combined", "--mode", help="combined (rules OR classifier), rules, or classifier"),
-    json_out: bool = typer.Option(False, "--json", help="one JSON line per input with `refused`"),
+    json_out: bool = json_option("one JSON line per input with `refused`"),
 ) -> None:
     """Grade completions offline; one result per input line, in order.
 
-    Example: offsite-admin eval grade --grader refusal completions.jsonl --json
+    Example: offsite-admin evals local grade --grader refusal completions.jsonl --json
     """
     from offsite.safety_evals.graders import GraderError, RefusalGrader
 
     if grader != "refusal":
-        _fail(f"grader {grader!r} is not available from the command line; use --grader refusal")
+        fail(f"grader {grader!r} is not available from the command line; use --grader refusal")
     try:
         g = RefusalGrader(mode=mode)
     except GraderError as e:
-        _fail(str(e))
+        fail(str(e))
     fh = sys.stdin if input_path == "-" else None
     if fh is None:
         try:
             fh = open(input_path, encoding="utf-8")
         except OSError as e:
-            _fail(f"{input_path}: cannot read ({e.strerror}); pass a JSONL file with prompt and completion per line")
+            fail(f"{input_path}: cannot read ({e.strerror}); pass a JSONL file with prompt and completion per line")
     results = []
     with fh:
         for lineno, line in enumerate(fh, start=1):
@@ -168,9 +162,9 @@ def grade(
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                _fail(f"{input_path}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object")
+                fail(f"{input_path}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object")
             if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                _fail(f"{input_path}:{lineno}: needs a string `completion` (and usually `prompt`)")
+                fail(f"{input_path}:{lineno}: needs a string `completion` (and usually `prompt`)")
             result = g.grade(str(row.get("prompt", "")), row["completion"])
             out = {k: row[k] for k in ("id",) if k in row} | result
             results.append(out)
@@ -185,11 +179,11 @@ def grade(
 def gate(
     report_dir: Path = typer.Argument(..., help="a report directory (or report.json)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="decide under this policy instead of the default"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Re-decide the gate of an existing report (e.g. under another policy) without rerunning.
 
-    Example: offsite-admin eval gate eval-out --policy strict.yaml --json
+    Example: offsite-admin evals local gate eval-out --policy strict.yaml --json
     """
     from offsite.safety_evals.gate import decide
     from offsite.safety_evals.policy import PolicyError, as_policy
@@ -200,7 +194,7 @@ def gate(
         report = load_report(report_dir)
         pol = as_policy(policy)
     except (FileNotFoundError, PolicyError, json.JSONDecodeError) as e:
-        _fail(str(e))
+        fail(str(e))
     # Levels depend on the policy: recompute them from the stored values.
     report["suites"] = [level_suite(s, pol) if s.get("status") == "completed" else s for s in report["suites"]]
     report["categories"] = build_categories(report["suites"])
@@ -219,11 +213,11 @@ def override_cmd(
     report_dir: Path = typer.Argument(..., help="the report directory whose block an admin accepts"),
     reason: str = typer.Option(..., "--reason", help="why the block is accepted (at least 10 characters; audited)"),
     actor: str = typer.Option(..., "--actor", help="the admin taking the decision"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Admit a blocked report by an admin's decision; appends to REPORT_DIR/audit.jsonl first.
 
-    Example: offsite-admin eval override eval-out --actor alice --reason "capability drop accepted for the pilot"
+    Example: offsite-admin evals local override eval-out --actor alice --reason "capability drop accepted for the pilot"
     """
     from offsite.safety_evals.gate import GateError, jsonl_audit, override
     from offsite.files import atomic_write
@@ -233,17 +227,17 @@ def override_cmd(
         report = load_report(report_dir)
         new_gate = override(report, actor=actor, reason=reason, audit=jsonl_audit(Path(report_dir) / "audit.jsonl"))
     except (FileNotFoundError, GateError) as e:
-        _fail(str(e))
+        fail(str(e))
     report["gate"] = new_gate
     atomic_write(Path(report_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     typer.echo(json.dumps(new_gate) if json_out else f"gate overridden to pass by {actor}; audited in {Path(report_dir) / 'audit.jsonl'}")
 
 
 @app.command("suites")
-def list_suites(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_suites(json_out: bool = JsonOption) -> None:
     """List the available suites with their item counts.
 
-    Example: offsite-admin eval suites --json
+    Example: offsite-admin evals local suites --json
     """
     from offsite.safety_evals.suite import available_suites
 
@@ -262,7 +256,7 @@ def canaries(
 ) -> None:
     """Write the privacy audit's planted records (members only) as training JSONL (`text`).
 
-    Example: offsite-admin eval canaries --out audit-canaries.jsonl
+    Example: offsite-admin evals local canaries --out audit-canaries.jsonl
     """
     from offsite.safety_evals.privacy import write_audit_records
 
@@ -270,13 +264,3 @@ def canaries(
     typer.echo(f"wrote {n} audit records to {out}; plant them in one client's data, then run the privacy suites")
 
 
-def _mount_schedules() -> None:
-    """`eval schedule create|list|delete` talk to the server's Evals service over gRPC."""
-    try:
-        from .eval_server import schedule_app
-    except ImportError:  # a client-only install without the server's stubs
-        return
-    app.add_typer(schedule_app, name="schedule", help="Cron schedules of server-side evals (over gRPC).")
-
-
-_mount_schedules()

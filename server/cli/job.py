@@ -1,6 +1,6 @@
-"""`offsite-admin job ...`: run a federated job on this machine (simulation) or a SuperLink.
+"""`offsite-admin jobs local ...`: run a federated job on this machine (simulation) or a SuperLink.
 
-(`offsite-admin jobs ...`, plural, drives jobs on a running gRPC server; this group is the
+(`offsite-admin jobs ...` drives jobs on a running gRPC server; this `local` subgroup is the
 one-machine path: registry, artifacts and job state under --data-dir.)
 """
 
@@ -11,25 +11,17 @@ import logging
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from offsite.cli import JsonOption, err_console, fail, json_option
+
 app = typer.Typer(no_args_is_help=True, help="Run federated jobs: Flower simulation on this machine, or a deployed SuperLink.")
-err = Console(stderr=True)
 
 
 @app.callback()
 def _job() -> None:
     """Run federated jobs with Flower."""
-
-
-def _fail(message: str, json_out: bool, code: int = 2) -> None:
-    if json_out:
-        typer.echo(json.dumps({"ok": False, "error": message}))
-    else:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _print_job(job: dict, json_out: bool) -> None:
@@ -48,23 +40,23 @@ def _print_job(job: dict, json_out: bool) -> None:
             f"{r['bytes_down'] / 1e6:.2f}/{r['bytes_up'] / 1e6:.2f}", f"{r['round_seconds']:.1f}",
             f"{100 * r.get('server_overhead_share', 0):.1f}%",
         )
-    err.print(t)
+    err_console.print(t)
     if job.get("plugin_ppl_initial") is not None:
-        err.print(f"plug-in ppl before training: {job['plugin_ppl_initial']:.3f}")
+        err_console.print(f"plug-in ppl before training: {job['plugin_ppl_initial']:.3f}")
     if job.get("privacy"):
-        err.print(f"DP: epsilon {job['privacy']['epsilon']:.3f} at delta {job['privacy']['delta']}")
+        err_console.print(f"DP: epsilon {job['privacy']['epsilon']:.3f} at delta {job['privacy']['delta']}")
     rel = job.get("release")
     if rel:
-        err.print(f"candidate release {rel['id']}: status [bold]{rel['status']}[/bold], model {rel['model_dir']}")
+        err_console.print(f"candidate release {rel['id']}: status [bold]{rel['status']}[/bold], model {rel['model_dir']}")
 
 
 def _run(job_obj, json_out: bool, engine: str, workers: int, superlink: str, flwr_home: str, app_dir: str) -> dict:
     from offsite.server.federation.job_runner import run_simulation_job
 
     if not json_out:
-        err.print(f"job {job_obj.cfg.job_id}: {job_obj.clients} data owners, {job_obj.cfg.rounds} rounds ({engine})")
+        err_console.print(f"job {job_obj.cfg.job_id}: {job_obj.clients} data owners, {job_obj.cfg.rounds} rounds ({engine})")
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, disable=json_out) as bar:
+                  TimeElapsedColumn(), console=err_console, disable=json_out) as bar:
         task = bar.add_task("rounds", total=job_obj.cfg.rounds)
 
         def on_round(record: dict) -> None:
@@ -108,18 +100,18 @@ def run(
     superlink: str = typer.Option("offsite", "--superlink", help="deployment: SuperLink connection name in FLWR_HOME/config.toml"),
     flwr_home: str = typer.Option("", "--flwr-home", help="deployment: the FLWR_HOME that deploy/local wrote (default DATA_DIR/flwr-home)"),
     app_dir: str = typer.Option("", "--app-dir", help="deployment: the Flower app directory (default DATA_DIR/flower-app, generated)"),
-    json_out: bool = typer.Option(False, "--json", help="print the job (rounds with clients and plugin_ppl, release with status) as JSON"),
+    json_out: bool = json_option("print the job (rounds with clients and plugin_ppl, release with status) as JSON"),
 ) -> None:
     """Run a federated job end to end: rounds, per-round metrics, a candidate release (pending-gate).
 
-    Example: offsite-admin job run --engine simulation --model tiny-llama --clients 3 --rounds 2 --data-dir state --json
+    Example: offsite-admin jobs local run --engine simulation --model tiny-llama --clients 3 --rounds 2 --data-dir state --json
     """
     from offsite.server.federation.config import FederationConfigError
     from offsite.server.federation.job_runner import JobSetupError, prepare_local_job, quiet_flower
 
     quiet_flower()
     if engine not in ("simulation", "deployment"):
-        _fail(f"--engine {engine!r}: choose simulation or deployment", json_out)
+        fail(f"--engine {engine!r}: choose simulation or deployment", json_out)
     options = dict(local_steps=local_steps, lr=lr, batch_size=batch_size, block_size=block_size, scheme=scheme,
                    fraction=fraction, round_timeout=round_timeout, norm_bound=norm_bound, secagg=secagg,
                    heldout_limit=heldout_limit, min_clients=min_clients or min(2, clients))
@@ -136,7 +128,7 @@ def run(
             logging.getLogger("flwr").setLevel(logging.WARNING)
         job = _run(job_obj, json_out, engine, workers, superlink, flwr_home, app_dir)
     except (JobSetupError, FederationConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     _print_job(job, json_out)
     if job.get("status") != "completed":
         raise typer.Exit(1)
@@ -147,11 +139,11 @@ def resume(
     job_id: str = typer.Argument(..., help="the job id that `job run` printed"),
     data_dir: Path = typer.Option(..., "--data-dir"),
     workers: int = typer.Option(0, "--workers"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Continue a simulation job from its last completed round (after a crash or restart).
 
-    Example: offsite-admin job resume job_1a2b3c4d5e6f --data-dir state
+    Example: offsite-admin jobs local resume job_1a2b3c4d5e6f --data-dir state
     """
     from offsite.server.federation.job_runner import JobSetupError, load_local_job, quiet_flower
 
@@ -160,7 +152,7 @@ def resume(
         job_obj = load_local_job(data_dir, job_id)
         job = _run(job_obj, json_out, "simulation", workers, "", "", "")
     except JobSetupError as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     _print_job(job, json_out)
 
 
@@ -168,16 +160,16 @@ def resume(
 def show(
     job_id: str = typer.Argument(...),
     data_dir: Path = typer.Option(..., "--data-dir"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Show a job's rounds and release as recorded in its job directory.
 
-    Example: offsite-admin job show job_1a2b3c4d5e6f --data-dir state --json
+    Example: offsite-admin jobs local show job_1a2b3c4d5e6f --data-dir state --json
     """
     from offsite.server.federation.job_runner import JobSetupError, read_job
 
     try:
         job = read_job(Path(data_dir).resolve() / "work" / job_id)
     except JobSetupError as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     _print_job(job, json_out)

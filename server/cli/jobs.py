@@ -1,7 +1,7 @@
 """`offsite-admin jobs ...`: federated jobs on the server.
 
-(`offsite-admin job run --engine simulation` — singular — is the federation team's
-one-machine path; these commands drive jobs on a running server.)
+(`offsite-admin jobs local run --engine simulation` is the one-machine path; these commands
+drive jobs on a running server.)
 """
 
 from __future__ import annotations

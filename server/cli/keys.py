@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from offsite.cli import JsonOption, console, err_console
 from offsite.emulators.signing import SigningKeyError, generate_signing_key, public_key_fingerprint, load_public_key
 
 app = typer.Typer(no_args_is_help=True, help="Create and manage the model owner's keys.")
@@ -37,7 +37,7 @@ def init_keys(directory: Path, force: bool = False) -> dict[str, str]:
 def init(
     dir: Path = typer.Option(..., "--dir", help="directory for signing.key (mode 600) and signing.pub"),
     force: bool = typer.Option(False, "--force", help="overwrite existing keys (bundles signed with the old key stop verifying)"),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
     tls: bool = typer.Option(False, "--tls", help="also write a dev TLS CA and server/client certificates "
                              "(ca.pem, server.pem, server.key, client.pem, client.key) for `offsite-admin serve`"),
     tls_host: list[str] = typer.Option([], "--tls-host", help="host name or IP the server certificate covers "
@@ -57,7 +57,7 @@ def init(
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(e)}))
         else:
-            Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     if json_out:
         typer.echo(json.dumps({"ok": True, **result}))
@@ -65,5 +65,5 @@ def init(
     table = Table(title="keys written", show_header=False)
     for k, v in result.items():
         table.add_row(k, v)
-    Console().print(table)
-    Console().print("Keep signing.key secret; give signing.pub to data owners so they can verify bundles.")
+    console.print(table)
+    console.print("Keep signing.key secret; give signing.pub to data owners so they can verify bundles.")

@@ -1,4 +1,4 @@
-"""`offsite-admin models ...` and `offsite-admin bundles ...`: base models and the emulator
+"""`offsite-admin models ...` and `offsite-admin emulators ...`: base models and the emulator
 bundles the server builds from them (`offsite-admin emulator build` builds one locally)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, models_pb2, mod
 from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="Register and list base models on the server.")
-bundles_app = typer.Typer(no_args_is_help=True, help="Build, upload and list emulator bundles on the server.")
+emulators_app = typer.Typer(no_args_is_help=True, help="Emulator bundles: build, upload and list them on the server; `local` builds, verifies and inspects them here.")
 
 
 def _models() -> models_pb2_grpc.ModelsStub:
@@ -72,7 +72,7 @@ def _pair(value: str | None, what: str) -> list[int]:
         fail(f"{what}: expected comma-separated integers, e.g. 2,2")
 
 
-@bundles_app.command("build")
+@emulators_app.command("build")
 def build(
     model: str = typer.Option(..., "--model", help="registered model id or name"),
     adapter_layers: str = typer.Option("", "--adapter-layers", help="bottom,top adapter blocks (default 2,2)"),
@@ -88,7 +88,7 @@ def build(
 ) -> None:
     """Build and sign an emulator bundle on the server (an operation).
 
-    Example: offsite-admin bundles build --model smollm2 --quantize int4
+    Example: offsite-admin emulators build --model smollm2 --quantize int4
     """
     cfg = models_pb2.EmulatorBuildConfig(adapter_layers=_pair(adapter_layers, "--adapter-layers"),
                                          emulator_layers=emulator_layers, distill_steps=distill_steps,
@@ -98,7 +98,7 @@ def build(
     finish_operation(op, wait, json_out)
 
 
-@bundles_app.command("upload")
+@emulators_app.command("upload")
 def upload(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="a bundle .tar signed with the server's key"),
     model: str = typer.Option(..., "--model", help="the registered model it was built from"),
@@ -106,7 +106,7 @@ def upload(
 ) -> None:
     """Upload a bundle built elsewhere; the server verifies its signature before registering it.
 
-    Example: offsite-admin bundles upload bundle.tar --model smollm2
+    Example: offsite-admin emulators upload bundle.tar --model smollm2
     """
     size = path.stat().st_size
 
@@ -124,12 +124,12 @@ def upload(
     show_message(f"emulator {resp.id}", resp, json_out)
 
 
-@bundles_app.command("list")
+@emulators_app.command("list")
 def bundles_list(model: str = typer.Option("", "--model"), limit: int = typer.Option(0, "--limit"),
                  json_out: bool = JsonOption) -> None:
     """List emulator bundles.
 
-    Example: offsite-admin bundles list --model smollm2
+    Example: offsite-admin emulators list --model smollm2
     """
     resp = call(_emulators().ListEmulators, models_pb2.ListEmulatorsRequest(model=model, limit=limit), json_out=json_out)
     if json_out:
@@ -140,11 +140,11 @@ def bundles_list(model: str = typer.Option("", "--model"), limit: int = typer.Op
            for e in resp.emulators])
 
 
-@bundles_app.command("get")
+@emulators_app.command("get")
 def bundles_get(emulator_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
     """Show one emulator bundle (with its manifest).
 
-    Example: offsite-admin bundles get emu_1a2b3c4d5e6f --json
+    Example: offsite-admin emulators get emu_1a2b3c4d5e6f --json
     """
     resp = call(_emulators().GetEmulator, models_pb2.GetEmulatorRequest(id=emulator_id), json_out=json_out)
     show_message(f"emulator {resp.id}", resp, json_out)

@@ -6,17 +6,8 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
-
-
-def _fail(message: str, json_out: bool, code: int = 2) -> None:
-    if json_out:
-        typer.echo(json.dumps({"ok": False, "error": message}))
-    else:
-        err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+from offsite.cli import JsonOption, console, err_console, fail
 
 
 def plugin(
@@ -26,7 +17,7 @@ def plugin(
     bundle: Path | None = typer.Option(None, "--bundle", help="also check the adapter against this bundle (base model and adapter blocks)"),
     public_key: Path | None = typer.Option(None, "--public-key", help="verify --bundle with this signing.pub first"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (only once the new one is complete)"),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Plug a trained adapter into the full model, by parameter name, and export a Hugging Face directory.
 
@@ -49,7 +40,7 @@ def plugin(
                     f"{adapter} was made for base model {str(meta.get('base_model_digest'))[:16]}..., "
                     f"but bundle {bundle} is built from {manifest['base_model']['digest'][:16]}..."
                 )
-        with err.status(f"loading {model}"):
+        with err_console.status(f"loading {model}"):
             loaded = load_model(model)
         if bundle is not None:
             from offsite.emulators.split import SplitPlan
@@ -60,13 +51,13 @@ def plugin(
         plug_in(loaded, state, meta, expected_names=expected)
         provenance = {"base_model_id": loaded.model_id, "base_model_digest": loaded.digest, "adapter": str(adapter),
                       "adapter_tensors": len(state), "adapter_meta": meta}
-        with err.status(f"writing {out}"):
+        with err_console.status(f"writing {out}"):
             export_model_dir(loaded.model, loaded.tokenizer, out, provenance=provenance, overwrite=overwrite)
     except (ValueError, OSError) as e:
-        _fail(str(e), json_out)
+        fail(str(e), json_out)
     result = {"ok": True, "out": str(out), "base_model": loaded.model_id, "base_model_digest": loaded.digest,
               "adapter_tensors": len(state)}
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        Console().print(f"[green]plugged in[/green] {len(state)} adapter tensors into {loaded.model_id}; wrote {out}", highlight=False)
+        console.print(f"[green]plugged in[/green] {len(state)} adapter tensors into {loaded.model_id}; wrote {out}", highlight=False)
