@@ -130,8 +130,9 @@ class EnrollmentRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
     data_owner: Mapped[str] = mapped_column(String(128), index=True)
-    token_id: Mapped[str] = mapped_column(String(32), default="")
+    token_id: Mapped[str] = mapped_column(String(32), default="", index=True)  # the token that owns it
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # its token was revoked
 
 
 class RoundRow(Base):
@@ -428,12 +429,34 @@ class Registry:
             return row
 
     def enroll(self, job_id: str, data_owner: str, token_id: str = "") -> tuple[EnrollmentRow, bool]:
-        """Enroll a data owner (idempotent). Returns (row, created)."""
+        """Enroll a data owner under a token (idempotent). Returns (row, created).
+
+        An enrollment belongs to the token that made it: another data-owner token with the same
+        name cannot take it over while that token is live (Conflict); an enrollment made by an
+        admin on a data owner's behalf, or one whose token was revoked, passes to the data
+        owner's token when it enrolls."""
         with self.session() as s:
             existing = s.scalar(select(EnrollmentRow).where(EnrollmentRow.job_id == job_id,
                                                             EnrollmentRow.data_owner == data_owner))
-            if existing is not None:
+            if existing is not None and existing.ended_at is None:
+                if existing.token_id == token_id or not token_id:
+                    return existing, False
+                holder = s.get(TokenRow, existing.token_id) if existing.token_id else None
+                mine = s.get(TokenRow, token_id)
+                holder_live = holder is not None and holder.revoked_at is None
+                if holder_live and holder.role == "data-owner":
+                    if mine is not None and mine.role != "data-owner":
+                        return existing, False  # an admin re-enrolling someone: nothing changes
+                    raise Conflict(f"data owner {data_owner!r} is enrolled in job {job_id} with another token "
+                                   f"({existing.token_id}); revoke that token first (offsite-admin tokens revoke)")
+                if mine is not None and mine.role != "data-owner":
+                    return existing, False
+                existing.token_id = token_id
                 return existing, False
+            if existing is not None:  # ended by a revocation: a new token enrolls again
+                existing.token_id, existing.ended_at, existing.created_at = token_id, None, utcnow()
+                self._event(s, job_id, "enrolled", {"data_owner": data_owner})
+                return existing, True
             row = EnrollmentRow(job_id=job_id, data_owner=data_owner, token_id=token_id)
             s.add(row)
             self._event(s, job_id, "enrolled", {"data_owner": data_owner})
@@ -441,12 +464,22 @@ class Registry:
 
     def enrolled_data_owners(self, job_id: str) -> list[str]:
         with self.session() as s:
-            return list(s.scalars(select(EnrollmentRow.data_owner).where(EnrollmentRow.job_id == job_id)
+            return list(s.scalars(select(EnrollmentRow.data_owner).where(EnrollmentRow.job_id == job_id,
+                                                                         EnrollmentRow.ended_at.is_(None))
                                   .order_by(EnrollmentRow.id)))
 
     def jobs_of_data_owner(self, data_owner: str) -> list[str]:
         with self.session() as s:
-            return list(s.scalars(select(EnrollmentRow.job_id).where(EnrollmentRow.data_owner == data_owner)))
+            return list(s.scalars(select(EnrollmentRow.job_id).where(EnrollmentRow.data_owner == data_owner,
+                                                                     EnrollmentRow.ended_at.is_(None))))
+
+    def jobs_of_token(self, token_id: str) -> list[str]:
+        """The jobs a token is enrolled in (its live enrollments)."""
+        if not token_id:
+            return []
+        with self.session() as s:
+            return list(s.scalars(select(EnrollmentRow.job_id).where(EnrollmentRow.token_id == token_id,
+                                                                     EnrollmentRow.ended_at.is_(None))))
 
     def add_round(self, job_id: str, number: int, metrics: dict, adapter_sha256: str = "") -> RoundRow:
         """Record a completed round (the federation's job runner calls this every round).
@@ -640,6 +673,11 @@ class Registry:
                 raise NotFound(f"no token with id {token_id!r}; `offsite-admin tokens list` shows the ids")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+            # Revocation ends the token's enrollments: its data owner leaves those jobs.
+            for e in s.scalars(select(EnrollmentRow).where(EnrollmentRow.token_id == token_id,
+                                                           EnrollmentRow.ended_at.is_(None))):
+                e.ended_at = row.revoked_at
+                self._event(s, e.job_id, "unenrolled", {"data_owner": e.data_owner, "reason": "token revoked"})
             return row
 
     def count_tokens(self, role: str | None = None) -> int:

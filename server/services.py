@@ -67,8 +67,11 @@ def _require(value: str, what: str) -> str:
 
 
 def _visible_jobs(state: ServerState, p: Principal) -> list[str] | None:
-    """None for staff (all jobs); the enrolled jobs for a data owner."""
-    return None if p.is_staff else state.registry.jobs_of_data_owner(p.name)
+    """None for staff (all jobs); for a data owner, the jobs its token names and is enrolled in
+    (by token id: a name is not an identity, and another token with the same name sees nothing)."""
+    if p.is_staff:
+        return None
+    return [j for j in state.registry.jobs_of_token(p.token_id) if j in p.jobs]
 
 
 def _check_job_visible(state: ServerState, job_id: str) -> None:
@@ -148,7 +151,7 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):
         p = current_principal()
         if p.is_staff:
             return
-        for job_id in self.s.registry.jobs_of_data_owner(p.name):
+        for job_id in _visible_jobs(self.s, p) or []:
             job = self.s.registry.get_job(job_id)
             if job.emulator_id and self.s.registry.get_emulator(job.emulator_id).bundle_sha256 == sha:
                 return
@@ -388,7 +391,7 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             events = self.s.registry.job_events(job_id, after)
             for ev in events:
                 after = ev.seq
-                if not me.is_staff and ev.kind == "enrolled" and (ev.data or {}).get("data_owner") != me.name:
+                if not me.is_staff and ev.kind in ("enrolled", "unenrolled") and (ev.data or {}).get("data_owner") != me.name:
                     continue  # data owners do not learn who else is enrolled
                 yield convert.job_event(ev)
             if not request.follow:

@@ -184,3 +184,44 @@ def test_a_partner_cannot_flip_a_blocked_verdict(world):
     assert [r.verdict for r in reversed(history)] == ["block", "pass", "pass", "pass", "pass"]
     approved = releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id))
     assert approved.status == "approved" and "after an earlier block" in approved.reason
+
+
+# ---- 3. data-owner scoping follows the token, not its name -----------------------------------------------
+def test_data_owner_scope_is_the_tokens_jobs_and_enrollments(world):
+    server, admin = world["server"], world["admin"]
+    adm, emu = admin_pb2_grpc.AdminStub(admin), world["emulator"]
+    jobs_admin = jobs_pb2_grpc.JobsStub(admin)
+    job_a = jobs_admin.CreateJob(jobs_pb2.CreateJobRequest(name="a", spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
+    job_b = jobs_admin.CreateJob(jobs_pb2.CreateJobRequest(name="b", spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
+    new_token = lambda jobs: adm.CreateToken(admin_pb2.CreateTokenRequest(name="bob", role="data-owner", jobs=jobs))
+    # An earlier "bob" enrolled in job_b (here: enrolled by an admin on bob's behalf, and by bob's old token).
+    jobs_admin.Enroll(jobs_pb2.EnrollRequest(job_id=job_b.id, data_owner="bob"))
+    old = new_token([job_b.id])
+    jobs_pb2_grpc.JobsStub(open_channel(server.address, old.secret)).Enroll(jobs_pb2.EnrollRequest(job_id=job_b.id))
+    # A new token, also named bob, for job_a only: it sees neither job_b nor its bundle.
+    bob_a = new_token([job_a.id])
+    ch = open_channel(server.address, bob_a.secret)
+    jobs = jobs_pb2_grpc.JobsStub(ch)
+    assert [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs] == []
+    code, _ = _code_and_details(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(id=job_b.id)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = _code_and_details(lambda: list(artifacts_pb2_grpc.ArtifactsStub(ch).Download(
+        artifacts_pb2.DownloadRequest(sha256=world["bundle_sha"]))))
+    assert code == grpc.StatusCode.NOT_FOUND
+    # A token naming no job sees nothing, even under an enrolled name.
+    nothing = open_channel(server.address, new_token([]).secret)
+    assert list(jobs_pb2_grpc.JobsStub(nothing).ListJobs(jobs_pb2.ListJobsRequest()).jobs) == []
+    # Another live token cannot take over bob's enrollment in job_b.
+    bob_b2 = new_token([job_b.id])
+    code, details = _code_and_details(lambda: jobs_pb2_grpc.JobsStub(open_channel(server.address, bob_b2.secret))
+                                      .Enroll(jobs_pb2.EnrollRequest(job_id=job_b.id)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "another token" in details
+    # After enrolling, bob_a sees job_a (and only it).
+    jobs.Enroll(jobs_pb2.EnrollRequest(job_id=job_a.id))
+    assert [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs] == [job_a.id]
+    # Revoking the old token ends its enrollment: bob leaves job_b.
+    assert "bob" in jobs_admin.GetJob(jobs_pb2.GetJobRequest(id=job_b.id)).data_owners
+    adm.RevokeToken(admin_pb2.RevokeTokenRequest(id=old.token.id))
+    assert "bob" not in jobs_admin.GetJob(jobs_pb2.GetJobRequest(id=job_b.id)).data_owners
+    events = [e.kind for e in jobs_admin.WatchJob(jobs_pb2.WatchJobRequest(id=job_b.id))]
+    assert events[-1] == "unenrolled"
