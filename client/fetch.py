@@ -5,7 +5,7 @@ settings, and saves them (with the token, mode 600) under the client home
 (``$OFFSITE_CLIENT_HOME``, default ``~/.offsite-client``). ``fetch_bundle`` downloads the
 bundle with the Artifacts service, resuming from the bytes already on disk whenever the
 connection breaks, checks the sha256, verifies the Ed25519 signature of the manifest
-(``offsite.emulators.bundle.verify_bundle``), and keeps the result in a cache keyed by the
+(``offsite.emulators.bundle_format``: the signature before a byte is unpacked), and keeps the result in a cache keyed by the
 digest, so a second fetch downloads nothing.
 
 Only ``offsite.protos`` and ``offsite.emulators`` are used here: the client never imports
@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from offsite.emulators.bundle_format import BundleError, extract_bundle, verify_bundle
+from offsite.files import atomic_write, sha256_file
 from offsite.protos.channel import open_channel
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from offsite.files import atomic_write, sha256_file
 
 # Codes after which a download is worth retrying: the server went away or the stream broke.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
@@ -205,21 +203,18 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
             channel.close()
 
 
-def _extract(tar_path: Path, dest: Path) -> None:
-    with tarfile.open(tar_path) as tf:
-        members = tf.getmembers()
-        for m in members:
-            p = PurePosixPath(m.name)
-            if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()):
-                raise FetchError(f"bundle archive member {m.name!r} is a link or points outside the bundle; refusing it")
-        tf.extractall(dest, members=members, filter="data")
-
-
 def _verify(bundle: Path, public_key: str | Path) -> dict:
-    from offsite.emulators.bundle import BundleError, verify_bundle
-
     try:
         return verify_bundle(bundle, public_key)
+    except BundleError as e:
+        raise FetchError(f"bundle failed verification: {e}") from None
+
+
+def _unpack(archive: Path, dest: Path, public_key: str | Path) -> dict:
+    """Check the manifest's signature first, then unpack only the files it lists, no larger
+    than it says, hashed as they stream, into a sibling of `dest` inside the cache."""
+    try:
+        return extract_bundle(archive, dest, public_key)
     except BundleError as e:
         raise FetchError(f"bundle failed verification: {e}") from None
 
@@ -244,13 +239,6 @@ def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = No
         part.unlink(missing_ok=True)
         raise FetchError(f"downloaded bytes have sha256 {actual}, the server announced {sha}; the partial file was "
                          "removed, fetch again")
-    staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
-    try:
-        _extract(part, staging)
-        manifest = _verify(staging, enrollment.public_key_path)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    manifest = _unpack(part, final, enrollment.public_key_path)
     part.unlink(missing_ok=True)
     return FetchResult(final, sha, size, downloaded, False, resumes, time.perf_counter() - start, manifest)

@@ -49,31 +49,29 @@ from .signing import (
     sign,
     verify_signature,
 )
+from .bundle_format import (  # noqa: F401  (re-exported: the bundle's public names live here too)
+    ADAPTER_WEIGHTS,
+    BUNDLE_FORMAT,
+    CONFIG,
+    EMULATOR_WEIGHTS,
+    MANIFEST,
+    SCALE_SUFFIX,
+    SIGNATURE,
+    BundleError,
+    bundle_dir,
+    bundle_summary,
+    check_listing as _check_listing,
+    extract_bundle,
+    read_bundle_files,
+    read_manifest_unverified,
+    sha256_bytes,
+    verify_bundle,
+)
 from .split import SplitPlan, empty_model_like, to_emulator_name, to_original_name
 from offsite.files import fsync_dir, sha256_file
 
 if TYPE_CHECKING:  # see lean.py: the client's load path must not import transformers' model classes
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-BUNDLE_FORMAT = "offsite-bundle/1"
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-EMULATOR_WEIGHTS = "emulator.safetensors"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-CONFIG = "config.json"
-SCALE_SUFFIX = "@row_scale"  # companion tensor of a row-wise int8 stored tensor (encoded tensors use NAME@PART keys)
-
-
-class BundleError(ValueError):
-    """A bundle is missing, malformed, unsigned, signed by another key, or changed."""
-
-
-# --- small helpers -----------------------------------------------------------------
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
@@ -364,156 +362,6 @@ def commit_staging_dir(staging: Path, out_dir: Path, overwrite: bool = False) ->
         shutil.rmtree(old, ignore_errors=True)
 
 
-# --- reading and verifying ---------------------------------------------------------
-
-
-@contextmanager
-def bundle_dir(path: str | Path) -> Iterator[Path]:
-    """The bundle as a directory: itself, or a `.tar` extracted safely into a temp dir."""
-    path = Path(path)
-    if path.is_dir():
-        yield path
-        return
-    if not path.exists():
-        raise BundleError(f"{path}: no such bundle; pass a bundle directory or a .tar of one")
-    if not tarfile.is_tarfile(path):
-        raise BundleError(f"{path}: neither a bundle directory nor a tar archive")
-    tmp = Path(tempfile.mkdtemp(prefix="offsite-bundle-"))
-    try:
-        yield _extract_tar(path, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _extract_tar(tar_path: Path, dest: Path) -> Path:
-    """Extract regular files only; refuse absolute paths, `..`, links and devices."""
-    with tarfile.open(tar_path) as tf:
-        members = tf.getmembers()
-        for m in members:
-            p = PurePosixPath(m.name)
-            if p.is_absolute() or ".." in p.parts or m.name.startswith("/"):
-                raise BundleError(f"{tar_path}: member {m.name!r} points outside the bundle; refusing to extract")
-            if not (m.isfile() or m.isdir()):
-                raise BundleError(f"{tar_path}: member {m.name!r} is a link or special file; a bundle holds regular files only")
-        tf.extractall(dest, members=members, filter="data")
-    if (dest / MANIFEST).exists():
-        return dest
-    tops = [p for p in dest.iterdir()]
-    if len(tops) == 1 and tops[0].is_dir() and (tops[0] / MANIFEST).exists():
-        return tops[0]
-    raise BundleError(f"{tar_path}: {MANIFEST} missing (neither at the top of the archive nor in its single folder); not an Offsite bundle")
-
-
-def _read_manifest(root: Path, public_key_path: str | Path | None, check_signature: bool = True) -> tuple[dict, bytes]:
-    manifest_path, sig_path = root / MANIFEST, root / SIGNATURE
-    if not check_signature:
-        if not manifest_path.is_file():
-            raise BundleError(f"{MANIFEST}: missing in {root}; not an Offsite bundle")
-        return _parse_manifest(manifest_path.read_bytes()), manifest_path.read_bytes()
-    if public_key_path is None:
-        raise BundleError("no public key given: a bundle is verified with the model owner's signing.pub before use")
-    try:
-        public_key = load_public_key(public_key_path)
-    except SigningKeyError as e:
-        raise BundleError(str(e)) from None
-    if not manifest_path.is_file():
-        raise BundleError(f"{MANIFEST}: missing in {root}; not an Offsite bundle")
-    if not sig_path.is_file():
-        raise BundleError(f"{SIGNATURE}: missing in {root}; the bundle is unsigned and cannot be trusted")
-    manifest_bytes = manifest_path.read_bytes()
-    try:
-        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
-    except ValueError:
-        signature = b""
-    if len(signature) != 64:
-        raise BundleError(f"{SIGNATURE}: not an Ed25519 signature (expected 64 bytes, base64); the bundle cannot be trusted")
-    if not verify_signature(public_key, signature, manifest_bytes):
-        hint = ""
-        try:
-            signer = json.loads(manifest_bytes).get("signer", {}).get("ed25519_sha256")
-            if signer and signer != public_key_fingerprint(public_key):
-                hint = f" The manifest claims signer key {signer[:16]}..., you passed {public_key_fingerprint(public_key)[:16]}...: wrong public key?"
-        except (ValueError, AttributeError):
-            pass
-        raise BundleError(
-            f"{SIGNATURE}: the signature does not match {MANIFEST} under {public_key_path}: "
-            f"the manifest was changed or signed with another key.{hint}"
-        )
-    return _parse_manifest(manifest_bytes), manifest_bytes
-
-
-def _parse_manifest(manifest_bytes: bytes) -> dict:
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError as e:
-        raise BundleError(f"{MANIFEST}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{MANIFEST}: format {found!r}, this version reads {BUNDLE_FORMAT!r}")
-    return manifest
-
-
-def _check_listing(root: Path, manifest: dict) -> dict[str, dict]:
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{MANIFEST}: lists no files")
-    for name in files:
-        p = PurePosixPath(name)
-        if p.is_absolute() or len(p.parts) != 1 or name in (MANIFEST, SIGNATURE, "", ".", ".."):
-            raise BundleError(f"{MANIFEST}: lists an invalid file name {name!r}")
-    present = set()
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink() or not (path.is_file() or path.is_dir()):
-            raise BundleError(f"{rel}: a link or special file in the bundle; refusing it")
-        if path.is_dir():
-            raise BundleError(f"{rel}: an extra directory that the manifest does not list")
-        present.add(rel)
-    extra = sorted(present - set(files) - {MANIFEST, SIGNATURE})
-    if extra:
-        raise BundleError(f"{extra[0]}: an extra file that the manifest does not list; the bundle was changed")
-    missing = sorted(set(files) - present)
-    if missing:
-        raise BundleError(f"{missing[0]}: missing from the bundle (the manifest lists it)")
-    return files
-
-
-def _check_bytes(name: str, data: bytes, expected: dict) -> None:
-    if len(data) != expected["size"]:
-        what = "truncated" if len(data) < expected["size"] else "grown"
-        raise BundleError(f"{name}: {len(data)} bytes, the manifest says {expected['size']}: the file was {what} or changed")
-    if sha256_bytes(data) != expected["sha256"]:
-        raise BundleError(f"{name}: sha256 differs from the manifest: the file was changed")
-
-
-def _check_file(root: Path, name: str, expected: dict) -> None:
-    path = root / name
-    size = path.stat().st_size
-    if size != expected["size"]:
-        what = "truncated" if size < expected["size"] else "grown"
-        raise BundleError(f"{name}: {size} bytes, the manifest says {expected['size']}: the file was {what} or changed")
-    if sha256_file(path) != expected["sha256"]:
-        raise BundleError(f"{name}: sha256 differs from the manifest: the file was changed")
-
-
-def verify_bundle(path: str | Path, public_key_path: str | Path) -> dict:
-    """Check signature, listing, sizes and hashes; return the manifest or raise BundleError."""
-    with bundle_dir(path) as root:
-        manifest, _ = _read_manifest(root, public_key_path)
-        files = _check_listing(root, manifest)
-        for name, expected in sorted(files.items()):
-            _check_file(root, name, expected)
-    return manifest
-
-
-def read_manifest_unverified(path: str | Path) -> dict:
-    """The manifest without checking anything (for `inspect` without a key)."""
-    with bundle_dir(path) as root:
-        if not (root / MANIFEST).is_file():
-            raise BundleError(f"{MANIFEST}: missing in {path}; not an Offsite bundle")
-        return json.loads((root / MANIFEST).read_bytes())
-
-
 def _safetensors_metadata(data: bytes) -> dict:
     (n,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
@@ -625,21 +473,6 @@ def load_bundle(
         raise BundleError(f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool") from None
 
 
-def _read_verified(path, public_key_path, check_signature: bool) -> tuple[dict, bytes, dict[str, bytes]]:
-    with bundle_dir(path) as root:
-        manifest, manifest_bytes = _read_manifest(root, public_key_path, check_signature)
-        files = _check_listing(root, manifest)
-        blobs: dict[str, bytes] = {}
-        for name, expected in sorted(files.items()):
-            data = (root / name).read_bytes()
-            _check_bytes(name, data, expected)
-            blobs[name] = data
-    for required in (EMULATOR_WEIGHTS, ADAPTER_WEIGHTS, CONFIG):
-        if required not in blobs:
-            raise BundleError(f"{required}: the manifest does not list it; the bundle is incomplete")
-    return manifest, manifest_bytes, blobs
-
-
 def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: str) -> tuple[nn.Module, bool]:
     """An unfilled model for `config_dict` and whether it is the lean one."""
     from . import lean
@@ -666,7 +499,7 @@ def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: st
 
 def _load_bundle(path, public_key_path, device, check_signature: bool = True, runtime: str = "transformers",
                  vocab_dtype: torch.dtype = torch.float32) -> EmulatorBundle:
-    manifest, manifest_bytes, blobs = _read_verified(path, public_key_path, check_signature)
+    manifest, manifest_bytes, blobs = read_bundle_files(path, public_key_path, check_signature)
     plan = SplitPlan.from_dict(manifest["plan"])
     family = get_family(manifest["base_model"]["family"])
     config_dict = json.loads(blobs.pop(CONFIG))
@@ -787,23 +620,3 @@ def _assign_state_strict(model: nn.Module, state: dict[str, torch.Tensor], decod
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def bundle_summary(manifest: dict) -> dict:
-    """The facts `emulator inspect` shows: blocks with origin/role/quantization, sizes, digests."""
-    files = manifest.get("files", {})
-    total = sum(f["size"] for f in files.values())
-    base_bytes = manifest.get("base_model", {}).get("fp32_bytes")
-    return {
-        "format": manifest.get("format"),
-        "base_model": manifest.get("base_model"),
-        "plan": manifest.get("plan"),
-        "layer_origin": [b["origin"] for b in manifest.get("blocks", [])],
-        "blocks": manifest.get("blocks"),
-        "quantization": manifest.get("quantization"),
-        "files": files,
-        "bundle_bytes": total,
-        "ratio_to_base_fp32": (total / base_bytes) if base_bytes else None,
-        "signer": manifest.get("signer"),
-        "build": manifest.get("build"),
-    }

@@ -277,16 +277,16 @@ def test_no_public_key_is_refused_unless_the_local_copy_is_trusted(bundle_copy, 
 def test_a_swap_after_verification_is_caught_at_load(bundle_copy, keys, monkeypatch):
     # load_bundle hashes the bytes it deserialises, so a file replaced between the
     # listing check and the read is still refused.
-    import offsite.emulators.bundle as bundle_mod
+    import offsite.emulators.bundle_format as bundle_format
 
-    real = bundle_mod._check_listing
+    real = bundle_format.check_listing
 
     def listing_then_swap(root, manifest):
         files = real(root, manifest)
         _flip_byte(root / "emulator.safetensors")
         return files
 
-    monkeypatch.setattr(bundle_mod, "_check_listing", listing_then_swap)
+    monkeypatch.setattr(bundle_format, "check_listing", listing_then_swap)
     with pytest.raises(BundleError, match="emulator.safetensors"):
         load_bundle(bundle_copy, keys[1])
 
