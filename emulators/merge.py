@@ -201,6 +201,13 @@ def merge_adapters(loaded, adapters: list[tuple[dict[str, torch.Tensor], dict[st
     match. The metadata carries the base digest, the method and its hyper-parameters."""
     labels = labels or [f"adapter {i + 1}" for i in range(len(adapters))]
     cfg.validate(len(adapters))
+    from .models import state_digest
+
+    # The deltas are taken from `loaded`'s current weights: a model that already holds a
+    # plugged-in adapter would silently shift every delta.
+    if state_digest(loaded.model) != loaded.digest:
+        raise MergeError(f"{loaded.model_id} no longer holds its base weights (an adapter was plugged in?); "
+                         "merge against a freshly loaded base model")
     check_same_base([(meta or {}).get("base_model_digest", "") for _, meta in adapters], labels, loaded.digest)
     states = [state for state, _ in adapters]
     base = base_blocks(loaded.model, loaded.family, states[0])

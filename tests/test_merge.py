@@ -180,3 +180,12 @@ def test_merge_adapters_refuses_different_blocks_and_non_block_tensors(tiny):
     emb = {"model.embed_tokens.weight": tiny.model.model.embed_tokens.weight.detach().clone()}
     with pytest.raises(MergeError, match="not inside a transformer block"):
         merge_adapters(tiny, [(emb, meta), (emb, meta)], MergeConfig("average"))
+
+
+def test_merge_adapters_refuses_a_model_that_no_longer_holds_its_base_weights(tiny, tmp_path):
+    fresh = load_model("tiny-llama")
+    a, b = _tiny_adapter(fresh, 1), _tiny_adapter(fresh, 2)
+    meta = {"base_model_digest": fresh.digest}
+    plug_in(fresh, a, meta)  # the deltas would now be taken from parent A, not the base
+    with pytest.raises(MergeError, match="no longer holds its base weights"):
+        merge_adapters(fresh, [(a, meta), (b, meta)], MergeConfig("average"))

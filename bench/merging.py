@@ -1,0 +1,334 @@
+"""Merging adapters of two jobs on disjoint corpora: does each job's gain survive the merge?
+
+    OMP_NUM_THREADS=1 python -m bench.merging --json bench/results/merging.json
+
+Two parents are trained with the project's own path: one signed offsite bundle of the
+default model (SmolLM2-135M-Instruct, int3 + AWQ middle, as `offsite-admin demo`), the
+client engine training its adapter on the emulator, plug-in by name into the full model.
+
+- parent A: python-reference topics (pydoc_data.topics; every 5th topic is the test set,
+  every 5th of the rest the validation set).
+- parent B: the standard library's own documentation: the docstrings of every public module,
+  class, function and method of the stdlib's top-level modules, read with `ast` (nothing is
+  imported); split by module the same way (every 5th module test, every 5th of the rest
+  validation).
+- joint: the same engine on the union of both training sets for the parents' steps together.
+
+Every merge method (emulators/merge.py) merges A and B as deltas from the base model's own
+adapter blocks; each result is plugged in and scored on both test sets. A parent's *share
+kept* = (ln ppl_zero_shot - ln ppl_merge) / (ln ppl_zero_shot - ln ppl_parent) on that
+parent's own test set. Each method runs once with the library's defaults (the papers'
+settings: TIES k = 20%, lambda 1; DARE p = 0.5, lambda 1) and once with hyper-parameters
+chosen on the validation sets (maximising the worse parent's share kept there; the test sets
+never steer a choice). Target: the best method keeps >= 90% of each parent's gain.
+
+Every trained adapter and every measured perplexity is cached in --work-dir, so an
+interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import platform
+import sysconfig
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Validation grids: small on purpose (each point is two plug-in evaluations on 2 shared cores).
+GRIDS: dict[str, list[dict]] = {
+    "average": [{}],
+    "task-arithmetic": [{"scale": s} for s in (0.5, 0.7, 0.85, 1.0, 1.2)],
+    "ties": [{"density": d, "scale": s} for d in (0.2, 0.5, 1.0) for s in (1.0, 1.3)],
+    "dare": [{"drop_rate": p, "scale": s} for p in (0.3, 0.5, 0.7) for s in (0.85, 1.0)],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[merging {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- corpora ---------------------------------------------------------------------------
+
+
+def stdlib_docs() -> dict[str, str]:
+    """{module: its documentation text} for the stdlib's top-level public modules, from their
+    docstrings (module, public classes, functions and methods), parsed with `ast`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = {}
+    for path in sorted(root.glob("*.py")):
+        name = path.stem
+        if name.startswith("_") or name in ("this", "antigravity"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        parts = [f"Module {name}\n\n{d}"] if (d := ast.get_docstring(tree)) else []
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            if d := ast.get_docstring(node):
+                parts.append(f"{name}.{node.name}\n{d}")
+            if isinstance(node, ast.ClassDef):
+                for sub in node.body:
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith("_"):
+                        if d := ast.get_docstring(sub):
+                            parts.append(f"{name}.{node.name}.{sub.name}\n{d}")
+        if parts:
+            docs[name] = "\n\n".join(parts)
+    return docs
+
+
+def three_way(named: dict[str, str], source: str):
+    """(train, validation, test) Examples: every 5th name test, every 5th of the rest validation."""
+    from offsite.emulators.data import Example
+
+    names = sorted(named)
+    test = names[::5]
+    rest = [n for n in names if n not in set(test)]
+    val = rest[::5]
+    train = [n for n in rest if n not in set(val)]
+    as_ex = lambda ns: [Example("", named[n], f"{source}:{n}") for n in ns]  # noqa: E731
+    return as_ex(train), as_ex(val), as_ex(test)
+
+
+def corpora() -> dict[str, tuple]:
+    from pydoc_data.topics import topics
+
+    return {"python-reference": three_way(dict(topics), "python-reference"), "stdlib-docs": three_way(stdlib_docs(), "stdlib-docs")}
+
+
+def first_blocks(examples, tokenizer, n: int, block_size: int):
+    from offsite.emulators.data import TokenBlocks, tokenize_examples
+
+    b = tokenize_examples(examples, tokenizer, block_size)
+    return TokenBlocks(b.input_ids[:n], b.labels[:n], b.attention_mask[:n]) if n else b
+
+
+# --- training and scoring ----------------------------------------------------------------
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_bundle_once(work: Path, loaded, model: str) -> tuple[Path, Path]:
+    from offsite.emulators.build import BuildConfig, build_bundle
+    from offsite.emulators.signing import generate_signing_key
+
+    keys = work / "keys"
+    key, pub = keys / "signing.key", keys / "signing.pub"
+    if not key.exists():
+        generate_signing_key(keys)
+    out = work / "bundle"
+    if not (out / "manifest.json").exists():
+        log("building the int3 + AWQ bundle of the default model ...")
+        build_bundle(BuildConfig(model=model, quantize="int3", awq=True), key, out, progress=False, overwrite=True, loaded=loaded)
+    return out, pub
+
+
+def train_parent(work: Path, bundle_dir: Path, pub: Path, label: str, examples, steps: int, lr: float, seed: int) -> dict:
+    """The client engine trains the bundle's adapter on `examples`; cached as an adapter file."""
+    from offsite.client.engine import TrainConfig, train_adapter
+    from offsite.emulators.adapter import load_adapter, save_adapter
+    from offsite.emulators.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, pub)
+    key = _key({"bundle": bundle.manifest_sha256, "label": label, "n": len(examples), "steps": steps, "lr": lr, "seed": seed})
+    path = work / f"adapter-{label}-{key}.safetensors"
+    if path.exists():
+        return load_adapter(path)
+    log(f"training parent {label}: {steps} steps on {len(examples)} documents")
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=4, block_size=256, seed=seed, eval_batches=2)
+    t0 = time.perf_counter()
+    result = train_adapter(bundle, examples, cfg, progress=False)
+    log(f"parent {label} trained in {time.perf_counter() - t0:.0f} s")
+    save_adapter(path, result.adapter_state, bundle.base_digest, label=label, steps=str(steps), lr=str(lr))
+    return load_adapter(path)
+
+
+class Scorer:
+    """Plug-in perplexity of adapters on named block sets, cached on disk by tag.
+
+    `state` may be a callable that makes the adapter (a merge): it runs only when some
+    perplexity of that tag is not cached yet. None means the base model's own blocks."""
+
+    def __init__(self, loaded, sets: dict, base: dict, cache: Path) -> None:
+        self.loaded, self.sets, self.base, self.cache = loaded, sets, base, cache
+        self.values = json.loads(cache.read_text()) if cache.exists() else {}
+
+    def ppl_all(self, tag: str, state, set_names: list[str]) -> dict[str, float]:
+        import torch
+
+        from offsite.emulators.data import perplexity
+        from offsite.emulators.plugin import plug_in
+
+        todo = [s for s in set_names if f"{tag}|{s}" not in self.values]
+        if todo:
+            state = state() if callable(state) else state
+            plug_in(self.loaded, self.base if state is None else state, {"base_model_digest": self.loaded.digest})
+        for set_name in todo:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                value = perplexity(self.loaded.model, self.sets[set_name], batch_size=4)
+            log(f"{tag:<60} {set_name:<24} ppl {value:8.3f} ({time.perf_counter() - t0:.0f} s)")
+            self.values[f"{tag}|{set_name}"] = value
+            tmp = self.cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.values, indent=1))
+            os.replace(tmp, self.cache)
+        return {s: self.values[f"{tag}|{s}"] for s in set_names}
+
+    def restore_base(self) -> None:
+        from offsite.emulators.plugin import plug_in
+
+        plug_in(self.loaded, self.base, {"base_model_digest": self.loaded.digest})
+
+
+def share(zero_shot: float, parent: float, value: float) -> float:
+    return (math.log(zero_shot) - math.log(value)) / (math.log(zero_shot) - math.log(parent))
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    import torch
+
+    from offsite.emulators.merge import MergeConfig, merge_adapters
+    from offsite.emulators.models import load_model
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model)
+    bundle_dir, pub = build_bundle_once(work, loaded, args.model)
+    data = corpora()
+    names = ("python-reference", "stdlib-docs")
+    sets = {}
+    for n in names:
+        _, val, test = data[n]
+        sets[f"{n}:test"] = first_blocks(test, loaded.tokenizer, args.test_blocks, 256)
+        sets[f"{n}:val"] = first_blocks(val, loaded.tokenizer, args.val_blocks, 256)
+    parents = {
+        "A": train_parent(work, bundle_dir, pub, "A-python-reference", data[names[0]][0], args.steps, args.lr, args.seed),
+        "B": train_parent(work, bundle_dir, pub, "B-stdlib-docs", data[names[1]][0], args.steps, args.lr, args.seed),
+    }
+    joint, _ = train_parent(work, bundle_dir, pub, "joint", data[names[0]][0] + data[names[1]][0], 2 * args.steps, args.lr, args.seed)
+    from offsite.emulators.merge import base_blocks
+
+    base = base_blocks(loaded.model, loaded.family, parents["A"][0])
+    scorer = Scorer(loaded, sets, base, work / f"ppl-cache-{_key({'t': args.test_blocks, 'v': args.val_blocks, 's': args.steps, 'lr': args.lr})}.json")
+    own = {"A": names[0], "B": names[1]}
+
+    def score_all(tag: str, state, split: str) -> dict[str, float]:
+        got = scorer.ppl_all(tag, state, [f"{n}:{split}" for n in names])
+        return {n: got[f"{n}:{split}"] for n in names}
+
+    zero = {s: score_all("zero-shot", None, s) for s in ("test", "val")}
+    parent_ppl = {p: {s: score_all(f"parent {p}", parents[p][0], s) for s in ("test", "val")} for p in parents}
+    joint_ppl = score_all("joint fine-tune", joint, "test")
+
+    def shares(ppl: dict[str, float], split: str) -> dict[str, float]:
+        return {p: share(zero[split][own[p]], parent_ppl[p][split][own[p]], ppl[own[p]]) for p in parents}
+
+    pair = [parents["A"], parents["B"]]
+
+    def merged(cfg: MergeConfig):
+        scorer.restore_base()  # the library takes deltas from the model it is given
+        return merge_adapters(loaded, pair, cfg, labels=["parent A", "parent B"])[0]
+
+    methods = {}
+    for method, grid in GRIDS.items():
+        # hyper-parameters chosen on the validation sets only
+        tried = []
+        for hp in grid:
+            cfg = MergeConfig(method=method, seed=args.seed, **hp)
+            tag = f"{method} {json.dumps(cfg.hyperparameters(), sort_keys=True)}"
+            val_ppl = score_all(tag, lambda cfg=cfg: merged(cfg), "val")
+            s = shares(val_ppl, "val")
+            tried.append({"hyperparameters": cfg.hyperparameters(), "val_share_kept": s, "val_min_share": min(s.values())})
+        chosen = max(tried, key=lambda t: t["val_min_share"])
+        rows = {}
+        for label, cfg in (("defaults", MergeConfig(method=method, seed=args.seed)),
+                           ("tuned", MergeConfig(method=method, **{k: v for k, v in chosen["hyperparameters"].items() if k != "method"}))):
+            tag = f"{method} {json.dumps(cfg.hyperparameters(), sort_keys=True)}"
+            ppl = score_all(tag, lambda cfg=cfg: merged(cfg), "test")
+            s = shares(ppl, "test")
+            rows[label] = {"hyperparameters": cfg.hyperparameters(), "test_ppl": ppl, "share_kept": s, "min_share_kept": min(s.values())}
+        methods[method] = {**rows["tuned"], "defaults": rows["defaults"], "validation": tried}
+    best = max(methods, key=lambda m: methods[m]["min_share_kept"])
+    joint_shares = {p: share(zero["test"][own[p]], parent_ppl[p]["test"][own[p]], joint_ppl[own[p]]) for p in parents}
+    return {
+        "methods": methods,
+        "best_method": best,
+        "best_min_share_kept": methods[best]["min_share_kept"],
+        "target_min_share": 0.9,
+        "meets_target": methods[best]["min_share_kept"] >= 0.9,
+        "zero_shot_ppl": zero["test"],
+        "parents": {p: {"corpus": own[p], "test_ppl": parent_ppl[p]["test"],
+                        "own_gain_log_ppl": math.log(zero["test"][own[p]]) - math.log(parent_ppl[p]["test"][own[p]])}
+                    for p in parents},
+        "joint_finetune": {"test_ppl": joint_ppl, "share_kept": joint_shares, "steps": 2 * args.steps},
+        "config": {"model": args.model, "bundle": "int3 + AWQ middle, adapter blocks 0,1,28,29", "steps": args.steps,
+                   "lr": args.lr, "batch": "4 x 256 tokens", "seed": args.seed, "threads": args.threads,
+                   "test_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":test")},
+                   "val_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":val")},
+                   "train_documents": {n: len(data[n][0]) for n in names}, "grids": GRIDS},
+    }
+
+
+def print_table(res: dict) -> str:
+    a, b = "python-reference", "stdlib-docs"
+    lines = ["| adapter | hyper-parameters (chosen on validation) | ppl python-reference | ppl stdlib-docs | A's share kept | B's share kept |",
+             "|---|---|---|---|---|---|"]
+    z = res["zero_shot_ppl"]
+    lines.append(f"| zero-shot | | {z[a]:.3f} | {z[b]:.3f} | | |")
+    for p, row in res["parents"].items():
+        lines.append(f"| parent {p} ({row['corpus']}) | | {row['test_ppl'][a]:.3f} | {row['test_ppl'][b]:.3f} | "
+                     f"{'100%' if p == 'A' else ''} | {'100%' if p == 'B' else ''} |")
+    j = res["joint_finetune"]
+    lines.append(f"| joint fine-tune ({j['steps']} steps) | | {j['test_ppl'][a]:.3f} | {j['test_ppl'][b]:.3f} | "
+                 f"{100 * j['share_kept']['A']:.0f}% | {100 * j['share_kept']['B']:.0f}% |")
+    for m, row in res["methods"].items():
+        for label, r in (("defaults", row["defaults"]), ("tuned", row)):
+            hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items() if k not in ("method", "weights", "seed"))
+            lines.append(f"| {m} ({label}) | {hp or '-'} | {r['test_ppl'][a]:.3f} | {r['test_ppl'][b]:.3f} | "
+                         f"{100 * r['share_kept']['A']:.0f}% | {100 * r['share_kept']['B']:.0f}% |")
+    text = "\n".join(lines)
+    print(text)
+    print(f"best: {res['best_method']} keeps {100 * res['best_min_share_kept']:.1f}% of the worse parent's gain "
+          f"(target >= 90%: {res['meets_target']})")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="write results here")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=40, help="engine steps per parent (the joint fine-tune gets twice)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-blocks", type=int, default=16, help="256-token test blocks per corpus (0: all)")
+    ap.add_argument("--val-blocks", type=int, default=8, help="256-token validation blocks per corpus (0: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "offsite" / "bench-merging"),
+                    help="bundle, adapters and measured perplexities (re-running resumes)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    res = run(args)
+    res["table_markdown"] = print_table(res)
+    res["wall_seconds"] = time.perf_counter() - t0
+    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg(),
+                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
