@@ -34,6 +34,7 @@ class OffsiteServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self.stuck_operations: list[str] = []  # work that ignored cancellation at the last stop
 
     async def start(self) -> int:
         cfg, st = self.config, self.state
@@ -41,6 +42,8 @@ class OffsiteServer:
         recovered = st.ops.recover()
         if recovered:
             log.warning("%d operation(s) were left running by the previous process; marked failed", recovered)
+        for job in st.registry.list_jobs(state="running"):
+            st.registry.update_job(job.id, state="failed", error="the server stopped while this job ran; start it again")
         st.bootstrap_admin_token()
         self._server = grpc.aio.server(
             interceptors=[AuthInterceptor(st.auth, st.registry)],
@@ -102,8 +105,10 @@ class OffsiteServer:
             await self._health.enter_graceful_shutdown()
         for task in getattr(self, "_tasks", []):
             task.cancel()
-        await self.state.ops.shutdown(grace)
-        await self._server.stop(min(grace, 5.0))
+        # Operations get `grace` to finish, then are cancelled (their child processes terminated);
+        # in-flight RPCs get one more second, so the whole stop takes about grace + 3 s.
+        self.stuck_operations = await self.state.ops.shutdown(grace)
+        await self._server.stop(min(grace, 1.0))
         self._server = None
         self.state.close()
 

@@ -344,6 +344,15 @@ def _jsonable(d: dict) -> dict:
 
 
 # ---- jobs -------------------------------------------------------------------------------------------
+def _end_job(state: ServerState, job_id: str, end: str, error: str = "") -> None:
+    """Move a running job to `end`; a job already ended (e.g. cancelled by CancelJob) keeps its state."""
+    fields = {"state": end, "error": error} if error else {"state": end}
+    try:
+        state.registry.update_job(job_id, expect_state=("running",), **fields)
+    except Conflict:
+        pass
+
+
 class JobsService(jobs_pb2_grpc.JobsServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
@@ -460,10 +469,10 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
                 runner(run_ctx)
                 ctx.check_cancelled()
             except OperationCancelled:
-                s.registry.update_job(job_id, state="cancelled")
+                _end_job(s, job_id, "cancelled")
                 raise
             except Exception as e:
-                s.registry.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                _end_job(s, job_id, "failed", f"{type(e).__name__}: {e}"[:2000])
                 raise
             final = s.registry.get_job(job_id)
             if final.state == "running":  # a runner may have recorded its own end state already
@@ -487,12 +496,15 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         if job.state in _DONE_JOB_STATES:
             raise Conflict(f"job {job.id} is already {job.state}")
         if job.state == "running" and job.operation_id:
+            # Cancelling the operation also terminates the runner's child processes (flwr, ...).
             self.s.ops.cancel(job.operation_id)
             # The runner thread marks the job cancelled when it stops; wait briefly for that.
             for _ in range(50):
                 if self.s.registry.get_job(job.id).state != "running":
                     break
                 await asyncio.sleep(0.1)
+            # A runner that has not stopped yet cannot keep the job running: its end is recorded now.
+            _end_job(self.s, job.id, "cancelled")
         else:
             self.s.registry.update_job(job.id, state="cancelled")
         return self._job_message(self.s.registry.get_job(job.id))

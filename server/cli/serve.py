@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -65,6 +67,14 @@ def serve(
         # The exact line tests and scripts wait for; keep its shape.
         print(f"offsite server listening on {host}:{bound} ({scheme}); data in {st.data_dir}", flush=True)
         await server.serve_until_signal()
+        if server.stuck_operations:
+            # Their threads ignore cancellation and would keep the process alive; their state is
+            # recorded (cancelled) and their child processes are terminated, so leave now.
+            err.print(f"server stopped; {len(server.stuck_operations)} operation(s) did not stop in time "
+                      f"({', '.join(server.stuck_operations)}), exiting anyway")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(0)
         err.print("server stopped")
 
     try:
