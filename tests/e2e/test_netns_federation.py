@@ -1,0 +1,128 @@
+"""The federation across hosts: network namespaces joined by veth pairs stand in for machines.
+
+deploy/netns/federation.py builds it: the model owner's host (10.77.0.1) runs the SuperLink,
+the SuperExec and `offsite-admin serve`, all with TLS under a certificate issued for
+10.77.0.1; three data owners (10.77.0.11-13), each with its own client home, cache and node
+key, run `offsite-client enroll`, `fetch` and `join`; a fourth host joins with a key the model
+owner never registered. The job runs to a pending-gate release through the shipped CLIs.
+
+Needs root and nftables; skips with the reason otherwise (CI runs it as root).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+OWNERS = ["owner-1", "owner-2", "owner-3"]
+
+
+def _load(name: str):
+    path = ROOT / "deploy" / "netns" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+netns = _load("netns")
+federation = _load("federation")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    try:
+        netns.check_available()
+    except netns.NetnsUnavailable as e:
+        pytest.skip(f"no network namespaces here: {e}")
+    net = netns.Network([*OWNERS, "intruder"]).up()
+    fed = federation.Federation(net, tmp_path_factory.mktemp("netns"))
+    try:
+        fed.start_model_owner()
+        for role in OWNERS:
+            fed.add_owner(role)
+        job_id, tokens = fed.create_job(len(OWNERS), rounds=1)
+        fetched = fed.bring_owners_in(job_id, tokens)
+        # A data owner's host whose node key the model owner never registered.
+        fed.add_owner("intruder")
+        fed.join("intruder", job_id, "python-reference:0/3", register=False,
+                 extra=["--superlink", fed.superlink, "--public-key", str(fed.signing_pub)])
+        started = fed.admin("jobs", "start", job_id, "--wait", timeout=900)
+        peers = _established_peers(net.server, federation.SUPERLINK_PORT)
+        yield {"fed": fed, "net": net, "job": job_id, "fetched": fetched, "started": started, "peers": peers}
+    finally:
+        fed.stop()
+        net.down()
+
+
+def _established_peers(host, port: int) -> set[str]:
+    """Remote addresses of the TCP connections to `port` on `host` right now (ss, in its namespace)."""
+    out = host.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"]).stdout
+    return {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+def test_job_runs_across_hosts_to_a_pending_gate_release(deployed):
+    fed, job_id = deployed["fed"], deployed["job"]
+    assert deployed["started"]["state"] == "succeeded", deployed["started"]
+    job = fed.admin("jobs", "get", job_id)
+    assert job["state"] == "JOB_STATE_COMPLETED", job
+    assert sorted(job["data_owners"]) == OWNERS
+    (release,) = fed.admin("releases", "list", "--job", job_id)
+    assert release["status"] == "pending-gate" and int(release["adapter"]["size"]) > 0
+    job_json = json.loads((fed.state / "model-owner" / "srv" / "work" / job_id / "job.json").read_text())
+    (r1,) = job_json["rounds"]
+    assert len(r1["clients"]) == 3 and r1["dropped"] == [] and r1["bytes_up"] > 0
+
+
+def test_traffic_crossed_the_veth_links_from_each_owner_address(deployed):
+    fed, net = deployed["fed"], deployed["net"]
+    accepted = net.accepted()
+    for role in OWNERS:
+        address = net.hosts[role].address
+        # The model owner's kernel saw these connections come from the owner's own address.
+        for port in (federation.SUPERLINK_PORT, federation.API_PORT):
+            assert accepted[(address, port)]["bytes"] > 0, (role, port, accepted)
+        # The bundle came down this owner's veth link (not loopback): its link received at least that much.
+        size = int(deployed["fetched"][role]["size"])
+        assert deployed["fetched"][role]["downloaded"] == size
+        assert net.hosts[role].link_stats()["rx_bytes"] > size
+    assert {net.hosts[r].address for r in OWNERS} <= deployed["peers"], deployed["peers"]
+    assert "127.0.0.1" not in deployed["peers"]
+
+
+def test_unregistered_data_owner_is_refused(deployed):
+    fed = deployed["fed"]
+    intruder = fed.owners["intruder"].log("supernode")
+    superlink = fed.model_owner.log("superlink")
+    assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
+    assert "No SuperNode found with the given public key" in superlink
+
+
+def test_data_owner_hosts_cannot_reach_the_model_owners_private_ports(deployed):
+    net = deployed["net"]
+    server, owner = net.server, net.hosts["owner-1"]
+    before = net.accepted()
+    # Open to data owners: the SuperLink's Fleet port and the API (enroll, fetch).
+    assert netns.can_connect(owner, server.address, federation.SUPERLINK_PORT)
+    assert netns.can_connect(owner, server.address, federation.API_PORT)
+    # The SuperExec's health port listens on every interface of the model owner's host ...
+    assert netns.can_connect(server, server.address, federation.SUPEREXEC_HEALTH_PORT)
+    # ... and the firewall drops it from a data owner's host (a timeout, not a refusal).
+    assert not netns.can_connect(owner, server.address, federation.SUPEREXEC_HEALTH_PORT, timeout=1.5)
+    after = net.accepted()
+    assert after[(owner.address, federation.API_PORT)]["packets"] > before[(owner.address, federation.API_PORT)]["packets"]
+
+
+def test_nothing_left_behind_in_the_machine_namespace():
+    # The hosts live only in their own namespaces: the machine's own interfaces are untouched.
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "br0" not in out and "veth" not in out
