@@ -1,11 +1,12 @@
-# Offsite: `make demo` runs the end-to-end path on the default model; `make test` runs the tests.
-# Both set up .venv first (idempotent: a stamp file records a finished install).
+# Offsite: `make demo` runs the end-to-end path on the default model; `make test` runs the checks
+# (ruff, import contracts) and the tests. Both set up .venv first (idempotent: a stamp file
+# records a finished install).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.offsite-setup
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test lint format format-check docs bench clean-venv
 
 setup: $(STAMP)
 
@@ -23,8 +24,25 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/offsite-admin demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff's lint rules and the import contracts of pyproject.toml ([tool.importlinter]).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m offsite.lint_imports
+
+# `format` rewrites files; run it when nobody has edits in flight. CI checks with format-check.
+format: setup
+	$(VENV)/bin/ruff format .
+
+format-check: setup
+	$(VENV)/bin/ruff format --check .
+
+# Generated pages; tests/test_docs.py fails when they drift from the code.
+docs: setup
+	$(PY) -m offsite.cli_docs
+	$(PY) -m offsite.api_docs
 
 bench: setup
 	$(PY) -m bench.offsite_quality --quick --json bench/results/offsite_quality_quick.json

@@ -218,8 +218,8 @@ def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = [f"| mode | peak RSS MB | above runtime floor MB | train-phase peak MB | tokens/s | loss first -> last | "
-            f"trainable params | FLOP/s vs fp32 GEMM | scheme |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | peak RSS MB | above runtime floor MB | train-phase peak MB | tokens/s | loss first -> last | "
+            "trainable params | FLOP/s vs fp32 GEMM | scheme |", "|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
         r = result["modes"].get(mode)
         if not r:

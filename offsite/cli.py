@@ -11,7 +11,6 @@ Exit codes: 1 = the thing checked is bad (verification failed, the server said n
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
