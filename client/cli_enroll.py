@@ -32,6 +32,8 @@ def enroll(
     client_cert: Path = client_cert_option(),
     client_key: Path = client_key_option(),
     public_key: Path = typer.Option(None, "--public-key", help="pin the bundle signing key (signing.pub) you were given"),
+    insecure: bool = typer.Option(False, "--insecure", help="without TLS (--ca) or --public-key, accept the signing key as "
+                                  "received (anyone on the network path could replace it; local tests only)"),
     fetch: bool = typer.Option(False, "--fetch", help="download the bundle right away"),
     json_out: bool = JsonOption,
 ) -> None:
@@ -41,7 +43,8 @@ def enroll(
     """
     try:
         e = do_enroll(server, token, job, ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
-                      client_key=str(client_key) if client_key else None, public_key=public_key)
+                      client_key=str(client_key) if client_key else None, public_key=public_key,
+                      insecure=insecure)
     except FetchError as ex:
         fail(str(ex), json_out, code=1)
     if not json_out:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,18 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.Status
 
 class FetchError(RuntimeError):
     """The bundle could not be fetched or did not verify; the message says why and what to do."""
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_digest(sha: str, source: str = "the server") -> str:
+    """`sha` if it is a sha256 digest; it names files in the cache, so nothing else may pass."""
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise FetchError(f"{source} announced the bundle digest {sha[:80]!r}, which is not a sha256 "
+                         "(64 lowercase hex characters); refusing it. Ask the model owner to check the job's emulator")
+    return sha
 
 
 def client_home() -> Path:
@@ -64,22 +77,33 @@ class Enrollment:
     ca: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    key_source: str = ""  # why the signing key is trusted: "pinned", "tls" or "insecure"
 
     def channel(self, token: str) -> grpc.Channel:
         return open_channel(self.server, token, self.ca, self.client_cert, self.client_key)
 
 
 def _job_file(home: Path, job_id: str) -> Path:
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise FetchError(f"job id {job_id!r} is not valid")
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise FetchError(f"job id {job_id[:80]!r} is not valid (letters, digits, . _ -)")
     return home / "enrollments" / f"{job_id}.json"
 
 
 def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_cert: str | None = None,
-           client_key: str | None = None, public_key: str | Path | None = None, home: Path | None = None) -> Enrollment:
+           client_key: str | None = None, public_key: str | Path | None = None, home: Path | None = None,
+           insecure: bool = False) -> Enrollment:
     """Enroll in `job_id` and save what fetch and join need. With `public_key`, the server's
-    signing key must equal it (pinning); otherwise the key received over the channel is kept."""
+    signing key must equal it (pinning); otherwise the key received over the channel is kept,
+    which is refused without TLS (anyone on the path could swap both key and bundle) unless
+    `insecure` is set."""
     home = home or client_home()
+    job_file = _job_file(home, job_id)
+    tls = bool(ca or os.environ.get("OFFSITE_CA"))
+    if public_key is None and not tls and not insecure:
+        raise FetchError(f"{server} is reached without TLS and no --public-key pins the bundle signing key, so whoever "
+                         "sits on the network path could hand you their own key and bundle. Pass --public-key "
+                         "signing.pub (from the model owner) or --ca CA.pem for TLS; --insecure accepts the key as "
+                         "received (local tests only)")
     channel = open_channel(server, token, ca, client_cert, client_key)
     try:
         resp = jobs_pb2_grpc.JobsStub(channel).Enroll(jobs_pb2.EnrollRequest(job_id=job_id))
@@ -92,6 +116,11 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
         if pinned != resp.bundle_public_key.strip():
             raise FetchError(f"the server's bundle signing key differs from {public_key}; refusing to enroll "
                              "(ask the model owner which key is right)")
+    check_digest(resp.bundle.sha256, f"the server at {server}")
+    if resp.bundle.size <= 0:
+        raise FetchError(f"the server at {server} announced a bundle of {resp.bundle.size} bytes; refusing it")
+    if not _JOB_ID.match(resp.job_id):
+        raise FetchError(f"the server at {server} answered with the job id {resp.job_id[:80]!r}, which is not valid")
     pub_path = home / "keys" / f"{job_id}.pub"
     atomic_write(pub_path, resp.bundle_public_key, 0o644)
     enrollment = Enrollment(
@@ -101,8 +130,9 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
         train_config=_whole_numbers(MessageToDict(resp.train_config)),
         federation=_whole_numbers(MessageToDict(resp.federation)),
         ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
-        client_key=str(client_key) if client_key else None)
-    atomic_write(_job_file(home, job_id), json.dumps({**asdict(enrollment), "token": token}, indent=2), 0o600)
+        client_key=str(client_key) if client_key else None,
+        key_source="pinned" if public_key is not None else "tls" if tls else "insecure")
+    atomic_write(job_file, json.dumps({**asdict(enrollment), "token": token}, indent=2), 0o600)
     return enrollment
 
 
@@ -155,18 +185,24 @@ class FetchResult:
 
 def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, part: Path,
                       on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
-                      chunk_size: int = 0, backoff_s: float = 0.25) -> tuple[int, int, int]:
+                      chunk_size: int = 0, backoff_s: float = 0.25,
+                      expected_size: int | None = None) -> tuple[int, int, int]:
     """Download into `part`, appending from its current size; returns (size, downloaded, resumes).
 
     A broken connection (server restart, network cut) is retried with exponential backoff
     from the byte where it stopped; errors a person must fix (not found, no permission)
-    are raised at once.
+    are raised at once. Never more bytes than `expected_size` (when given) or than the
+    stream's own total are kept: the partial file is removed and the download refused.
     """
+    check_digest(sha256)
     part.parent.mkdir(parents=True, exist_ok=True)
     downloaded = resumes = attempt = 0
     total = -1
     while True:
         offset = part.stat().st_size if part.exists() else 0
+        if expected_size is not None and offset > expected_size:
+            part.unlink()  # a stale partial file longer than the artifact
+            offset = 0
         channel = channel_factory()
         try:
             stub = artifacts_pb2_grpc.ArtifactsStub(channel)
@@ -177,6 +213,17 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
                         raise FetchError(f"the server sent bytes for {chunk.sha256[:12]}@{chunk.offset}, expected "
                                          f"{sha256[:12]}@{offset}; try again")
                     total = chunk.total_size
+                    if expected_size is not None and total != expected_size:
+                        problem = f"streams {total} bytes, {expected_size} were announced at enrollment"
+                    elif offset + len(chunk.data) > total:
+                        problem = f"sent more bytes than the {total} it announced"
+                    else:
+                        problem = ""
+                    if problem:
+                        fh.close()
+                        part.unlink(missing_ok=True)
+                        raise FetchError(f"the server {problem} for {sha256[:12]}...; refusing the bundle (the partial "
+                                         "file was removed). Ask the model owner to check the server")
                     fh.write(chunk.data)
                     offset += len(chunk.data)
                     downloaded += len(chunk.data)
@@ -223,7 +270,7 @@ def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = No
                  on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
                  chunk_size: int = 0) -> FetchResult:
     """Download (or reuse) the enrollment's bundle; returns the verified bundle directory."""
-    sha = enrollment.bundle_sha256
+    sha = check_digest(enrollment.bundle_sha256, "the enrollment")
     cache = Path(cache_dir) if cache_dir else bundle_cache_dir()
     final = cache / sha
     start = time.perf_counter()
@@ -233,7 +280,8 @@ def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = No
         return FetchResult(final, sha, enrollment.bundle_size, 0, True, 0, time.perf_counter() - start, manifest)
     part = cache / "partial" / f"{sha}.part"
     size, downloaded, resumes = download_artifact(lambda: enrollment.channel(token), sha, part, on_progress,
-                                                  retries=retries, chunk_size=chunk_size)
+                                                  retries=retries, chunk_size=chunk_size,
+                                                  expected_size=enrollment.bundle_size)
     actual = sha256_file(part)
     if actual != sha:
         part.unlink(missing_ok=True)

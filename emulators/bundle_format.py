@@ -202,6 +202,20 @@ def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
         tf.close()
 
 
+def _member_end(m: tarfile.TarInfo) -> int:
+    return m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _check_not_cut(path: Path, tf: tarfile.TarFile, end: int) -> None:
+    """tarfile takes an uncompressed archive cut between or inside members for one that
+    ends there; a complete one has two zero blocks after its last member. (A cut
+    compressed stream raises EOFError by itself.)"""
+    size = path.stat().st_size
+    if isinstance(tf.fileobj, io.BufferedReader) and end + 2 * tarfile.BLOCKSIZE > size:
+        raise BundleError(f"{path.name}: the archive is truncated ({size} bytes, its members and end marker need "
+                          f"{end + 2 * tarfile.BLOCKSIZE}); fetch or copy the bundle again")
+
+
 def _member_parts(path: Path, m: tarfile.TarInfo) -> tuple[str, ...]:
     p = PurePosixPath(m.name)
     if p.is_absolute() or ".." in p.parts:
@@ -230,8 +244,10 @@ def _read_tar_head(path: Path, public_key_path, check_sig: bool,
     prefix: tuple[str, ...] | None = None
     sigs: dict[tuple[str, ...], bytes] = {}
     want_sig = want_sig or check_sig
+    end = 0
     with _open_tar(path) as tf:
         for m in tf:
+            end = max(end, _member_end(m))
             parts = _member_parts(path, m)
             if not m.isfile() or not parts or len(parts) > 2:
                 continue
@@ -243,6 +259,8 @@ def _read_tar_head(path: Path, public_key_path, check_sig: bool,
                 sig_bytes = sigs.get(prefix)
                 if sig_bytes is not None or not want_sig:
                     break
+        else:
+            _check_not_cut(path, tf, end)
     if manifest_bytes is None:
         raise BundleError(f"{path.name}: {MANIFEST} missing (neither at the top of the archive nor in its single "
                           "folder); not an Offsite bundle")
@@ -259,8 +277,10 @@ def _stream_tar_files(path: Path, prefix: tuple[str, ...], files: dict[str, dict
     only). A member whose header size differs from the manifest is refused before it is
     read, so no more than the manifest's sizes is ever decompressed into a sink."""
     seen: set[str] = set()
+    end = 0
     with _open_tar(path) as tf:
         for m in tf:
+            end = max(end, _member_end(m))
             parts = _member_parts(path, m)
             if m.isdir():
                 if parts and parts != prefix:
@@ -280,6 +300,7 @@ def _stream_tar_files(path: Path, prefix: tuple[str, ...], files: dict[str, dict
             if m.size != expected["size"]:
                 raise _size_mismatch(name, m.size, expected["size"])
             _copy_member(tf, m, name, expected, open_out)
+        _check_not_cut(path, tf, end)
     missing = sorted(set(files) - seen)
     if missing:
         raise BundleError(f"{missing[0]}: missing from the bundle (the manifest lists it)")

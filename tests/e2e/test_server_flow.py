@@ -124,7 +124,7 @@ def test_full_path(server, tmp_path):
 
     # The data owner enrolls and fetches; the second fetch downloads nothing.
     home, cache = tmp_path / "home", tmp_path / "cache"
-    enrollment = enroll(server.address, tok.secret, job.id, home=home)
+    enrollment = enroll(server.address, tok.secret, job.id, home=home, public_key=server.server.state.public_key)
     assert enrollment.bundle_sha256 == emu.bundle.sha256 and Path(enrollment.public_key_path).is_file()
     assert enrollment.train_config == {"steps": 20, "lr": 1e-4} and isinstance(enrollment.train_config["steps"], int)
     first = fetch_bundle(enrollment, tok.secret, cache_dir=cache)
@@ -255,7 +255,7 @@ def test_tampered_bundles_are_refused(server, tmp_path):
     job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=evil_emu.id)))
     tok = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="carol", role="data-owner",
                                                                                   jobs=[job.id])).secret
-    enrollment = enroll(server.address, tok, job.id, home=tmp_path / "home")
+    enrollment = enroll(server.address, tok, job.id, home=tmp_path / "home", public_key=state.public_key)
     with pytest.raises(FetchError, match="config.json"):
         fetch_bundle(enrollment, tok, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache" / evil_sha).exists()
@@ -265,7 +265,7 @@ def test_tampered_bundles_are_refused(server, tmp_path):
     job2 = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
     tok2 = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="dave", role="data-owner",
                                                                                    jobs=[job2.id])).secret
-    enrollment2 = enroll(server.address, tok2, job2.id, home=tmp_path / "home2")
+    enrollment2 = enroll(server.address, tok2, job2.id, home=tmp_path / "home2", public_key=state.public_key)
     backup = tmp_path / "backup.tar"
     shutil.copyfile(good_tar, backup)
     good_tar.chmod(0o644)
