@@ -43,10 +43,12 @@ class OffsiteServer:
         if recovered:
             log.warning("%d operation(s) were left running by the previous process; marked failed", recovered)
         for job in st.registry.list_jobs(state="running"):
+            if job.operation_id and not st.ops.leases.orphaned(f"op:{job.operation_id}"):
+                continue  # another live server sharing this registry runs it
             st.registry.update_job(job.id, state="failed", error="the server stopped while this job ran; start it again")
         st.bootstrap_admin_token()
         self._server = grpc.aio.server(
-            interceptors=[AuthInterceptor(st.auth, st.registry)],
+            interceptors=[AuthInterceptor(st.auth, st.registry, st.data_dir)],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),

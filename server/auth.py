@@ -17,11 +17,14 @@ message intact, and writes every mutating call (and every refusal) to the audit 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import logging
+import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -36,6 +39,10 @@ from .registry import ROLES, Conflict, NotFound, Registry, utcnow
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "ofs_"
+MAX_TTL_S = 10 * 365 * 24 * 3600
+_ECHO_LIMIT = 64          # request strings longer than this are never quoted back in an error
+_DETAILS_LIMIT = 1000     # and no error message is longer than this
+_UNAUTH_AUDIT_PER_MIN = 60  # unauthenticated refusals audited per minute (the rest are counted)
 ADMIN, PARTNER, DATA_OWNER = "admin", "partner", "data-owner"
 _STAFF = frozenset({ADMIN, PARTNER})
 _EVERYONE = frozenset(ROLES)
@@ -136,8 +143,8 @@ class Authenticator:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if not name or len(name) > 128:
             raise ValueError("a token needs a name of 1-128 characters (for data owners: the data owner's name)")
-        if ttl_seconds < 0:
-            raise ValueError("ttl_seconds must be >= 0 (0 = no expiry)")
+        if not 0 <= ttl_seconds <= MAX_TTL_S:
+            raise ValueError(f"ttl_seconds must be between 0 (no expiry) and {MAX_TTL_S} (ten years)")
         secret = new_token_secret()
         expires = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         row = self.registry.add_token(name=name, role=role, secret_hash=hash_secret(secret), jobs=jobs or [],
@@ -178,8 +185,72 @@ class _AuthError(Exception):
     pass
 
 
+class TooManyStreams(RuntimeError):
+    """A caller holds too many open streams of one kind."""
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that are not the method's message."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name, self.error = type_name, error
+
+
+def _tolerant(deserializer, method: str):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, RecursionError on deep nesting, ...
+            return _Undecodable(method, type(e).__name__)
+
+    return decode
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s'\"/:,;)]+/)*[^\s'\"/:,;)]+(?=[\s'\",;:)]|$)")
+
+
+def scrub(message: str, data_dir: str | None = None, request=None) -> str:
+    """An error message fit to send: no absolute server path, no long echo of request values."""
+    if request is not None:
+        for value in _request_strings(request):
+            if len(value) > _ECHO_LIMIT:
+                message = message.replace(value, f"<{len(value)} characters>")
+                message = message.replace(repr(value), f"<{len(value)} characters>")
+    if data_dir:
+        message = message.replace(str(data_dir), "DATA_DIR")
+    message = _ABS_PATH.sub(lambda m: m.group(0) if m.group(0).startswith("/offsite.") else "<path>", message)
+    if len(message) > _DETAILS_LIMIT:
+        message = message[:_DETAILS_LIMIT] + " ..."
+    return message
+
+
+def _request_strings(request, depth: int = 0) -> list[str]:
+    out: list[str] = []
+    if depth > 3 or not hasattr(request, "ListFields"):
+        return out
+    try:
+        fields = request.ListFields()
+    except Exception:
+        return out
+    for _desc, value in fields:
+        values = value if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated") else [value]
+        for v in values:
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, bytes):
+                continue
+            else:
+                out.extend(_request_strings(v, depth + 1))
+    return out
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code for an exception raised inside a service, or None if unexpected."""
+    if isinstance(exc, TooManyStreams):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, ShuttingDown):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, HookUnavailable):
@@ -207,15 +278,27 @@ def _target_of(request) -> str:
     return ""
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates, authorises, maps errors and audits every offsite.v1 call."""
+_ANONYMOUS = Principal(token_id="", name="(unauthenticated)", role="")
 
-    def __init__(self, authenticator: Authenticator, registry: Registry) -> None:
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, authorises, maps errors and audits every offsite.v1 call.
+
+    Requests are decoded by a tolerant deserializer, so bytes that are not the method's
+    message (garbage, a Struct nested past protobuf's limit) reach this code as a value,
+    and get UNAUTHENTICATED or INVALID_ARGUMENT, never UNKNOWN with a traceback in the log.
+    Every refusal is audited; unauthenticated ones at most `_UNAUTH_AUDIT_PER_MIN` a minute
+    (the rest are counted into the next entry), so a flood cannot fill the database.
+    """
+
+    def __init__(self, authenticator: Authenticator, registry: Registry, data_dir: str | None = None) -> None:
         self.auth = authenticator
         self.registry = registry
+        self.data_dir = str(data_dir) if data_dir else None
         # One wrapped handler per method, built on first use: the token is read from the
         # call's metadata inside the wrapper, so nothing is rebuilt per call.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._unauth_window = (0.0, 0, 0)  # (window start, audited in it, not audited)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         method = details.method
@@ -229,10 +312,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _admit(self, method: str, authorization: str | None) -> tuple[Principal | None, grpc.StatusCode | None, str]:
+    def _admit(self, method: str, authorization: str | None, peer: str = "") -> tuple[Principal | None, grpc.StatusCode | None, str]:
         try:
             principal = self.auth.authenticate(authorization)
         except _AuthError as e:
+            self._audit_unauthenticated(method, peer, str(e))
             return None, grpc.StatusCode.UNAUTHENTICATED, str(e)
         allowed = METHOD_ROLES.get(method, frozenset())
         if principal.role not in allowed:
@@ -242,40 +326,69 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"role {principal.role!r} may not call {method}; allowed: {who}")
         return principal, None, ""
 
+    def _audit_unauthenticated(self, method: str, peer: str, why: str) -> None:
+        now = time.monotonic()
+        start, audited, skipped = self._unauth_window
+        if now - start >= 60.0:
+            start, audited, skipped = now, 0, skipped
+        if audited >= _UNAUTH_AUDIT_PER_MIN:
+            self._unauth_window = (start, audited, skipped + 1)
+            return
+        detail = f"{why[:200]}; peer {peer[:100]}" + (f"; {skipped} earlier refusal(s) not audited" if skipped else "")
+        self._unauth_window = (start, audited + 1, 0)
+        self._audit(_ANONYMOUS, method, "", "UNAUTHENTICATED", detail)
+
     def _audit(self, principal: Principal, method: str, target: str, outcome: str, detail: str = "") -> None:
         try:
-            self.registry.audit(principal.name, principal.role, method, target, outcome, detail)
+            self.registry.audit(principal.name, principal.role, method, target[:256], outcome, detail[:1000])
         except Exception:  # auditing must never take the API down
-            log.exception("could not write audit entry for %s", method)
+            log.warning("could not write audit entry for %s", method, exc_info=True)
 
     def _wrap(self, handler, method: str):
         mutating = _is_mutating(method)
 
-        async def _deny_or_enter(context):
+        async def _deny_or_enter(context, request=None):
             authorization = None
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization":
                     authorization = value
                     break
-            principal, code, msg = self._admit(method, authorization)
+            principal, code, msg = self._admit(method, authorization, context.peer() or "")
             if code is not None:
                 await context.abort(code, msg)
+            if isinstance(request, _Undecodable):
+                msg = (f"the request is not a valid message for {method} ({request.error}); "
+                       "build it from the offsite.v1 protos")
+                self._audit(principal, method, "", "INVALID_ARGUMENT", msg)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
             return principal
 
-        async def _fail(context, principal, exc, target):
+        async def _fail(context, principal, exc, target, request=None):
             mapped = status_for(exc)
             if mapped is None:
-                log.exception("unexpected error in %s", method)
-                mapped = (grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
-            if mutating:
-                self._audit(principal, method, target, mapped[0].name, mapped[1][:500])
-            await context.abort(*mapped)
+                # A bug, not a bad request: the details stay in the log, the caller gets a reference.
+                ref = uuid.uuid4().hex[:12]
+                log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
+                mapped = (grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); the server log has the details")
+            code, msg = mapped[0], scrub(mapped[1], self.data_dir, request)
+            self._audit(principal, method, scrub(target, None, None) if len(target) <= _ECHO_LIMIT else "<long>",
+                        code.name, msg[:500])
+            await context.abort(code, msg)
+
+        def _leave(token) -> None:
+            # A cancelled stream's generator may be closed from another context; nothing to undo there.
+            try:
+                CURRENT_PRINCIPAL.reset(token)
+            except ValueError:
+                pass
+
+        decode = _tolerant(handler.request_deserializer, method)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
-                principal = await _deny_or_enter(context)
+                principal = await _deny_or_enter(context, request)
                 token = CURRENT_PRINCIPAL.set(principal)
                 target = _target_of(request)
                 try:
@@ -283,58 +396,64 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
-                    await _fail(context, principal, e, target)
+                    await _fail(context, principal, e, target, request)
                 finally:
-                    CURRENT_PRINCIPAL.reset(token)
+                    _leave(token)
                 if mutating:
                     self._audit(principal, method, target or _target_of(response), "ok")
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                unary_unary, request_deserializer=decode, response_serializer=handler.response_serializer)
 
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
-                principal = await _deny_or_enter(context)
+                principal = await _deny_or_enter(context, request)
                 token = CURRENT_PRINCIPAL.set(principal)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:
+                    raise  # the client went away: nothing to report
                 except Exception as e:
-                    await _fail(context, principal, e, _target_of(request))
+                    await _fail(context, principal, e, _target_of(request), request)
                 finally:
-                    CURRENT_PRINCIPAL.reset(token)
+                    _leave(token)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                unary_stream, request_deserializer=decode, response_serializer=handler.response_serializer)
 
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
+
+            async def checked(request_iterator):
+                async for msg in request_iterator:
+                    if isinstance(msg, _Undecodable):
+                        raise ValueError(f"a request message is not valid for {method} ({msg.error}); "
+                                         "build it from the offsite.v1 protos")
+                    yield msg
 
             async def stream_unary(request_iterator, context):
                 principal = await _deny_or_enter(context)
                 token = CURRENT_PRINCIPAL.set(principal)
                 try:
-                    response = await inner_su(request_iterator, context)
+                    response = await inner_su(checked(request_iterator), context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
                     await _fail(context, principal, e, "")
                 finally:
-                    CURRENT_PRINCIPAL.reset(token)
+                    _leave(token)
                 if mutating:
                     self._audit(principal, method, _target_of(response), "ok")
                 return response
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                stream_unary, request_deserializer=decode, response_serializer=handler.response_serializer)
 
         # Bidirectional streams: none in offsite.v1 yet; refuse rather than pass unchecked.
         async def refuse(_it, context):

@@ -39,7 +39,7 @@ from offsite.protos.v1 import (
 
 from . import convert
 from .artifacts import BlobWriter, check_sha256
-from .auth import ADMIN, DATA_OWNER, Principal, current_principal
+from .auth import ADMIN, DATA_OWNER, Principal, TooManyStreams, current_principal
 from .hooks import JobRunContext, load_hook
 from .job_options import validate_spec
 from .operations import OperationCancelled, OperationContext, OperationResult
@@ -118,6 +118,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return convert.token(self.s.auth.revoke(request.id))
 
     async def ListAudit(self, request, context):
+        if len(request.method) > 128:
+            raise ValueError("the method filter is longer than 128 characters; use part of a method name, e.g. Release")
         rows = self.s.registry.list_audit(limit=_limit(request.limit), method=request.method or None)
         return admin_pb2.ListAuditResponse(entries=[convert.audit(r) for r in rows])
 
@@ -356,6 +358,7 @@ def _end_job(state: ServerState, job_id: str, end: str, error: str = "") -> None
 class JobsService(jobs_pb2_grpc.JobsServicer):
     def __init__(self, state: ServerState) -> None:
         self.s = state
+        self._watching: dict[str, int] = {}  # open WatchJob streams per data-owner token
 
     def _job_message(self, row) -> jobs_pb2.Job:
         # Data owners do not learn who else is enrolled.
@@ -394,8 +397,25 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
     async def WatchJob(self, request, context):
         job_id = _require(request.id, "id")
         _check_job_visible(self.s, job_id)
-        after = request.after_seq
         me = current_principal()
+        if not me.is_staff:
+            # Each open stream polls the registry; a data owner needs one or two, not hundreds.
+            limit = self.s.config.max_watch_streams_per_data_owner
+            if self._watching.get(me.token_id, 0) >= limit:
+                raise TooManyStreams(f"this token already has {limit} WatchJob streams open; close one first")
+            self._watching[me.token_id] = self._watching.get(me.token_id, 0) + 1
+        try:
+            async for ev in self._job_events(job_id, request.after_seq, request.follow, me):
+                yield ev
+        finally:
+            if not me.is_staff:
+                left = self._watching.get(me.token_id, 1) - 1
+                if left > 0:
+                    self._watching[me.token_id] = left
+                else:
+                    self._watching.pop(me.token_id, None)
+
+    async def _job_events(self, job_id: str, after: int, follow: bool, me: Principal):
         while True:
             events = self.s.registry.job_events(job_id, after)
             for ev in events:
@@ -403,13 +423,13 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
                 if not me.is_staff and ev.kind in ("enrolled", "unenrolled") and (ev.data or {}).get("data_owner") != me.name:
                     continue  # data owners do not learn who else is enrolled
                 yield convert.job_event(ev)
-            if not request.follow:
+            if not follow:
                 return
             if not events and self.s.registry.get_job(job_id).state in _DONE_JOB_STATES:
                 # Done and drained (a last check catches events written just before the state change).
                 if not self.s.registry.job_events(job_id, after):
                     return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
 
     async def Enroll(self, request, context):
         p = current_principal()

@@ -51,6 +51,7 @@ class ServerConfig:
     job_policy: JobPolicy = field(default_factory=JobPolicy)  # bounds on what a job request may ask for
     grace_s: float = 10.0
     federation_address: str = ""             # told to data owners at enrollment
+    max_watch_streams_per_data_owner: int = 4
     # Hooks: "module:function" strings, or callables when embedding the server (see hooks.py).
     job_runner: str | Callable = DEFAULT_JOB_RUNNER
     eval_runner: str | Callable = DEFAULT_EVAL_RUNNER
@@ -111,6 +112,10 @@ class ServerState:
         self.admin_token_path = path
         return path
 
+    def rotate_admin_token(self, ttl_seconds: int = 0) -> tuple[Path, str]:
+        """See :func:`rotate_admin_token`."""
+        return rotate_admin_token(self.data_dir, self.registry, self.auth, ttl_seconds)
+
     def resolve_model_source(self, source: str) -> str:
         """A built-in model name, or a directory under data_dir/models (never an arbitrary path)."""
         if source in BUILTIN_MODELS:
@@ -131,3 +136,23 @@ class ServerState:
 
     def close(self) -> None:
         self.registry.close()
+
+
+def rotate_admin_token(data_dir: Path, registry: Registry, auth: Authenticator, ttl_seconds: int = 0) -> tuple[Path, str]:
+    """Replace DATA_DIR/admin.token with a new admin token and revoke the one it held.
+
+    Returns (path, new token id). The file is replaced atomically (mode 600); a running server
+    sharing the registry refuses the old token within its auth cache's few seconds."""
+    from offsite.files import atomic_write
+
+    from .auth import hash_secret
+
+    path = Path(data_dir) / ADMIN_TOKEN_FILE
+    old = None
+    if path.is_file():
+        old = registry.token_by_hash(hash_secret(path.read_text().strip()))
+    secret, row = auth.create_token("admin", ADMIN, ttl_seconds=ttl_seconds)
+    atomic_write(path, secret + "\n", 0o600)
+    if old is not None and old.revoked_at is None:
+        auth.revoke(old.id)
+    return path, row.id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from offsite.protos.v1 import admin_pb2, admin_pb2_grpc
@@ -62,6 +64,40 @@ def revoke(token_id: str = typer.Argument(..., help="token id (tok_...)"), json_
         emit_json(to_dict(resp))
     else:
         console.print(f"revoked {resp.id} ({resp.name}, {resp.role})")
+
+
+@app.command("rotate-admin")
+def rotate_admin(
+    data_dir: Path = typer.Option(..., "--data-dir", help="the server's data dir (admin.token lives here)"),
+    ttl: int = typer.Option(90 * 24 * 3600, "--ttl", help="seconds until the new admin token expires (0 = never)"),
+    database_url: str = typer.Option(None, "--database-url", envvar="OFFSITE_DATABASE_URL",
+                                     help="SQLAlchemy URL (default: sqlite in DATA_DIR)"),
+    json_out: bool = JsonOption,
+) -> None:
+    """Replace DATA_DIR/admin.token with a new admin token and revoke the old one (runs on the
+    server's machine, with or without the server running).
+
+    Example: offsite-admin tokens rotate-admin --data-dir srv --ttl 2592000
+    """
+    from ..auth import Authenticator
+    from ..registry import Registry
+    from ..state import rotate_admin_token
+
+    if not (data_dir / "registry.db").is_file() and not database_url:
+        console.print(f"[red]error:[/red] {data_dir}: no registry.db; pass the server's --data-dir")
+        raise typer.Exit(2)
+    registry = Registry(database_url or f"sqlite:///{data_dir.resolve() / 'registry.db'}")
+    try:
+        path, token_id = rotate_admin_token(data_dir, registry, Authenticator(registry), ttl)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    finally:
+        registry.close()
+    if json_out:
+        emit_json({"token_id": token_id, "path": str(path), "ttl_seconds": ttl})
+    else:
+        console.print(f"new admin token {token_id} written to {path} (mode 600); the previous one is revoked")
 
 
 def audit(
