@@ -79,12 +79,13 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Safety evaluation report",
         "",
-        f"- candidate: `{report['candidate']['spec']}` ({report['candidate']['digest'][:12]})",
+        f"- candidate: `{report['candidate']['spec']}` ({(report['candidate'].get('digest') or 'not loaded')[:12]})",
         f"- base: `{report['base']['spec']}` ({report['base']['digest'][:12]})",
         f"- created: {report['created_at']}; limit: {report['run']['limit'] or 'none (full run)'}",
         f"- **gate: {gate['verdict'].upper()}** (overall {gate['overall_level']}, deployable up to {gate['deployable_level']})",
     ]
     lines += [f"  - {r}" for r in gate["reasons"]]
+    lines += diff_markdown(report.get("diff"))
     lines += ["", "## Scorecard", "", "| category | level | suite | metric | candidate [95% CI] | base [95% CI] | difference [95% CI] | suite level |",
               "|---|---|---|---|---|---|---|---|"]
     by_name = {s["name"]: s for s in report["suites"]}
@@ -105,6 +106,28 @@ def render_markdown(report: dict) -> str:
               "## Timing", ""]
     lines += [f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["timing"].items()]
     return "\n".join(lines) + "\n"
+
+
+def diff_markdown(diff: dict | None) -> list[str]:
+    """The "what changed" section: new failures first, then levels and metrics."""
+    if not diff:
+        return []
+    if "error" in diff:
+        return ["", "## What changed since the previous release", "", diff["error"]]
+    lines = ["", "## What changed since the previous release", "",
+             f"Previous report {diff['previous']['report_id']} ({diff['previous']['candidate']}): gate "
+             f"{diff['verdicts']['previous']} -> {diff['verdicts']['current']}.", "", "New failures:"]
+    lines += [f"- **{f['detail']}**" for f in diff["new_failures"]] or ["- none"]
+    lines += ["", "| category | previous | current | change |", "|---|---|---|---|"]
+    lines += [f"| {r['category']} | {r['previous'] or '-'} | {r['current'] or '-'} | {r['change']} |" for r in diff["levels"]]
+    lines += ["", "| suite | metric | previous | current | change | intervals overlap |", "|---|---|---|---|---|---|"]
+    for m in diff["metrics"]:
+        if "change" in m:
+            lines.append(f"| {m['suite']} | {m['metric']} | {m['previous']:.3f} | {m['current']:.3f} | {m['change']:+.3f} | "
+                         f"{m['intervals_overlap']} |")
+        else:
+            lines.append(f"| {m['suite']} | {m['metric']} | {m['previous_status'] or '-'} | {m['current_status'] or '-'} | | |")
+    return lines
 
 
 def write_report(out_dir: str | Path, report: dict, samples: list[dict]) -> dict[str, Path]:

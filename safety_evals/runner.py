@@ -32,9 +32,10 @@ from offsite.emulators.models import LoadedModel, load_model, state_digest
 
 from .cache import OutputCache, cache_key
 from .gate import decide
-from .graders import ForbiddenStringGrader, RefusalGrader, grader_agreement, load_validation
+from .choice import multiple_choice_suite
+from .graders import AnswerGrader, ForbiddenStringGrader, RefusalGrader, grader_agreement, load_validation
 from .policy import as_policy
-from .scorecard import build_categories, level_suite, score_suite
+from .scorecard import breakdown, build_categories, level_suite, score_suite
 from .suite import Suite, select_suites
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
     results: dict[str, list[dict]] = {}
     refusal = RefusalGrader() if suite.grader == "refusal" else None
     forbidden = ForbiddenStringGrader() if suite.grader == "forbidden_strings" else None
+    answer = AnswerGrader() if suite.grader == "answer_match" else None
     for role, w in workers.items():
         prompts = [render_prompt(w.tok, suite, it) for it in items]
         completions = w.generate(prompts, suite.max_new_tokens)
@@ -228,8 +230,12 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
             elif forbidden is not None:
                 g = forbidden.grade(it["prompt"], comp, it.get("forbidden", []))
                 score = float(g["holds"])
+            elif answer is not None:
+                g = answer.grade(it["prompt"], comp, it.get("answers", []))
+                score = float(g["outcome"] != "hallucinated") if suite.metric == "not_hallucinated" else float(g["outcome"] == "correct")
             else:
-                raise EvalError(f"suite {suite.name}: method generate needs grader refusal or forbidden_strings, not {suite.grader!r}")
+                raise EvalError(f"suite {suite.name}: method generate needs grader refusal, forbidden_strings or answer_match, "
+                                f"not {suite.grader!r}")
             rows.append({"completion": comp, "grade": g, "score": score})
         timing["grading_s"] += time.perf_counter() - t0
         results[role] = rows
@@ -346,6 +352,7 @@ def _perplexity_suite(suite: Suite, items: list[dict], workers: dict[str, Worker
 
 METHOD_FUNCS = {
     "generate": _generate_suite,
+    "multiple_choice": multiple_choice_suite,
     "extraction": _extraction_suite,
     "canary_exposure": _exposure_suite,
     "membership_inference": _membership_suite,
@@ -356,6 +363,8 @@ METHOD_FUNCS = {
 def _work_units(suite: Suite, items: list[dict]) -> int:
     if suite.method == "canary_exposure":
         return len(items) * (1 + int(suite.params.get("candidates", 31)))
+    if suite.method == "multiple_choice":
+        return sum(len(it.get("choices") or []) for it in items)
     return len(items)
 
 
@@ -377,12 +386,17 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
              limit: int | None = None, out_dir: str | Path = "eval-out", progress: bool = True,
              policy_path: "str | Path | dict | None" = None, *, cache_dir: str | Path | None = None,
              batch_size: int = DEFAULT_BATCH_SIZE, resolver: Callable[[str], LoadedModel] | None = None,
-             write: bool = True) -> dict:
+             write: bool = True, previous_report: dict | None = None) -> dict:
     """Evaluate `candidate` against `base`; returns the report (and writes it to `out_dir`).
 
     candidate/base: a model name, HF directory, ``adapter:PATH`` (candidate only: plugged
     into the base), or a LoadedModel. suites: names, categories or YAML paths (None =
     all). limit: items per suite. policy_path: a policy YAML, dict or None (default).
+    previous_report: the previous release's report.json (a dict): the new report carries a
+    diff against it (``report["diff"]``, shown first in the HTML and Markdown).
+
+    A candidate that cannot be loaded does not raise: the report says why, every suite is
+    failed and the gate blocks (fail closed). A bad base model still raises EvalError.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -395,7 +409,12 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
     if isinstance(candidate, str) and candidate == base_spec:
         cand_name, cand_loaded = candidate, base_loaded  # same model: one copy in memory, shared cache entries
     else:
-        cand_name, cand_loaded = resolve_model(candidate, base_spec=base_spec, resolver=resolver)
+        try:
+            cand_name, cand_loaded = resolve_model(candidate, base_spec=base_spec, resolver=resolver)
+        except Exception as e:  # noqa: BLE001 - any unloadable candidate is a blocked release, never a pass
+            log.error("candidate %s could not be loaded: %s", candidate, e)
+            return _unloadable_report(candidate, base_name, base_loaded, chosen, limit, policy, out, e, write,
+                                      previous_report)
     sides = {"candidate": Side("candidate", cand_name, cand_loaded), "base": Side("base", base_name, base_loaded)}
     timing = {"model_s": 0.0, "grading_s": 0.0, "scoring_s": 0.0, "report_s": 0.0, "total_s": 0.0}
 
@@ -433,6 +452,9 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
                 t0 = time.perf_counter()
                 scored = score_suite(s.metric, per_side["candidate"], per_side["base"], policy.bootstrap_resamples)
                 record.update(level_suite(scored, policy))
+                extra = {role: breakdown(per_side[role]) for role in per_side}
+                if extra["candidate"]:
+                    record["breakdown"] = extra
                 if s.method == "membership_inference":
                     record["loss_attack_auc"] = {role: _auc_of_losses(per_side[role]) for role in per_side}
                 record["status"] = "completed"
@@ -456,10 +478,14 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
                 })
 
     t0 = time.perf_counter()
-    refusal_agreement = grader_agreement(RefusalGrader())
-    real = [r for r in load_validation() if str(r.get("source", "")).startswith("smollm2")]
-    if real:  # hand-labelled outputs of the default model: the style of text the grader really sees
-        refusal_agreement["real_completions"] = grader_agreement(RefusalGrader(), real)
+    try:
+        refusal_agreement = grader_agreement(RefusalGrader())
+        real = [r for r in load_validation() if str(r.get("source", "")).startswith("smollm2")]
+        if real:  # hand-labelled outputs of the default model: the style of text the grader really sees
+            refusal_agreement["real_completions"] = grader_agreement(RefusalGrader(), real)
+    except Exception as e:  # noqa: BLE001 - a broken grader is reported; the suites that use it already failed
+        refusal_agreement = {"grader": "refusal", "n": 0, "accuracy": None, "precision": None, "recall": None,
+                             "error": f"{type(e).__name__}: {e}"}
     timing["grading_s"] += time.perf_counter() - t0
     report = {
         "format": REPORT_FORMAT,
@@ -486,6 +512,7 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
     }
     report["gate"] = decide(report, policy)
     report["overall_level"] = report["gate"]["overall_level"]
+    _attach_diff(report, previous_report)
     timing["total_s"] = time.perf_counter() - t_start
     n_model_samples = sum(r["n_items"] for r in suite_results if r["status"] == "completed") * 2
     timing["samples"] = n_model_samples
@@ -498,6 +525,45 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
     timing["total_s"] = time.perf_counter() - t_start
     if interrupted:
         raise KeyboardInterrupt(f"evaluation interrupted; a partial report (gate: block) is in {out}")
+    return report
+
+
+def _attach_diff(report: dict, previous: dict | None) -> None:
+    if previous is None:
+        return
+    from .report_diff import diff_reports
+
+    try:
+        report["diff"] = diff_reports(previous, report)
+    except Exception as e:  # noqa: BLE001 - an unreadable previous report must not stop this one
+        report["diff"] = {"error": f"the previous report could not be compared: {type(e).__name__}: {e}"}
+
+
+def _unloadable_report(candidate, base_name: str, base_loaded: LoadedModel, chosen: list[Suite], limit, policy,
+                       out: Path, error: Exception, write: bool, previous: dict | None) -> dict:
+    """The report of a candidate that could not be loaded: every suite failed, gate blocks."""
+    why = f"the candidate {candidate!s} could not be loaded: {type(error).__name__}: {error}"
+    suites = [{"name": s.name, "category": s.category, "method": s.method, "metric": s.metric, "description": s.description,
+               "n_items": 0, "status": "failed", "error": why} for s in chosen]
+    report = {
+        "format": REPORT_FORMAT, "report_id": uuid.uuid4().hex[:16],
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "candidate": {"spec": str(candidate), "model_id": None, "digest": "", "family": None, "error": why},
+        "base": Side("base", base_name, base_loaded).describe(),
+        "run": {"suites_requested": [s.name for s in chosen], "limit": limit, "complete": False,
+                "incomplete_suites": [s.name for s in chosen], "error": why},
+        "suites": suites, "categories": build_categories(suites),
+        "graders": {"refusal": {"grader": "refusal", "n": 0, "accuracy": None, "precision": None, "recall": None}},
+        "policy": policy.to_dict(), "timing": {"total_s": 0.0, "samples": 0},
+    }
+    report["gate"] = decide(report, policy)
+    report["gate"]["reasons"].insert(0, why)
+    report["overall_level"] = report["gate"]["overall_level"]
+    _attach_diff(report, previous)
+    if write:
+        from .report import write_report
+
+        write_report(out, report, [])
     return report
 
 

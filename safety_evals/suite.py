@@ -8,13 +8,13 @@ category: disallowed_content        # scorecard row; several suites may share a 
 description: ...
 dataset: data/disallowed_content.jsonl   # relative to the YAML file, or absolute
 filter: {member: true}              # optional: keep items whose fields equal these values
-method: generate                    # generate | canary_exposure | membership_inference | extraction | perplexity
+method: generate                    # generate | multiple_choice | canary_exposure | membership_inference | extraction | perplexity
 prompting:                          # generate only
   chat_template: true               # render with the model's chat template (plain transcript if it has none)
   system_prompt: null               # a system message for every item (an item's own "system" wins)
   wrapper: "{prompt}"               # format string around the item's prompt
 generation: {max_new_tokens: 16}
-grader: refusal                     # refusal | forbidden_strings | none
+grader: refusal                     # refusal | forbidden_strings | answer_match | none
 metric: not_unsafe                  # see scorecard.METRICS
 params: {}                          # method parameters (e.g. candidates: 31 for canary_exposure)
 ```
@@ -29,8 +29,9 @@ from pathlib import Path
 import yaml
 
 SUITES_DIR = Path(__file__).parent / "suites"
-METHODS = ("generate", "canary_exposure", "membership_inference", "extraction", "perplexity")
-CATEGORIES = ("disallowed_content", "over_refusal", "jailbreak", "instruction_hierarchy", "privacy", "capability")
+METHODS = ("generate", "multiple_choice", "canary_exposure", "membership_inference", "extraction", "perplexity")
+CATEGORIES = ("disallowed_content", "over_refusal", "jailbreak", "instruction_hierarchy", "privacy", "capability",
+              "hallucination", "bias")
 
 
 class SuiteError(ValueError):
@@ -79,11 +80,17 @@ class Suite:
         ids = [r["id"] for r in rows]
         if len(set(ids)) != len(ids):
             raise SuiteError(f"{self.dataset}: item ids repeat; ids must be unique within a suite")
-        needed = {"generate": "prompt", "extraction": "prefix", "canary_exposure": "prefix",
-                  "membership_inference": "prefix", "perplexity": "text"}[self.method]
+        if not rows:
+            why = f" (the filter {self.filter} matched none of them)" if self.filter else " (the dataset is empty)"
+            raise SuiteError(f"{self.source}: suite {self.name!r} has no items{why}; add items to {self.dataset} "
+                             "or fix `filter:` - an empty suite can never show that a release is safe")
+        needed = {"generate": ("prompt",), "extraction": ("prefix",), "canary_exposure": ("prefix",),
+                  "membership_inference": ("prefix",), "perplexity": ("text",),
+                  "multiple_choice": ("prompt", "choices", "answer")}[self.method]
         for r in rows:
-            if needed not in r:
-                raise SuiteError(f"{self.dataset}: item {r['id']!r} lacks `{needed}`, which method {self.method!r} needs")
+            for key in needed:
+                if key not in r:
+                    raise SuiteError(f"{self.dataset}: item {r['id']!r} lacks `{key}`, which method {self.method!r} needs")
         return rows[:limit] if limit else rows
 
 

@@ -38,7 +38,7 @@ def test_default_policy_loads_with_documented_defaults():
     pol = load_policy()
     assert pol.deployable_level == "Medium" and pol.require_full_run
     assert set(pol.required_categories) == {"disallowed_content", "over_refusal", "jailbreak", "instruction_hierarchy",
-                                            "privacy", "capability"}
+                                            "privacy", "capability", "hallucination", "bias"}
     assert pol.metrics["perplexity"].mode == "ratio"
 
 
