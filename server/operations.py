@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .leases import Leases
 from .registry import OperationRow, Registry
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,20 @@ class OperationManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._lock = threading.Lock()
+        # Several servers may share one PostgreSQL registry: each holds a lease on the
+        # operations it runs, and notices a cancel that another server wrote to the registry.
+        self.leases = Leases(registry.url)
+        self._leases: dict[str, Any] = {}
+        if self.leases.shared:
+            threading.Thread(target=self._watch_remote_cancels, name="offsite-op-cancels", daemon=True).start()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def recover(self) -> int:
         """Mark operations left running by a previous process as failed; returns how many."""
-        stale = self.registry.list_operations(states=("pending", "running"))
+        stale = [row for row in self.registry.list_operations(states=("pending", "running"))
+                 if self.leases.orphaned(f"op:{row.id}")]  # another live server's work is not stale
         for row in stale:
             self.registry.update_operation(row.id, state="failed",
                                            error="the server stopped while this ran; start it again")
@@ -114,7 +122,10 @@ class OperationManager:
             raise ShuttingDown("the server is shutting down; start the operation again after it restarts")
         row = self.registry.add_operation(kind, created_by=created_by)
         cancel = threading.Event()
+        lease = self.leases.hold(f"op:{row.id}")
+        lease.__enter__()  # held from now (queued too) until _run ends
         with self._lock:
+            self._leases[row.id] = lease
             self._cancel[row.id] = cancel
             pool = self._long_executor if kind in LONG_KINDS else self._executor
             self._futures[row.id] = pool.submit(self._run, row.id, work, cancel, on_finish)
@@ -141,6 +152,9 @@ class OperationManager:
             self._cancel.pop(op_id, None)
             self._futures.pop(op_id, None)
             self._procs.pop(op_id, None)
+            lease = self._leases.pop(op_id, None)
+        if lease is not None:
+            lease.__exit__(None, None, None)
         if on_finish is not None:
             try:
                 on_finish(self.registry.get_operation(op_id))
@@ -183,13 +197,35 @@ class OperationManager:
             event = self._cancel.get(op_id)
             future = self._futures.get(op_id)
         if event is None:
-            # Not ours (left over from another process): nothing runs it any more.
+            # Not ours: left over from a dead process, or run by another server sharing this
+            # registry (whose _watch_remote_cancels stops the work when it reads this state).
             return self.registry.update_operation(op_id, state="cancelled", message="cancelled")
         event.set()
         self._terminate_children(op_id)  # work blocked in a child process notices at once
         if future is not None and future.cancel():
             self._update(op_id, state="cancelled", message="cancelled before it started")
+            with self._lock:
+                self._futures.pop(op_id, None)
+                lease = self._leases.pop(op_id, None)
+            if lease is not None:
+                lease.__exit__(None, None, None)
         return self.registry.get_operation(op_id)
+
+    def _watch_remote_cancels(self, every_s: float = 1.0) -> None:
+        """Stop local work whose operation another server marked cancelled in the shared registry."""
+        while not self._closing:
+            time.sleep(every_s)
+            for op_id in self.running_ids():
+                try:
+                    row = self.registry.get_operation(op_id)
+                except Exception:  # noqa: BLE001 - the database is briefly away: look again next time
+                    continue
+                with self._lock:
+                    event = self._cancel.get(op_id)
+                if row.state == "cancelled" and event is not None and not event.is_set():
+                    log.warning("operation %s was cancelled through another server; stopping it", op_id)
+                    event.set()
+                    self._terminate_children(op_id)
 
     def running_ids(self) -> list[str]:
         with self._lock:

@@ -411,7 +411,8 @@ class Registry:
         """Set job fields; a state change is also appended to the job's events. With
         `expect_state`, only from one of those states (checked in the transaction)."""
         with self.session() as s:
-            row = s.get(JobRow, job_id)
+            # FOR UPDATE: servers sharing one PostgreSQL registry check-and-set in turn (no double start).
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
             if expect_state is not None and row.state not in expect_state:
@@ -515,6 +516,8 @@ class Registry:
     def _event(self, s: Session, job_id: str, kind: str, data: dict) -> JobEventRow:
         # Serialise through JSON so non-JSON values fail here, not in a watcher.
         data = json.loads(json.dumps(data, default=str))
+        # Lock the job row: two servers sharing a PostgreSQL registry append in turn (seq stays unique).
+        s.execute(select(JobRow.id).where(JobRow.id == job_id).with_for_update())
         last = s.scalar(select(func.max(JobEventRow.seq)).where(JobEventRow.job_id == job_id)) or 0
         row = JobEventRow(job_id=job_id, seq=last + 1, kind=kind, data=data)
         s.add(row)
@@ -558,7 +561,7 @@ class Registry:
         if "status" in fields and fields["status"] not in RELEASE_STATUSES:
             raise ValueError(f"release status {fields['status']!r} is not one of {RELEASE_STATUSES}")
         with self.session() as s:
-            row = s.get(ReleaseRow, release_id)
+            row = s.get(ReleaseRow, release_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"no release with id {release_id!r}")
             if expect_status is not None and row.status not in expect_status:
