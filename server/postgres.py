@@ -35,8 +35,10 @@ def find_bin_dir() -> Path:
     for c in candidates:
         if all((Path(c) / exe).exists() for exe in ("initdb", "pg_ctl", "postgres")):
             return Path(c)
-    raise PostgresUnavailable("PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
-                              "`apt-get install -y postgresql` (Debian) or set OFFSITE_TEST_POSTGRES_URL")
+    raise PostgresUnavailable(
+        "PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
+        "`apt-get install -y postgresql` (Debian) or set OFFSITE_TEST_POSTGRES_URL"
+    )
 
 
 def _free_port() -> int:
@@ -58,8 +60,10 @@ class TempPostgres:
             try:
                 self._run_as = pwd.getpwnam("postgres")
             except KeyError:
-                raise PostgresUnavailable("running as root and there is no `postgres` user to own the cluster "
-                                          "(PostgreSQL refuses root); install Debian's postgresql package") from None
+                raise PostgresUnavailable(
+                    "running as root and there is no `postgres` user to own the cluster "
+                    "(PostgreSQL refuses root); install Debian's postgresql package"
+                ) from None
 
     def _pg(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
         def demote():
@@ -68,10 +72,19 @@ class TempPostgres:
                 os.setuid(self._run_as.pw_uid)
 
         env = dict(os.environ, LC_ALL="C", PGTZ="UTC")
-        proc = subprocess.run([str(self.bin / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=demote, env=env, cwd=self.root)
+        proc = subprocess.run(
+            [str(self.bin / argv[0]), *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=demote,
+            env=env,
+            cwd=self.root,
+        )
         if proc.returncode != 0:
-            raise PostgresUnavailable(f"`{' '.join(argv)}` failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}")
+            raise PostgresUnavailable(
+                f"`{' '.join(argv)}` failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}"
+            )
         return proc
 
     def start(self) -> TempPostgres:
@@ -79,10 +92,13 @@ class TempPostgres:
         if self._run_as is not None:
             os.chown(self.root, self._run_as.pw_uid, self._run_as.pw_gid)
         self._pg("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--encoding=UTF8", "--no-sync")
-        opts = (f"-c listen_addresses={self.listen} -c port={self.port} -c unix_socket_directories={self.root} "
-                "-c fsync=off -c max_connections=200")
-        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", opts, "-w", "-t", "60",
-                 "start")
+        opts = (
+            f"-c listen_addresses={self.listen} -c port={self.port} -c unix_socket_directories={self.root} "
+            "-c fsync=off -c max_connections=200"
+        )
+        self._pg(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", opts, "-w", "-t", "60", "start"
+        )
         return self
 
     def stop(self, remove: bool = True) -> None:
@@ -104,8 +120,9 @@ class TempPostgres:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres",
-                                     autocommit=True) as conn:
+                with psycopg.connect(
+                    f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres", autocommit=True
+                ) as conn:
                     conn.execute(f'CREATE DATABASE "{name}"')
                 return self.url(name, "127.0.0.1")
             except psycopg.OperationalError:
@@ -132,8 +149,14 @@ class SharedPostgres:
         import psycopg
 
         b = self.base
-        with psycopg.connect(host=b.host, port=b.port or 5432, user=b.username, password=b.password,
-                             dbname=b.database or "postgres", autocommit=True) as conn:
+        with psycopg.connect(
+            host=b.host,
+            port=b.port or 5432,
+            user=b.username,
+            password=b.password,
+            dbname=b.database or "postgres",
+            autocommit=True,
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return b.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
 

@@ -32,7 +32,12 @@ def _load(path: Path):
 def _adopt(module, fixture: str, skip: tuple[str, ...] = ()) -> None:
     """Make the module's tests that use `fixture` tests of this file (they get our fixture)."""
     for name, fn in vars(module).items():
-        if name.startswith("test_") and callable(fn) and fixture in inspect.signature(fn).parameters and name not in skip:
+        if (
+            name.startswith("test_")
+            and callable(fn)
+            and fixture in inspect.signature(fn).parameters
+            and name not in skip
+        ):
             globals()[name] = fn
 
 
@@ -104,9 +109,14 @@ def server(pg, tmp_path_factory):
     from offsite.server.testing import tiny_bundle
 
     url = pg.create_database(f"flow_{uuid.uuid4().hex[:12]}")
-    cfg = ServerConfig(data_dir=tmp_path_factory.mktemp("srv"), port=0, database_url=url,
-                       job_runner=flow_suite.fake_job_runner, eval_runner=flow_suite.fake_eval_runner,
-                       signing_key=tiny_bundle().signing_key)
+    cfg = ServerConfig(
+        data_dir=tmp_path_factory.mktemp("srv"),
+        port=0,
+        database_url=url,
+        job_runner=flow_suite.fake_job_runner,
+        eval_runner=flow_suite.fake_eval_runner,
+        signing_key=tiny_bundle().signing_key,
+    )
     s = ServerThread(cfg).start()
     assert s.server.state.registry.engine.dialect.name == "postgresql"
     yield s

@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns import Host, Network, check_available  # noqa: E402
 
-SUPERLINK_PORT = 9092       # Fleet + Control + Runtime APIs (Flower serves them on one port)
-API_PORT = 50051            # offsite-admin serve: data owners enroll and fetch here
+SUPERLINK_PORT = 9092  # Fleet + Control + Runtime APIs (Flower serves them on one port)
+API_PORT = 50051  # offsite-admin serve: data owners enroll and fetch here
 SUPEREXEC_HEALTH_PORT = 9095  # the SuperExec's health server: the model owner's own
-NODE_PORT = 9094            # each SuperNode's local runtime API (loopback of its own host)
+NODE_PORT = 9094  # each SuperNode's local runtime API (loopback of its own host)
 BIN = Path(sys.executable).parent
 TINY_TRAIN = {"local_steps": 2, "batch_size": 2, "block_size": 128}
 TINY_OPTIONS = {"heldout_limit": 2, "round_timeout": 240}
@@ -62,8 +62,9 @@ class Site:
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.root / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(self.host.cmd(argv), stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            self.host.cmd(argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -75,8 +76,10 @@ class Site:
         """Run a CLI with --json in this host's namespace; its JSON output, or StepFailed."""
         proc = self.host.run(argv, env=self.env, timeout=timeout)
         if proc.returncode != 0:
-            raise StepFailed(f"{self.host.role}: `{' '.join(argv)}` failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise StepFailed(
+                f"{self.host.role}: `{' '.join(argv)}` failed ({proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
         out = proc.stdout.strip()
         try:
             return json.loads(out)
@@ -85,23 +88,28 @@ class Site:
 
     def wait_port(self, port: int, address: str | None = None, timeout: float = 120, proc: str = "") -> None:
         """Wait until address:port accepts connections; fail at once if process `proc` died."""
-        probe = ("import socket,sys,time\n"
-                 "end=time.monotonic()+3\n"
-                 "while time.monotonic()<end:\n"
-                 "    s=socket.socket(); s.settimeout(1)\n"
-                 "    if s.connect_ex((sys.argv[1],int(sys.argv[2])))==0: sys.exit(0)\n"
-                 "    s.close(); time.sleep(0.3)\n"
-                 "sys.exit(1)\n")
+        probe = (
+            "import socket,sys,time\n"
+            "end=time.monotonic()+3\n"
+            "while time.monotonic()<end:\n"
+            "    s=socket.socket(); s.settimeout(1)\n"
+            "    if s.connect_ex((sys.argv[1],int(sys.argv[2])))==0: sys.exit(0)\n"
+            "    s.close(); time.sleep(0.3)\n"
+            "sys.exit(1)\n"
+        )
         address = address or self.host.address
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.host.run([sys.executable, "-c", probe, address, str(port)], timeout=30).returncode == 0:
                 return
             if proc and self.procs[proc].poll() is not None:
-                raise StepFailed(f"{self.host.role}: {proc} exited ({self.procs[proc].returncode}) before listening "
-                                 f"on {address}:{port}:\n{self.log(proc)[-3000:]}")
-        raise StepFailed(f"nothing listens on {address}:{port} in {self.host.role} after {timeout:.0f}s; "
-                         f"see {self.root / 'logs'}")
+                raise StepFailed(
+                    f"{self.host.role}: {proc} exited ({self.procs[proc].returncode}) before listening "
+                    f"on {address}:{port}:\n{self.log(proc)[-3000:]}"
+                )
+        raise StepFailed(
+            f"nothing listens on {address}:{port} in {self.host.role} after {timeout:.0f}s; see {self.root / 'logs'}"
+        )
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -138,7 +146,11 @@ class Federation:
     # --- the model owner ------------------------------------------------------------------
     def start_model_owner(self, database_url: str = "") -> Site:
         from offsite.server.federation.deployment import (
-            make_secret, make_tls, superexec_command, superlink_command, write_flwr_home,
+            make_secret,
+            make_tls,
+            superexec_command,
+            superlink_command,
+            write_flwr_home,
         )
 
         root = self.state / "model-owner"
@@ -149,17 +161,34 @@ class Federation:
         self.ca = tls.ca_cert
         secret = make_secret(root / "superexec.secret")
         flwr_home = write_flwr_home(data / "flwr-home", "offsite", self.superlink, tls.ca_cert)
-        site = Site(self.net.server, root, _env(FLWR_HOME=str(flwr_home), OFFSITE_SERVER=self.api,
-                                                OFFSITE_CA=str(tls.ca_cert)))
+        site = Site(
+            self.net.server, root, _env(FLWR_HOME=str(flwr_home), OFFSITE_SERVER=self.api, OFFSITE_CA=str(tls.ca_cert))
+        )
         self.model_owner = site
         self.net.firewall([SUPERLINK_PORT, API_PORT])
         site.spawn("superlink", superlink_command(root, tls, secret, host=address, port=SUPERLINK_PORT))
         site.wait_port(SUPERLINK_PORT, proc="superlink")
-        site.spawn("superexec", superexec_command(self.superlink, tls, secret)
-                   + ["--health-server-address", f"0.0.0.0:{SUPEREXEC_HEALTH_PORT}"])
-        serve = [str(BIN / "offsite-admin"), "serve", "--data-dir", str(data), "--host", address,
-                 "--port", str(API_PORT), "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
-                 "--federation-address", self.superlink]
+        site.spawn(
+            "superexec",
+            superexec_command(self.superlink, tls, secret)
+            + ["--health-server-address", f"0.0.0.0:{SUPEREXEC_HEALTH_PORT}"],
+        )
+        serve = [
+            str(BIN / "offsite-admin"),
+            "serve",
+            "--data-dir",
+            str(data),
+            "--host",
+            address,
+            "--port",
+            str(API_PORT),
+            "--tls-cert",
+            str(tls.server_cert),
+            "--tls-key",
+            str(tls.server_key),
+            "--federation-address",
+            self.superlink,
+        ]
         if database_url:
             serve += ["--database-url", database_url]
         site.spawn("server", serve)
@@ -173,43 +202,76 @@ class Federation:
         return self.model_owner.call([str(BIN / "offsite-admin"), *args, "--json"], timeout=timeout)
 
     def register_node(self, public_key: Path) -> None:
-        self.model_owner.call([str(BIN / "flwr"), "supernode", "register", str(public_key), "offsite",
-                               "--format", "json"], timeout=120)
+        self.model_owner.call(
+            [str(BIN / "flwr"), "supernode", "register", str(public_key), "offsite", "--format", "json"], timeout=120
+        )
 
     def create_job(self, clients: int, rounds: int = 1) -> tuple[str, dict[str, str]]:
         """A tiny model, its bundle, a deployment job, and one data-owner token per owner."""
         self.admin("models", "register", "tiny", "--source", "tiny-llama")
         built = self.admin("bundles", "build", "--model", "tiny", "--wait")
         emulator = _find(built, "emu_")
-        job = self.admin("jobs", "create", "--emulator", emulator, "--rounds", str(rounds), "--min-clients",
-                         str(clients), "--engine", "deployment", "--train-config", json.dumps(TINY_TRAIN),
-                         "--options", json.dumps(TINY_OPTIONS))
+        job = self.admin(
+            "jobs",
+            "create",
+            "--emulator",
+            emulator,
+            "--rounds",
+            str(rounds),
+            "--min-clients",
+            str(clients),
+            "--engine",
+            "deployment",
+            "--train-config",
+            json.dumps(TINY_TRAIN),
+            "--options",
+            json.dumps(TINY_OPTIONS),
+        )
         job_id = job["id"]
-        tokens = {role: self.admin("tokens", "create", "--role", "data-owner", "--name", role, "--job", job_id)["secret"]
-                  for role in self.owners}
+        tokens = {
+            role: self.admin("tokens", "create", "--role", "data-owner", "--name", role, "--job", job_id)["secret"]
+            for role in self.owners
+        }
         return job_id, tokens
 
     # --- the data owners --------------------------------------------------------------------
     def add_owner(self, role: str) -> Site:
         root = self.state / role
         root.mkdir(parents=True, exist_ok=True)
-        site = Site(self.net.hosts[role], root, _env(OFFSITE_CLIENT_HOME=str(root / "home"),
-                                                     OFFSITE_CACHE=str(root / "cache"), HOME=str(root)))
+        site = Site(
+            self.net.hosts[role],
+            root,
+            _env(OFFSITE_CLIENT_HOME=str(root / "home"), OFFSITE_CACHE=str(root / "cache"), HOME=str(root)),
+        )
         self.owners[role] = site
         return site
 
     def enroll_and_fetch(self, role: str, token: str, job_id: str) -> dict:
         site = self.owners[role]
         client = str(BIN / "offsite-client")
-        site.call([client, "enroll", "--server", self.api, "--token", token, "--job", job_id, "--ca", str(self.ca),
-                   "--json"])
+        site.call(
+            [client, "enroll", "--server", self.api, "--token", token, "--job", job_id, "--ca", str(self.ca), "--json"]
+        )
         return site.call([client, "fetch", "--job", job_id, "--json"])
 
     def join(self, role: str, job_id: str, data: str, register: bool = True, extra: list[str] = ()) -> Path:
         """Create the node key, have the model owner register it (unless not), start the SuperNode."""
         site = self.owners[role]
-        base = [str(BIN / "offsite-client"), "join", "--job", job_id, "--data", data, "--root-cert", str(self.ca),
-                "--node-key-dir", str(site.root / "node"), "--port", str(NODE_PORT), *extra]
+        base = [
+            str(BIN / "offsite-client"),
+            "join",
+            "--job",
+            job_id,
+            "--data",
+            data,
+            "--root-cert",
+            str(self.ca),
+            "--node-key-dir",
+            str(site.root / "node"),
+            "--port",
+            str(NODE_PORT),
+            *extra,
+        ]
         pub = Path(site.call(base + ["--print-key", "--json"])["public_key"])
         if register:
             self.register_node(pub)
@@ -263,8 +325,17 @@ def main() -> None:
         fed.bring_owners_in(job_id, tokens)
         fed.admin("jobs", "start", job_id, "--wait", timeout=1800)
         releases = fed.admin("releases", "list", "--job", job_id)
-        print(json.dumps({"job": job_id, "releases": releases, "hosts": {r: h.address for r, h in net.hosts.items()},
-                          "logs": str(fed.state)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "job": job_id,
+                    "releases": releases,
+                    "hosts": {r: h.address for r, h in net.hosts.items()},
+                    "logs": str(fed.state),
+                },
+                indent=2,
+            )
+        )
         if args.keep:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

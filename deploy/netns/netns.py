@@ -55,9 +55,9 @@ def check_available() -> None:
 
 @dataclass
 class Host:
-    role: str       # "model-owner", "owner-1", ...
-    netns: str      # the namespace's name (unique per Network)
-    address: str    # its IPv4 address on the shared link
+    role: str  # "model-owner", "owner-1", ...
+    netns: str  # the namespace's name (unique per Network)
+    address: str  # its IPv4 address on the shared link
     iface: str = "eth0"
 
     def cmd(self, argv: list[str]) -> list[str]:
@@ -73,8 +73,12 @@ class Host:
         """rx/tx bytes and packets of this host's link (the veth end in its namespace)."""
         out = json.loads(_run("ip", "-n", self.netns, "-s", "-j", "link", "show", self.iface))
         stats = out[0]["stats64"]
-        return {"rx_bytes": stats["rx"]["bytes"], "tx_bytes": stats["tx"]["bytes"],
-                "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"]}
+        return {
+            "rx_bytes": stats["rx"]["bytes"],
+            "tx_bytes": stats["tx"]["bytes"],
+            "rx_packets": stats["rx"]["packets"],
+            "tx_packets": stats["tx"]["packets"],
+        }
 
 
 @dataclass
@@ -104,8 +108,22 @@ class Network:
                 if h is self.server:
                     continue
                 port = f"veth{i}"  # the bridge's end, in the model owner's namespace
-                _run("ip", "link", "add", "name", h.iface, "netns", h.netns, "type", "veth",
-                     "peer", "name", port, "netns", mo)
+                _run(
+                    "ip",
+                    "link",
+                    "add",
+                    "name",
+                    h.iface,
+                    "netns",
+                    h.netns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    port,
+                    "netns",
+                    mo,
+                )
                 _run("ip", "-n", mo, "link", "set", port, "master", "br0")
                 _run("ip", "-n", mo, "link", "set", port, "up")
                 _run("ip", "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", h.iface)
@@ -167,9 +185,11 @@ class Network:
 
 def can_connect(host: Host, address: str, port: int, timeout: float = 2.0) -> bool:
     """Whether a TCP connection from `host` to address:port completes (the probe runs in the host's namespace)."""
-    probe = ("import socket,sys\n"
-             "s=socket.socket(); s.settimeout(float(sys.argv[3]))\n"
-             "sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)\n")
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.settimeout(float(sys.argv[3]))\n"
+        "sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)\n"
+    )
     import sys
 
     proc = host.run([sys.executable, "-c", probe, address, str(port), str(timeout)], timeout=timeout + 20)

@@ -54,8 +54,13 @@ def deployed(tmp_path_factory):
         fetched = fed.bring_owners_in(job_id, tokens)
         # A data owner's host whose node key the model owner never registered.
         fed.add_owner("intruder")
-        fed.join("intruder", job_id, "python-reference:0/3", register=False,
-                 extra=["--superlink", fed.superlink, "--public-key", str(fed.signing_pub)])
+        fed.join(
+            "intruder",
+            job_id,
+            "python-reference:0/3",
+            register=False,
+            extra=["--superlink", fed.superlink, "--public-key", str(fed.signing_pub)],
+        )
         started = fed.admin("jobs", "start", job_id, "--wait", timeout=900)
         peers = _established_peers(net.server, federation.SUPERLINK_PORT)
         yield {"fed": fed, "net": net, "job": job_id, "fetched": fetched, "started": started, "peers": peers}
@@ -84,7 +89,7 @@ def test_job_runs_across_hosts_to_a_pending_gate_release(deployed):
 
 
 def test_traffic_crossed_the_veth_links_from_each_owner_address(deployed):
-    fed, net = deployed["fed"], deployed["net"]
+    net = deployed["net"]
     accepted = net.accepted()
     for role in OWNERS:
         address = net.hosts[role].address
@@ -119,7 +124,9 @@ def test_data_owner_hosts_cannot_reach_the_model_owners_private_ports(deployed):
     # ... and the firewall drops it from a data owner's host (a timeout, not a refusal).
     assert not netns.can_connect(owner, server.address, federation.SUPEREXEC_HEALTH_PORT, timeout=1.5)
     after = net.accepted()
-    assert after[(owner.address, federation.API_PORT)]["packets"] > before[(owner.address, federation.API_PORT)]["packets"]
+    assert (
+        after[(owner.address, federation.API_PORT)]["packets"] > before[(owner.address, federation.API_PORT)]["packets"]
+    )
 
 
 def test_nothing_left_behind_in_the_machine_namespace():
