@@ -12,13 +12,13 @@ import asyncio
 import inspect
 import json
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
 import grpc
 from google.protobuf import empty_pb2
 
+from offsite.files import extract_tar
 from offsite.protos.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -624,8 +624,9 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
                 ctx.progress(0.02, "preparing the candidate model")
                 cand_dir = tmp / "candidate"
                 if release.export_sha256:
-                    with tarfile.open(state.store.path(release.export_sha256)) as tf:
-                        tf.extractall(cand_dir, filter="data")
+                    # An uncompressed tar unpacks to no more than its own size.
+                    extract_tar(state.store.path(release.export_sha256), cand_dir,
+                                max_bytes=state.store.size(release.export_sha256))
                 else:
                     exporter(state.resolve_model_source(cand_model.source), state.store.path(release.adapter_sha256),
                              cand_dir)

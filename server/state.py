@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from offsite.files import atomic_write
+
 from .artifacts import ArtifactStore
 from .auth import ADMIN, Authenticator
 from .hooks import (
@@ -103,12 +105,7 @@ class ServerState:
             return None
         secret, _row = self.auth.create_token("admin", ADMIN)
         path = self.data_dir / ADMIN_TOKEN_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secret + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(path, 0o600)
+        atomic_write(path, secret + "\n", 0o600)
         self.admin_token_path = path
         return path
 
@@ -143,8 +140,6 @@ def rotate_admin_token(data_dir: Path, registry: Registry, auth: Authenticator, 
 
     Returns (path, new token id). The file is replaced atomically (mode 600); a running server
     sharing the registry refuses the old token within its auth cache's few seconds."""
-    from offsite.files import atomic_write
-
     from .auth import hash_secret
 
     path = Path(data_dir) / ADMIN_TOKEN_FILE

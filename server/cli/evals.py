@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from offsite.cli import JsonOption, console, fail, json_option
+from offsite.files import JsonlError, read_jsonl
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -151,25 +152,22 @@ def grade(
     fh = sys.stdin if input_path == "-" else None
     if fh is None:
         try:
-            fh = open(input_path, encoding="utf-8")
+            fh = open(input_path, "rb")  # read_jsonl decodes, naming the line of bad UTF-8
         except OSError as e:
             fail(f"{input_path}: cannot read ({e.strerror}); pass a JSONL file with prompt and completion per line")
     results = []
     with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{input_path}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                fail(f"{input_path}:{lineno}: needs a string `completion` (and usually `prompt`)")
-            result = g.grade(str(row.get("prompt", "")), row["completion"])
-            out = {k: row[k] for k in ("id",) if k in row} | result
-            results.append(out)
-            if json_out:
-                typer.echo(json.dumps(out))
+        try:
+            for where, row in read_jsonl(fh, str(input_path)):
+                if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
+                    fail(f"{where}: needs a string `completion` (and usually `prompt`)")
+                result = g.grade(str(row.get("prompt", "")), row["completion"])
+                out = {k: row[k] for k in ("id",) if k in row} | result
+                results.append(out)
+                if json_out:
+                    typer.echo(json.dumps(out))
+        except JsonlError as e:
+            fail(str(e))
     if not json_out:
         refused = sum(r["refused"] for r in results)
         typer.echo(f"{len(results)} completions graded: {refused} refused, {len(results) - refused} not refused")

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,13 +268,10 @@ def run_job(ctx) -> None:
     job_dir = Path(ctx.work_dir)
     bundle_root = job_dir / "bundle"
     if not (bundle_root / "manifest.json").exists():
-        from offsite.emulators.bundle import bundle_dir
+        from offsite.emulators.bundle import extract_bundle
 
-        with bundle_dir(ctx.bundle_path) as root:
-            tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=job_dir))
-            shutil.copytree(root, tmp / "b")
-            os.replace(tmp / "b", bundle_root)
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Signature first, then only the listed files, unpacked beside bundle_root and renamed into place.
+        extract_bundle(ctx.bundle_path, bundle_root, ctx.public_key_path)
     digest = ctx.emulator.bundle_sha256
     cache = job_dir / "bundle-cache"
     cache.mkdir(exist_ok=True)
