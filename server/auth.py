@@ -430,22 +430,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
-            async def checked(request_iterator):
+            async def checked(request_iterator, first: list):
                 async for msg in request_iterator:
                     if isinstance(msg, _Undecodable):
                         raise ValueError(f"a request message is not valid for {method} ({msg.error}); "
                                          "build it from the offsite.v1 protos")
+                    if not first:
+                        first.append(msg)  # its strings are kept out of error messages
                     yield msg
 
             async def stream_unary(request_iterator, context):
                 principal = await _deny_or_enter(context)
                 token = CURRENT_PRINCIPAL.set(principal)
+                first: list = []
                 try:
-                    response = await inner_su(checked(request_iterator), context)
+                    response = await inner_su(checked(request_iterator, first), context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
-                    await _fail(context, principal, e, "")
+                    await _fail(context, principal, e, "", first[0] if first else None)
                 finally:
                     _leave(token)
                 if mutating:
