@@ -13,7 +13,7 @@ from offsite.client.engine.headloss import frozen_head_nll
 from offsite.client.engine.memory import SavedActivations
 from offsite.client.engine.pruning import pruned_backward
 from offsite.client.engine.schemes import apply_scheme, parse_scheme
-from offsite.client.engine.trainer import Stepper
+from offsite.client.engine.stepper import Stepper
 from offsite.emulators.data import Example
 from offsite.emulators.losses import lm_nll_from_hidden
 from offsite.emulators.models import load_model

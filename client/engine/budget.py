@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .layers import input_features, is_linear, output_features
 from .memory import MB, SavedActivations, current_rss_mb
 from .schemes import BlockScheme, SchemePlan, _is_norm, apply_scheme, channel_target_names
+from .stepper import Stepper, make_optimizer
 
 CHANNEL_FRACTIONS = (0.25, 0.5)
 WEIGHT_OPTIONS = (None, *(f"channels:{r:g}" for r in CHANNEL_FRACTIONS), "full")
@@ -152,8 +153,6 @@ def _probe_batches(train: TokenBlocks, cfg: TrainConfig) -> tuple[list, tuple]:
 def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                   log: Callable[[str], None] = print) -> BudgetChoice:
     """Pick the scheme with the largest measured loss drop that fits `cfg.memory_budget_mb`."""
-    from .trainer import Stepper, make_optimizer
-
     model, family, positions = target.model, target.family, sorted(target.trainable_blocks)
     budget = float(cfg.memory_budget_mb)
     blocks = family.get_blocks(model)

@@ -7,7 +7,7 @@
 - Never `enable_input_require_grads()` and never reentrant checkpointing on the prefix:
   both silently bring back a full-depth backward.
 - Frozen weights outside the adapter blocks are kept in bf16 when computing in bf16
-  (QuantLinear buffers stay packed); trainable and adapter-block weights stay fp32 so an
+  (QuantLinear buffers stay packed; lowbit.py rebuilds them cheaply); trainable and adapter-block weights stay fp32 so an
   untouched adapter weight comes back bit-identical.
 """
 
@@ -69,17 +69,6 @@ def undo_frozen_weights(changed: list[tuple[nn.Parameter, torch.dtype]]) -> None
     """Give the caller back a model in its own dtypes (values keep the compute dtype's rounding)."""
     for param, dtype in changed:
         param.data = param.data.to(dtype)
-
-
-def quant_compute_dtype(model: nn.Module, dtype: torch.dtype) -> dict[nn.Module, torch.dtype]:
-    """Let QuantLinear modules dequantize straight into the compute dtype (no fp32 detour);
-    returns the previous settings."""
-    previous = {}
-    for m in model.modules():
-        if type(m).__name__ == "QuantLinear" and hasattr(m, "compute_dtype"):
-            previous[m] = m.compute_dtype
-            m.compute_dtype = dtype
-    return previous
 
 
 @torch.no_grad()

@@ -18,30 +18,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from offsite.emulators.data import IGNORE_INDEX, Example, TokenBlocks, tokenize_examples
+from offsite.emulators.data import Example, TokenBlocks, tokenize_examples
 from offsite.emulators.families import Family
-from offsite.emulators.losses import causal_lm_nll, hidden_states, lm_nll_from_hidden
+from offsite.emulators.losses import causal_lm_nll
 
 from . import checkpoint as ckpt
 from . import optim
 from .config import TrainConfig, TrainResult
 from .memory import current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
-from .headloss import frozen_head_nll
+from .lowbit import install_fast_forward
 from .pruning import (
     autocast,
-    pruned_backward,
-    quant_compute_dtype,
     resolve_precision,
     restore_adapter_fp32,
     store_frozen_adapter_fp16,
     store_frozen_weights,
     undo_frozen_weights,
 )
-from .schemes import AppliedScheme, apply_scheme, parse_scheme
-
-
-class EngineError(ValueError):
-    """The run cannot start as configured; the message says what to change."""
+from .schemes import apply_scheme, parse_scheme
+from .stepper import EngineError, Stepper, make_optimizer
 
 
 def _identity(name: str) -> str:
@@ -116,47 +111,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise EngineError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
-
-
-class Stepper:
-    """Forward + chunked loss + backward of one micro-batch, with the prefix pruned."""
-
-    def __init__(self, model: nn.Module, family: Family, applied: AppliedScheme, cfg: TrainConfig,
-                 device: torch.device, dtype: torch.dtype):
-        self.model, self.family, self.cfg = model, family, cfg
-        self.device, self.dtype = device, dtype
-        self.lowest = applied.lowest_block
-        self.head = model.get_output_embeddings()
-        self.fused_head = (cfg.fused_head_loss and getattr(self.head, "bias", None) is None
-                           and not self.head.weight.requires_grad)
-
-    def loss_sum(self, ids, labels, mask) -> tuple[torch.Tensor, int]:
-        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
-        with autocast(self.device, self.dtype):
-            with pruned_backward(self.model, self.family, self.lowest, self.cfg.activation_checkpointing), torch.no_grad():
-                hidden = hidden_states(self.model, ids, mask)
-            if self.fused_head:
-                return frozen_head_nll(self.head, hidden, labels, self.cfg.loss_chunk_tokens, self.dtype)
-            return lm_nll_from_hidden(self.head, hidden, labels, self.cfg.loss_chunk_tokens)
-
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
-        """Accumulate gradients over `batches`, normalised per loss token of the whole step."""
-        total = sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, lab, _ in batches)
-        loss_total = 0.0
-        for ids, labels, mask in batches:
-            nll, n = self.loss_sum(ids, labels, mask)
-            if n:
-                (nll / max(total, 1)).backward()
-            loss_total += float(nll.detach())
-        return loss_total / max(total, 1), total
 
 
 @torch.no_grad()
@@ -250,7 +204,7 @@ def train_model(
                 "(or delete it) to start afresh, or resume with the same settings and data")
 
     cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
-    quant_before = quant_compute_dtype(model, dtype)
+    undo_lowbit = install_fast_forward(model, dtype)  # stored low-bit layers: cheap rebuild per step
     release_free_memory()  # loading and tokenizing leave freed pages behind; the budget sees RSS
     choice = None
     if resumed:
@@ -342,8 +296,7 @@ def train_model(
     adapter = export_adapter(target)
     # the caller (e.g. a Flower client evaluating without autocast) gets its dtypes back
     undo_frozen_weights(cast_back)
-    for module, previous in quant_before.items():
-        module.compute_dtype = previous
+    undo_lowbit()
     losses = state["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     metrics = {
