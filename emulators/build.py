@@ -13,7 +13,6 @@ same command after an interruption resumes; they are removed after a successful 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 from .bundle import EMBEDDING_STORAGE, BundleError, encode_vocab_matrices, round_adapter, write_bundle
 from .data import PYTHON_REFERENCE, DataError, TokenBlocks, load_examples, python_reference_split, tokenize_examples
+from .distill import DistillConfig, distill_emulator
 from .models import LoadedModel, load_model
 from .signing import load_private_key
 from .split import SplitPlan, build_emulator_model, plan_split
@@ -186,27 +186,15 @@ def block_quant_plan(cfg: BuildConfig, plan: SplitPlan) -> dict[int, int]:
 
 
 def _distill(cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress, report) -> dict:
-    try:
-        from .distill import distill_emulator
-    except ImportError as e:
-        raise BuildError(f"--distill-steps needs offsite.emulators.distill, which is unavailable ({e}); build with --distill-steps 0") from None
-    kwargs = dict(
-        steps=cfg.distill_steps, lr=cfg.distill_lr, mse_weight=cfg.distill_mse_weight,
-        batch_size=cfg.distill_batch_size, checkpoint_dir=checkpoint_dir, progress=progress,
+    dcfg = DistillConfig(
+        steps=cfg.distill_steps, lr=cfg.distill_lr, mse_weight=cfg.distill_mse_weight, batch_size=cfg.distill_batch_size,
+        match=cfg.distill_match, kl_weight=cfg.distill_kl_weight, group_size=cfg.group_size, seed=cfg.seed,
+        # train the latent weights through the rounding they will be stored at
+        quant_bits=(block_quant_plan(cfg, plan) or None) if cfg.distill_quant_aware else None,
     )
-    optional = {
-        "seed": cfg.seed,
-        "on_progress": lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg),
-        "match": cfg.distill_match,
-        "kl_weight": cfg.distill_kl_weight,
-        "group_size": cfg.group_size,
-    }
-    if cfg.distill_quant_aware:
-        # Train the latent weights through the rounding they will be stored at.
-        optional["quant_bits"] = block_quant_plan(cfg, plan) or None
-    params = inspect.signature(distill_emulator).parameters
-    kwargs.update({k: v for k, v in optional.items() if k in params})
-    report_ = dict(distill_emulator(loaded, emulator, plan, corpus.train, corpus.heldout, **kwargs) or {})
+    report_ = dict(distill_emulator(loaded, emulator, plan, corpus.train, corpus.heldout, dcfg,
+                                    checkpoint_dir=checkpoint_dir, progress=progress,
+                                    on_progress=lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg)) or {})
     losses = report_.pop("losses", None)
     if losses:
         # The manifest keeps the curve's shape, not every step of a long run.

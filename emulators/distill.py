@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,38 +137,50 @@ def _atomic_json(path: Path, obj: dict) -> None:
 # --- the distillation loop -------------------------------------------------------------
 
 
+@dataclass
+class DistillConfig:
+    """One distillation run (like the client engine's TrainConfig: every knob, with defaults)."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    mse_weight: float = 30.0  # weight of the RMS-normalised MSE at the matched blocks' outputs
+    batch_size: int = 4
+    warmup_steps: int | None = None  # None: min(100, steps // 10)
+    weight_decay: float = 0.0
+    lm_weight: float = 1.0
+    match: str = "output"  # "output": the middle's output only; "all": every kept block
+    kl_weight: float = 0.0  # KL to the teacher's logits
+    # emulator position -> bits it will be stored at (quantization-aware distillation)
+    quant_bits: dict[int, int | None] | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+    eval_every: int | None = None  # None: steps // 4
+    eval_blocks: int | None = None  # None: all of `heldout`
+    checkpoint_every: int | None = None  # None: steps // 10
+    seed: int = 0
+
+
 def distill_emulator(
     teacher: LoadedModel,
     emulator: nn.Module,
     plan: SplitPlan,
     train: TokenBlocks,
     heldout: TokenBlocks,
-    steps: int,
-    lr: float = 1e-4,
-    mse_weight: float = 30.0,
-    batch_size: int = 4,
+    cfg: DistillConfig,
+    *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
-    *,
-    warmup_steps: int | None = None,
-    weight_decay: float = 0.0,
-    lm_weight: float = 1.0,
-    match: str = "output",
-    kl_weight: float = 0.0,
-    quant_bits: dict[int, int | None] | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    eval_every: int | None = None,
-    eval_blocks: int | None = None,
-    checkpoint_every: int | None = None,
-    seed: int = 0,
     on_progress: Callable[[float, str], None] | None = None,
 ) -> dict:
     """Distill `emulator` (built from `teacher` by `plan`) in place; see the module docstring.
 
-    `quant_bits` maps emulator positions of middle blocks to the bits they will be stored
+    `cfg.quant_bits` maps emulator positions of middle blocks to the bits they will be stored
     at (quantization-aware distillation). Returns a report: steps, best_step, best_ppl,
     ppl_before, ppl_final, losses (per step), seconds, s_per_step, resumed_from.
     """
+    steps, lr, mse_weight, batch_size = cfg.steps, cfg.lr, cfg.mse_weight, cfg.batch_size
+    warmup_steps, weight_decay, lm_weight, match = cfg.warmup_steps, cfg.weight_decay, cfg.lm_weight, cfg.match
+    kl_weight, quant_bits, group_size, seed = cfg.kl_weight, cfg.quant_bits, cfg.group_size, cfg.seed
+    eval_every, eval_blocks, checkpoint_every = cfg.eval_every, cfg.eval_blocks, cfg.checkpoint_every
     if steps < 0:
         raise DistillError(f"steps must be 0 or more, got {steps}")
     if match not in ("output", "all"):

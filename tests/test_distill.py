@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from offsite.emulators.data import TokenBlocks, perplexity, python_reference_split, tokenize_examples
-from offsite.emulators.distill import DistillError, distill_emulator
+from offsite.emulators.distill import DistillConfig, DistillError, distill_emulator
 from offsite.emulators.models import load_model
 from offsite.emulators.split import build_emulator_model, plan_split
 
@@ -35,11 +35,16 @@ def _middle(emu, plan, family):
     return {n: p.detach().clone() for n, p in emu.named_parameters() if family.block_index(n) in pos}
 
 
+
+def distill(loaded, emu, plan, train, heldout, checkpoint_dir=None, progress=False, on_progress=None, **knobs):
+    return distill_emulator(loaded, emu, plan, train, heldout, DistillConfig(**knobs), checkpoint_dir=checkpoint_dir,
+                            progress=progress, on_progress=on_progress)
+
 def test_distillation_lowers_the_distillation_loss_and_trains_only_the_middle(tiny):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded)
     before = {n: p.detach().clone() for n, p in emu.named_parameters()}
-    report = distill_emulator(loaded, emu, plan, train, heldout, steps=40, lr=3e-3, batch_size=4, progress=False,
+    report = distill(loaded, emu, plan, train, heldout, steps=40, lr=3e-3, batch_size=4, progress=False,
                               warmup_steps=2, eval_every=40)
     mse = [r["mse"] for r in report["losses"]]
     assert sum(mse[-5:]) / 5 < 0.7 * sum(mse[:5]) / 5
@@ -54,7 +59,7 @@ def test_resume_continues_at_the_checkpointed_step_and_matches_an_uninterrupted_
     loaded, train, heldout = tiny
     kwargs = dict(steps=10, lr=1e-3, batch_size=4, progress=False, warmup_steps=2, eval_every=100, checkpoint_every=4)
     ref, plan = _emulator(loaded)
-    distill_emulator(loaded, ref, plan, train, heldout, checkpoint_dir=tmp_path / "ref", **kwargs)
+    distill(loaded, ref, plan, train, heldout, checkpoint_dir=tmp_path / "ref", **kwargs)
 
     emu, plan = _emulator(loaded)
     ckpt = tmp_path / "ckpt"
@@ -64,12 +69,12 @@ def test_resume_continues_at_the_checkpointed_step_and_matches_an_uninterrupted_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill_emulator(loaded, emu, plan, train, heldout, checkpoint_dir=ckpt, on_progress=interrupt, **kwargs)
+        distill(loaded, emu, plan, train, heldout, checkpoint_dir=ckpt, on_progress=interrupt, **kwargs)
     latest = json.loads((ckpt / "latest.json").read_text())
     assert latest["step"] == 4 and (ckpt / "step-4" / "middle.safetensors").exists()
 
     resumed, plan = _emulator(loaded)
-    report = distill_emulator(loaded, resumed, plan, train, heldout, checkpoint_dir=ckpt, **kwargs)
+    report = distill(loaded, resumed, plan, train, heldout, checkpoint_dir=ckpt, **kwargs)
     assert report["resumed_from"] == 4
     assert len(report["losses"]) == 10
     a, b = _middle(ref, plan, loaded.family), _middle(resumed, plan, loaded.family)
@@ -80,7 +85,7 @@ def test_the_best_heldout_checkpoint_is_kept(tiny, tmp_path):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded)
     # A learning rate far too high: the emulator gets worse, so the best state is an early one.
-    report = distill_emulator(loaded, emu, plan, train, heldout, steps=12, lr=0.5, batch_size=4, progress=False,
+    report = distill(loaded, emu, plan, train, heldout, steps=12, lr=0.5, batch_size=4, progress=False,
                               warmup_steps=0, eval_every=3, checkpoint_dir=tmp_path / "c")
     assert report["best_ppl"] < report["ppl_final"]
     assert perplexity(emu, heldout) == pytest.approx(report["best_ppl"], rel=1e-5)
@@ -91,7 +96,7 @@ def test_the_best_heldout_checkpoint_is_kept(tiny, tmp_path):
 def test_quantization_aware_distillation_leaves_plain_weights(tiny):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded, k=4)
-    report = distill_emulator(loaded, emu, plan, train, heldout, steps=20, lr=3e-3, batch_size=4, progress=False,
+    report = distill(loaded, emu, plan, train, heldout, steps=20, lr=3e-3, batch_size=4, progress=False,
                               warmup_steps=2, eval_every=20, quant_bits={p: 3 for p in plan.emulator_positions}, match="all")
     assert report["qat"]
     assert not any(parametrize.is_parametrized(m) for m in emu.modules())
@@ -102,10 +107,10 @@ def test_quantization_aware_distillation_leaves_plain_weights(tiny):
 def test_a_foreign_checkpoint_is_refused(tiny, tmp_path):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded)
-    distill_emulator(loaded, emu, plan, train, heldout, steps=2, progress=False, checkpoint_dir=tmp_path / "c", eval_every=2)
+    distill(loaded, emu, plan, train, heldout, steps=2, progress=False, checkpoint_dir=tmp_path / "c", eval_every=2)
     emu3, plan3 = _emulator(loaded, k=3)
     with pytest.raises(DistillError, match="different distillation"):
-        distill_emulator(loaded, emu3, plan3, train, heldout, steps=2, progress=False, checkpoint_dir=tmp_path / "c")
+        distill(loaded, emu3, plan3, train, heldout, steps=2, progress=False, checkpoint_dir=tmp_path / "c")
 
 
 def test_nothing_to_train_is_a_clear_error(tiny):
@@ -116,4 +121,4 @@ def test_nothing_to_train_is_a_clear_error(tiny):
     for p in plan.emulator_positions:
         quantize_module(loaded.family.get_blocks(emu)[p], 4)
     with pytest.raises(DistillError, match="distill before quantizing"):
-        distill_emulator(loaded, emu, plan, train, heldout, steps=2, progress=False)
+        distill(loaded, emu, plan, train, heldout, steps=2, progress=False)

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from offsite.emulators.adapter import save_adapter
+from offsite.emulators.plugin import export_model_dir, plug_in
+from offsite.files import sha256_file
+from offsite.server.artifacts import ArtifactStore
 
 from .evaluate import PluginEvaluator
-from offsite.files import sha256_file
 
 PENDING_GATE = "pending-gate"
 
@@ -31,24 +33,8 @@ def export_candidate(evaluator: PluginEvaluator, adapter: dict[str, np.ndarray],
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()}
     try:
-        try:
-            from offsite.emulators.plugin import export_model_dir, plug_in
-        except ImportError:  # plug-in module not landed: the same by-name copy, in place and undone
-            export_model_dir = plug_in = None
-        if plug_in is not None:
-            model = plug_in(evaluator.loaded, state, adapter_meta)
-            export_model_dir(model, evaluator.loaded.tokenizer, staging / "model")
-        else:
-            params = dict(evaluator.loaded.model.named_parameters())
-            saved = {k: params[k].detach().clone() for k in state}
-            try:
-                for k, v in state.items():
-                    params[k].copy_(v.view_as(params[k]))
-                evaluator.loaded.model.save_pretrained(staging / "model", safe_serialization=True)
-                evaluator.loaded.tokenizer.save_pretrained(staging / "model")
-            finally:
-                for k, v in saved.items():
-                    params[k].copy_(v)
+        model = plug_in(evaluator.loaded, state, adapter_meta)
+        export_model_dir(model, evaluator.loaded.tokenizer, staging / "model")
         model_dir = staging / "model"
         for f in model_dir.iterdir():
             with open(f, "rb") as fh:
@@ -78,12 +64,7 @@ def make_candidate(
     model_dir = export_candidate(evaluator, adapter, meta, Path(candidate_dir) if candidate_dir else job_dir / "candidate")
     adapter_sha = sha256_file(adapter_path)
     if artifacts_root:
-        try:
-            from offsite.server.artifacts import ArtifactStore
-
-            adapter_sha = ArtifactStore(artifacts_root).put_file(adapter_path)
-        except ImportError:
-            pass
+        adapter_sha = ArtifactStore(artifacts_root).put_file(adapter_path)
     return {
         "id": f"{job_id}-candidate",
         "job_id": job_id,
