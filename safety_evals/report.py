@@ -149,4 +149,4 @@ def load_report(path: str | Path) -> dict:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no report; run `offsite-admin eval run ... --out DIR` first") from None
+        raise FileNotFoundError(f"{p}: no report; run `offsite-admin evals local run ... --out DIR` first") from None

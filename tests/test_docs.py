@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from offsite import api_docs, cli_docs
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 GENERATED = {ROOT / "docs" / "cli.md", ROOT / "docs" / "partner-api.md"}
 
 

@@ -11,7 +11,7 @@ installation, telemetry off), registers every node key, starts N SuperNodes that
 STATE/bundle-cache, and with --server our gRPC server (`offsite-admin serve`) on the same
 data dir. Then submit jobs with:
 
-    offsite-admin job run --engine deployment --model tiny-llama --clients 3 --rounds 2 --data-dir STATE
+    offsite-admin jobs local run --engine deployment --model tiny-llama --clients 3 --rounds 2 --data-dir STATE
 
 It prints one JSON line with the addresses and pids, keeps running until Ctrl-C (or
 SIGTERM), then stops everything it started.
@@ -116,7 +116,7 @@ def start(state: str | Path, nodes: int = 3, port: int = 9092, data: str = "pyth
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", required=True, help="state directory (also the --data-dir of offsite-admin job run)")
+    ap.add_argument("--dir", required=True, help="state directory (also the --data-dir of offsite-admin jobs local run)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and Runtime APIs, TLS)")
     ap.add_argument("--data", default="python-reference", help="python-reference, or a directory with owner-0, owner-1, ...")

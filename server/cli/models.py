@@ -1,5 +1,5 @@
 """`offsite-admin models ...` and `offsite-admin emulators ...`: base models and the emulator
-bundles the server builds from them (`offsite-admin emulator build` builds one locally)."""
+bundles the server builds from them (`offsite-admin emulators local build` builds one here)."""
 
 from __future__ import annotations
 

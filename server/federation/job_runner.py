@@ -1,6 +1,6 @@
 """Running a federated job: the simulation engine, the deployment engine, the server hook.
 
-- `prepare_local_job`: the one-machine set-up behind `offsite-admin job run`: registry and
+- `prepare_local_job`: the one-machine set-up behind `offsite-admin jobs local run`: registry and
   artifact store under --data-dir, a signed bundle (built once per model and options and
   reused), the job row, the corpus split into one shard per data owner, and a bundle
   cache that the clients read by digest.
@@ -187,7 +187,7 @@ def load_local_job(data_dir: str | Path, job_id: str) -> LocalJob:
     data_dir = Path(data_dir).resolve()
     path = data_dir / "work" / job_id / "federation.json"
     if not path.exists():
-        raise JobSetupError(f"no federated job {job_id} under {data_dir}/work; `offsite-admin job run` prints the job id")
+        raise JobSetupError(f"no federated job {job_id} under {data_dir}/work; `offsite-admin jobs local run` prints the job id")
     saved = json.loads(path.read_text())
     return LocalJob(FederationConfig.from_run_config(saved["config"]), int(saved["clients"]),
                     ClientSettings(**saved["client_settings"]), data_dir, saved["shards"])

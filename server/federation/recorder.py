@@ -1,6 +1,6 @@
 """Where a job's progress goes: job.json in the job directory, and the server's registry.
 
-job.json is what `offsite-admin job run --json` prints and what a restarted job reads
+job.json is what `offsite-admin jobs local run --json` prints and what a restarted job reads
 back; the registry (when the job has a registry URL) is what the server's job watch RPC
 streams. A deployed ServerApp runs inside Flower's process, not ours, so it writes to the
 registry itself rather than returning results through Flower.
