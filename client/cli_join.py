@@ -14,12 +14,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import typer
 
 from offsite.cli import JsonOption, err_console
+from offsite.files import atomic_write
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -38,13 +38,7 @@ def generate_node_key(directory: str | Path) -> tuple[Path, Path]:
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     for path, data, mode in ((key_path, private, 0o600), (pub_path, public + b"\n", 0o644)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=d)
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data, mode)
     return key_path, pub_path
 
 

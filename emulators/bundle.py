@@ -58,7 +58,6 @@ from .bundle_format import (  # noqa: F401  (re-exported: the bundle's public na
     SCALE_SUFFIX,
     SIGNATURE,
     BundleError,
-    bundle_dir,
     bundle_summary,
     check_listing as _check_listing,
     extract_bundle,

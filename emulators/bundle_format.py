@@ -28,17 +28,15 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from offsite.files import fsync_dir, sha256_file
+from offsite.files import atomic_dir, sha256_file
 
 from .signing import SigningKeyError, load_public_key, public_key_fingerprint, verify_signature
 
@@ -408,9 +406,10 @@ def extract_bundle(archive: str | Path, dest: str | Path, public_key_path: str |
                    check_sig: bool = True) -> dict:
     """Unpack a bundle tar into the new directory `dest`, only after its manifest is trusted.
 
-    Files are written into a hidden sibling of `dest` (same file system; never the system
-    temp dir), each no larger than the manifest says and hash-checked as it streams, then
-    the sibling is renamed to `dest`: a failure leaves nothing at `dest`. Returns the manifest."""
+    Files are written into a hidden sibling of `dest` (`offsite.files.atomic_dir`: same file
+    system, never the system temp dir), each no larger than the manifest says and
+    hash-checked as it streams, then the sibling is renamed to `dest`: a failure leaves
+    nothing at `dest`. Returns the manifest."""
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise BundleError(f"{dest} already exists; refusing to unpack a bundle over it")
@@ -421,50 +420,15 @@ def extract_bundle(archive: str | Path, dest: str | Path, public_key_path: str |
     free = shutil.disk_usage(dest.parent).free
     if need > free:
         raise BundleError(f"{dest.parent}: the bundle needs {need} bytes, {free} are free; make room and retry")
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        _stream_tar_files(archive, prefix, files, lambda name: _SyncedFile(staging / name))
-        with _SyncedFile(staging / MANIFEST) as fh:
-            fh.write(manifest_bytes)
-        if sig_bytes is not None:
-            with _SyncedFile(staging / SIGNATURE) as fh:
-                fh.write(sig_bytes)
-        fsync_dir(staging)
-        os.rename(staging, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_dir(dest) as staging:
+            _stream_tar_files(archive, prefix, files, lambda name: open(staging / name, "xb"))
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            if sig_bytes is not None:
+                (staging / SIGNATURE).write_bytes(sig_bytes)
+    except FileExistsError:
+        raise BundleError(f"{dest} appeared while the bundle was unpacked; remove it or unpack elsewhere") from None
     return manifest
-
-
-class _SyncedFile(io.FileIO):
-    """A new file that reaches the disk before it is closed."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "xb")
-
-    def close(self) -> None:
-        if not self.closed:
-            os.fsync(self.fileno())
-        super().close()
-
-
-@contextmanager
-def bundle_dir(path: str | Path, work_dir: str | Path | None = None) -> Iterator[Path]:
-    """The bundle as a directory: itself, or a tar unpacked (against its manifest's sizes
-    and hashes, signature unchecked) into a temporary folder inside `work_dir` (default:
-    beside the archive), removed afterwards. Prefer `verify_bundle`/`extract_bundle`."""
-    path = Path(path)
-    if not _is_archive(path):
-        yield path
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=".offsite-bundle-", dir=work_dir or path.parent))
-    try:
-        extract_bundle(path, tmp / "bundle", None, check_sig=False)
-        yield tmp / "bundle"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def bundle_summary(manifest: dict) -> dict:

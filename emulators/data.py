@@ -15,14 +15,16 @@ Errors name the file and line and say what shape was expected.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from offsite.files import JsonlError, read_jsonl
+
+from .losses import IGNORE_INDEX, perplexity  # noqa: F401  (perplexity lives beside the loss; re-exported)
+
 PYTHON_REFERENCE = "python-reference"
-IGNORE_INDEX = -100  # label value that the loss skips
 
 
 class DataError(ValueError):
@@ -69,22 +71,10 @@ def _read_text(path: Path) -> list[Example]:
 
 
 def _read_jsonl(path: Path, tokenizer) -> list[Example]:
-    examples = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8; convert the file, e.g. `iconv -t utf-8`") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg}); each line must be one JSON object") from None
-            examples.append(example_from_record(obj, where, tokenizer))
-    return examples
+    try:
+        return [example_from_record(obj, where, tokenizer) for where, obj in read_jsonl(path)]
+    except JsonlError as e:
+        raise DataError(str(e)) from None
 
 
 def example_from_record(obj, where: str, tokenizer=None) -> Example:
@@ -220,16 +210,3 @@ def tokenize_examples(examples: list[Example], tokenizer, block_size: int = 256)
         labels=torch.tensor(rows_labels, dtype=torch.long),
         attention_mask=torch.tensor(rows_mask, dtype=torch.long),
     )
-
-
-@torch.no_grad()
-def perplexity(model, blocks: TokenBlocks, batch_size: int = 4) -> float:
-    """exp(mean token NLL) over the loss tokens of `blocks`."""
-    from .losses import causal_lm_nll
-
-    total, count = 0.0, 0
-    for ids, labels, mask in blocks.batches(batch_size, shuffle=False):
-        nll_sum, n = causal_lm_nll(model, ids, labels, mask)
-        total += float(nll_sum)
-        count += n
-    return float(torch.exp(torch.tensor(total / max(count, 1))))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from .data import TokenBlocks
-from .losses import causal_lm_nll
+from .losses import causal_lm_nll, mean_nll
 from .models import LoadedModel
 from .quantize import dequantize_module, quantize_module
 from .split import SplitPlan, build_emulator_model, plan_split
@@ -64,16 +64,6 @@ def gradient_cosine(reference: dict[str, torch.Tensor], other: dict[str, torch.T
     n1 = math.sqrt(sum(float(reference[k].pow(2).sum()) for k in reference))
     n2 = math.sqrt(sum(float(other[k].pow(2).sum()) for k in reference))
     return dot / max(n1 * n2, 1e-30)
-
-
-@torch.no_grad()
-def mean_nll(model, blocks: TokenBlocks, batch_size: int = 4) -> float:
-    total, count = 0.0, 0
-    for ids, labels, mask in blocks.batches(batch_size, shuffle=False):
-        s, n = causal_lm_nll(model, ids, labels, mask)
-        total += float(s)
-        count += n
-    return total / max(count, 1)
 
 
 def quantized_emulator(

@@ -1,4 +1,5 @@
-"""Causal-LM loss computed in chunks, so the vocabulary never materialises for a batch.
+"""Causal-LM loss computed in chunks, so the vocabulary never materialises for a batch,
+and the one evaluation loop over it (`mean_nll`, `perplexity`).
 
 SmolLM2 has a 49,152-token vocabulary: full fp32 logits for 4 x 256 tokens are 192 MiB,
 plus as much again for their gradient. Running the LM head over a few hundred tokens at a
@@ -8,12 +9,15 @@ chunk's logits in backward instead of keeping them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX
-
+IGNORE_INDEX = -100  # label value that the loss skips (F.cross_entropy's ignore_index)
 CHUNK_TOKENS = 512
 
 
@@ -58,3 +62,34 @@ def causal_lm_nll(model, input_ids, labels, attention_mask=None, chunk_tokens: i
     """Sum of next-token NLL of `model` on a batch, and the number of loss tokens."""
     hidden = hidden_states(model, input_ids, attention_mask)
     return lm_nll_from_hidden(model.get_output_embeddings(), hidden, labels, chunk_tokens)
+
+
+@torch.no_grad()
+def mean_nll(
+    model,
+    blocks,
+    batch_size: int = 4,
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    context: Callable[[], AbstractContextManager] = nullcontext,
+) -> float:
+    """Mean next-token NLL over the loss tokens of `blocks` (`data.TokenBlocks`), in order,
+    over at most `max_batches` batches, each run inside `context()` (e.g. autocast)."""
+    total, count = 0.0, 0
+    for i, (ids, labels, mask) in enumerate(blocks.batches(batch_size, shuffle=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        if device is not None:
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        with context():
+            nll_sum, n = causal_lm_nll(model, ids, labels, mask, chunk_tokens)
+        total += float(nll_sum)
+        count += n
+    return total / max(count, 1)
+
+
+def perplexity(model, blocks, batch_size: int = 4, **kwargs) -> float:
+    """exp(mean token NLL) over the loss tokens of `blocks`; options as `mean_nll`."""
+    return math.exp(mean_nll(model, blocks, batch_size, **kwargs))

@@ -19,8 +19,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from offsite.files import atomic_dir
 
 from .families import Family, family_for
 
@@ -142,19 +142,14 @@ def smollm2_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "offsite-source.json").write_text(json.dumps({"gguf": gguf.name, "size": gguf.stat().st_size}))
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target, overwrite=target.exists()) as staging:  # a leftover without weights is replaced
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (staging / "offsite-source.json").write_text(json.dumps({"gguf": gguf.name, "size": gguf.stat().st_size}))
+    except FileExistsError:
+        if not (target / "model.safetensors").exists():  # another process converted it first: use theirs
+            raise
     return target
 
 

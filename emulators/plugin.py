@@ -8,13 +8,12 @@ and the adapter must carry the digest of the very base model it is plugged into.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from offsite.files import atomic_dir
 
 from .adapter import AdapterError
 from .models import LoadedModel
@@ -78,30 +77,16 @@ def export_model_dir(
     out = Path(out)
     if out.exists() and not overwrite:
         raise AdapterError(f"--out {out} already exists; choose another path or pass --overwrite")
+    # Models loaded from GGUF refuse save_pretrained while they carry the GGUF marker.
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise AdapterError("the model still carries a quantizer; load it from the converted safetensors copy")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     except OSError as e:
         raise AdapterError(f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose a writable location") from None
-    try:
-        # Models loaded from GGUF refuse save_pretrained while they carry the GGUF marker.
-        if getattr(model, "hf_quantizer", None) is not None:
-            raise AdapterError("the model still carries a quantizer; load it from the converted safetensors copy")
+    with atomic_dir(out, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if provenance is not None:
             (staging / "offsite-plugin.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        for path in staging.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

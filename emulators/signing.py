@@ -8,13 +8,13 @@ byte (never created readable and chmod-ed afterwards) and never overwritten by a
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from offsite.files import atomic_write
 
 PRIVATE_KEY_NAME = "signing.key"
 PUBLIC_KEY_NAME = "signing.pub"
@@ -49,22 +49,12 @@ def generate_signing_key(directory: str | Path, force: bool = False) -> tuple[Pa
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # mkstemp creates the file with mode 600, so the secret is never readable by others,
-    # not even for the instant before a chmod.
+    # atomic_write gives the temp file its mode before the first byte, so the secret is
+    # never readable by others, not even for an instant.
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        atomic_write(path, data, mode)
     except OSError as e:
         raise SigningKeyError(f"{path.parent}: not writable ({e.strerror}); choose a writable --dir") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: str | Path, what: str) -> bytes:

@@ -10,8 +10,9 @@ for exposure. Nothing in them is real.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from offsite.files import atomic_write
 
 from .suite import SUITES_DIR
 
@@ -33,10 +34,5 @@ def write_audit_records(path: str | Path, repeat: int = 1) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = training_texts(repeat)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)

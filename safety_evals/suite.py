@@ -22,11 +22,12 @@ params: {}                          # method parameters (e.g. candidates: 31 for
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from offsite.files import JsonlError, read_jsonl
 
 SUITES_DIR = Path(__file__).parent / "suites"
 METHODS = ("generate", "multiple_choice", "canary_exposure", "membership_inference", "extraction", "perplexity")
@@ -65,18 +66,14 @@ class Suite:
         if not self.dataset.exists():
             raise SuiteError(f"{self.source}: dataset {self.dataset} does not exist; fix `dataset:` (relative to the YAML file)")
         rows: list[dict] = []
-        with open(self.dataset, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SuiteError(f"{self.dataset}:{lineno}: invalid JSON ({e.msg})") from None
-                if "id" not in row:
-                    raise SuiteError(f"{self.dataset}:{lineno}: every item needs an `id`")
+        try:
+            for where, row in read_jsonl(self.dataset):
+                if not isinstance(row, dict) or "id" not in row:
+                    raise SuiteError(f"{where}: every item needs an `id`")
                 if all(row.get(k) == v for k, v in self.filter.items()):
                     rows.append(row)
+        except JsonlError as e:
+            raise SuiteError(str(e)) from None
         ids = [r["id"] for r in rows]
         if len(set(ids)) != len(ids):
             raise SuiteError(f"{self.dataset}: item ids repeat; ids must be unique within a suite")

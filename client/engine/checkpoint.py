@@ -13,12 +13,11 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from offsite.files import fsync_dir
+from offsite.files import atomic_dir, atomic_write, fsync_dir
 
 
 class CheckpointError(RuntimeError):
@@ -61,33 +60,17 @@ def save_checkpoint(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
     try:
-        opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
-        _save_tensors(trainable, staging / "trainable.safetensors")
-        _save_tensors(opt_tensors, staging / "optimizer.safetensors")
-        _save_tensors({"torch": torch.get_rng_state()}, staging / "rng.safetensors")
-        body = json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1)
-        with open(staging / "state.json", "w") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_dir(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        fsync_dir(root)
+        with atomic_dir(final, overwrite=True) as staging:
+            opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
+            _save_tensors(trainable, staging / "trainable.safetensors")
+            _save_tensors(opt_tensors, staging / "optimizer.safetensors")
+            _save_tensors({"torch": torch.get_rng_state()}, staging / "rng.safetensors")
+            (staging / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
         previous = latest_checkpoint(root)
-        pointer = root / ".LATEST.tmp"
-        with open(pointer, "w") as fh:
-            fh.write(json.dumps({"step": step, "dir": final.name}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(pointer, root / "LATEST")
+        atomic_write(root / "LATEST", json.dumps({"step": step, "dir": final.name}))
         fsync_dir(root)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        (root / ".LATEST.tmp").unlink(missing_ok=True)
         hint = "the disk is full; free space" if e.errno == errno.ENOSPC else "check the directory"
         raise CheckpointError(
             f"could not write checkpoint step {step} to {root} ({e.strerror or e}); {hint} and resume: "
