@@ -174,3 +174,28 @@ def server_for_tests() -> TempPostgres | SharedPostgres:
     except ImportError:
         raise PostgresUnavailable("the psycopg driver is not installed (pip install 'offsite[server]')") from None
     return TempPostgres().start()
+
+
+def main() -> None:
+    """`python -m offsite.server.postgres start|stop --dir DIR` (CI: one server for the whole run).
+
+    `start` prints `export OFFSITE_TEST_POSTGRES_URL=...` for a shell to eval."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m offsite.server.postgres", description=main.__doc__)
+    ap.add_argument("action", choices=["start", "stop"])
+    ap.add_argument("--dir", required=True, type=Path)
+    args = ap.parse_args()
+    if args.action == "start":
+        try:
+            pg = TempPostgres(root=args.dir).start()
+        except PostgresUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
+        (args.dir / "url").write_text(pg.url("postgres"))
+        print(f"export OFFSITE_TEST_POSTGRES_URL={pg.url('postgres')}")
+    else:
+        TempPostgres(root=args.dir, port=1).stop()  # pg_ctl finds the server by its data directory
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,11 @@
 tokens, audit and operations, in SQL through SQLAlchemy 2.
 
 SQLite (a file in the data directory) is the default; any SQLAlchemy URL selects another
-engine. The schema is created at start and migrated additively: a column that a newer
-version (or another team) adds to a table below is added to an existing database with
-``ALTER TABLE ... ADD COLUMN``, so upgrading never needs a manual step. Destructive changes
-need an explicit migration step in ``_MIGRATIONS``.
+engine (PostgreSQL: postgresql+psycopg://...). The schema is Alembic's
+(offsite.server.migrations): opening a registry upgrades its database in place to the
+newest revision. A new column here needs a revision too
+(`python -m offsite.server.migrations revision -m "..."`); tests/test_registry_migrations.py
+fails until the models and the revisions agree.
 
 Every method opens its own short session and returns detached rows
 (``expire_on_commit=False``), so callers on any thread can read their attributes.
@@ -33,11 +34,10 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     select,
-    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 SCHEMA_VERSION = 1
@@ -49,6 +49,17 @@ ROLES = ("admin", "partner", "data-owner")
 
 class NotFound(LookupError):
     """No row with that id; the message names what was looked up."""
+
+
+class RegistryUnavailable(ValueError):
+    """The registry database cannot be used (bad URL, unreachable, newer schema); nothing was written."""
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return url.split("@")[-1]
 
 
 class Conflict(ValueError):
@@ -245,10 +256,6 @@ class OperationRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-# Steps that additive migration cannot do, keyed by the version they migrate *to*.
-_MIGRATIONS: dict[int, list[str]] = {}
-
-
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers run beside a writer; FULL sync so an acknowledged write survives a crash.
@@ -272,9 +279,27 @@ class Registry:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        shown = _redacted(url)
+        try:
+            self.engine = make_engine(url)
+        except (ArgumentError, NoSuchModuleError, ValueError) as e:
+            raise RegistryUnavailable(
+                f"database URL {shown!r} is not usable ({e}); expected e.g. "
+                "postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME or sqlite:////path/registry.db") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.migrate()
+        from .migrations import SchemaTooNew
+
+        try:
+            self.migrate()
+        except SchemaTooNew as e:
+            self.engine.dispose()
+            raise RegistryUnavailable(f"registry {shown}: {e}") from None
+        except OperationalError as e:
+            self.engine.dispose()
+            reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+            raise RegistryUnavailable(
+                f"cannot open the registry database {shown}: {reason}; check the host, port, user, "
+                "password and database name, and that the database server runs") from None
 
     @classmethod
     def for_data_dir(cls, data_dir) -> Registry:
@@ -290,27 +315,10 @@ class Registry:
 
     # ---- schema -------------------------------------------------------------------------
     def migrate(self) -> None:
-        """Create missing tables, add missing columns, run pending explicit steps."""
-        Base.metadata.create_all(self.engine)
-        insp = inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in Base.metadata.sorted_tables:
-                have = {c["name"] for c in insp.get_columns(table.name)}
-                for col in table.columns:
-                    if col.name in have:
-                        continue
-                    ddl_type = col.type.compile(dialect=self.engine.dialect)
-                    default = _ddl_default(col)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl_type}{default}'))
-            row = conn.execute(text("SELECT value FROM schema_meta WHERE key='version'")).first()
-            current = int(row[0]) if row else 0
-            for version in sorted(v for v in _MIGRATIONS if v > current):
-                for stmt in _MIGRATIONS[version]:
-                    conn.execute(text(stmt))
-            if row is None:
-                conn.execute(text("INSERT INTO schema_meta(key, value) VALUES ('version', :v)"), {"v": str(SCHEMA_VERSION)})
-            elif current < SCHEMA_VERSION:
-                conn.execute(text("UPDATE schema_meta SET value=:v WHERE key='version'"), {"v": str(SCHEMA_VERSION)})
+        """Bring the database to the newest Alembic revision (offsite.server.migrations)."""
+        from .migrations import upgrade
+
+        upgrade(self.engine)
 
     def schema_version(self) -> int:
         with self.session() as s:

@@ -1,0 +1,11 @@
+"""Alembic's environment for the registry: always run from offsite.server.migrations.upgrade
+(or `python -m offsite.server.migrations`), which hands over an open connection."""
+
+from alembic import context
+
+from offsite.server.registry import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()
