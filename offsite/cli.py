@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 # Progress bars and errors go to stderr so `--json` output on stdout stays parseable.
@@ -33,7 +34,8 @@ def fail(message: str, json_out: bool = False, code: int = 2) -> NoReturn:
     if json_out:
         typer.echo(json.dumps({"ok": False, "error": message}))
     else:
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+        # escape: a message quoting user input ("[0, 1]", "--x [y]") must print as written
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

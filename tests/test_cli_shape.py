@@ -69,3 +69,9 @@ def test_failures_have_one_format_in_both_clis(tmp_path):
     r = runner.invoke(client_app, ["fetch", "--job", "job_000000000000", "--json"],
                       env={"OFFSITE_CLIENT_HOME": str(tmp_path / "home")})
     assert r.exit_code == 1 and json.loads(r.stdout)["ok"] is False
+
+
+def test_an_error_quoting_brackets_prints_them(tmp_path):
+    odd = tmp_path / "[red]bundle"
+    r = runner.invoke(app, ["emulators", "local", "verify", str(odd), "--public-key", str(tmp_path / "k")])
+    assert r.exit_code == 1 and "[red]bundle" in r.stderr, r.stderr

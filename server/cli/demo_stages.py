@@ -85,7 +85,8 @@ class DemoRun:
 
     def bar(self) -> Progress:
         return Progress(TextColumn("      {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                        TimeElapsedColumn(), console=self.out, transient=True)
+                        TimeElapsedColumn(), console=self.out, transient=True,
+                        disable=not self.out.is_terminal)  # in a log, the stage lines are the progress
 
     def perplexity(self, model, what: str) -> float:
         from offsite.emulators.data import perplexity
