@@ -19,6 +19,7 @@ the models and the revisions disagree.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -45,6 +46,7 @@ def config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+@functools.lru_cache(maxsize=1)
 def script() -> ScriptDirectory:
     return ScriptDirectory.from_config(config())
 
@@ -124,6 +126,8 @@ def upgrade(engine: Engine) -> str:
             # the write lock now, so processes opening a fresh file together migrate one by one.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         revs = check_not_newer(conn)
+        if revs == (head(),):
+            return revs[0]  # the common case: nothing to do, skip loading Alembic's environment
         if not revs and _has_registry_tables(conn):
             _adopt_legacy(conn)
             _create_missing_baseline_tables(conn)
