@@ -80,7 +80,9 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
         return compute()
     path = _cache_path(cache_dir, kind, payload)
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        stored.pop("config", None)
+        return stored
     result = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
@@ -90,21 +92,37 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
     return result
 
 
-def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protocol, progress: bool = True) -> dict:
-    """Build `cfg`, then let the three data owners train on it (bench.protection)."""
+def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protocol, cached=None, progress: bool = True) -> dict:
+    """Build `cfg` (only if some owner is not cached), then let the three data owners
+    train on it (bench.protection); `cached(part, compute)` stores each part as it ends."""
     from offsite.emulators.quantize import dequantize_module
 
-    emu, plan, build_s = build_emulator(loaded, cfg, train, sets["own_domain"], proto, progress)
-    nbytes = emulator_bytes(emu, loaded.family, plan, cfg)
-    # QuantLinear dequantizes every forward; folding the same values into plain Linears
-    # gives the same function (tests check it), saves the harness time, and is what the
-    # full-fine-tuning owner trains.
-    dequantize_module(emu)
-    if progress:
-        print(f"[{cfg.name}] built in {build_s:.0f}s", flush=True)
-    row = measure_owners(loaded, emu, plan, train, sets, proto.steps, proto.lr, proto.batch_size, proto.seed,
-                         label=f"{cfg.name}/seed{proto.seed}")
-    return {**row, "emulator_bytes": nbytes, "build_seconds": build_s, "kept": plan.middle_kept}
+    cached = cached or (lambda _part, compute: compute())
+    info: dict = {}
+
+    def emulator():
+        emu, plan, build_s = build_emulator(loaded, cfg, train, sets["own_domain"], proto, progress)
+        info.update(emulator_bytes=emulator_bytes(emu, loaded.family, plan, cfg), build_seconds=build_s)
+        # QuantLinear dequantizes every forward; folding the same values into plain Linears
+        # gives the same function (tests check it), saves the harness time, and is what the
+        # full-fine-tuning owner trains.
+        dequantize_module(emu)
+        if progress:
+            print(f"[{cfg.name}] built in {build_s:.0f}s", flush=True)
+        return emu
+
+    from offsite.emulators.split import plan_split
+
+    plan = plan_split(loaded.family.num_layers(loaded.model.config), proto.adapter_layers, cfg.emulator_layers, cfg.kept)
+    row = measure_owners(loaded, emulator, plan, train, sets, proto.steps, proto.lr, proto.batch_size, proto.seed,
+                         label=f"{cfg.name}/seed{proto.seed}", cached=cached)
+    size = cached("size", lambda: info if info else _size_only(loaded, cfg, train, sets, proto))
+    return {**row, **size, "kept": plan.middle_kept}
+
+
+def _size_only(loaded, cfg, train, sets, proto) -> dict:
+    emu, plan, build_s = build_emulator(loaded, cfg, train, sets["own_domain"], proto, False)
+    return {"emulator_bytes": emulator_bytes(emu, loaded.family, plan, cfg), "build_seconds": build_s}
 
 
 def measure_baselines(loaded, train, sets: dict, proto: Protocol, cache_dir, key, progress=True, with_full=True,
@@ -280,8 +298,10 @@ def main(
     for cfg in all_cfgs:
         results[cfg.name] = {}
         for s in (seed_list if cfg.name in seeded_set else [seed_list[0]]):
-            results[cfg.name][s] = _cached(cache, "owners", {**key_for(s), "emulator": cfg.key()},
-                                           lambda cfg=cfg, s=s: measure_config(loaded, cfg, train, sets, replace(proto, seed=s)))
+            payload = {**key_for(s), "emulator": cfg.key()}
+            results[cfg.name][s] = measure_config(
+                loaded, cfg, train, sets, replace(proto, seed=s),
+                cached=lambda part, compute, payload=payload: _cached(cache, f"owner-{part}", payload, compute))
     if rows_only:
         return
     full_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())

@@ -98,32 +98,51 @@ def ppl_on(model, sets: dict[str, TokenBlocks]) -> dict[str, float]:
 
 
 def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, TokenBlocks], steps: int, lr: float,
-                   batch_size: int, seed: int, attackers=ATTACKERS, label: str = "") -> dict:
+                   batch_size: int, seed: int, attackers=ATTACKERS, label: str = "", cached=None) -> dict:
     """Perplexities on every set of: the emulator alone, the emulator after each owner's
     training, and the recipe's adapter plugged into the full model (`plugin`).
 
-    `emulator` must be dequantized (plain Linears); it is left untouched."""
+    `emulator` is a zero-argument callable returning the dequantized (plain Linear)
+    emulator, called only if some part is not in the cache; `cached(part, compute)`
+    returns a stored part or computes and stores it, so an interrupted row keeps the
+    owners it finished."""
+    cached = cached or (lambda _part, compute: compute())
     family = loaded.family
-    out: dict = {"emulator_zero_shot": ppl_on(emulator, sets), "s_per_step": {}}
+    built = {}
+
+    def emu():
+        if "m" not in built:
+            built["m"] = emulator()
+        return built["m"]
+
+    out: dict = {"emulator_zero_shot": cached("zero_shot", lambda: ppl_on(emu(), sets)), "s_per_step": {}}
     for attacker in attackers:
-        m = copy.deepcopy(emulator)
         tag = f"{label}:{attacker}" if label else attacker
-        if attacker == "recipe":
-            # the recipe uses the bench's block trainer itself (the rows charted before it)
-            tr = train_blocks(m, family, plan.adapter_positions, train, steps, lr, batch_size, seed, progress=tag)
-            adapter = blocks_state_by_original(m, family, plan.adapter_positions, plan.layer_origin)
-        else:
-            params = attacker_params(m, family, plan.adapter_positions, attacker)
-            tr = train_parameters(m, params, train, steps, lr, batch_size, seed, progress=tag)
-        out[attacker] = ppl_on(m, sets)
-        out["s_per_step"][attacker] = tr["s_per_step"]
-        del m
-        if attacker == "recipe":
-            full = copy.deepcopy(loaded.model)
-            plug_state(full, adapter)
-            out["plugin"] = ppl_on(full, sets)
-            del full
-        print(f"[{tag}] " + ", ".join(f"{k} {v:.2f}" for k, v in out[attacker].items()), flush=True)
+
+        def compute(attacker=attacker, tag=tag) -> dict:
+            m = copy.deepcopy(emu())
+            if attacker == "recipe":
+                # the recipe uses the bench's block trainer itself (the rows charted before it)
+                tr = train_blocks(m, family, plan.adapter_positions, train, steps, lr, batch_size, seed, progress=tag)
+                adapter = blocks_state_by_original(m, family, plan.adapter_positions, plan.layer_origin)
+            else:
+                params = attacker_params(m, family, plan.adapter_positions, attacker)
+                tr = train_parameters(m, params, train, steps, lr, batch_size, seed, progress=tag)
+            part = {"ppl": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
+            del m
+            if attacker == "recipe":
+                full = copy.deepcopy(loaded.model)
+                plug_state(full, adapter)
+                part["plugin"] = ppl_on(full, sets)
+                del full
+            print(f"[{tag}] " + ", ".join(f"{k} {v:.2f}" for k, v in part["ppl"].items()), flush=True)
+            return part
+
+        part = cached(attacker, compute)
+        out[attacker] = part["ppl"]
+        out["s_per_step"][attacker] = part["s_per_step"]
+        if "plugin" in part:
+            out["plugin"] = part["plugin"]
     return out
 
 

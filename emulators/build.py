@@ -67,8 +67,18 @@ class BuildConfig:
     distill_match: str = "output"  # "output" (the paper) or "all" (every kept middle block)
     distill_kl_weight: float = 0.0
     distill_quant_aware: bool = True  # fake-quantize the middle during distillation when it will be quantized
+    # Lossy steps against data owners who train more than the adapter (emulators.prune / .elevate):
+    prune_fraction: float = 0.0  # MLP channels zeroed per middle block, lowest gradient score first
+    elevate_margin: float | None = None  # loss elevation margin H (nats/token) trained into the middle norms
+    elevate_steps: int = 16
 
     def validate(self) -> None:
+        if not 0.0 <= self.prune_fraction < 1.0:
+            raise BuildError(f"--prune {self.prune_fraction} must be in [0, 1): the share of each middle block's MLP channels to remove")
+        if self.elevate_margin is not None and self.elevate_margin < 0:
+            raise BuildError(f"--elevate {self.elevate_margin} must be >= 0 (nats per token above the full model, e.g. 0.4)")
+        if self.elevate_steps < 1:
+            raise BuildError(f"elevate_steps {self.elevate_steps} must be >= 1")
         if self.quantize not in QUANTIZE_CHOICES:
             raise BuildError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.awq and self.quantize == "none" and not self.block_bits:
@@ -262,7 +272,7 @@ def prepare_emulator(
     report = on_progress or _stage_printer(progress)
     family = loaded.family
     plan = plan_split(family.num_layers(loaded.model.config), tuple(cfg.adapter_layers), cfg.emulator_layers, cfg.kept)
-    if corpus is None and (cfg.distill_steps or cfg.awq):
+    if corpus is None and (cfg.distill_steps or cfg.awq or cfg.prune_fraction or cfg.elevate_margin is not None):
         corpus = load_corpus(cfg.corpus, loaded.tokenizer, cfg.block_size)
     report(0.12, f"building the emulator: blocks {plan.layer_origin} of {plan.n_layers}")
     torch.manual_seed(cfg.seed)
@@ -273,7 +283,21 @@ def prepare_emulator(
         t = time.time()
         info["distill"] = _distill(cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress and on_progress is None, report)
         info["distill_seconds"] = round(time.time() - t, 2)
+    if cfg.prune_fraction:
+        from .prune import prune_emulator
+
+        # before AWQ statistics and rounding, so both see the pruned blocks
+        report(0.74, f"pruning {cfg.prune_fraction:.0%} of each middle block's MLP channels (gradient-scored)")
+        pruned = prune_emulator(emulator, family, plan, corpus.train, cfg.prune_fraction)
+        info["pruned_channels"] = {str(plan.layer_origin[p]): len(v) for p, v in pruned.items()}
     block_quant = _quantize(cfg, emulator, plan, family, corpus, report)
+    if cfg.elevate_margin is not None:
+        from .elevate import ElevationConfig, elevate_into
+
+        report(0.9, f"elevating the emulator's loss {cfg.elevate_margin} nats above the full model's")
+        rep = elevate_into(loaded.model, emulator, family, plan, corpus.train,
+                           ElevationConfig(margin=cfg.elevate_margin, steps=cfg.elevate_steps, seed=cfg.seed))
+        info["elevation"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items() if k != "loss_curve"}
     # Round what the bundle stores compressed now, so this in-memory emulator is the one
     # clients will load (benchmarks measure the real thing).
     embeddings, adapter_dtype = cfg.storage(bool(block_quant))

@@ -95,3 +95,32 @@ def test_bad_fraction_and_family_name_the_fix(tiny):
     g_emu = build_emulator_model(gpt2, plan)
     with pytest.raises(PruneError, match="gated MLPs"):
         prune_emulator(g_emu, gpt2.family, plan, _blocks(), 0.25)
+
+
+def test_build_prunes_and_elevates_and_the_signed_bundle_keeps_both(tiny, tmp_path):
+    """`build_bundle` with --prune and --elevate: the loaded bundle still has the pruned
+    channels at zero (through int4 AWQ storage) and the elevated middle norm gains."""
+    from offsite.emulators.build import BuildConfig, BuildError, build_bundle
+    from offsite.emulators.bundle import load_bundle
+    from offsite.emulators.quantize import dequantize_module
+    from offsite.emulators.signing import generate_signing_key
+
+    keys = generate_signing_key(tmp_path / "keys")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    cfg = BuildConfig(model="tiny-llama", quantize="int4", awq=True, block_size=64, corpus=str(corpus),
+                      prune_fraction=0.25, elevate_margin=0.3, elevate_steps=3)
+    manifest = build_bundle(cfg, keys[0], tmp_path / "b", progress=False, loaded=tiny)
+    info = manifest["build"]
+    assert info["pruned_channels"] == {str(i): 32 for i in range(2, 6)}
+    assert info["elevation"]["margin"] == 0.3
+    bundle = load_bundle(tmp_path / "b", keys[1])
+    dequantize_module(bundle.model)
+    blocks = bundle.family.get_blocks(bundle.model)
+    for pos in range(2, 6):
+        zero_rows = (blocks[pos].mlp.up_proj.weight.abs().sum(1) == 0).sum()
+        assert int(zero_rows) == 32
+    norms = [blocks[p].input_layernorm.weight for p in range(2, 6)]
+    assert any(not torch.equal(n, torch.ones_like(n)) for n in norms)  # tiny-llama's norms start at 1
+    with pytest.raises(BuildError, match=r"\[0, 1\)"):
+        BuildConfig(prune_fraction=1.0).validate()
