@@ -44,11 +44,6 @@ def emit_json(data: Any, indent: int | None = 2) -> None:
     typer.echo(json.dumps(data, indent=indent, default=str))
 
 
-def say(message: str) -> None:
-    """A progress line on stderr (never mixed into ``--json`` output)."""
-    err_console.print(message, highlight=False, soft_wrap=True)
-
-
 # The server connection, one spelling for both CLIs (flags and environment variables).
 def server_option(default: Any = None, help: str = "server address HOST:PORT") -> Any:
     return typer.Option(default, "--server", envvar="OFFSITE_SERVER", help=help)
