@@ -38,7 +38,7 @@ def check(
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m offsite.server.healthcheck",
         description=__doc__,
@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3.0)
     ap.add_argument("--server-name", default="", help="the name the TLS certificate was issued for (with --ca)")
     ap.add_argument("--service", default="", help="one service's health instead of the server's")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     ok, line = check(args.address, args.ca, args.timeout, args.service, args.server_name)
     print(line, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
