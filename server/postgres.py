@@ -48,8 +48,17 @@ def _free_port() -> int:
 
 
 class TempPostgres:
-    def __init__(self, root: str | Path | None = None, port: int | None = None, listen: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        port: int | None = None,
+        listen: str = "127.0.0.1",
+        wrap: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        """`wrap`: a command prefix for every PostgreSQL program, e.g. `ip netns exec NS` to run
+        the server on another (namespace) host."""
         self.bin = find_bin_dir()
+        self.wrap = list(wrap)
         self.root = Path(root or tempfile.mkdtemp(prefix="offsite-pg-"))
         self.data = self.root / "data"
         self.port = port or _free_port()
@@ -72,12 +81,17 @@ class TempPostgres:
                 os.setuid(self._run_as.pw_uid)
 
         env = dict(os.environ, LC_ALL="C", PGTZ="UTC")
+        cmd = [str(self.bin / argv[0]), *argv[1:]]
+        preexec = demote
+        if self.wrap:  # the wrapper (e.g. setns) needs root: drop to the cluster's owner after it
+            cmd = [*self.wrap, *(["runuser", "-u", self.user, "--"] if self._run_as is not None else []), *cmd]
+            preexec = None
         proc = subprocess.run(
-            [str(self.bin / argv[0]), *argv[1:]],
+            cmd,
             capture_output=True,
             text=True,
             timeout=timeout,
-            preexec_fn=demote,
+            preexec_fn=preexec,
             env=env,
             cwd=self.root,
         )
@@ -92,6 +106,10 @@ class TempPostgres:
         if self._run_as is not None:
             os.chown(self.root, self._run_as.pw_uid, self._run_as.pw_gid)
         self._pg("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--encoding=UTF8", "--no-sync")
+        if self.listen not in ("127.0.0.1", "localhost"):
+            # initdb trusts loopback only; the host's own address (its server connects from it) too.
+            with open(self.data / "pg_hba.conf", "a") as fh:
+                fh.write(f"host all all {self.listen}/32 trust\n")
         opts = (
             f"-c listen_addresses={self.listen} -c port={self.port} -c unix_socket_directories={self.root} "
             "-c fsync=off -c max_connections=200"

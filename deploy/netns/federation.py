@@ -33,6 +33,7 @@ from netns import Host, Network, check_available  # noqa: E402
 SUPERLINK_PORT = 9092  # Fleet + Control + Runtime APIs (Flower serves them on one port)
 API_PORT = 50051  # offsite-admin serve: data owners enroll and fetch here
 SUPEREXEC_HEALTH_PORT = 9095  # the SuperExec's health server: the model owner's own
+REGISTRY_PORT = 5432  # PostgreSQL (the registry), on the model owner's host: the model owner's own
 NODE_PORT = 9094  # each SuperNode's local runtime API (loopback of its own host)
 BIN = Path(sys.executable).parent
 TINY_TRAIN = {"local_steps": 2, "batch_size": 2, "block_size": 128}
@@ -144,6 +145,15 @@ class Federation:
         return f"{self.net.server.address}:{API_PORT}"
 
     # --- the model owner ------------------------------------------------------------------
+    def start_registry(self):
+        """PostgreSQL on the model owner's host, listening on its address (the firewall keeps
+        data owners out); returns the server's --database-url."""
+        from offsite.server.postgres import TempPostgres
+
+        address = self.net.server.address
+        self.postgres = TempPostgres(port=REGISTRY_PORT, listen=address, wrap=self.net.server.cmd([])).start()
+        return self.postgres.url("postgres", address)
+
     def start_model_owner(self, database_url: str = "") -> Site:
         from offsite.server.federation.deployment import (
             make_secret,
@@ -295,6 +305,8 @@ class Federation:
         for site in [*self.owners.values(), self.model_owner]:
             if site is not None:
                 site.stop()
+        if getattr(self, "postgres", None) is not None:
+            self.postgres.stop()
 
 
 def _find(obj, prefix: str) -> str:
@@ -310,7 +322,11 @@ def main() -> None:
     ap.add_argument("--dir", required=True, type=Path)
     ap.add_argument("--owners", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--database-url", default="", help="the server's registry (default: SQLite in its data dir)")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the registry on PostgreSQL on the model owner's host (default: SQLite in the server's data dir)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the hosts running until Ctrl-C")
     args = ap.parse_args()
     check_available()
@@ -318,7 +334,7 @@ def main() -> None:
     net = Network(roles).up()
     fed = Federation(net, args.dir.resolve())
     try:
-        fed.start_model_owner(args.database_url)
+        fed.start_model_owner(fed.start_registry() if args.postgres else "")
         for role in roles:
             fed.add_owner(role)
         job_id, tokens = fed.create_job(len(roles), args.rounds)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from offsite.server.postgres import PostgresUnavailable
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +52,17 @@ def deployed(tmp_path_factory):
         pytest.skip(f"no network namespaces here: {e}")
     net = netns.Network([*OWNERS, "intruder"]).up()
     fed = federation.Federation(net, tmp_path_factory.mktemp("netns"))
+    registry_port = None
     try:
-        fed.start_model_owner()
+        try:  # the registry on PostgreSQL on the model owner's host, when a server can start here
+            database_url = fed.start_registry()
+            registry_port = federation.REGISTRY_PORT
+        except PostgresUnavailable as e:
+            if os.environ.get("OFFSITE_REQUIRE_POSTGRES") == "1":
+                raise
+            print(f"registry on SQLite: {e}")
+            database_url = ""
+        fed.start_model_owner(database_url)
         for role in OWNERS:
             fed.add_owner(role)
         job_id, tokens = fed.create_job(len(OWNERS), rounds=1)
@@ -67,7 +78,15 @@ def deployed(tmp_path_factory):
         )
         started = fed.admin("jobs", "start", job_id, "--wait", timeout=900)
         peers = _established_peers(net.server, federation.SUPERLINK_PORT)
-        yield {"fed": fed, "net": net, "job": job_id, "fetched": fetched, "started": started, "peers": peers}
+        yield {
+            "fed": fed,
+            "net": net,
+            "job": job_id,
+            "fetched": fetched,
+            "started": started,
+            "peers": peers,
+            "registry_port": registry_port,
+        }
     finally:
         fed.stop()
         net.down()
@@ -90,6 +109,20 @@ def test_job_runs_across_hosts_to_a_pending_gate_release(deployed):
     job_json = json.loads((fed.state / "model-owner" / "srv" / "work" / job_id / "job.json").read_text())
     (r1,) = job_json["rounds"]
     assert len(r1["clients"]) == 3 and r1["dropped"] == [] and r1["bytes_up"] > 0
+    if deployed["registry_port"]:  # the ServerApp (under the SuperExec) wrote its round to PostgreSQL
+        sql = f"SELECT count(*) FROM rounds WHERE job_id = '{job_id}'"
+        psql = [
+            "psql",
+            "-h",
+            fed.net.server.address,
+            "-p",
+            str(deployed["registry_port"]),
+            "-U",
+            "postgres",
+            "-Atc",
+            sql,
+        ]
+        assert fed.net.server.run(psql).stdout.strip() == "1"
 
 
 def test_traffic_crossed_the_veth_links_from_each_owner_address(deployed):
@@ -127,6 +160,10 @@ def test_data_owner_hosts_cannot_reach_the_model_owners_private_ports(deployed):
     assert netns.can_connect(server, server.address, federation.SUPEREXEC_HEALTH_PORT)
     # ... and the firewall drops it from a data owner's host (a timeout, not a refusal).
     assert not netns.can_connect(owner, server.address, federation.SUPEREXEC_HEALTH_PORT, timeout=1.5)
+    port = deployed["registry_port"]
+    if port is not None:  # the registry's PostgreSQL: the model owner's server uses it, data owners cannot reach it
+        assert netns.can_connect(server, server.address, port)
+        assert not netns.can_connect(owner, server.address, port, timeout=1.5)
     after = net.accepted()
     assert (
         after[(owner.address, federation.API_PORT)]["packets"] > before[(owner.address, federation.API_PORT)]["packets"]
