@@ -7,7 +7,7 @@ Writes into --out (mode 600 for private material):
 | file | what |
 |---|---|
 | ca.pem | a private CA (ECDSA P-384) |
-| server.pem/.key, superlink.pem/.key | one certificate from that CA for the API and the SuperLink: offsite-server, superlink, offsite-superlink, localhost, 127.0.0.1 and --host |
+| server.pem/.key, superlink.pem/.key | one certificate from that CA for the API and the SuperLink: offsite-server, server, superlink, offsite-superlink, localhost, 127.0.0.1 and --host |
 | superexec.secret | 32 random bytes shared by the SuperLink and its SuperExec |
 | signing.key, signing.pub | the model owner's bundle signing key |
 | node-i.key, node-i.pub | each SuperNode's ECDSA P-384 OpenSSH key (register the .pub at the SuperLink) |
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-SERVER_NAMES = ("offsite-server", "localhost", "127.0.0.1")
+SERVER_NAMES = ("offsite-server", "server", "localhost", "127.0.0.1")
 SUPERLINK_NAMES = ("superlink", "offsite-superlink", "localhost", "127.0.0.1")
 DB_USER, DB_NAME, DB_HOST = "offsite", "offsite", "postgres"
 
