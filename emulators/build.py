@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .bundle import EMBEDDING_STORAGE, BundleError, encode_vocab_matrices, round_adapter, write_bundle
+from .calibrate import collect_act_scales, quantize_module
 from .data import PYTHON_REFERENCE, DataError, TokenBlocks, load_examples, python_reference_split, tokenize_examples
 from .distill import DistillConfig, distill_emulator
 from .models import LoadedModel, load_model
@@ -220,10 +221,6 @@ def _quantize(cfg, emulator, plan, family, corpus, report) -> dict[int, dict]:
     bits_by_pos = block_quant_plan(cfg, plan)
     if not bits_by_pos:
         return {}
-    try:
-        from .quantize import collect_act_scales, quantize_module
-    except ImportError as e:
-        raise BuildError(f"--quantize needs offsite.emulators.quantize, which is unavailable ({e}); build with --quantize none") from None
     act_scales = None
     if cfg.awq:
         report(0.76, f"collecting activation statistics on {min(cfg.awq_calibration_blocks, len(corpus.train))} corpus blocks (AWQ)")

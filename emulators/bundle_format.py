@@ -128,6 +128,13 @@ def _size_mismatch(name: str, size: int, expected: int) -> BundleError:
     return BundleError(f"{name}: {size} bytes, the manifest says {expected}: the file was {what} or changed")
 
 
+def adapter_param_names(model, plan, family) -> list[str]:
+    """Emulator names of every parameter inside an adapter block: what adapter.safetensors
+    holds (under original names); everything else of the model is emulator.safetensors."""
+    positions = set(plan.adapter_positions)
+    return [n for n, _ in model.named_parameters() if family.block_index(n) in positions]
+
+
 def check_bytes(name: str, data: bytes, expected: dict) -> None:
     if len(data) != expected["size"]:
         raise _size_mismatch(name, len(data), expected["size"])

@@ -164,10 +164,6 @@ def test_quantized_bundle_loads_quant_shells_and_matches_memory(keys, loaded, tm
 
 
 def test_low_bit_embeddings_round_trip_exactly(keys, loaded, tmp_path):
-    from offsite.emulators import quantize
-
-    if not hasattr(quantize, "pack_matrix"):
-        pytest.skip("quantize.pack_matrix not available")
     plan = plan_split(8, (2, 2))
     emulator = build_emulator_model(loaded, plan)
     manifest = write_bundle(tmp_path / "e", emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",

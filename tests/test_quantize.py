@@ -14,6 +14,7 @@ from offsite.emulators.models import load_model
 from offsite.emulators.quantize import (
     QuantizationError,
     QuantLinear,
+    quantize_linear,
     awq_input_scale,
     collect_act_scales,
     collect_input_hessians,
@@ -165,7 +166,7 @@ def test_gptq_lowers_output_error_and_keeps_the_stored_format(bits):
     ref = lin(x)
     h = x.T @ x / x.shape[0]
     rtn = QuantLinear.from_linear(lin, bits, 64)
-    gptq = QuantLinear.from_linear(lin, bits, 64, hessian=h)
+    gptq = quantize_linear(lin, bits, 64, hessian=h)
     assert _rel_err(gptq(x), ref) < 0.8 * _rel_err(rtn(x), ref)
     # same buffers, same grid: the stored codes dequantize with the stored scales/zeros
     assert {n for n, _ in gptq.named_buffers()} == {n for n, _ in rtn.named_buffers()}
@@ -189,7 +190,7 @@ def test_gptq_with_awq_scale_and_module_hessians():
     s = awq_input_scale(lin.weight, x.abs().mean(0), 3, 64, alpha=0.5)
     h = x.T @ x / x.shape[0]
     awq = QuantLinear.from_linear(lin, 3, input_scale=s)
-    both = QuantLinear.from_linear(lin, 3, input_scale=s, hessian=h)
+    both = quantize_linear(lin, 3, input_scale=s, hessian=h)
     assert _rel_err(both(x), ref) < _rel_err(awq(x), ref)
     with pytest.raises(QuantizationError, match="does not fit"):
         gptq_quantize_weight(lin.weight, torch.eye(64), 3, 64)
