@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(res["ppl"]) == {"full_zero_shot", "emulator_zero_shot", "emulator_finetuned", "plugin"}
+    assert res["stages"] == ["keys", "bundle", "verify", "zero-shot", "fine-tune", "plug-in"]
+    assert all(Path(res["paths"][k]).exists() for k in ("keys", "bundle", "adapter", "results"))
     assert all(v > 1 for v in res["ppl"].values())
     assert (tmp_path / "demo" / "keys" / "signing.key").exists() and (tmp_path / "demo" / "adapter.safetensors").exists()
     created = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())["created_at"]
@@ -227,7 +230,12 @@ def test_demo_rounds_end_in_a_gated_release_and_resume(tmp_path):
             "--local-steps", "1", "--eval-limit", "1", "--gate-suites", "capability_general", "--json"]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
-    fed = json.loads(r.stdout.strip().splitlines()[-1])["federation"]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    fed = res["federation"]
+    assert res["stages"][-2:] == ["federation", "gate"]
+    # what Ray and Flower print goes to the log the summary names, not to the user's terminal
+    assert res["paths"]["library_log"] == str(tmp_path / "demo" / "demo.log")
+    assert "flower" in Path(res["paths"]["library_log"]).read_text().lower()
     assert [x["clients"] for x in fed["rounds"]] == [2]
     # one item per suite is not a full run: the default policy blocks it, and the release says so
     assert fed["gate"]["verdict"] == "block" and fed["release"]["status"] == "blocked"

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -106,8 +107,9 @@ class DemoRun:
 @contextlib.contextmanager
 def library_output_to(log_path: Path, run: DemoRun) -> Iterator[None]:
     """Send what libraries print while this runs (Ray's FutureWarning, Flower's INFO lines, the
-    simulation workers' output) to `log_path`, at the file-descriptor level so that child
-    processes are caught too; the demo's own lines still reach the user's terminal."""
+    simulation workers' output) to `log_path`: Python's streams and Flower's log handlers for
+    this process, the file descriptors for child processes. The demo's own lines still reach
+    the user's terminal through `run.out`."""
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -115,23 +117,36 @@ def library_output_to(log_path: Path, run: DemoRun) -> Iterator[None]:
     except (AttributeError, ValueError, io.UnsupportedOperation):  # captured (tests): fds are not the user's
         real_stderr = False
     user = os.fdopen(os.dup(2), "w", buffering=1) if real_stderr else sys.stderr
-    saved, previous = (os.dup(1), os.dup(2)), run.out
-    with open(log_path, "ab") as log:
+    saved_fds, saved_streams, previous = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr), run.out
+    originals = {id(sys.stdout): sys.stdout, id(sys.stderr): sys.stderr}
+    with open(log_path, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        before = {h: h.stream for name, h in _stream_handlers()
+                  if id(h.stream) in originals or name.split(".")[0] in ("flwr", "ray")}
+        for h in before:
+            h.setStream(log)
         run.out = Console(file=user, force_terminal=previous.is_terminal)
         try:
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
+            sys.stdout, sys.stderr = saved_streams
+            for _, h in _stream_handlers():  # also those a library created meanwhile (Flower's, Ray's)
+                if h.stream is log:
+                    h.setStream(before.get(h, saved_streams[1]))
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
                 os.close(fd)
             run.out = previous
             if real_stderr:
                 user.close()
+
+
+def _stream_handlers() -> list[tuple[str, logging.StreamHandler]]:
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    return [(lg.name, h) for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
 
 
 # --- the stages ---------------------------------------------------------------------------
