@@ -21,7 +21,6 @@ import asyncio
 import contextvars
 import hashlib
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -31,17 +30,13 @@ from datetime import datetime, timedelta
 
 import grpc
 
-from .artifacts import ArtifactNotFound, InvalidDigest
-from .hooks import HookUnavailable
-from .operations import ShuttingDown
-from .registry import ROLES, Conflict, NotFound, Registry, utcnow
+from .errors import _ECHO_LIMIT, _tolerant, _Undecodable, scrub, status_for
+from .registry import ROLES, Registry, utcnow
 
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "ofs_"
 MAX_TTL_S = 10 * 365 * 24 * 3600
-_ECHO_LIMIT = 64          # request strings longer than this are never quoted back in an error
-_DETAILS_LIMIT = 1000     # and no error message is longer than this
 _UNAUTH_AUDIT_PER_MIN = 60  # unauthenticated refusals audited per minute (the rest are counted)
 ADMIN, PARTNER, DATA_OWNER = "admin", "partner", "data-owner"
 _STAFF = frozenset({ADMIN, PARTNER})
@@ -183,87 +178,6 @@ class Authenticator:
 
 class _AuthError(Exception):
     pass
-
-
-class TooManyStreams(RuntimeError):
-    """A caller holds too many open streams of one kind."""
-
-
-class _Undecodable:
-    """What the tolerant deserializer returns for bytes that are not the method's message."""
-
-    def __init__(self, type_name: str, error: str) -> None:
-        self.type_name, self.error = type_name, error
-
-
-def _tolerant(deserializer, method: str):
-    if deserializer is None:
-        return None
-
-    def decode(data: bytes):
-        try:
-            return deserializer(data)
-        except Exception as e:  # DecodeError, RecursionError on deep nesting, ...
-            return _Undecodable(method, type(e).__name__)
-
-    return decode
-
-
-_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s'\"/:,;)]+/)*[^\s'\"/:,;)]+(?=[\s'\",;:)]|$)")
-
-
-def scrub(message: str, data_dir: str | None = None, request=None) -> str:
-    """An error message fit to send: no absolute server path, no long echo of request values."""
-    if request is not None:
-        for value in _request_strings(request):
-            if len(value) > _ECHO_LIMIT:
-                message = message.replace(value, f"<{len(value)} characters>")
-                message = message.replace(repr(value), f"<{len(value)} characters>")
-    if data_dir:
-        message = message.replace(str(data_dir), "DATA_DIR")
-    message = _ABS_PATH.sub(lambda m: m.group(0) if m.group(0).startswith("/offsite.") else "<path>", message)
-    if len(message) > _DETAILS_LIMIT:
-        message = message[:_DETAILS_LIMIT] + " ..."
-    return message
-
-
-def _request_strings(request, depth: int = 0) -> list[str]:
-    out: list[str] = []
-    if depth > 3 or not hasattr(request, "ListFields"):
-        return out
-    try:
-        fields = request.ListFields()
-    except Exception:
-        return out
-    for _desc, value in fields:
-        values = value if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated") else [value]
-        for v in values:
-            if isinstance(v, str):
-                out.append(v)
-            elif isinstance(v, bytes):
-                continue
-            else:
-                out.extend(_request_strings(v, depth + 1))
-    return out
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status code for an exception raised inside a service, or None if unexpected."""
-    if isinstance(exc, TooManyStreams):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, ShuttingDown):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, HookUnavailable):
-        return grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; install that part of Offsite or configure another hook"
-    if isinstance(exc, (NotFound, ArtifactNotFound)):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, Conflict):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, PermissionError):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, (InvalidDigest, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return None
 
 
 def _is_mutating(method: str) -> bool:

@@ -10,7 +10,8 @@ import asyncio
 from offsite.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
 from .. import convert
-from ..auth import ADMIN, Principal, TooManyStreams, current_principal
+from ..auth import ADMIN, Principal, current_principal
+from ..errors import TooManyStreams
 from ..job_control import cancel_job, start_job
 from ..job_options import validate_spec
 from ..registry import Conflict

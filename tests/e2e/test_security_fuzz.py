@@ -66,7 +66,6 @@ def _methods(pool):
 
 
 def _stub(channel, path, method, token):
-    req = message_factory.GetMessageClass(method.input_type)
     resp = message_factory.GetMessageClass(method.output_type)
     kw = dict(request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
               response_deserializer=resp.FromString)
