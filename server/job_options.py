@@ -13,9 +13,10 @@ server, or straight into the database, gets no free pass).
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,38 @@ class JobPolicy:
         if asked is None:
             asked = rounds * float(options.get("round_timeout", self.default_round_timeout_s)) + 600.0
         return min(float(asked), self.max_job_timeout_s)
+
+
+JOB_POLICY_FILE = "job-policy.json"  # in the data dir: the admin's bounds for `offsite-admin serve`
+
+
+def load_job_policy(path: Path) -> JobPolicy:
+    """The admin's :class:`JobPolicy` from a JSON file; unknown fields and bad values are refused."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{Path(path).name}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{Path(path).name}: a job policy is a JSON object")
+    known = {f.name: f for f in fields(JobPolicy)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{Path(path).name}: unknown field(s) {unknown}; known: {sorted(known)}")
+    values: dict = {}
+    for name, value in raw.items():
+        if name == "engines":
+            if not isinstance(value, list) or not set(value) <= {"simulation", "deployment"} or not value:
+                raise ValueError(f"{Path(path).name}: engines is a non-empty list of simulation, deployment")
+            values[name] = tuple(value)
+        elif name in ("superlink", "flwr_home"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{Path(path).name}: {name} is a non-empty string")
+            values[name] = Path(value) if name == "flwr_home" else value
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{Path(path).name}: {name} must be a positive number")
+            values[name] = value
+    return JobPolicy(**values)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .hooks import (
     DEFAULT_JOB_RUNNER,
     DEFAULT_RELEASE_EXPORTER,
 )
-from .job_options import JobPolicy
+from .job_options import JOB_POLICY_FILE, JobPolicy, load_job_policy
 from .operations import OperationManager
 from .registry import Registry
 
@@ -75,6 +75,9 @@ class ServerState:
         self.work_dir = self.data_dir / "work"
         self.models_dir.mkdir(exist_ok=True)
         self.work_dir.mkdir(exist_ok=True)
+        policy_file = self.data_dir / JOB_POLICY_FILE
+        if config.job_policy == JobPolicy() and policy_file.is_file():
+            config.job_policy = load_job_policy(policy_file)  # the admin's bounds, for `offsite-admin serve`
         self.registry = Registry(config.database_url or f"sqlite:///{self.data_dir / 'registry.db'}")
         self.store = ArtifactStore(self.data_dir / "artifacts")
         self.auth = Authenticator(self.registry)

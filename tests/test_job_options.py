@@ -91,3 +91,25 @@ def test_deployment_paths_live_under_the_data_dir(tmp_path):
     paths = deployment_paths(tmp_path, JobPolicy())
     assert paths.app_dir == tmp_path / "flower-app" and paths.flwr_home == tmp_path / "flwr-home"
     assert deployment_paths(tmp_path, JobPolicy(flwr_home=Path("/etc/flwr"))).flwr_home == Path("/etc/flwr")
+
+
+def test_the_admin_sets_the_policy_in_the_data_dir(tmp_path):
+    import json
+
+    from offsite.server.job_options import load_job_policy
+    from offsite.server.state import ServerConfig, ServerState
+
+    data_dir = tmp_path / "srv"
+    data_dir.mkdir()
+    (data_dir / "job-policy.json").write_text(json.dumps({"max_rounds": 5, "engines": ["simulation"],
+                                                           "flwr_home": "/srv/flwr"}))
+    state = ServerState(ServerConfig(data_dir=data_dir))
+    try:
+        policy = state.config.job_policy
+        assert policy.max_rounds == 5 and policy.engines == ("simulation",) and str(policy.flwr_home) == "/srv/flwr"
+    finally:
+        state.close()
+    for bad, word in [({"max_round": 5}, "unknown"), ({"max_rounds": -1}, "positive"), ({"engines": ["x"]}, "engines")]:
+        (tmp_path / "p.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=word):
+            load_job_policy(tmp_path / "p.json")
