@@ -44,6 +44,14 @@ def emit_json(data: Any, indent: int | None = 2) -> None:
     typer.echo(json.dumps(data, indent=indent, default=str))
 
 
+def int_list(text: str | None, what: str) -> list[int]:
+    """'2,2' -> [2, 2]; empty -> []; anything else is a usage error naming the option."""
+    try:
+        return [int(x) for x in (text or "").split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, e.g. 2,2; got {text!r}") from None
+
+
 # The server connection, one spelling for both CLIs (flags and environment variables).
 def server_option(default: Any = None, help: str = "server address HOST:PORT") -> Any:
     return typer.Option(default, "--server", envvar="OFFSITE_SERVER", help=help)

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from offsite.cli import JsonOption, console, err_console, fail, json_option
+from offsite.cli import JsonOption, console, err_console, fail, int_list, json_option
 
 app = typer.Typer(no_args_is_help=True, help="Build, verify and inspect signed emulator bundles on this machine.")
 
@@ -17,15 +17,6 @@ app = typer.Typer(no_args_is_help=True, help="Build, verify and inspect signed e
 @app.callback()
 def _emulator() -> None:
     """Build, verify and inspect signed emulator bundles."""
-
-
-def _int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None or text == "":
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated integers, e.g. 2,2; got {text!r}") from None
 
 
 def _block_bits(text: str | None) -> dict[int, int] | None:
@@ -75,13 +66,13 @@ def build(
     """
     from offsite.emulators.build import BuildConfig, build_bundle
 
-    layers = _int_list(adapter_layers, "--adapter-layers")
-    if layers is None or len(layers) != 2:
+    layers = int_list(adapter_layers, "--adapter-layers")
+    if len(layers) != 2:
         fail(f"--adapter-layers must be two numbers 'bottom,top', e.g. 2,2; got {adapter_layers!r}", json_out)
     cfg = BuildConfig(
         model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
         distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
-        seed=seed, kept=_int_list(kept, "--kept"), group_size=group_size, embeddings=embeddings,
+        seed=seed, kept=int_list(kept, "--kept") or None, group_size=group_size, embeddings=embeddings,
         block_bits=_block_bits(block_bits),
     )
     with Progress(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from offsite.cli import int_list
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, models_pb2, models_pb2_grpc
 
 from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
@@ -63,15 +64,6 @@ def get(model: str = typer.Argument(..., help="model id or name"), json_out: boo
     show_message("model", call(_models().GetModel, models_pb2.GetModelRequest(id=model), json_out=json_out), json_out)
 
 
-def _pair(value: str | None, what: str) -> list[int]:
-    if not value:
-        return []
-    try:
-        return [int(x) for x in value.split(",")]
-    except ValueError:
-        fail(f"{what}: expected comma-separated integers, e.g. 2,2")
-
-
 @emulators_app.command("build")
 def build(
     model: str = typer.Option(..., "--model", help="registered model id or name"),
@@ -90,10 +82,10 @@ def build(
 
     Example: offsite-admin emulators build --model smollm2 --quantize int4
     """
-    cfg = models_pb2.EmulatorBuildConfig(adapter_layers=_pair(adapter_layers, "--adapter-layers"),
+    cfg = models_pb2.EmulatorBuildConfig(adapter_layers=int_list(adapter_layers, "--adapter-layers"),
                                          emulator_layers=emulator_layers, distill_steps=distill_steps,
                                          quantize=quantize, awq=awq, block_size=block_size, seed=seed,
-                                         kept=_pair(kept, "--kept"))
+                                         kept=int_list(kept, "--kept"))
     op = call(_emulators().BuildEmulator, models_pb2.BuildEmulatorRequest(model=model, config=cfg), json_out=json_out)
     finish_operation(op, wait, json_out)
 
