@@ -54,7 +54,7 @@ def _option_rows(cmd: click.Command, ctx: click.Context) -> list[str]:
             extra.append(f"env {p.envvar}")
         if p.required:
             extra.append("required")
-        elif p.default not in (None, False, (), []) and not callable(p.default) and kind != "flag":
+        elif p.default not in (None, False, (), [], "") and not callable(p.default) and kind != "flag":
             # the same file on every machine: a home-relative default is shown as ~
             extra.append("default " + str(p.default).replace(str(Path.home()), "~"))
         cell = help_text + (f" ({'; '.join(extra)})" if extra else "")
