@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,9 +290,13 @@ def run_job(ctx) -> None:
     )
     timeout = policy.job_timeout_s(options, cfg.rounds)
 
+    started = time.monotonic()
+
     def on_round(record: dict) -> None:
         ctx.progress(record["round"] / cfg.rounds, f"round {record['round']}/{cfg.rounds}: {len(record['clients'])} clients")
         ctx.op.check_cancelled()  # raises inside the ServerApp: the job stops after a persisted round
+        if time.monotonic() - started > timeout:  # each round is bounded by round_timeout; the job by this
+            raise JobSetupError(f"job {cfg.job_id} ran past its time limit ({timeout:g} s, the job policy's bound)")
 
     if engine == "simulation":
         template = data_template(corpus, clients, job_dir)
