@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from offsite.cli import JsonOption, console, err_console
+from offsite.cli import JsonOption, console, fail
 from offsite.emulators.signing import SigningKeyError, generate_signing_key, public_key_fingerprint, load_public_key
 
 app = typer.Typer(no_args_is_help=True, help="Create and manage the model owner's keys.")
@@ -54,11 +54,7 @@ def init(
 
             result |= {k: str(v) for k, v in write_dev_pki(dir, tuple(tls_host) or DEFAULT_HOSTS, force=force).items()}
     except (SigningKeyError, FileExistsError) as e:
-        if json_out:
-            typer.echo(json.dumps({"ok": False, "error": str(e)}))
-        else:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(str(e), json_out)
     if json_out:
         typer.echo(json.dumps({"ok": True, **result}))
         return
