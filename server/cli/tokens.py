@@ -8,7 +8,7 @@ import typer
 
 from offsite.protos.v1 import admin_pb2, admin_pb2_grpc
 
-from .remote import CONNECTION, JsonOption, call, console, emit_json, fmt_time, table, to_dict
+from .remote import CONNECTION, JsonOption, call, console, emit_json, fail, fmt_time, table, to_dict
 
 app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API tokens (admin only).")
 
@@ -84,14 +84,12 @@ def rotate_admin(
     from ..state import rotate_admin_token
 
     if not (data_dir / "registry.db").is_file() and not database_url:
-        console.print(f"[red]error:[/red] {data_dir}: no registry.db; pass the server's --data-dir")
-        raise typer.Exit(2)
+        fail(f"{data_dir}: no registry.db; pass the server's --data-dir", json_out)
     registry = Registry(database_url or f"sqlite:///{data_dir.resolve() / 'registry.db'}")
     try:
         path, token_id = rotate_admin_token(data_dir, registry, Authenticator(registry), ttl)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+        fail(str(e), json_out)
     finally:
         registry.close()
     if json_out:
