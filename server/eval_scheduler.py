@@ -1,7 +1,7 @@
 """Scheduled safety evals: run the eval suites on cron schedules against releases or models.
 
 The scheduler polls the registry for due schedules (``Registry.due_eval_schedules``),
-starts each run through the same path as the RunEval RPC (``services.start_eval``: an
+starts each run through the same path as the RunEval RPC (``gate.start_eval``: an
 operation that stores report.json/html/md and samples.jsonl as artifacts and an
 ``eval_reports`` row linked to the schedule, and updates a release's gate verdict), and
 moves the schedule to its next cron time.
@@ -51,7 +51,7 @@ class EvalScheduler:
         self.poll_s = poll_s
         self.clock = clock
         if start_eval is None:
-            from .services import start_eval as _start
+            from .gate import start_eval as _start
 
             start_eval = _start
         self._start_eval = start_eval

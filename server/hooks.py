@@ -15,7 +15,7 @@ first used, so a team can ship its part without touching the server:
 - **eval scheduler** (safety): ``async def run_scheduler(state: ServerState)``, a background
   task on the server's event loop until cancelled at shutdown. It polls
   ``state.registry.due_eval_schedules()``, starts runs with
-  ``offsite.server.services.start_eval(state, candidate, base, suites, limit, schedule_id=...)``
+  ``offsite.server.gate.start_eval(state, candidate, base, suites, limit, schedule_id=...)``
   and advances ``state.registry.update_eval_schedule(id, next_run_at=..., last_run_at=...)``.
 - **release exporter**: ``export(base_source, adapter_path, out_dir) -> None`` writes an HF
   model directory; the default plugs the adapter in with ``offsite.emulators.plugin``.
