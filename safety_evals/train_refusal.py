@@ -218,6 +218,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def record_checksum(path: Path) -> None:
+    """Record the new file's sha256 in graders/checksums.json (the grader refuses a mismatch)."""
+    from .graders import CHECKSUMS_PATH, file_sha256
+
+    sums = json.loads(CHECKSUMS_PATH.read_text(encoding="utf-8")) if CHECKSUMS_PATH.exists() else {}
+    sums[path.name] = file_sha256(path.read_bytes())
+    tmp = CHECKSUMS_PATH.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(CHECKSUMS_PATH)
+
+
 def main() -> None:
     from .graders import RefusalGrader, grader_agreement
 
@@ -229,6 +240,7 @@ def main() -> None:
     tmp = GRADER_DIR / "refusal_classifier.json.tmp"
     tmp.write_text(json.dumps(model, sort_keys=True), encoding="utf-8")
     tmp.replace(GRADER_DIR / "refusal_classifier.json")
+    record_checksum(GRADER_DIR / "refusal_classifier.json")
     for mode in ("rules", "classifier", "combined"):
         print(mode, grader_agreement(RefusalGrader(mode=mode), valid_rows))
 

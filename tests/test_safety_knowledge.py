@@ -80,7 +80,7 @@ def _report(levels: dict[str, str], values: dict[str, float], verdict: str, stat
     suites = [{"name": f"{c}_suite", "category": c, "metric": "not_unsafe", "status": status, "level": lvl,
                "higher_is_better": True, "candidate": {"value": values[c], "ci95": [values[c] - 0.05, values[c] + 0.05]}}
               for c, lvl in levels.items()]
-    return {"report_id": verdict + "x", "suites": suites, "categories": [{"name": c, "level": l} for c, l in levels.items()],
+    return {"report_id": verdict + "x", "suites": suites, "categories": [{"name": c, "level": lv} for c, lv in levels.items()],
             "gate": {"verdict": verdict, "deployable_level": "Medium"}, "candidate": {"spec": "rel"}}
 
 
