@@ -75,3 +75,14 @@ def test_an_error_quoting_brackets_prints_them(tmp_path):
     odd = tmp_path / "[red]bundle"
     r = runner.invoke(app, ["emulators", "local", "verify", str(odd), "--public-key", str(tmp_path / "k")])
     assert r.exit_code == 1 and "[red]bundle" in r.stderr, r.stderr
+
+
+def test_help_loads_no_heavy_library():
+    """`--help` of both CLIs stays fast: torch, transformers and Flower load inside the commands."""
+    import subprocess
+    import sys
+
+    code = ("import sys, offsite.server.cli.main, offsite.client.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
