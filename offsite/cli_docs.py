@@ -67,6 +67,10 @@ def render() -> str:
     out = ["# Command-line reference", "",
            "Generated from the typer apps by `python -m offsite.cli_docs` (`make docs`); a test fails when",
            "this file and the code disagree, so edit the commands' help, not this file.", ""]
+    from offsite.server.cli.main import RENAMED
+
+    out += ["Renamed in this release; the old spellings still work (hidden, with a note) until the next one:", "",
+            "| old | new |", "|---|---|", *[f"| `offsite-admin {o}` | `offsite-admin {n}` |" for o, n in RENAMED.items()], ""]
     for prog, root in clis():
         for path, cmd in walk(root, (prog,)):
             ctx = click.Context(cmd, info_name=" ".join(path))

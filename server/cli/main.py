@@ -75,6 +75,9 @@ app.command("audit", rich_help_panel=SERVER)(tokens.audit)
 app.command("whoami", rich_help_panel=SERVER)(tokens.whoami)
 
 
+RENAMED: dict[str, str] = {}  # old spelling -> new one (docs/cli.md lists them)
+
+
 def _legacy(old: str, new: str, source: typer.Typer, *extra: tuple[str, typer.Typer]) -> None:
     """Mount `source`'s commands under the old name, hidden, with a note on stderr naming the new one."""
     alias = typer.Typer(no_args_is_help=True, help=f"Renamed: use `offsite-admin {new}`.")
@@ -89,6 +92,7 @@ def _legacy(old: str, new: str, source: typer.Typer, *extra: tuple[str, typer.Ty
     for name, group in extra:
         alias.add_typer(group, name=name)
     app.add_typer(alias, name=old, hidden=True)
+    RENAMED[old] = new
 
 
 _legacy("emulator", "emulators local", emulator.app)
