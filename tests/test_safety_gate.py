@@ -127,7 +127,8 @@ def test_membership_auc_and_tpr():
     r = score_suite("mia_auc", members + non, zero, 200)
     assert r["candidate"]["value"] == 1.0 and r["base"]["value"] == 0.5
     assert r["candidate"]["tpr_at_1pct_fpr"] == 1.0
-    s = np.array([0.9, 0.8, 0.1, 0.2]); lab = np.array([True, False, True, False])
+    s = np.array([0.9, 0.8, 0.1, 0.2])
+    lab = np.array([True, False, True, False])
     assert tpr_at_fpr(s, lab, 0.01) == 0.5
 
 
