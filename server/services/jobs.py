@@ -112,7 +112,9 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         if job.state in DONE_JOB_STATES:
             raise Conflict(f"job {job.id} is {job.state}; it takes no more data owners")
         emulator = self.s.registry.get_emulator(job.emulator_id)
-        self.s.registry.enroll(job.id, owner, p.token_id)
+        # An admin's enrollment on someone's behalf belongs to no token (revoking the admin's token
+        # must not unenroll them); the data owner's own token takes it over when it enrolls.
+        self.s.registry.enroll(job.id, owner, "" if p.role == ADMIN else p.token_id)
         spec = job.spec or {}
         base = emulator.manifest.get("base_model") if isinstance(emulator.manifest, dict) else None
         digest = (base or {}).get("digest", "") if isinstance(base, dict) else ""

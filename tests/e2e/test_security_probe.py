@@ -225,3 +225,14 @@ def test_data_owner_scope_is_the_tokens_jobs_and_enrollments(world):
     assert "bob" not in jobs_admin.GetJob(jobs_pb2.GetJobRequest(id=job_b.id)).data_owners
     events = [e.kind for e in jobs_admin.WatchJob(jobs_pb2.WatchJobRequest(id=job_b.id))]
     assert events[-1] == "unenrolled"
+
+
+def test_revoking_an_admin_token_leaves_the_enrollments_it_made(world):
+    server, state = world["server"], world["state"]
+    emu = world["emulator"]
+    job = state.registry.add_job("on-behalf", emu.model_id, emu.id, {"rounds": 1})
+    secret, row = state.auth.create_token("second-admin", "admin")
+    jobs_pb2_grpc.JobsStub(open_channel(server.address, secret)).Enroll(
+        jobs_pb2.EnrollRequest(job_id=job.id, data_owner="erin"))
+    admin_pb2_grpc.AdminStub(world["admin"]).RevokeToken(admin_pb2.RevokeTokenRequest(id=row.id))
+    assert state.registry.enrolled_data_owners(job.id) == ["erin"]
