@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .auth import AuthInterceptor
+from .metrics import Metrics
 from .services import add_services
 from .state import ServerConfig, ServerState
 from .tls import server_credentials
@@ -31,6 +32,8 @@ class OffsiteServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.state = ServerState(config)
+        self.metrics = Metrics(self.state.registry)
+        self.metrics_port: int | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -48,7 +51,8 @@ class OffsiteServer:
             st.registry.update_job(job.id, state="failed", error="the server stopped while this job ran; start it again")
         st.bootstrap_admin_token()
         self._server = grpc.aio.server(
-            interceptors=[AuthInterceptor(st.auth, st.registry, st.data_dir)],
+            # Metrics outermost: they time and count refused calls too, and set the request id.
+            interceptors=[self.metrics.interceptor(), AuthInterceptor(st.auth, st.registry, st.data_dir)],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -78,6 +82,9 @@ class OffsiteServer:
         if not self.port:
             raise OSError(f"could not bind {address}; is another server running there?")
         await self._server.start()
+        if cfg.extra.get("metrics_address"):  # HOST:PORT for Prometheus (offsite-admin serve --metrics-address)
+            host, _, mport = str(cfg.extra["metrics_address"]).rpartition(":")
+            self.metrics_port = self.metrics.serve(host or "127.0.0.1", int(mport))
         self._start_background_tasks()
         return self.port
 
@@ -112,6 +119,7 @@ class OffsiteServer:
         self.stuck_operations = await self.state.ops.shutdown(grace)
         await self._server.stop(min(grace, 1.0))
         self._server = None
+        self.metrics.stop()
         self.state.close()
 
     async def wait(self) -> None:

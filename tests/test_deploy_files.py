@@ -332,6 +332,10 @@ def test_networkpolicy_opens_only_the_fleet_and_api_ports(manifests):
 
     superlink_port = int(_flag_value(superlink_command(Path("/s"), _tls(), Path("/x")), "--port"))
     assert open_ports == {serve_port, superlink_port}
+    metrics = policies["offsite-metrics"]["ingress"][0]
+    server = next(c for _, c in _containers(manifests) if c["name"] == "server")
+    metrics_port = int(_flag_value([str(a) for a in server["args"]], "--metrics-address").rsplit(":", 1)[1])
+    assert [p["port"] for p in metrics["ports"]] == [metrics_port] and "namespaceSelector" in metrics["from"][0]
     pg = policies["offsite-postgres"]["ingress"]
     assert [r["from"][0]["podSelector"]["matchLabels"]["app"] for r in pg] == ["offsite-server"]
 

@@ -32,6 +32,9 @@ def serve(
     grace: float = typer.Option(10.0, "--grace", help="seconds running operations get to finish at shutdown"),
     workers: int = typer.Option(2, "--workers", help="operations (builds, evals, jobs) run at once"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log more"),
+    metrics_address: str = typer.Option("", "--metrics-address", envvar="OFFSITE_METRICS_ADDRESS",
+                                        help="serve Prometheus metrics at HOST:PORT/metrics (off when empty)"),
+    log_format: str = typer.Option("text", "--log-format", help="text | json (one object per line, with request ids)"),
 ) -> None:
     """Run the gRPC server (health checking and reflection on) until Ctrl-C or SIGTERM.
 
@@ -42,8 +45,12 @@ def serve(
     from ..app import OffsiteServer
     from ..state import ServerConfig
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..logs import FORMATS, configure
+
+    if log_format not in FORMATS:
+        err.print(f"[red]error:[/red] --log-format {log_format!r}: use one of {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    configure(log_format, logging.INFO if verbose else logging.WARNING)
     if bool(tls_cert) != bool(tls_key):
         err.print("[red]error:[/red] pass both --tls-cert and --tls-key (or neither)")
         raise typer.Exit(2)
@@ -54,7 +61,8 @@ def serve(
     cfg = ServerConfig(data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
                        client_ca=client_ca, database_url=database_url, signing_key=signing_key,
                        federation_address=federation_address, job_runner=job_runner, eval_runner=eval_runner,
-                       grace_s=grace, op_workers=workers)
+                       grace_s=grace, op_workers=workers,
+                       extra={"metrics_address": metrics_address} if metrics_address else {})
 
     async def main() -> None:
         server = OffsiteServer(cfg)
@@ -66,6 +74,9 @@ def serve(
         scheme = "TLS" + (" + client certificates" if client_ca else "") if tls_cert else "plaintext (no TLS)"
         # The exact line tests and scripts wait for; keep its shape.
         print(f"offsite server listening on {host}:{bound} ({scheme}); data in {st.data_dir}", flush=True)
+        if server.metrics_port:
+            err.print(f"Prometheus metrics on http://{metrics_address.rpartition(':')[0]}:{server.metrics_port}/metrics",
+                      highlight=False)
         await server.serve_until_signal()
         if server.stuck_operations:
             # Their threads ignore cancellation and would keep the process alive; their state is
