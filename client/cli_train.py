@@ -19,7 +19,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="where to write the adapter (.safetensors, keyed by original names)"),
     scheme: str = typer.Option(None, "--scheme", help="update scheme, e.g. full, top, norms, channels:0.25, lora:8, "
                                "'top:full,bottom:norms' (default: full)"),
-    memory_budget: str = typer.Option(None, "--memory-budget", help="choose the scheme to fit this peak memory, e.g. 600MB"),
+    memory_budget: str = typer.Option(None, "--memory-budget", help="choose the scheme to fit this peak memory: auto (the minimum measured on this machine plus "
+                                         "a margin) or a size, e.g. 600MB"),
     steps: int = typer.Option(50, "--steps", min=1),
     lr: float = typer.Option(1e-4, "--lr"),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (sgd keeps no optimizer state)"),
@@ -40,7 +41,7 @@ def train(
     """Train the adapter of a verified bundle on your own data; the data never leaves this machine.
 
     Example: offsite-client train --bundle bundle/ --public-key signing.pub --data my.jsonl
-    --memory-budget 600MB --steps 100 --out adapter.safetensors --json
+    --memory-budget auto --steps 100 --out adapter.safetensors --json
     """
     # Imported here, not at the top of the file: torch and the engine cost seconds and ~250 MB
     # of RSS, which `offsite-client --help`, `enroll` and `fetch` should never pay.

@@ -11,7 +11,8 @@ Settings come from the SuperNode's node config in a deployment (`--node-config
 replaced by the node's partition id, so one template serves N data owners.
 
 Routes: the default train route (Message API FedAvg, with `fixedclipping_mod` when the
-server asks for DP), and the same route speaking the legacy SecAgg+ protocol when the
+server asks for DP; the reply is the whole fp32 adapter, or with `upload` = sparse-fp16 /
+sparse-int8 only the deltas of what this client trained, `offsite.wire`), and the same route speaking the legacy SecAgg+ protocol when the
 server runs Flower's SecAggPlusWorkflow (`secaggplus_mod`). Under SecAgg+ the client sends
 its *update* (adapter minus the global adapter) in the sorted-name order both sides agree
 on, since that path drops names and quantizes values to a bounded range.
@@ -37,6 +38,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from offsite.emulators.data import PYTHON_REFERENCE, load_examples, python_reference_split
+from offsite.wire import encode_sparse_delta, record_to_state
 
 class ClientSetupError(RuntimeError):
     """The data owner's node is missing its bundle, key or data; the message says how to fix it."""
@@ -149,20 +151,20 @@ def train_local(global_state: dict[str, torch.Tensor], cfg, settings: ClientSett
     return state, metrics
 
 
-def _record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), dtype=np.float32, copy=True)) for k, v in record.items()}
-
-
-def _state_to_record(state: dict[str, torch.Tensor], order: list[str]) -> ArrayRecord:
-    return ArrayRecord({k: Array(state[k].detach().to(torch.float32).contiguous().numpy()) for k in order})
-
-
 def _message_api_train(msg: Message, ctx: Context, settings: ClientSettings) -> Message:
     arrays = msg.content["arrays"]
     cfg = msg.content["config"]
-    state, metrics = train_local(_record_to_state(arrays), cfg, settings.resolved(ctx.node_config))
-    # Same names, same order as received: fixedclipping_mod compares the key lists.
-    reply = RecordDict({"arrays": _state_to_record(state, list(arrays.keys())), "metrics": MetricRecord(metrics)})
+    global_state = record_to_state(arrays)
+    state, metrics = train_local(global_state, cfg, settings.resolved(ctx.node_config))
+    upload = str(cfg.get("upload", "full"))
+    if upload == "full":
+        # Same names, same order as received: fixedclipping_mod compares the key lists.
+        record = ArrayRecord({k: Array(state[k].detach().to(torch.float32).contiguous().numpy()) for k in arrays.keys()})
+    else:
+        record, upload_metrics = encode_sparse_delta(
+            {k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in global_state.items()}, upload)
+        metrics.update(upload_metrics)
+    reply = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
-from transformers import PretrainedConfig
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs a data owner's process ~20 MB of RSS
+    from transformers import PretrainedConfig
 
 
 class UnknownFamilyError(ValueError):

@@ -84,7 +84,9 @@ def test_round_metrics_per_client(runs):
         assert c["examples"] > 0
         assert math.isfinite(c["loss_last"]) and c["eval_ppl_after"] > 1
         assert c["bytes_up"] > 0 and c["update_norm"] > 0
-    assert r1["bytes_down"] == 3 * r1["clients"][0]["bytes_up"]  # same adapter layout both ways
+    # upload "auto": sparse fp16 deltas of what each client trained (scheme full: every tensor, half the bytes)
+    for c in r1["clients"]:
+        assert c["bytes_up"] <= r1["bytes_down"] / 3 / 2 + 4096
     assert math.isfinite(r1["plugin_ppl"]) and r1["round_seconds"] > r1["server_seconds"] > 0
 
 

@@ -36,6 +36,10 @@ from .schemes import BlockScheme, SchemePlan, _is_norm, apply_scheme, channel_ta
 from .stepper import Stepper, make_optimizer
 
 CHANNEL_FRACTIONS = (0.25, 0.5)
+# "auto" budget: the minimum measured on this machine at run time (its own runtime floor,
+# frozen weights and data) plus this much room for the update. A constant budget tuned on
+# one machine trips "below the minimum" on another whose runtime floor is higher.
+AUTO_MARGIN_MB = 64.0
 WEIGHT_OPTIONS = (None, *(f"channels:{r:g}" for r in CHANNEL_FRACTIONS), "full")
 
 
@@ -81,10 +85,12 @@ class BudgetChoice:
         }
 
 
-def parse_memory(text: str | float | int) -> float:
-    """'600MB', '1.5GB', '600' -> megabytes (MiB)."""
+def parse_memory(text: str | float | int) -> float | str:
+    """'600MB', '1.5GB', '600' -> megabytes (MiB); 'auto' stays "auto"."""
     if isinstance(text, (int, float)):
         return float(text)
+    if text.strip().lower() == "auto":
+        return "auto"
     s = text.strip().upper().replace(" ", "")
     for suffix, mult in (("GIB", 1024), ("GB", 1024), ("G", 1024), ("MIB", 1), ("MB", 1), ("M", 1)):
         if s.endswith(suffix):
@@ -154,7 +160,8 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
                   log: Callable[[str], None] = print) -> BudgetChoice:
     """Pick the scheme with the largest measured loss drop that fits `cfg.memory_budget_mb`."""
     model, family, positions = target.model, target.family, sorted(target.trainable_blocks)
-    budget = float(cfg.memory_budget_mb)
+    auto = cfg.memory_budget_mb == "auto"
+    budget = math.inf if auto else float(cfg.memory_budget_mb)
     blocks = family.get_blocks(model)
     act_bytes = 2 if dtype == torch.bfloat16 else 4
     tokens = cfg.batch_size * cfg.block_size
@@ -172,6 +179,9 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     # lower blocks are out too and are not measured (measuring them would itself cost memory).
     depth_mb: dict[int, float] = {}
     for p in sorted(positions, reverse=True):
+        if auto and depth_mb and math.isinf(budget):  # the top block gives the minimum: depth grows downwards
+            top = max(depth_mb)
+            budget = fixed_mb + depth_mb[top] + min(u.own_mb for u in units if u.block == top) + AUTO_MARGIN_MB
         if depth_mb and fixed_mb + max(depth_mb.values()) > budget:
             depth_mb[p] = math.inf
             continue
@@ -194,6 +204,9 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
 
     options = [(n, w) for w in WEIGHT_OPTIONS for n in (False, True) if not (n and w == "full")]
     minimum = min(estimate({p: opt}) for p in positions for opt in options if opt != (False, None))
+    if auto:
+        budget = minimum + AUTO_MARGIN_MB
+        log(f"memory budget auto: {budget:.0f} MB (the minimum measured here, {minimum:.0f} MB, plus {AUTO_MARGIN_MB:.0f} MB)")
     if budget < minimum:
         raise BudgetError(
             f"memory budget {budget:.0f} MB is below the minimum for this model and data: {math.ceil(minimum)} MB "

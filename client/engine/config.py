@@ -14,7 +14,9 @@ class TrainConfig:
     """One client training run. Field names follow the cross-team contract (contracts.md)."""
 
     scheme: str = "full"  # see schemes.py for the spec syntax, e.g. "top:full,bottom:norms"
-    memory_budget_mb: float | None = None  # when set, the scheme is chosen by budget.py instead
+    # when set, the scheme is chosen by budget.py instead: MB, or "auto" (the minimum this
+    # machine measures at run time plus budget.AUTO_MARGIN_MB)
+    memory_budget_mb: float | str | None = None
     steps: int = 50
     lr: float = 1e-4
     optimizer: str = "adamw"  # "adamw" or "sgd" (no optimizer state)

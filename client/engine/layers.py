@@ -12,25 +12,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers.pytorch_utils import Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D, recognised without importing transformers (~20 MB of RSS)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def input_features(module: nn.Module) -> int:
     # Conv1D (GPT-2) stores its weight as (in, out), nn.Linear as (out, in).
-    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
 
 
 def output_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
 
 
 def input_channel_norms(module: nn.Module) -> torch.Tensor:
     w = module.weight.detach().float()
-    return w.norm(dim=1) if isinstance(module, Conv1D) else w.norm(dim=0)
+    return w.norm(dim=1) if is_conv1d(module) else w.norm(dim=0)
 
 
 class ChannelDelta(nn.Module):
@@ -58,7 +62,7 @@ class ChannelDelta(nn.Module):
         """Add the delta into the base weight's columns and return the plain base layer."""
         w = self.base.weight
         d = self.delta.detach().to(w.dtype)
-        if isinstance(self.base, Conv1D):
+        if is_conv1d(self.base):
             w.index_add_(0, self.idx, d.t())
         else:
             w.index_add_(1, self.idx, d)

@@ -7,7 +7,7 @@
 - Never `enable_input_require_grads()` and never reentrant checkpointing on the prefix:
   both silently bring back a full-depth backward.
 - Frozen weights outside the adapter blocks are kept in bf16 when computing in bf16
-  (QuantLinear buffers stay packed; lowbit.py rebuilds them cheaply); trainable and adapter-block weights stay fp32 so an
+  (QuantLinear buffers stay packed; quant_forward.py rebuilds them cheaply); trainable and adapter-block weights stay fp32 so an
   untouched adapter weight comes back bit-identical.
 """
 

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import optim
 from .config import TrainConfig, TrainResult
 from .memory import current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
-from .lowbit import install_fast_forward
+from .quant_forward import install_fast_forward
 from .pruning import (
     autocast,
     resolve_precision,
@@ -253,7 +253,7 @@ def train_model(
     micro = cfg.grad_accum
     for step in range(start, cfg.steps):
         batches = list(micro_batches(data.train, cfg.batch_size, cfg.seed, step * micro, micro))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, n_loss = stepper.step(batches)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -262,6 +262,7 @@ def train_model(
         scheduler.step()
         seconds = time.perf_counter() - t0
         state["train_seconds"] += seconds
+        state["train_cpu_seconds"] = state.get("train_cpu_seconds", 0.0) + time.process_time() - c0
         state.setdefault("step_seconds", []).append(round(seconds, 4))
         state["tokens"] += sum(int(m.sum()) for _, _, m in batches)
         state["loss_tokens"] += n_loss
@@ -320,6 +321,9 @@ def train_model(
         "train_seconds": state["train_seconds"],
         "step_seconds": state.get("step_seconds", []),
         "tokens_per_s": state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
+        # CPU time of the process (all its threads): steadier than wall time on a shared machine
+        "train_cpu_seconds": state.get("train_cpu_seconds"),
+        "tokens_per_cpu_s": state["tokens"] / state["train_cpu_seconds"] if state.get("train_cpu_seconds") else None,
         "trainable_params": trainable_params,
         "lowest_trainable_block": lowest_block,
         "precision": str(dtype).replace("torch.", ""),

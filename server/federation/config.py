@@ -32,6 +32,10 @@ class FederationConfig:
     batch_size: int = 4
     block_size: int = 256
     scheme: str = "full"
+    # what a client sends back: "auto" (sparse fp16 deltas, or the full adapter under DP or
+    # SecAgg+, which need every client to send the same fixed-length vector), "full",
+    # "sparse-fp16" or "sparse-int8" (offsite.wire)
+    upload: str = "auto"
     seed: int = 0
     eval_fraction: float = 0.1  # share of each client's blocks it scores itself on (0: no client eval)
     # model owner's held-out set for plug-in perplexity: "python-reference" or a path
@@ -75,10 +79,24 @@ class FederationConfig:
             )
         if self.norm_bound < 0:
             raise FederationConfigError("norm_bound must be >= 0 (0 turns it off)")
+        if self.upload not in ("auto", "full", "sparse-fp16", "sparse-int8"):
+            raise FederationConfigError(f"upload must be auto, full, sparse-fp16 or sparse-int8 (got {self.upload!r})")
+        if self.upload.startswith("sparse") and (self.dp_enabled or self.secagg):
+            raise FederationConfigError(
+                f"upload {self.upload!r} cannot be combined with DP or SecAgg+: both need every client to send the whole "
+                "adapter as one fixed-length vector; use upload 'auto' or 'full'"
+            )
 
     @property
     def dp_enabled(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def upload_format(self) -> str:
+        """The upload format clients are asked for ("auto" resolved)."""
+        if self.upload == "auto":
+            return "full" if (self.dp_enabled or self.secagg) else "sparse-fp16"
+        return self.upload
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         """Flat scalars with Flower-style dashed keys, for `flwr run -c`."""

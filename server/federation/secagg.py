@@ -24,7 +24,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from .arrays import named_from_list
+from offsite.wire import named_from_list
 from .config import FederationConfig
 from .strategy import RoundFailedError
 

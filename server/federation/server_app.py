@@ -29,7 +29,7 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from .arrays import numpy_to_record, record_to_numpy
+from offsite.wire import numpy_to_record, record_to_numpy
 from .checkpoint import JOB_FILE, JobCheckpoint
 from .config import FederationConfig
 from .evaluate import PluginEvaluator
@@ -61,6 +61,7 @@ def train_config(cfg: FederationConfig) -> dict:
         "seed": cfg.seed,
         "eval-fraction": cfg.eval_fraction,
         "norm-bound": cfg.norm_bound,
+        "upload": cfg.upload_format,
     }
 
 

@@ -4,7 +4,9 @@ Each client's update (its adapter minus the round's global adapter) is scaled do
 most `norm_bound` before the weighted average, so one poisoned or broken client moves
 the global adapter by at most `weight_share * norm_bound`, whatever it sends. Replies with
 errors (a client that dropped out) are left out; the round fails only when fewer than
-`min_train_nodes` usable replies remain. Aggregation itself is Flower's.
+`min_train_nodes` usable replies remain. Full uploads are averaged by Flower's
+`aggregate_arrayrecords`; sparse uploads (`offsite.wire`: deltas of the tensors and
+columns a client trained) by `SparseMean`, each element over the owners that sent it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
-from .arrays import AdapterMismatchError, bound_update, check_same_layout, numpy_to_record, record_nbytes, record_to_numpy
+from offsite.wire import (
+    SPARSE_KEY,
+    AdapterMismatchError,
+    SparseMean,
+    bound_update,
+    check_same_layout,
+    decode_sparse_delta,
+    numpy_to_record,
+    record_nbytes,
+    record_to_numpy,
+    sparse_norm,
+)
 
 UNIT_WEIGHT_KEY = "unit-weight"  # every client reports 1.0: the weight DP's noise calibration assumes
 EXAMPLES_KEY = "num-examples"
@@ -68,6 +81,8 @@ class BoundedFedAvg(FedAvg):
         for msg in errors:
             self.report.failures.append(ClientReport(msg.metadata.src_node_id, {}, 0.0, 0.0, 0, str(msg.error.reason)))
         records: list[RecordDict] = []
+        sparse: list[tuple[dict, float, float]] = []
+        full: list[tuple[dict, float]] = []
         for msg in valid:
             node = msg.metadata.src_node_id
             content = msg.content
@@ -80,22 +95,42 @@ class BoundedFedAvg(FedAvg):
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
                 self.report.failures.append(ClientReport(node, metrics, 0.0, 0.0, 0, f"reply lacks a positive {self.weighted_by_key!r}"))
                 continue
-            arrays = record_to_numpy(reply_arrays)
             try:
-                check_same_layout(self._global, arrays, f"node {node}")
+                if metrics.get(SPARSE_KEY) == 1.0:
+                    delta = decode_sparse_delta(reply_arrays, self._global, f"node {node}")
+                else:
+                    arrays = record_to_numpy(reply_arrays)
+                    check_same_layout(self._global, arrays, f"node {node}")
             except AdapterMismatchError as e:
                 log(INFO, "aggregate_train: leaving out node %s: %s", node, e)
                 self.report.failures.append(ClientReport(node, metrics, 0.0, 0.0, record_nbytes(reply_arrays), str(e)))
                 continue
-            arrays, norm, scale = bound_update(arrays, self._global, self.norm_bound)
+            if metrics.get(SPARSE_KEY) == 1.0:
+                norm = sparse_norm(delta)
+                scale = min(1.0, self.norm_bound / norm) if self.norm_bound > 0 and norm > 0 else 1.0
+                sparse.append((delta, float(weight), scale))
+            else:
+                arrays, norm, scale = bound_update(arrays, self._global, self.norm_bound)
+                full.append((arrays, float(weight)))
             if scale < 1.0:
                 log(INFO, "aggregate_train: node %s update norm %.4g bounded to %.4g", node, norm, self.norm_bound)
             self.report.clients.append(ClientReport(node, metrics, norm, scale, record_nbytes(reply_arrays)))
-            records.append(RecordDict({"arrays": numpy_to_record(arrays), "metrics": MetricRecord(metrics)}))
+            records.append(RecordDict({"metrics": MetricRecord(metrics)}))
         if len(records) < max(1, self.min_train_nodes):
             raise RoundFailedError(
                 f"round {server_round}: {len(records)} usable replies of {self.report.sent} sampled "
                 f"(minimum {self.min_train_nodes}); failures: "
                 + "; ".join(f"node {f.node_id}: {f.error[-300:]}" for f in self.report.failures)
             )
-        return aggregate_arrayrecords(records, self.weighted_by_key), self.train_metrics_aggr_fn(records, self.weighted_by_key)
+        metrics_out = self.train_metrics_aggr_fn(records, self.weighted_by_key)
+        if not sparse:
+            with_arrays = [RecordDict({"arrays": numpy_to_record(a), "metrics": r["metrics"]}) for (a, _), r in zip(full, records)]
+            return aggregate_arrayrecords(with_arrays, self.weighted_by_key), metrics_out
+        # Sparse replies (and any full ones beside them, as dense deltas): each element is the
+        # weighted mean over the owners that sent it; what nobody sent keeps its global value.
+        mean = SparseMean(self._global)
+        for delta, weight, scale in sparse:
+            mean.add(delta, weight, scale)
+        for arrays, weight in full:
+            mean.add({k: (arrays[k] - self._global[k], None) for k in self._global}, weight)
+        return numpy_to_record(mean.apply(self._global)), metrics_out

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from offsite.client.engine.lowbit import _Prepared, dequantize, install_fast_forward, unpack_codes_as
+from offsite.client.engine.quant_forward import _Prepared, dequantize, install_fast_forward, unpack_codes_as
 from offsite.emulators.quantize import QuantLinear, pack_codes, unpack_codes
 
 

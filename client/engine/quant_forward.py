@@ -14,7 +14,7 @@ bf16 matmul here. So the weights stay packed, and this module makes the rebuild 
   dtype once per run, not once per call.
 
 The rebuilt weight is bit-identical to `QuantLinear.dequantized_weight()` at the same
-compute dtype (tests/test_engine_lowbit.py); the output differs only by multiplying with
+compute dtype (tests/test_engine_quant_forward.py); the output differs only by multiplying with
 the reciprocal AWQ input scale instead of dividing by it.
 """
 
@@ -39,7 +39,7 @@ def unpack_codes_as(packed: torch.Tensor, bits: int, n_values: int, dtype: torch
         b = packed.view(-1, 3).to(torch.int32)
         word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         return ((word[:, None] >> _SHIFTS3.to(word.device)) & 7).to(dtype).view(-1)
-    from offsite.emulators.quantize import unpack_codes
+    from offsite.emulators.lowbit import unpack_codes
 
     return unpack_codes(packed, bits, n_values).to(dtype)
 
