@@ -46,6 +46,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from offsite.files import atomic_write
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Validation grids: small on purpose (each point is two plug-in evaluations on 2 shared cores).
@@ -201,9 +203,7 @@ class Scorer:
                 value = perplexity(self.loaded.model, self.sets[set_name], batch_size=4)
             log(f"{tag:<60} {set_name:<24} ppl {value:8.3f} ({time.perf_counter() - t0:.0f} s)")
             self.values[f"{tag}|{set_name}"] = value
-            tmp = self.cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.values, indent=1))
-            os.replace(tmp, self.cache)
+            atomic_write(self.cache, json.dumps(self.values, indent=1))
         return {s: self.values[f"{tag}|{s}"] for s in set_names}
 
     def restore_base(self) -> None:

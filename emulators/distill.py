@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +39,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
+
+from offsite.files import atomic_dir, atomic_write
 
 from .data import TokenBlocks, perplexity
 from .losses import CHUNK_TOKENS, lm_nll_from_hidden
@@ -111,27 +111,12 @@ def batch_at(train: TokenBlocks, step: int, batch_size: int, seed: int) -> tuple
 
 
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 # --- the distillation loop -------------------------------------------------------------

@@ -7,9 +7,6 @@ are both written atomically (temp path, fsync, rename).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,22 +26,10 @@ PENDING_GATE = "pending-gate"
 @torch.no_grad()
 def export_candidate(evaluator: PluginEvaluator, adapter: dict[str, np.ndarray], adapter_meta: dict, out: Path) -> Path:
     """The plugged-in full model as a Hugging Face directory at `out` (atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()}
-    try:
-        model = plug_in(evaluator.loaded, state, adapter_meta)
-        export_model_dir(model, evaluator.loaded.tokenizer, staging / "model")
-        model_dir = staging / "model"
-        for f in model_dir.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(model_dir, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    model = plug_in(evaluator.loaded, state, adapter_meta)
+    # Built beside `out` and swapped in whole (offsite.files.atomic_dir): never a moment without it.
+    return export_model_dir(model, evaluator.loaded.tokenizer, out, overwrite=True)
 
 
 def make_candidate(
