@@ -106,7 +106,7 @@ def test_long_jobs_do_not_hold_up_short_operations(tmp_path):
         reg = server.server.state.registry
         admin = open_channel(server.address, server.admin_token)
         jobs = jobs_pb2_grpc.JobsStub(admin)
-        started = [_job(reg, f"j{i}") for i in range(cfg.op_workers + cfg.job_workers)]
+        started = [_job(reg, f"j{i}") for i in range(cfg.op_workers + getattr(cfg, "job_workers", 0))]
         for job in started:
             jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
         reg.add_model("evalme", "tiny-llama")
