@@ -2,7 +2,8 @@
 
 One JSONL file, appended and fsynced after every batch: an interrupted run loses at most
 the batch in flight and resumes where it stopped; re-grading and re-scoring never
-regenerate. A key hashes the model's weight digest with everything that determines the
+regenerate. Each batch is one O_APPEND write, and ``refresh()`` reads what other processes
+appended since, so several runs against one base (e.g. four candidates) share its outputs. A key hashes the model's weight digest with everything that determines the
 output (method, rendered prompt, decoding settings), so a changed model or prompt never
 reads a stale entry, and identical work (a candidate equal to the base) is done once.
 """
@@ -25,16 +26,26 @@ class OutputCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "outputs.jsonl"
         self._data: dict[str, object] = {}
+        self._offset = 0  # bytes of the file read so far (complete lines only)
         self.hits = 0
         self.misses = 0
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        row = json.loads(line)
-                        self._data[row["k"]] = row["v"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut short by an interruption: that batch is redone
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the entries appended to the file since the last read (by this or another process)."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in chunk[:end].splitlines():
+            try:
+                row = json.loads(line)
+                self._data[row["k"]] = row["v"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                continue  # a line cut short by an interruption: that batch is redone
+        self._offset += end
 
     def __len__(self) -> int:
         return len(self._data)
@@ -53,9 +64,11 @@ class OutputCache:
     def put_many(self, entries: dict[str, object]) -> None:
         if not entries:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            for k, v in entries.items():
-                fh.write(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n" for k, v in entries.items()).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)  # one append: lines of concurrent writers never interleave
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._data.update(entries)

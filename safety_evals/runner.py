@@ -130,6 +130,7 @@ class Worker:
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         keys = [cache_key(self.side.digest, "generate", p, max_new_tokens, "greedy") for p in prompts]
+        self.cache.refresh()
         todo = sorted({k: p for k, p in zip(keys, prompts) if k not in self.cache}.items(), key=lambda kp: len(kp[1]))
         self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
         self.tick(len(prompts) - len(todo))
@@ -158,6 +159,7 @@ class Worker:
     def losses(self, pairs: list[tuple[str, str]], max_tokens: int = 256) -> list[dict]:
         """Summed NLL of each `target` given its `context`, and the number of target tokens."""
         keys = [cache_key(self.side.digest, "nll", c, t, max_tokens) for c, t in pairs]
+        self.cache.refresh()
         todo = [(k, ct) for k, ct in dict(zip(keys, pairs)).items() if k not in self.cache]
         todo.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
         self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
