@@ -32,6 +32,7 @@ from offsite.emulators.data import TokenBlocks
 from .config import TrainConfig
 from .layers import input_features, is_linear, output_features
 from .memory import MB, SavedActivations, current_rss_mb
+from .pruning import store_frozen_adapter_fp16, train_in_fp32
 from .schemes import BlockScheme, SchemePlan, _is_norm, apply_scheme, channel_target_names
 from .stepper import Stepper, make_optimizer
 
@@ -187,11 +188,12 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
             continue
         applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
         try:
+            train_in_fp32([q for _, q in applied.trainable_parameters()])
             with SavedActivations(exclude=model) as saved:
                 nll, _ = Stepper(model, family, applied, cfg, device, dtype).loss_sum(*train_batch)
             del nll
         finally:
-            applied.undo()
+            _undo(applied, dtype)
         depth_mb[p] = saved.bytes * cfg.batch_size / MB * (1 if not cfg.activation_checkpointing else 0.25)
 
     def estimate(selection: dict[int, tuple[bool, str | None]]) -> float:
@@ -227,6 +229,7 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
         applied = apply_scheme(model, family, plan, cfg.channel_targets, snapshot=True)
         try:
             params = [p for _, p in applied.trainable_parameters()]
+            train_in_fp32(params)
             opt = make_optimizer(params, cfg)
             stepper = Stepper(model, family, applied, cfg, device, dtype)
             for s in range(cfg.probe_steps):
@@ -238,7 +241,7 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
             u.gain = before_nll / max(before_n, 1) - after_nll / max(after_n, 1)
             del opt, params, stepper
         finally:
-            applied.undo()
+            _undo(applied, dtype)
     probe_seconds = time.perf_counter() - started
 
     best, best_gain = None, -math.inf
@@ -274,6 +277,13 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     for line in choice.reasons:
         log(line)
     return choice
+
+
+def _undo(applied, dtype: torch.dtype) -> None:
+    """Undo a probe's scheme, and put the frozen adapter back in fp16 as the trainer keeps it."""
+    applied.undo()
+    if dtype != torch.float32:
+        store_frozen_adapter_fp16(applied.model, applied.family, sorted(applied.plan.blocks))
 
 
 def _eval_loss(model, family, cfg, device, dtype, batch, positions) -> tuple[float, int]:

@@ -88,6 +88,15 @@ def store_frozen_adapter_fp16(model: nn.Module, family: Family, blocks: list[int
 
 
 @torch.no_grad()
+def train_in_fp32(params: list[nn.Parameter]) -> None:
+    """Parameters that train hold fp32 (their gradients and optimizer state follow), even
+    where the frozen copy was kept in fp16; the values are unchanged (fp16 -> fp32 is exact)."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+
+
+@torch.no_grad()
 def restore_adapter_fp32(model: nn.Module, family: Family, blocks: list[int]) -> None:
     """Undo `store_frozen_adapter_fp16` (exact) before deltas are folded into the weights."""
     for name, param in model.named_parameters():

@@ -33,6 +33,7 @@ from .pruning import (
     restore_adapter_fp32,
     store_frozen_adapter_fp16,
     store_frozen_weights,
+    train_in_fp32,
     undo_frozen_weights,
 )
 from .schemes import apply_scheme, parse_scheme
@@ -205,6 +206,10 @@ def train_model(
 
     cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
     undo_lowbit = install_fast_forward(model, dtype)  # stored low-bit layers: cheap rebuild per step
+    if dtype != torch.float32:
+        # the frozen adapter in fp16 where that is exact (bundles ship it so), before the
+        # budget reads RSS: 2 bytes a weight less for everything that does not train
+        store_frozen_adapter_fp16(model, family, target.trainable_blocks)
     release_free_memory()  # loading and tokenizing leave freed pages behind; the budget sees RSS
     choice = None
     if resumed:
@@ -218,9 +223,8 @@ def train_model(
         spec = cfg.scheme
     plan = parse_scheme(spec, target.trainable_blocks)
     applied = apply_scheme(model, family, plan, cfg.channel_targets, cfg.lora_alpha_ratio)
-    if dtype != torch.float32:
-        store_frozen_adapter_fp16(model, family, target.trainable_blocks)
     params = [p for _, p in applied.trainable_parameters()]
+    train_in_fp32(params)
     optimizer = make_optimizer(params, cfg)
     scheduler = optim.LambdaSchedule(optimizer, lr_lambda(cfg))
     stepper = Stepper(model, family, applied, cfg, device, dtype)
