@@ -20,6 +20,7 @@ import typer
 from offsite.cli import err_console
 
 from . import (
+    backup,
     demo,
     emulator,
     eval_server,
@@ -57,6 +58,8 @@ app.command("demo", rich_help_panel=LOCAL)(demo.demo)
 
 # the server itself
 app.command("serve", rich_help_panel=RUN_SERVER)(serve.serve)
+app.command("backup", rich_help_panel=RUN_SERVER)(backup.backup)
+app.command("restore", rich_help_panel=RUN_SERVER)(backup.restore)
 
 # nouns, over gRPC; each `local` subgroup does the same work here, without a server
 models.emulators_app.add_typer(emulator.app, name="local", rich_help_panel=LOCAL)
