@@ -183,6 +183,7 @@ class ReleaseRow(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    parent_ids: Mapped[list] = mapped_column(JSON, default=list)  # lineage: the releases merged into this one
 
 
 class EvalReportRow(Base):
@@ -539,12 +540,12 @@ class Registry:
 
     # ---- releases -------------------------------------------------------------------------
     def create_release(self, job_id: str, model_id: str, adapter_sha256: str, metrics: dict | None = None,
-                       status: str = "pending-gate") -> ReleaseRow:
-        """A candidate release from a finished job (status pending-gate until the gate decides)."""
+                       status: str = "pending-gate", parents: list[str] | None = None) -> ReleaseRow:
+        """A candidate release from a finished job, or merged from `parents` (status pending-gate until the gate decides)."""
         if status not in RELEASE_STATUSES:
             raise ValueError(f"release status {status!r} is not one of {RELEASE_STATUSES}")
         row = ReleaseRow(id=new_id("rel"), job_id=job_id, model_id=model_id, adapter_sha256=adapter_sha256,
-                         metrics=metrics or {}, status=status)
+                         metrics=metrics or {}, status=status, parent_ids=list(parents or []))
         with self.session() as s:
             s.add(row)
             if job_id and s.get(JobRow, job_id) is not None:
