@@ -2,12 +2,16 @@
 
     python -m bench.federation --json bench/results/federation.json [--part quality|scale|all]
 
-- quality (default model, SmolLM2-135M; one int4-middle bundle): 3 data owners, each with
-  one python-reference shard (non-IID topics), run R rounds of S local steps through the
-  Simulation Engine; the centralized offsite baseline trains the same bundle's adapter on
-  the union of the three shards for R*S steps (same batch, lr, scheme). Both adapters are
-  plugged into the full model and scored on the held-out topics.
-  Target: federated plug-in ppl within 5% of centralized.
+- quality (default model, SmolLM2-135M; the shipped emulator, `bench.client_train.shipped_emulator`):
+  3 data owners, each with one python-reference shard (non-IID topics), run R rounds of S
+  local steps through the Simulation Engine with --scheme and --upload (default: sparse fp16
+  deltas of what each owner trained, `offsite.wire`); the centralized offsite baseline trains
+  the same bundle's adapter on the union of the three shards for R*S steps (same batch, lr,
+  scheme). Both adapters are plugged into the full model and scored on the held-out topics.
+  Targets: federated plug-in ppl within 5% of centralized; upload per owner per round
+  (`bytes_up_per_owner_round`) <= 1/10 of the full fp32 adapter (`full_adapter_bytes`).
+  `--baseline-json` names a run of today's protocol (--scheme full --upload full) on the
+  same configuration, whose plug-in ppl the sparse run must match within 1%.
 - overhead: the server's own time per round (configure + aggregate + persist; plug-in
   evaluation excluded and reported apart) as a share of the round's wall time, from the
   quality run. Target: <= 5%.
@@ -40,7 +44,8 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
 
 
-def quality(work: Path, model: str, rounds: int, local_steps: int, quantize: str, heldout_limit: int, workers: int) -> dict:
+def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, config_name: str, heldout_limit: int,
+            workers: int, scheme: str, upload: str) -> dict:
     import torch
 
     from offsite.client.engine import TrainConfig, train_adapter
@@ -51,9 +56,9 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, quantize: str
 
     torch.set_num_threads(2)
     common = dict(local_steps=local_steps, batch_size=4, block_size=256, lr=1e-4, min_clients=3, round_timeout=3600,
-                  heldout_limit=heldout_limit)
-    job = prepare_local_job(work, model, clients=3, rounds=rounds, build={"quantize": quantize}, progress=True,
-                            client_threads=2 if workers == 1 else 1, **common)
+                  heldout_limit=heldout_limit, scheme=scheme, upload=upload)
+    job = prepare_local_job(work, model, clients=3, rounds=rounds, build=build, progress=True,
+                            client_threads=int(os.environ.get("OFFSITE_CLIENT_THREADS", 2 if workers == 1 else 1)), **common)
     evaluator = PluginEvaluator(model, job.cfg.heldout, 256, heldout_limit)
     t0 = time.perf_counter()
     fed = run_simulation_job(job, workers=workers, evaluator=evaluator)
@@ -65,7 +70,7 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, quantize: str
     bundle = load_bundle(job.cfg.bundle, job.cfg.public_key)
     union = [e for shard in python_reference_split(3).shards for e in shard]
     t0 = time.perf_counter()
-    cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0)
+    cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0, scheme=scheme)
     central = train_adapter(bundle, union, cfg, progress=False)
     central_seconds = time.perf_counter() - t0
     central_ppl = evaluator.plugin_perplexity({k: v.numpy() for k, v in central.adapter_state.items()})
@@ -80,9 +85,16 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, quantize: str
             "client_eval_ppl": [c["eval_ppl_after"] for c in r["clients"]],
         })
     shares = [r["server_share"] for r in rounds_out]
+    full_adapter_bytes = sum(v.numel() * 4 for v in bundle.adapter_state().values())
+    ups = [c["bytes_up"] for r in fed["rounds"] for c in r["clients"] if c.get("bytes_up")]
+    up_per_owner = sum(ups) / len(ups) if ups else None
     return {
+        "emulator_config": config_name, "bytes_up_per_owner_round": up_per_owner, "full_adapter_bytes": full_adapter_bytes,
+        "upload_vs_full_adapter": up_per_owner / full_adapter_bytes if up_per_owner else None,
         "quality": {
-            "model": model, "bundle_quantize": quantize, "clients": 3, "rounds": rounds, "local_steps": local_steps,
+            "model": model, "emulator_config": config_name, "build": build, "scheme": scheme, "upload": job.cfg.upload_format,
+            "clients": 3, "rounds": rounds, "local_steps": local_steps,
+            "upload_rel_error_max": max((c.get("upload_rel_error") or 0.0 for r in fed["rounds"] for c in r["clients"]), default=None),
             "centralized_steps": rounds * local_steps, "heldout_blocks": len(evaluator.blocks),
             "zero_shot_ppl": fed["plugin_ppl_initial"], "federated_plugin_ppl": fed_ppl, "centralized_plugin_ppl": central_ppl,
             "federated_vs_centralized": fed_ppl / central_ppl, "target_ratio_max": 1.05, "meets_target": fed_ppl <= 1.05 * central_ppl,
@@ -141,26 +153,46 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--quantize", default="int4", help="middle blocks of the bundle (the offsite emulator)")
+    ap.add_argument("--quantize", default=None, help="middle blocks of the bundle (default: the shipped emulator)")
+    ap.add_argument("--scheme", default="norms,channels:0.25", help="what each data owner trains (engine scheme)")
+    ap.add_argument("--upload", default="auto", help="auto | full | sparse-fp16 | sparse-int8 (see offsite.wire)")
+    ap.add_argument("--baseline-json", default="", help="a run of --scheme full --upload full on the same configuration")
     ap.add_argument("--heldout-limit", type=int, default=0, help="held-out blocks for plug-in ppl (0: all)")
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--workers", type=int, default=1, help="Ray workers (clients trained in parallel)")
     ap.add_argument("--work-dir", default="", help="keep state here (default: a temp dir, removed)")
     args = ap.parse_args()
 
+    load_start = os.getloadavg()
     out_path = Path(args.json)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-federation-"))
     try:
         if args.part in ("quality", "all"):
-            results.update(quality(work / "quality", args.model, args.rounds, args.local_steps, args.quantize,
-                                   args.heldout_limit, args.workers))
+            if args.quantize:
+                name, build = args.quantize, {"quantize": args.quantize}
+            else:
+                from bench.client_train import shipped_emulator
+
+                name, shipped = shipped_emulator()
+                keep = ("quantize", "awq", "emulator_layers", "distill_steps", "adapter_layers", "block_size", "seed")
+                build = {k: v for k, v in vars(shipped).items() if k in keep}
+            results.update(quality(work / "quality", args.model, args.rounds, args.local_steps, build, name,
+                                   args.heldout_limit, args.workers, args.scheme, args.upload))
+            if args.baseline_json:
+                base = json.loads(Path(args.baseline_json).read_text())
+                q = results["quality"]
+                q["baseline"] = {"json": args.baseline_json, "scheme": base["quality"]["scheme"], "upload": base["quality"]["upload"],
+                                 "federated_plugin_ppl": base["quality"]["federated_plugin_ppl"],
+                                 "bytes_up_per_owner_round": base["bytes_up_per_owner_round"]}
+                q["plugin_vs_baseline"] = q["federated_plugin_ppl"] / base["quality"]["federated_plugin_ppl"]
+                q["upload_vs_baseline"] = results["bytes_up_per_owner_round"] / base["bytes_up_per_owner_round"]
         if args.part in ("scale", "all"):
             results.update(scale(work / "scale", [int(x) for x in args.sizes.split(",")], max(args.workers, 2)))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg(),
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_start": load_start, "load_avg": os.getloadavg(),
                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -172,6 +204,10 @@ def main() -> None:
                       ["federated (3 owners)", f"{q['federated_plugin_ppl']:.3f}", f"{q['federated_seconds']:.0f}"]],
                      ["plug-in (held-out)", "ppl", "seconds"]))
         print(f"federated / centralized = {q['federated_vs_centralized']:.4f} (target <= 1.05: {q['meets_target']})")
+        print(f"upload per owner per round: {results['bytes_up_per_owner_round'] / 1e6:.2f} MB = "
+              f"{results['upload_vs_full_adapter']:.3f} of the full fp32 adapter ({results['full_adapter_bytes'] / 1e6:.1f} MB)")
+        if "plugin_vs_baseline" in q:
+            print(f"plug-in ppl vs the full-upload baseline: {q['plugin_vs_baseline']:.4f} (target within 1%)")
         print(f"server overhead per round: max {100 * o['server_share_max']:.2f}% (target <= 5%: {o['meets_target']})")
     if "scale" in results:
         s = results["scale"]

@@ -51,3 +51,17 @@ def test_parse_memory():
     assert parse_memory("1.5GB") == 1536
     with pytest.raises(BudgetError):
         parse_memory("lots")
+    assert parse_memory("auto") == parse_memory(" AUTO ") == "auto"
+
+
+@pytest.mark.parametrize("fixed", [300.0, 900.0])
+def test_auto_budget_is_the_measured_minimum_plus_the_margin_on_any_machine(monkeypatch, fixed):
+    """Whatever this machine's runtime floor, "auto" never trips the minimum: it is derived from it."""
+    from offsite.client.engine import budget
+
+    monkeypatch.setattr(budget, "current_rss_mb", lambda: fixed)
+    lines: list[str] = []
+    b = train_model(_target(), TEXT, _cfg("auto"), progress=False, log=lines.append).metrics["budget"]
+    assert b["budget_mb"] == pytest.approx(b["minimum_mb"] + budget.AUTO_MARGIN_MB, abs=0.1)
+    assert b["minimum_mb"] > fixed and b["estimate_mb"] <= b["budget_mb"]
+    assert any(line.startswith("memory budget auto:") for line in lines)

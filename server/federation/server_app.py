@@ -78,6 +78,7 @@ def _client_row(c: ClientReport) -> dict:
         "update_norm": c.update_norm,
         "bounded_scale": c.scale,
         "bytes_up": c.bytes_up,
+        "upload_rel_error": m.get("upload-rel-error"),  # sparse uploads: the encoding's measured error
     }
     return row
 
