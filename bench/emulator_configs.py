@@ -205,3 +205,28 @@ def emulator_bytes(emu, family, plan, cfg: EmulatorConfig) -> int:
         else:
             total += t.numel() * t.element_size()
     return total
+
+
+def build_options(cfg: EmulatorConfig) -> dict | None:
+    """The `BuildConfig` fields that build `cfg` as a signed bundle, or None when the
+    configuration uses a bench-only lever (per-projection bits, GPTQ, a low-bit vocabulary
+    matrix, distillation settings the builder does not expose)."""
+    if cfg.linear_bits or cfg.gptq or cfg.embed_bits or cfg.distill_match != "output" or cfg.distill_lm_weight != 1.0:
+        return None
+    out: dict = {"quantize": f"int{cfg.bits}" if cfg.bits else "none", "awq": cfg.awq}
+    if cfg.awq and cfg.awq_alpha != 0.5:
+        out["awq_alpha"] = cfg.awq_alpha
+    if cfg.block_bits:
+        out["block_bits"] = {str(k): int(v) for k, v in sorted(cfg.block_bits.items())}
+    if cfg.emulator_layers is not None:
+        out["emulator_layers"] = cfg.emulator_layers
+    if cfg.kept is not None:
+        out["kept"] = list(cfg.kept)
+    if cfg.distill_steps:
+        out["distill_steps"] = cfg.distill_steps
+    if cfg.prune_fraction:
+        out["prune_fraction"] = cfg.prune_fraction
+    if cfg.elevate_margin is not None:
+        out["elevate_margin"] = cfg.elevate_margin
+        out["elevate_steps"] = cfg.elevate_steps
+    return out

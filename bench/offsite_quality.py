@@ -1,33 +1,40 @@
-"""Offsite-Tuning quality on held-out text: how much of the adapter's gain survives the emulator.
+"""Offsite-Tuning quality: how much of the adapter's gain survives the emulator, and how
+much the emulator protects against data owners who hold its weights.
 
-    python -m bench.offsite_quality [--quick] [--model M] --json OUT
+    python -m bench.offsite_quality [--quick] [--model M] [--configs A,B] [--seeds 0,1,2] --json OUT
 
-Protocol (REFERENCES.md): python-reference, held-out topics, 256-token blocks, batch 4,
-AdamW, 2 threads. The defaults here are 30 steps at lr 2e-4 (the same Adam step budget as
-REFERENCES' 60 at 1e-4, half the compute) on the first 32 held-out blocks (8k tokens,
-REFERENCES used 7k): the shared 2-core machine ran at load 15-20 while this was measured.
-`--steps 60 --lr 1e-4 --heldout-blocks 0` reproduces the REFERENCES protocol exactly.
-Rows, each as held-out perplexity:
+Data: python-reference (train shard; held-out topics), 256-token blocks, AdamW. Two held-out
+sets: `own_domain` (the first --heldout-blocks held-out python-reference blocks) and
+`general` (as many blocks of general English from Debian's `fortunes` package, spread over
+it: bench/general_text.py; `apt-get install fortunes`).
+Rows, each as perplexity on both sets:
 
 - full_zero_shot: the unmodified model.
 - adapter_ceiling: the adapter blocks (first 2 + last 2) trained directly on the full model.
-- full_finetuned: every block trained, same data and steps.
-- for each emulator configuration: emulator alone (zero-shot), emulator + adapter trained
-  on it, and that adapter plugged into the full model.
+- full_finetuned (--full-ft): every block trained, same data and steps.
+- for each emulator configuration (bench/emulator_configs.py): the emulator alone, and the
+  emulator after each of three data owners trained it (bench/protection.py): `recipe`
+  (adapter only; its adapter plugged into the full model is the product: `plugin`),
+  `recalibrated` (adapter + every norm + a logit temperature) and `full_finetune` (every
+  weight of the dequantized emulator). Same data, steps, lr and batch order for all.
 
-Summary keys (emulator_zero_shot, emulator_finetuned, plugin, bundle_bytes, build_seconds)
-describe the named configuration (`--named`; default `int3-awq`: no configuration has met
-both targets; of those meeting protection it keeps the most gain, 79%; see README
-"Emulator quality").
-The trade-off table reports for every configuration: the plug-in's share of the ceiling's
-log-perplexity gain, emulator-alone ppl, emulator+adapter ppl, the protection ratio
-(emulator+adapter / plug-in), bundle bytes, build time, and `protection_per_lost_gain` =
-ln(protection) / ln(plug-in / ceiling): how much protection each configuration buys per
-unit of the plug-in's shortfall (both targets at once need >= 8.4 with this protocol).
+`plugin_share` is the plug-in's share of the ceiling's log-perplexity gain on own-domain
+text; protection against an owner on a set is that owner's emulator ppl / the plug-in's ppl
+there (`protection`, `protection_recalibrated`, `protection_full_finetune`; `*_general` on
+general text). `--seeds` repeats the ceiling and the `--seeded` configurations (default:
+the named one) and reports mean and sample sd. Summary keys describe `--named` (default
+`NAMED` in bench/emulator_configs.py). `--frontier PATH` writes the buildable rows as the
+privacy-utility dial's data (emulators/frontier.py).
 
-Every measured row is cached in --cache-dir under a hash of (model digest, protocol,
-configuration), so an interrupted run resumes and a new configuration costs only itself;
-`--fresh` ignores the cache.
+The 16 rows charted first (docs/benchmarks.md) used 30 steps x batch 4 at lr 2e-4 on 32
+held-out blocks, recipe owner only. The three-owner table used `--steps 12 --batch-size 2
+--lr 5e-4 --heldout-blocks 12` (the same Adam step budget, 1/5 of the tokens), because the
+shared 2-core machine ran at load 15-30 while it was measured.
+
+Every part (each owner of each configuration and seed, each baseline) is cached in
+--cache-dir under a hash of (model digest, protocol, held-out sets, configuration), so an
+interrupted run resumes, `--rows-only` runs configurations in parallel processes, and a new
+configuration costs only itself; `--fresh` ignores the cache.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -83,6 +91,8 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
         stored = json.loads(path.read_text())
         stored.pop("config", None)
         return stored
+    if compute is None:  # --cached-only
+        return None
     result = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
@@ -116,7 +126,7 @@ def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protoc
     plan = plan_split(loaded.family.num_layers(loaded.model.config), proto.adapter_layers, cfg.emulator_layers, cfg.kept)
     row = measure_owners(loaded, emulator, plan, train, sets, proto.steps, proto.lr, proto.batch_size, proto.seed,
                          label=f"{cfg.name}/seed{proto.seed}", cached=cached)
-    size = cached("size", lambda: info if info else _size_only(loaded, cfg, train, sets, proto))
+    size = cached("size", lambda: info if info else _size_only(loaded, cfg, train, sets, proto)) or {}
     return {**row, **size, "kept": plan.middle_kept}
 
 
@@ -162,12 +172,14 @@ def config_row(cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[in
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
 
-    def stat(f):
-        return _mean_sd([f(per_seed[s], ceilings[s]) for s in seeds])
+    def stat(f, need: str = "plugin"):
+        xs = [f(per_seed[s], ceilings[s]) for s in seeds if need in per_seed[s]]
+        return _mean_sd(xs) if xs else (None, None)
 
     share = stat(lambda r, c: log_gain_share(zero_shot["own_domain"], c["own_domain"], r["plugin"]["own_domain"]))
-    prot = {a: {st: stat(lambda r, c, a=a, st=st: r[a][st] / r["plugin"][st]) for st in ("own_domain", "general")}
+    prot = {a: {st: stat(lambda r, c, a=a, st=st: r[a][st] / r["plugin"][st], need=a) for st in ("own_domain", "general")}
             for a in ATTACKERS}
+    seeds = [s for s in seeds if "plugin" in per_seed[s]]
     plugin = stat(lambda r, c: r["plugin"]["own_domain"])[0]
     emu_ft = stat(lambda r, c: r["recipe"]["own_domain"])[0]
     ceil = stat(lambda r, c: c["own_domain"])[0]
@@ -196,15 +208,17 @@ def config_row(cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[in
         "protection_recalibrated_general": prot["recalibrated"]["general"][0],
         "protection_full_finetune_general": prot["full_finetune"]["general"][0],
         "protection_full_finetune_general_sd": prot["full_finetune"]["general"][1],
-        "ppl_by_owner": {k: first[k] for k in ("emulator_zero_shot", "plugin", *ATTACKERS)},
-        "protection_per_lost_gain": (math.log(emu_ft / plugin) / math.log(plugin / ceil) if plugin > ceil else math.inf),
-        "emulator_bytes": first["emulator_bytes"],
-        "bytes_vs_full": first["emulator_bytes"] / full_bytes,
-        "build_seconds": first["build_seconds"],
+        "ppl_by_owner": {k: first.get(k) for k in ("emulator_zero_shot", "plugin", *ATTACKERS)},
+        "protection_per_lost_gain": (math.log(emu_ft / plugin) / math.log(plugin / ceil) if plugin > ceil else None),
+        "emulator_bytes": first.get("emulator_bytes"),
+        "bytes_vs_full": first["emulator_bytes"] / full_bytes if first.get("emulator_bytes") else None,
+        "build_seconds": first.get("build_seconds"),
     }
 
 
-def _pm(mean: float, sd: float, seeds: int, fmt: str) -> str:
+def _pm(mean: float | None, sd: float | None, seeds: int, fmt: str) -> str:
+    if mean is None:
+        return "-"
     return (fmt.format(mean) + (" ± " + fmt.format(sd) if seeds > 1 else ""))
 
 
@@ -218,11 +232,11 @@ def print_table(rows: list[dict], baselines: dict) -> str:
         lines.append(
             f"| {r['config']} | {r['extra_step'] or '-'} | {r['weight_bits']}{' awq' if r['awq'] else ''} | "
             f"{_pm(100 * r['plugin_share'], 100 * r['plugin_share_sd'], n, '{:.0f}%')} | "
-            f"{_pm(r['protection'], r['protection_sd'], n, '{:.2f}x')} / {r['protection_general']:.2f}x | "
-            f"{r['protection_recalibrated']:.2f}x / {r['protection_recalibrated_general']:.2f}x | "
+            f"{_pm(r['protection'], r['protection_sd'], n, '{:.2f}x')} / {_pm(r['protection_general'], 0, 1, '{:.2f}x')} | "
+            f"{_pm(r['protection_recalibrated'], 0, 1, '{:.2f}x')} / {_pm(r['protection_recalibrated_general'], 0, 1, '{:.2f}x')} | "
             f"{_pm(r['protection_full_finetune'], r['protection_full_finetune_sd'], n, '{:.2f}x')} / "
             f"{_pm(r['protection_full_finetune_general'], r['protection_full_finetune_general_sd'], n, '{:.2f}x')} | "
-            f"{r['plugin_ppl']:.2f} | {r['emulator_bytes'] / 1e6:.0f} | {','.join(map(str, r['seeds']))} |"
+            f"{r['plugin_ppl']:.2f} | {_pm(r['emulator_bytes'] and r['emulator_bytes'] / 1e6, 0, 1, '{:.0f}')} | {','.join(map(str, r['seeds']))} |"
         )
     zs, ce = baselines["full_zero_shot"]["ppl_by_set"], baselines["adapter_ceiling"]["ppl_by_set"]
     head = (f"full zero-shot {zs['own_domain']:.2f} (general {zs['general']:.2f}), adapter ceiling "
@@ -260,6 +274,8 @@ def main(
     lr: float = typer.Option(2e-4, "--lr", help="AdamW learning rate of every data owner and of the ceiling"),
     heldout_blocks: int = typer.Option(32, "--heldout-blocks", help="held-out blocks evaluated per set (0: all own-domain blocks)"),
     full_ft: bool = typer.Option(False, "--full-ft/--no-full-ft", help="also measure the full model fine-tuned (reference row)"),
+    frontier: Path = typer.Option(None, "--frontier", help="also write these rows as the model's measured frontier into this JSON (the dial's data, e.g. emulators/frontier.json)"),
+    cached_only: bool = typer.Option(False, "--cached-only", help="assemble the table from the cache only: unmeasured owners show as '-', rows without a plug-in are left out"),
     rows_only: bool = typer.Option(False, "--rows-only", help="measure the configuration rows into the cache and stop (to run rows in parallel processes)"),
 ) -> None:
     """Example: python -m bench.offsite_quality --configs int3-awq,int4-awq --seeds 0,1,2 --json /tmp/q.json"""
@@ -292,6 +308,8 @@ def main(
         p = asdict(replace(proto, seed=seed))
         return {"model": loaded.digest, "protocol": p, "heldout": len(heldout), "train": len(train), "general": CORPUS_NAME}
 
+    if cached_only:
+        seed_list = [s for s in seed_list if _cache_path(cache_dir, "ceiling-v2", key_for(s)).exists()] or seed_list[:1]
     baselines = {} if rows_only else {s: measure_baselines(loaded, train, sets, replace(proto, seed=s), cache, key_for(s), with_full=full_ft and s == 0)
                  for s in seed_list}
     results: dict[str, dict[int, dict]] = {}
@@ -301,12 +319,13 @@ def main(
             payload = {**key_for(s), "emulator": cfg.key()}
             results[cfg.name][s] = measure_config(
                 loaded, cfg, train, sets, replace(proto, seed=s),
-                cached=lambda part, compute, payload=payload: _cached(cache, f"owner-{part}", payload, compute))
+                cached=lambda part, compute, payload=payload: _cached(cache, f"owner-{part}", payload, None if cached_only else compute))
     if rows_only:
         return
     full_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     zs = baselines[seed_list[0]]["full_zero_shot"]["ppl_by_set"]
     ceilings = {s: baselines[s]["adapter_ceiling"]["ppl_by_set"] for s in seed_list}
+    all_cfgs = [cfg for cfg in all_cfgs if any("plugin" in r for r in results[cfg.name].values())]
     rows = [config_row(cfg, results[cfg.name], ceilings, zs, full_bytes) for cfg in all_cfgs]
     base0 = baselines[seed_list[0]]
     table = print_table(rows, base0)
@@ -349,6 +368,40 @@ def main(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(out, indent=1))
     print(f"wrote {json_out}")
+    if frontier:
+        write_frontier(frontier, model, all_cfgs, rows, out, " ".join(["python -m bench.offsite_quality", *sys.argv[1:]]))
+        print(f"wrote the frontier of {model} into {frontier}")
+
+
+def write_frontier(path: Path, model: str, cfgs: list[EmulatorConfig], rows: list[dict], out: dict, command: str) -> None:
+    """Merge this run's buildable rows into the dial's JSON (emulators/frontier.py)."""
+    from bench.emulator_configs import build_options
+    from offsite.files import atomic_write
+
+    data = json.loads(path.read_text()) if path.exists() else {"schema": 1, "models": {}}
+    points = []
+    for cfg, r in zip(cfgs, rows):
+        opts = build_options(cfg)
+        if opts is None:
+            continue
+        points.append({
+            "config": cfg.name, "build": opts, "plugin_share": round(r["plugin_share"], 4), "seeds": r["seeds"],
+            "protection": {o: {s: round(r[_prot_key(o, s)], 4) for s in ("own_domain", "general")} for o in ATTACKERS},
+        })
+    data["models"][model] = {
+        "points": points,
+        "measured": {
+            "protocol": out["protocol"], "own_domain": out["heldout_sets"]["own_domain"], "general": out["heldout_sets"]["general"],
+            "own_domain_short": "python-reference held-out topics", "general_short": "Debian fortunes (general English)",
+            "command": command, "load_average": out["load_average"], "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def _prot_key(owner: str, held_out: str) -> str:
+    base = "protection" if owner == "recipe" else f"protection_{owner}"
+    return base + ("_general" if held_out == "general" else "")
 
 
 if __name__ == "__main__":

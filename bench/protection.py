@@ -115,7 +115,8 @@ def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, T
             built["m"] = emulator()
         return built["m"]
 
-    out: dict = {"emulator_zero_shot": cached("zero_shot", lambda: ppl_on(emu(), sets)), "s_per_step": {}}
+    zero_shot = cached("zero_shot", lambda: ppl_on(emu(), sets))
+    out: dict = {"emulator_zero_shot": zero_shot or {s: None for s in sets}, "s_per_step": {}}
     for attacker in attackers:
         tag = f"{label}:{attacker}" if label else attacker
 
@@ -139,6 +140,8 @@ def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, T
             return part
 
         part = cached(attacker, compute)
+        if part is None:  # not measured yet (the caller reads the cache only)
+            continue
         out[attacker] = part["ppl"]
         out["s_per_step"][attacker] = part["s_per_step"]
         if "plugin" in part:

@@ -57,9 +57,12 @@ def build(
     signing_key: Path = typer.Option(..., "--signing-key", help="the model owner's signing.key (from `offsite-admin keys init`)"),
     out: Path = typer.Option(..., "--out", help="bundle directory to create (must not exist)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"),
+    protection: float | None = typer.Option(None, "--protection", help="pick the lossy options from the measured frontier: the most transfer at this protection against a data owner who fine-tunes every weight, on general text (e.g. 1.3)"),
     json_out: bool = json_option("print the manifest as JSON"),
 ) -> None:
     """Build and sign an emulator bundle.
+
+    Example (privacy-utility dial): offsite-admin emulators local build --protection 1.3 --signing-key keys/signing.key --out bundle
 
     Example: offsite-admin emulators local build --model smollm2-135m --adapter-layers 2,2 --quantize int3 --awq
     --signing-key keys/signing.key --out bundle
@@ -69,12 +72,20 @@ def build(
     layers = int_list(adapter_layers, "--adapter-layers")
     if len(layers) != 2:
         fail(f"--adapter-layers must be two numbers 'bottom,top', e.g. 2,2; got {adapter_layers!r}", json_out)
-    cfg = BuildConfig(
+    options = dict(
         model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
         distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
         seed=seed, kept=int_list(kept, "--kept") or None, group_size=group_size, embeddings=embeddings,
         block_bits=_block_bits(block_bits),
     )
+    if protection is not None:
+        from offsite.emulators.frontier import FrontierError, dial_options
+
+        try:
+            options.update(dial_options(model, protection, options))
+        except FrontierError as e:
+            fail(str(e), json_out)
+    cfg = BuildConfig(**options)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(), console=err_console, transient=json_out,
@@ -140,7 +151,11 @@ def inspect_bundle(
     except (BundleError, ValueError) as e:
         fail(f"{bundle}: {e}", json_out, code=1)
     if json_out:
-        typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "verified": public_key is not None, **bundle_summary(manifest)}))
+        from offsite.emulators.frontier import describe, for_manifest
+
+        measured = for_manifest(manifest)
+        typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "verified": public_key is not None, **bundle_summary(manifest),
+                               "measured_protection": describe(*measured) if measured else None}))
         return
     _print_summary(manifest, str(bundle), verified=public_key is not None)
 
@@ -157,6 +172,11 @@ def _print_summary(manifest: dict, where: str, verified: bool) -> None:
     ratio = f"{s['ratio_to_base_fp32']:.3f}" if s["ratio_to_base_fp32"] else "-"
     console.print(f"size {_human(s['bundle_bytes'])} = {ratio} of the fp32 base model; middle {q.get('middle')}, "
                   f"embeddings {q.get('embeddings')}, adapter {q.get('adapter', 'fp32')}", highlight=False)
+    from offsite.emulators.frontier import for_manifest, summary_line
+
+    measured = for_manifest(manifest)
+    console.print(summary_line(*measured) if measured else "protection: not measured for these build options "
+                  "(the measured configurations are in offsite/emulators/frontier.json)", highlight=False)
     blocks = Table(title="blocks")
     for col in ("position", "original block", "role", "quantization", "bytes"):
         blocks.add_column(col)
