@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from offsite.emulators.data import Example, TokenBlocks, tokenize_examples
 from offsite.emulators.families import Family
-from offsite.emulators.losses import causal_lm_nll
+from offsite.emulators.losses import perplexity
 
 from . import checkpoint as ckpt
 from . import optim
@@ -118,15 +118,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def eval_ppl(model: nn.Module, blocks: TokenBlocks | None, cfg: TrainConfig, device, dtype) -> float | None:
     if blocks is None:
         return None
-    total, count = 0.0, 0
-    for i, (ids, labels, mask) in enumerate(blocks.batches(cfg.batch_size, shuffle=False)):
-        if cfg.eval_batches is not None and i >= cfg.eval_batches:
-            break
-        with autocast(device, dtype):
-            nll, n = causal_lm_nll(model, ids.to(device), labels.to(device), mask.to(device), cfg.loss_chunk_tokens)
-        total += float(nll)
-        count += n
-    return float(math.exp(total / max(count, 1)))
+    return perplexity(model, blocks, cfg.batch_size, max_batches=cfg.eval_batches, device=device,
+                      chunk_tokens=cfg.loss_chunk_tokens, context=lambda: autocast(device, dtype))
 
 
 def _load_adapter_into(target: EngineTarget, state: dict[str, torch.Tensor]) -> None:
