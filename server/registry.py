@@ -62,6 +62,14 @@ def _redacted(url: str) -> str:
         return url.split("@")[-1]
 
 
+def url_without_password(url: str) -> str:
+    """`url` minus its password, for places other parties can read (a Flower run config reaches
+    every SuperNode). The process that connects gets the password from libpq's environment
+    (PGPASSWORD / PGPASSFILE), e.g. the SuperExec's."""
+    parsed = make_url(url)
+    return parsed._replace(password=None).render_as_string(hide_password=False) if parsed.password else url
+
+
 class Conflict(ValueError):
     """The change contradicts the current state (duplicate name, wrong status, ...)."""
 

@@ -162,9 +162,10 @@ def compose():
 
 def _argv(service: dict) -> tuple[str, list[str]]:
     entry = service["entrypoint"]
-    if entry[0] == "sh":  # the server's wrapper: sh -c '... exec offsite-admin "$@"' offsite-admin
-        assert 'exec offsite-admin "$$@"' in entry[2]
-        entry = ["offsite-admin"]
+    if entry[0] == "sh":  # a wrapper that reads a secret file: sh -c '... exec PROGRAM "$@"' PROGRAM
+        program = re.search(r'exec (\S+) "\$\$@"', entry[2]).group(1)
+        assert entry[3] == program
+        entry = [program]
     return _program(entry), [str(a) for a in service["command"]]
 
 
@@ -213,6 +214,7 @@ def test_compose_env_names_match_the_code(compose):
     assert serve["database_url"].envvar == "OFFSITE_DATABASE_URL"
     assert "OFFSITE_DATABASE_URL=" in compose["services"]["server"]["entrypoint"][2]
     superexec = compose["services"]["superexec"]
+    assert "PGPASSWORD=" in superexec["entrypoint"][2] and "db-password" in superexec["secrets"]
     health = superexec["healthcheck"]["test"]
     assert health[-1] == _flag_value([str(a) for a in superexec["command"]], "--health-server-address")
 

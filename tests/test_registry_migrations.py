@@ -175,3 +175,10 @@ def test_serve_refuses_a_bad_database_and_writes_nothing(tmp_path):
     assert "cannot open the registry database" in said and "Traceback" not in said
     written = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
     assert written == []
+
+
+def test_the_url_other_parties_see_has_no_password():
+    from offsite.server.registry import url_without_password
+
+    assert url_without_password("postgresql+psycopg://u:p%40ss@db:5432/reg") == "postgresql+psycopg://u@db:5432/reg"
+    assert url_without_password("sqlite:////srv/registry.db") == "sqlite:////srv/registry.db"

@@ -260,8 +260,11 @@ def register_supernode(public_key: str | Path, flwr_home: str | Path, superlink:
 
 def run_status(run_id: str, flwr_home: str | Path, superlink: str, check_cancelled=None, on_process=None) -> str:
     """The Flower run's status, e.g. "running" or "finished:completed" ("" when unknown)."""
-    proc = flwr(["ls", superlink, "--run-id", run_id, "--format", "json"], flwr_home, check=False, timeout=60,
-                check_cancelled=check_cancelled, on_process=on_process)
+    try:
+        proc = flwr(["ls", superlink, "--run-id", run_id, "--format", "json"], flwr_home, check=False, timeout=60,
+                    check_cancelled=check_cancelled, on_process=on_process)
+    except DeploymentError:
+        return ""  # a slow answer on a busy machine is "unknown": the caller asks again; its deadline bounds the job
     try:
         runs = json.loads(proc.stdout).get("runs", [])
     except (json.JSONDecodeError, AttributeError):

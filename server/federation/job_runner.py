@@ -256,6 +256,7 @@ def run_job(ctx) -> None:
     here (typed options, the admin's bounds), and every path is derived under the data dir:
     nothing in a request names a file, a directory or a command."""
     from offsite.server.job_options import deployment_paths, federation_overrides, validate_stored_spec
+    from offsite.server.registry import url_without_password
 
     quiet_flower()
     policy = ctx.policy
@@ -285,7 +286,8 @@ def run_job(ctx) -> None:
         job_id=ctx.job.id, model=ctx.model.source or ctx.model.name, bundle=str(bundle_root), bundle_digest=digest,
         job_dir=str(job_dir), public_key=str(ctx.public_key_path), rounds=spec["rounds"],
         min_clients=spec["min_clients"], fraction=spec["fraction"], heldout=heldout,
-        registry_url=ctx.registry.url, artifacts_root=str(ctx.store.root), candidate_dir=str(job_dir / "candidate"),
+        # The run config reaches every SuperNode: never the database password (the SuperExec has it).
+        registry_url=url_without_password(ctx.registry.url), artifacts_root=str(ctx.store.root), candidate_dir=str(job_dir / "candidate"),
         **overrides,
     )
     timeout = policy.job_timeout_s(options, cfg.rounds)
