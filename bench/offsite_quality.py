@@ -45,12 +45,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import typer
+
+from offsite.files import atomic_write
 
 from bench.emulator_configs import (  # noqa: F401  (re-exported: older callers import them from here)
     FULL_CONFIGS,
@@ -94,11 +95,7 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
     if compute is None:  # --cached-only
         return None
     result = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({**result, "config": payload}, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({**result, "config": payload}, indent=1))
     return result
 
 
