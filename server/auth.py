@@ -74,6 +74,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/offsite.v1.Releases/ApproveRelease": _ADMIN_ONLY,
     "/offsite.v1.Releases/RejectRelease": _ADMIN_ONLY,
     "/offsite.v1.Releases/ExportRelease": _STAFF,
+    "/offsite.v1.Releases/MergeReleases": _STAFF,  # allow_ungated: admins only (checked in the service)
     "/offsite.v1.Evals/RunEval": _STAFF,
     "/offsite.v1.Evals/GetEvalReport": _STAFF,
     "/offsite.v1.Evals/ListEvalReports": _STAFF,

@@ -140,7 +140,8 @@ def release(reg: r.Registry, row: r.ReleaseRow) -> releases_pb2.Release:
         id=row.id, job_id=row.job_id, model_id=row.model_id, status=row.status,
         adapter=artifact_ref(reg, row.adapter_sha256, "adapter"), export=artifact_ref(reg, row.export_sha256, "model-export"),
         metrics=struct(row.metrics), gate_report_id=row.gate_report_id, gate_verdict=row.gate_verdict,
-        decided_by=row.decided_by, reason=row.reason, created_at=ts(row.created_at), updated_at=ts(row.updated_at))
+        decided_by=row.decided_by, reason=row.reason, created_at=ts(row.created_at), updated_at=ts(row.updated_at),
+        parent_ids=row.parent_ids or [])
 
 
 def eval_report(reg: r.Registry, row: r.EvalReportRow) -> evals_pb2.EvalReport:

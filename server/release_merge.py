@@ -73,6 +73,28 @@ def plan_merge(registry, release_ids: list[str], config, allow_ungated: bool = F
     return MergePlan(parents=parents, model_id=first.model_id, config=config, ungated=ungated)
 
 
+def config_from_request(request):
+    """The MergeConfig a MergeReleasesRequest asks for (unset options keep the library's defaults)."""
+    from offsite.emulators.merge import MergeConfig
+
+    fields = {"method": request.method or "ties"}
+    if request.weights:
+        fields["weights"] = tuple(request.weights)
+    for name in ("scale", "density", "drop_rate", "seed"):
+        if request.HasField(name):
+            fields[name] = getattr(request, name)
+    if request.majority_sign:
+        fields["majority_sign"] = request.majority_sign
+    return MergeConfig(**fields)
+
+
+def audit_ungated(registry, principal, plan: MergePlan) -> None:
+    """The allow_ungated override, in the audit log with the parents' statuses."""
+    what = ", ".join(f"{r.id} ({r.status})" for r in plan.parents if r.id in plan.ungated)
+    registry.audit(principal.name, principal.role, "/offsite.v1.Releases/MergeReleases",
+                   ",".join(r.id for r in plan.parents), "allow-ungated", f"merging releases not through the gate: {what}")
+
+
 def _model_name(registry, model_id: str) -> str:
     try:
         m = registry.get_model(model_id)

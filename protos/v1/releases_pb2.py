@@ -29,7 +29,7 @@ from offsite.protos.v1 import common_pb2 as offsite_dot_v1_dot_common__pb2
 from offsite.protos.v1 import operations_pb2 as offsite_dot_v1_dot_operations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19offsite/v1/releases.proto\x12\noffsite.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17offsite/v1/common.proto\x1a\x1boffsite/v1/operations.proto\"\xf6\x02\n\x07Release\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.offsite.v1.ArtifactRef\x12\'\n\x06\x65xport\x18\x06 \x01(\x0b\x32\x17.offsite.v1.ArtifactRef\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0egate_report_id\x18\x08 \x01(\t\x12\x14\n\x0cgate_verdict\x18\t \x01(\t\x12\x12\n\ndecided_by\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x11GetReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"=\n\x14ListReleasesResponse\x12%\n\x08releases\x18\x01 \x03(\x0b\x32\x13.offsite.v1.Release\"<\n\x15\x41pproveReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0foverride_reason\x18\x02 \x01(\t\"2\n\x14RejectReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x14\x45xportReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xfb\x02\n\x08Releases\x12Q\n\x0cListReleases\x12\x1f.offsite.v1.ListReleasesRequest\x1a .offsite.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.offsite.v1.GetReleaseRequest\x1a\x13.offsite.v1.Release\x12H\n\x0e\x41pproveRelease\x12!.offsite.v1.ApproveReleaseRequest\x1a\x13.offsite.v1.Release\x12\x46\n\rRejectRelease\x12 .offsite.v1.RejectReleaseRequest\x1a\x13.offsite.v1.Release\x12H\n\rExportRelease\x12 .offsite.v1.ExportReleaseRequest\x1a\x15.offsite.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19offsite/v1/releases.proto\x12\noffsite.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17offsite/v1/common.proto\x1a\x1boffsite/v1/operations.proto\"\x8a\x03\n\x07Release\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.offsite.v1.ArtifactRef\x12\'\n\x06\x65xport\x18\x06 \x01(\x0b\x32\x17.offsite.v1.ArtifactRef\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0egate_report_id\x18\x08 \x01(\t\x12\x14\n\x0cgate_verdict\x18\t \x01(\t\x12\x12\n\ndecided_by\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nparent_ids\x18\x0e \x03(\t\"\x1f\n\x11GetReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"=\n\x14ListReleasesResponse\x12%\n\x08releases\x18\x01 \x03(\x0b\x32\x13.offsite.v1.Release\"<\n\x15\x41pproveReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0foverride_reason\x18\x02 \x01(\t\"2\n\x14RejectReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\"\n\x14\x45xportReleaseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfc\x01\n\x14MergeReleasesRequest\x12\x13\n\x0brelease_ids\x18\x01 \x03(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\x12\n\x05scale\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x65nsity\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tdrop_rate\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\rmajority_sign\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\rallow_ungated\x18\t \x01(\x08\x42\x08\n\x06_scaleB\n\n\x08_densityB\x0c\n\n_drop_rateB\x07\n\x05_seed2\xc5\x03\n\x08Releases\x12Q\n\x0cListReleases\x12\x1f.offsite.v1.ListReleasesRequest\x1a .offsite.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.offsite.v1.GetReleaseRequest\x1a\x13.offsite.v1.Release\x12H\n\x0e\x41pproveRelease\x12!.offsite.v1.ApproveReleaseRequest\x1a\x13.offsite.v1.Release\x12\x46\n\rRejectRelease\x12 .offsite.v1.RejectReleaseRequest\x1a\x13.offsite.v1.Release\x12H\n\rExportRelease\x12 .offsite.v1.ExportReleaseRequest\x1a\x15.offsite.v1.Operation\x12H\n\rMergeReleases\x12 .offsite.v1.MergeReleasesRequest\x1a\x15.offsite.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'offsite.v1.releases_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELEASE']._serialized_start=159
-  _globals['_RELEASE']._serialized_end=533
-  _globals['_GETRELEASEREQUEST']._serialized_start=535
-  _globals['_GETRELEASEREQUEST']._serialized_end=566
-  _globals['_LISTRELEASESREQUEST']._serialized_start=568
-  _globals['_LISTRELEASESREQUEST']._serialized_end=636
-  _globals['_LISTRELEASESRESPONSE']._serialized_start=638
-  _globals['_LISTRELEASESRESPONSE']._serialized_end=699
-  _globals['_APPROVERELEASEREQUEST']._serialized_start=701
-  _globals['_APPROVERELEASEREQUEST']._serialized_end=761
-  _globals['_REJECTRELEASEREQUEST']._serialized_start=763
-  _globals['_REJECTRELEASEREQUEST']._serialized_end=813
-  _globals['_EXPORTRELEASEREQUEST']._serialized_start=815
-  _globals['_EXPORTRELEASEREQUEST']._serialized_end=849
-  _globals['_RELEASES']._serialized_start=852
-  _globals['_RELEASES']._serialized_end=1231
+  _globals['_RELEASE']._serialized_end=553
+  _globals['_GETRELEASEREQUEST']._serialized_start=555
+  _globals['_GETRELEASEREQUEST']._serialized_end=586
+  _globals['_LISTRELEASESREQUEST']._serialized_start=588
+  _globals['_LISTRELEASESREQUEST']._serialized_end=656
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=658
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=719
+  _globals['_APPROVERELEASEREQUEST']._serialized_start=721
+  _globals['_APPROVERELEASEREQUEST']._serialized_end=781
+  _globals['_REJECTRELEASEREQUEST']._serialized_start=783
+  _globals['_REJECTRELEASEREQUEST']._serialized_end=833
+  _globals['_EXPORTRELEASEREQUEST']._serialized_start=835
+  _globals['_EXPORTRELEASEREQUEST']._serialized_end=869
+  _globals['_MERGERELEASESREQUEST']._serialized_start=872
+  _globals['_MERGERELEASESREQUEST']._serialized_end=1124
+  _globals['_RELEASES']._serialized_start=1127
+  _globals['_RELEASES']._serialized_end=1580
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Release(_message.Message):
-    __slots__ = ("id", "job_id", "model_id", "status", "adapter", "export", "metrics", "gate_report_id", "gate_verdict", "decided_by", "reason", "created_at", "updated_at")
+    __slots__ = ("id", "job_id", "model_id", "status", "adapter", "export", "metrics", "gate_report_id", "gate_verdict", "decided_by", "reason", "created_at", "updated_at", "parent_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class Release(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     job_id: str
     model_id: str
@@ -41,7 +42,8 @@ class Release(_message.Message):
     reason: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., model_id: _Optional[str] = ..., status: _Optional[str] = ..., adapter: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., export: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., gate_report_id: _Optional[str] = ..., gate_verdict: _Optional[str] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    parent_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., model_id: _Optional[str] = ..., status: _Optional[str] = ..., adapter: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., export: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., gate_report_id: _Optional[str] = ..., gate_verdict: _Optional[str] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., parent_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetReleaseRequest(_message.Message):
     __slots__ = ("id",)
@@ -86,3 +88,25 @@ class ExportReleaseRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class MergeReleasesRequest(_message.Message):
+    __slots__ = ("release_ids", "method", "weights", "scale", "density", "drop_rate", "majority_sign", "seed", "allow_ungated")
+    RELEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    DROP_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNGATED_FIELD_NUMBER: _ClassVar[int]
+    release_ids: _containers.RepeatedScalarFieldContainer[str]
+    method: str
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    scale: float
+    density: float
+    drop_rate: float
+    majority_sign: str
+    seed: int
+    allow_ungated: bool
+    def __init__(self, release_ids: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., density: _Optional[float] = ..., drop_rate: _Optional[float] = ..., majority_sign: _Optional[str] = ..., seed: _Optional[int] = ..., allow_ungated: _Optional[bool] = ...) -> None: ...

@@ -61,6 +61,11 @@ class ReleasesStub:
                 request_serializer=offsite_dot_v1_dot_releases__pb2.ExportReleaseRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.MergeReleases = channel.unary_unary(
+                '/offsite.v1.Releases/MergeReleases',
+                request_serializer=offsite_dot_v1_dot_releases__pb2.MergeReleasesRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class ReleasesServicer:
@@ -100,6 +105,16 @@ class ReleasesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeReleases(self, request, context):
+        """Merges adapters into a new pending-gate release; the operation's resource is
+        "releases/<new id>". Refused before anything is created: fewer than two releases,
+        different base models, a rejected release, a pending or blocked one without
+        allow_ungated, weights that do not match the number of releases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleasesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +141,11 @@ def add_ReleasesServicer_to_server(servicer, server):
             'ExportRelease': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportRelease,
                     request_deserializer=offsite_dot_v1_dot_releases__pb2.ExportReleaseRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'MergeReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeReleases,
+                    request_deserializer=offsite_dot_v1_dot_releases__pb2.MergeReleasesRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_operations__pb2.Operation.SerializeToString,
             ),
     }
@@ -263,6 +283,33 @@ class Releases:
             target,
             '/offsite.v1.Releases/ExportRelease',
             offsite_dot_v1_dot_releases__pb2.ExportReleaseRequest.SerializeToString,
+            offsite_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Releases/MergeReleases',
+            offsite_dot_v1_dot_releases__pb2.MergeReleasesRequest.SerializeToString,
             offsite_dot_v1_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,

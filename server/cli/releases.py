@@ -1,4 +1,4 @@
-"""`offsite-admin releases ...`: candidate releases, the approval decision and export."""
+"""`offsite-admin releases ...`: candidate releases, the approval decision, export and merging."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import typer
 
 from offsite.protos.v1 import releases_pb2, releases_pb2_grpc
 
-from .remote import CONNECTION, JsonOption, call, emit_json, finish_operation, fmt_time, show_message, table, to_dict
+from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
 
-app = typer.Typer(no_args_is_help=True, help="List, approve, reject and export releases.")
+app = typer.Typer(no_args_is_help=True, help="List, approve, reject, export and merge releases.")
 
 
 def _stub() -> releases_pb2_grpc.ReleasesStub:
@@ -75,4 +75,34 @@ def export(release_id: str = typer.Argument(...), wait: bool = typer.Option(True
     Example: offsite-admin releases export rel_1a2b3c4d5e6f && offsite-admin artifacts download SHA --out model.tar
     """
     op = call(_stub().ExportRelease, releases_pb2.ExportReleaseRequest(id=release_id), json_out=json_out)
+    finish_operation(op, wait, json_out)
+
+
+@app.command("merge")
+def merge(release_ids: list[str] = typer.Argument(..., help="two or more releases of one base model"),
+          method: str = typer.Option("ties", "--method", help="average | task-arithmetic | ties | dare"),
+          weights: str = typer.Option("", "--weights", help="comma-separated, one per release in order (default: equal)"),
+          scale: float = typer.Option(None, "--scale", help="lambda of task-arithmetic, ties and dare (default 1)"),
+          density: float = typer.Option(None, "--density", help="ties: fraction of each delta kept by magnitude (default 0.2)"),
+          drop_rate: float = typer.Option(None, "--drop-rate", help="dare: probability of dropping a delta entry (default 0.5)"),
+          majority_sign: str = typer.Option("", "--majority-sign", help="ties: total (default) | frequency"),
+          seed: int = typer.Option(None, "--seed", help="dare: seed of the random drops (default 0)"),
+          allow_ungated: bool = typer.Option(False, "--allow-ungated",
+                                             help="merge releases still pending or blocked at the gate (admins only, audited)"),
+          wait: bool = typer.Option(True, "--wait/--no-wait"), json_out: bool = JsonOption) -> None:
+    """Merge the adapters of releases of one base model into a new pending-gate release (its parents recorded);
+    the merge then goes through the safety gate like any release.
+
+    Example: offsite-admin releases merge rel_1a2b3c4d5e6f rel_6f5e4d3c2b1a --method ties --density 0.2
+    """
+    try:
+        w = [float(x) for x in weights.split(",")] if weights.strip() else []
+    except ValueError:
+        fail(f"--weights {weights!r}: expected comma-separated numbers, one per release, e.g. 0.5,0.5", json_out)
+    req = releases_pb2.MergeReleasesRequest(release_ids=release_ids, method=method, weights=w, majority_sign=majority_sign,
+                                            allow_ungated=allow_ungated)
+    for name, value in (("scale", scale), ("density", density), ("drop_rate", drop_rate), ("seed", seed)):
+        if value is not None:
+            setattr(req, name, value)
+    op = call(_stub().MergeReleases, req, json_out=json_out)
     finish_operation(op, wait, json_out)

@@ -1,4 +1,4 @@
-"""The Releases servicer: list, approve (admins; the gate decides), reject, export."""
+"""The Releases servicer: list, approve (admins; the gate decides), reject, export, merge (release_merge.py)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,13 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
                 shutil.rmtree(tmp, ignore_errors=True)
 
         return convert.operation(s.ops.start("release-export", work, created_by=current_principal().name))
+
+    async def MergeReleases(self, request, context):
+        from ..release_merge import audit_ungated, config_from_request, merge_work, plan_merge
+
+        who = current_principal()
+        plan = plan_merge(self.s.registry, list(request.release_ids), config_from_request(request),
+                          allow_ungated=request.allow_ungated, is_admin=who.role == "admin")
+        if plan.ungated:
+            audit_ungated(self.s.registry, who, plan)
+        return convert.operation(self.s.ops.start("release-merge", merge_work(self.s, plan), created_by=who.name))
