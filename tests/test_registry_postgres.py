@@ -41,16 +41,24 @@ def _adopt(module, fixture: str, skip: tuple[str, ...] = ()) -> None:
             globals()[name] = fn
 
 
+_SERVER: list = []  # the PostgreSQL server of this module, made on first use
+
+
+def _postgres():
+    if not _SERVER:
+        try:
+            _SERVER.append(server_for_tests())
+        except PostgresUnavailable as e:
+            if os.environ.get("OFFSITE_REQUIRE_POSTGRES") == "1":
+                pytest.fail(f"PostgreSQL is required here (OFFSITE_REQUIRE_POSTGRES=1) but: {e}")
+            pytest.skip(f"no PostgreSQL server: {e}")
+    return _SERVER[0]
+
+
 @pytest.fixture(scope="session")
 def pg():
-    try:
-        server = server_for_tests()
-    except PostgresUnavailable as e:
-        if os.environ.get("OFFSITE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required here (OFFSITE_REQUIRE_POSTGRES=1) but: {e}")
-        pytest.skip(f"no PostgreSQL server: {e}")
-    yield server
-    server.stop()
+    yield _postgres()
+    _SERVER.pop().stop()
 
 
 @pytest.fixture
@@ -100,6 +108,23 @@ def test_secret_is_stored_only_as_a_hash_in_postgres(auth):
 # ---- the server flow (build -> job -> enroll/fetch -> rounds -> release -> gate -> export) ------------
 flow_suite = _load(TESTS / "e2e" / "test_server_flow.py")
 _adopt(flow_suite, "server")
+
+
+# ---- the authorization suite (roles, scopes, refusals, audit) through a real server ------------------
+auth_e2e_suite = _load(TESTS / "e2e" / "test_server_auth.py")
+_adopt(auth_e2e_suite, "world")
+world = auth_e2e_suite.world  # its own fixture, building its server through the ServerConfig below
+
+
+def _server_config_on_postgres(**kwargs):
+    """ServerConfig for the adopted suites: every server gets a fresh PostgreSQL database."""
+    from offsite.server.state import ServerConfig
+
+    url = _postgres().create_database(f"srv_{uuid.uuid4().hex[:12]}")
+    return ServerConfig(**{**kwargs, "database_url": url})
+
+
+auth_e2e_suite.ServerConfig = _server_config_on_postgres
 
 
 @pytest.fixture(scope="module")
