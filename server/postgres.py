@@ -54,11 +54,14 @@ class TempPostgres:
         port: int | None = None,
         listen: str = "127.0.0.1",
         wrap: list[str] | tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         """`wrap`: a command prefix for every PostgreSQL program, e.g. `ip netns exec NS` to run
-        the server on another (namespace) host."""
+        the server on another (namespace) host. `password`: TCP connections to a non-loopback
+        `listen` address must give it (scram-sha-256); loopback and the socket stay trusted."""
         self.bin = find_bin_dir()
         self.wrap = list(wrap)
+        self.password = password
         self.root = Path(root or tempfile.mkdtemp(prefix="offsite-pg-"))
         self.data = self.root / "data"
         self.port = port or _free_port()
@@ -109,7 +112,7 @@ class TempPostgres:
         if self.listen not in ("127.0.0.1", "localhost"):
             # initdb trusts loopback only; the host's own address (its server connects from it) too.
             with open(self.data / "pg_hba.conf", "a") as fh:
-                fh.write(f"host all all {self.listen}/32 trust\n")
+                fh.write(f"host all all {self.listen}/32 {'scram-sha-256' if self.password else 'trust'}\n")
         opts = (
             f"-c listen_addresses={self.listen} -c port={self.port} -c unix_socket_directories={self.root} "
             "-c fsync=off -c max_connections=200"
@@ -117,7 +120,26 @@ class TempPostgres:
         self._pg(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", opts, "-w", "-t", "60", "start"
         )
+        if self.password:
+            self._set_password()
         return self
+
+    def _set_password(self) -> None:
+        secret = self.password.replace("'", "''")
+        self._pg(
+            "psql",
+            "-h",
+            str(self.root),
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            "-d",
+            "postgres",
+            "-q",
+            "-c",
+            f"ALTER USER {self.user} PASSWORD '{secret}'",
+        )
 
     def stop(self, remove: bool = True) -> None:
         if (self.data / "postmaster.pid").exists():
@@ -129,7 +151,10 @@ class TempPostgres:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, database: str = "postgres", host: str | None = None) -> str:
-        return f"postgresql+psycopg://{self.user}@{host or self.listen}:{self.port}/{database}"
+        from urllib.parse import quote
+
+        auth = f"{self.user}:{quote(self.password, safe='')}" if self.password else self.user
+        return f"postgresql+psycopg://{auth}@{host or self.listen}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """A fresh, empty database; its SQLAlchemy URL."""

@@ -145,13 +145,20 @@ class Federation:
         return f"{self.net.server.address}:{API_PORT}"
 
     # --- the model owner ------------------------------------------------------------------
-    def start_registry(self):
-        """PostgreSQL on the model owner's host, listening on its address (the firewall keeps
-        data owners out); returns the server's --database-url."""
+    def start_registry(self) -> str:
+        """PostgreSQL on the model owner's host, listening on its address with a password (the
+        firewall keeps data owners out); returns the server's --database-url. The model owner's
+        processes also get the password as PGPASSWORD: the SuperExec's ServerApps connect with
+        it, since the run config (which every SuperNode sees) carries the URL without it."""
+        import secrets
+
         from offsite.server.postgres import TempPostgres
 
         address = self.net.server.address
-        self.postgres = TempPostgres(port=REGISTRY_PORT, listen=address, wrap=self.net.server.cmd([])).start()
+        self.db_password = secrets.token_urlsafe(16)
+        self.postgres = TempPostgres(
+            port=REGISTRY_PORT, listen=address, wrap=self.net.server.cmd([]), password=self.db_password
+        ).start()
         return self.postgres.url("postgres", address)
 
     def start_model_owner(self, database_url: str = "") -> Site:
@@ -174,6 +181,8 @@ class Federation:
         site = Site(
             self.net.server, root, _env(FLWR_HOME=str(flwr_home), OFFSITE_SERVER=self.api, OFFSITE_CA=str(tls.ca_cert))
         )
+        if getattr(self, "db_password", ""):
+            site.env["PGPASSWORD"] = self.db_password
         self.model_owner = site
         self.net.firewall([SUPERLINK_PORT, API_PORT])
         site.spawn("superlink", superlink_command(root, tls, secret, host=address, port=SUPERLINK_PORT))

@@ -109,7 +109,16 @@ def test_job_runs_across_hosts_to_a_pending_gate_release(deployed):
     job_json = json.loads((fed.state / "model-owner" / "srv" / "work" / job_id / "job.json").read_text())
     (r1,) = job_json["rounds"]
     assert len(r1["clients"]) == 3 and r1["dropped"] == [] and r1["bytes_up"] > 0
-    if deployed["registry_port"]:  # the ServerApp (under the SuperExec) wrote its round to PostgreSQL
+    if deployed["registry_port"]:
+        # The run config reaches every SuperNode: it names the registry without its password ...
+        password = fed.db_password.encode()
+        job_dir = fed.state / "model-owner" / "srv" / "work" / job_id
+        assert b"postgresql+psycopg://postgres@" in (job_dir / "run-config.toml").read_bytes()
+        stored = sorted((fed.state / "model-owner").glob("superlink.db*"))  # the SuperLink's runs (+ WAL)
+        assert stored
+        for path in [job_dir / "run-config.toml", *stored]:
+            assert password not in path.read_bytes(), path
+        # ... and the ServerApp (under the SuperExec, PGPASSWORD) still wrote its round to PostgreSQL.
         sql = f"SELECT count(*) FROM rounds WHERE job_id = '{job_id}'"
         psql = [
             "psql",
@@ -122,7 +131,7 @@ def test_job_runs_across_hosts_to_a_pending_gate_release(deployed):
             "-Atc",
             sql,
         ]
-        assert fed.net.server.run(psql).stdout.strip() == "1"
+        assert fed.net.server.run(psql, env=fed.model_owner.env).stdout.strip() == "1"
 
 
 def test_traffic_crossed_the_veth_links_from_each_owner_address(deployed):
