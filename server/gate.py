@@ -40,6 +40,9 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
         cand_model = reg.get_model(candidate)
         base_model = reg.get_model(base) if base else cand_model
     complete_scope = not suites and not limit
+    # A merged release's report names what it was merged from (and how).
+    lineage = ({"lineage": {"parents": list(release.parent_ids), "merge": (release.metrics or {}).get("merge", {})}}
+               if release is not None and release.parent_ids else {})
     runner = load_hook(state.config.eval_runner)
     exporter = load_hook(state.config.release_exporter) if release is not None else None
 
@@ -86,7 +89,7 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
             row = reg.add_eval_report(candidate=candidate, base=base_model.name, verdict=verdict, categories=categories,
                                       report_json_sha256=shas["report.json"],
                                       report_html_sha256=shas.get("report.html", ""),
-                                      summary={"gate": gate, "artifacts": shas, "scope": scope},
+                                      summary={"gate": gate, "artifacts": shas, "scope": scope, **lineage},
                                       release_id=release.id if release else "",
                                       schedule_id=schedule_id, operation_id=ctx.op_id)
             applied, why = False, "not a release"

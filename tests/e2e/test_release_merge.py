@@ -107,6 +107,8 @@ def test_merge_makes_a_pending_gate_release_with_its_parents(server, tmp_path):
         pass
     assert last.state == operations_pb2.OPERATION_STATE_SUCCEEDED, last.error
     assert st.registry.get_release(new_id).gate_verdict == "pass"
+    report = st.registry.get_eval_report(st.registry.get_release(new_id).gate_report_id)
+    assert report.summary["lineage"] == {"parents": [a, b], "merge": rel["metrics"]["merge"]}
 
 
 def test_bad_merges_are_refused_and_create_nothing(server, tmp_path):
