@@ -65,3 +65,18 @@ def test_auto_budget_is_the_measured_minimum_plus_the_margin_on_any_machine(monk
     assert b["budget_mb"] == pytest.approx(b["minimum_mb"] + budget.AUTO_MARGIN_MB, abs=0.1)
     assert b["minimum_mb"] > fixed and b["estimate_mb"] <= b["budget_mb"]
     assert any(line.startswith("memory budget auto:") for line in lines)
+
+
+def test_a_low_block_whose_backward_cannot_fit_is_not_even_measured(monkeypatch):
+    """Measuring backward depth from the bottom of a deep emulator would itself break the budget."""
+    from offsite.client.engine import budget
+
+    monkeypatch.setattr(budget, "current_rss_mb", lambda: 300.0)
+    lm = load_model("tiny-llama")
+    target = EngineTarget(lm.model, lm.tokenizer, lm.family, [0, 7])  # six frozen blocks between them
+    with pytest.raises(BudgetError) as info:
+        train_model(target, TEXT, _cfg(1.0), progress=False)
+    minimum = int(re.search(r"minimum for this model and data: (\d+) MB", str(info.value)).group(1))
+    b = train_model(target, TEXT, _cfg(minimum + 0.5), progress=False).metrics["budget"]
+    assert b["depth_mb"]["7"] > 0 and b["depth_mb"]["0"] is None
+    assert all(u["unit"].startswith("7:") for u in b["units"] if u["chosen"])

@@ -183,9 +183,14 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
         if auto and depth_mb and math.isinf(budget):  # the top block gives the minimum: depth grows downwards
             top = max(depth_mb)
             budget = fixed_mb + depth_mb[top] + min(u.own_mb for u in units if u.block == top) + AUTO_MARGIN_MB
-        if depth_mb and fixed_mb + max(depth_mb.values()) > budget:
-            depth_mb[p] = math.inf
-            continue
+        if depth_mb:
+            # Every block from p up saves about what the top block alone saves: when that much
+            # already breaks the budget, p is out, and measuring it would itself cost that much
+            # (a 30-block emulator's bottom block: ~350 MB for the one-sequence measurement).
+            top = max(depth_mb)
+            if fixed_mb + max(max(depth_mb.values()), depth_mb[top] * (top - p + 1)) > budget:
+                depth_mb[p] = math.inf
+                continue
         applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
         try:
             train_in_fp32([q for _, q in applied.trainable_parameters()])
