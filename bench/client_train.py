@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default=",".join(reversed(MODES)))
     p.add_argument("--merge", action="store_true",
                    help="update the modes run here inside an existing --json file (noted under 'reruns')")
-    p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--public-key", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bundle", default=None, help="reuse this bundle of the same configuration instead of building one")
+    p.add_argument("--public-key", default=None, help="its signing.pub (with --bundle)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -339,13 +339,14 @@ def main(argv: list[str] | None = None) -> None:
     config_name, build_cfg = build_config(args)
     with tempfile.TemporaryDirectory(prefix="bench-client-train-") as tmp:
         tmp = Path(tmp)
-        bundle = tmp / "bundle"
+        bundle, pub = (Path(args.bundle), Path(args.public_key)) if args.bundle else (tmp / "bundle", tmp / "keys" / "signing.pub")
         common = ["--steps", str(args.steps), "--lr", str(args.lr), "--budget-mb", str(args.budget_mb),
-                  "--bundle", str(bundle), "--public-key", str(tmp / "keys" / "signing.pub"), "--threads", str(args.threads)]
+                  "--bundle", str(bundle), "--public-key", str(pub), "--threads", str(args.threads)]
         if args.quantize:
             common += ["--quantize", args.quantize] + (["--emulator-layers", str(args.emulator_layers)] if args.emulator_layers else [])
-        print(f"building the {config_name} emulator bundle ...", file=sys.stderr)
-        _run_child(["--worker", "build", *common], tmp / "build.json", 1800)
+        if not args.bundle:
+            print(f"building the {config_name} emulator bundle ...", file=sys.stderr)
+            _run_child(["--worker", "build", *common], tmp / "build.json", 1800)
         gemm = _run_child(["--worker", "gemm", "--threads", str(args.threads)], tmp / "gemm.json", 300)
         modes = {}
 

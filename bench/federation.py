@@ -45,7 +45,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, config_name: str, heldout_limit: int,
-            workers: int, scheme: str, upload: str) -> dict:
+            workers: int, scheme: str, upload: str, centralized: bool = True, bundle: str = "", public_key: str = "") -> dict:
     import torch
 
     from offsite.client.engine import TrainConfig, train_adapter
@@ -58,6 +58,7 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
     common = dict(local_steps=local_steps, batch_size=4, block_size=256, lr=1e-4, min_clients=3, round_timeout=3600,
                   heldout_limit=heldout_limit, scheme=scheme, upload=upload)
     job = prepare_local_job(work, model, clients=3, rounds=rounds, build=build, progress=True,
+                            bundle=bundle or None, public_key=public_key or None,
                             client_threads=int(os.environ.get("OFFSITE_CLIENT_THREADS", 2 if workers == 1 else 1)), **common)
     evaluator = PluginEvaluator(model, job.cfg.heldout, 256, heldout_limit)
     t0 = time.perf_counter()
@@ -68,12 +69,14 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
 
     # Centralized offsite baseline: the same bundle, the union of the same shards, R*S steps.
     bundle = load_bundle(job.cfg.bundle, job.cfg.public_key)
-    union = [e for shard in python_reference_split(3).shards for e in shard]
-    t0 = time.perf_counter()
-    cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0, scheme=scheme)
-    central = train_adapter(bundle, union, cfg, progress=False)
-    central_seconds = time.perf_counter() - t0
-    central_ppl = evaluator.plugin_perplexity({k: v.numpy() for k, v in central.adapter_state.items()})
+    central_ppl = central_seconds = None
+    if centralized:
+        union = [e for shard in python_reference_split(3).shards for e in shard]
+        t0 = time.perf_counter()
+        cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0, scheme=scheme)
+        central = train_adapter(bundle, union, cfg, progress=False)
+        central_seconds = time.perf_counter() - t0
+        central_ppl = evaluator.plugin_perplexity({k: v.numpy() for k, v in central.adapter_state.items()})
     fed_ppl = fed["rounds"][-1]["plugin_ppl"]
     rounds_out = []
     for r in fed["rounds"]:
@@ -97,7 +100,8 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
             "upload_rel_error_max": max((c.get("upload_rel_error") or 0.0 for r in fed["rounds"] for c in r["clients"]), default=None),
             "centralized_steps": rounds * local_steps, "heldout_blocks": len(evaluator.blocks),
             "zero_shot_ppl": fed["plugin_ppl_initial"], "federated_plugin_ppl": fed_ppl, "centralized_plugin_ppl": central_ppl,
-            "federated_vs_centralized": fed_ppl / central_ppl, "target_ratio_max": 1.05, "meets_target": fed_ppl <= 1.05 * central_ppl,
+            "federated_vs_centralized": fed_ppl / central_ppl if central_ppl else None, "target_ratio_max": 1.05,
+            "meets_target": fed_ppl <= 1.05 * central_ppl if central_ppl else None,
             "federated_seconds": fed_seconds, "centralized_seconds": central_seconds, "rounds_detail": rounds_out,
         },
         "overhead": {
@@ -157,6 +161,9 @@ def main() -> None:
     ap.add_argument("--scheme", default="norms,channels:0.25", help="what each data owner trains (engine scheme)")
     ap.add_argument("--upload", default="auto", help="auto | full | sparse-fp16 | sparse-int8 (see offsite.wire)")
     ap.add_argument("--baseline-json", default="", help="a run of --scheme full --upload full on the same configuration")
+    ap.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline (e.g. for the baseline run)")
+    ap.add_argument("--bundle", default="", help="reuse this bundle of the same configuration (with --public-key)")
+    ap.add_argument("--public-key", default="")
     ap.add_argument("--heldout-limit", type=int, default=0, help="held-out blocks for plug-in ppl (0: all)")
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--workers", type=int, default=1, help="Ray workers (clients trained in parallel)")
@@ -178,7 +185,8 @@ def main() -> None:
                 keep = ("quantize", "awq", "emulator_layers", "distill_steps", "adapter_layers", "block_size", "seed")
                 build = {k: v for k, v in vars(shipped).items() if k in keep}
             results.update(quality(work / "quality", args.model, args.rounds, args.local_steps, build, name,
-                                   args.heldout_limit, args.workers, args.scheme, args.upload))
+                                   args.heldout_limit, args.workers, args.scheme, args.upload, not args.no_centralized,
+                                   args.bundle, args.public_key))
             if args.baseline_json:
                 base = json.loads(Path(args.baseline_json).read_text())
                 q = results["quality"]
@@ -200,10 +208,10 @@ def main() -> None:
     if "quality" in results:
         q, o = results["quality"], results["overhead"]
         print(_table([["zero-shot", f"{q['zero_shot_ppl']:.3f}", ""],
-                      ["centralized offsite", f"{q['centralized_plugin_ppl']:.3f}", f"{q['centralized_seconds']:.0f}"],
+                      ["centralized offsite", f"{q['centralized_plugin_ppl'] or float('nan'):.3f}", f"{q['centralized_seconds'] or 0:.0f}"],
                       ["federated (3 owners)", f"{q['federated_plugin_ppl']:.3f}", f"{q['federated_seconds']:.0f}"]],
                      ["plug-in (held-out)", "ppl", "seconds"]))
-        print(f"federated / centralized = {q['federated_vs_centralized']:.4f} (target <= 1.05: {q['meets_target']})")
+        print(f"federated / centralized = {q['federated_vs_centralized'] or float('nan'):.4f} (target <= 1.05: {q['meets_target']})")
         print(f"upload per owner per round: {results['bytes_up_per_owner_round'] / 1e6:.2f} MB = "
               f"{results['upload_vs_full_adapter']:.3f} of the full fp32 adapter ({results['full_adapter_bytes'] / 1e6:.1f} MB)")
         if "plugin_vs_baseline" in q:
