@@ -238,6 +238,9 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.OUT_OF_RANGE:
                 part.unlink(missing_ok=True)  # a stale partial file longer than the artifact
+            elif e.code() == grpc.StatusCode.DATA_LOSS:
+                part.unlink(missing_ok=True)  # the server's copy is corrupt: keep nothing received from it
+                raise FetchError(_rpc_message(e, "the server") + "; the partial file was removed") from None
             elif e.code() not in _TRANSIENT:
                 raise FetchError(_rpc_message(e, "the server")) from None
             attempt += 1

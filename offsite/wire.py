@@ -81,13 +81,16 @@ def named_from_list(names: list[str], reference: dict[str, np.ndarray], arrays: 
 
 
 def check_same_layout(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], who: str) -> None:
-    """Refuse a reply whose adapter differs in names or shapes from the global adapter."""
+    """Refuse a reply whose adapter differs in names or shapes from the global adapter, or
+    holds NaN/Inf (one such value would turn the whole average into NaN; issue 16)."""
     if set(expected) != set(got):
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         raise AdapterMismatchError(f"{who}: adapter names differ (missing {missing[:3]}, unexpected {extra[:3]})")
     for k, v in expected.items():
         if got[k].shape != v.shape:
             raise AdapterMismatchError(f"{who}: {k} has shape {got[k].shape}, expected {v.shape}")
+        if not np.issubdtype(got[k].dtype, np.number) or not np.isfinite(got[k]).all():
+            raise AdapterMismatchError(f"{who}: {k} holds non-finite values (NaN or Inf) or is not numeric")
 
 
 def update_norm(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> float:

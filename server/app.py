@@ -42,7 +42,7 @@ class OffsiteServer:
     async def start(self) -> int:
         cfg, st = self.config, self.state
         st.ops.bind_loop(asyncio.get_running_loop())
-        recovered = st.ops.recover()
+        recovered = st.ops.recover(st.work_dir)
         if recovered:
             log.warning("%d operation(s) were left running by the previous process; marked failed", recovered)
         for job in st.registry.list_jobs(state="running"):

@@ -30,6 +30,10 @@ class InvalidDigest(ValueError):
     pass
 
 
+class ArtifactCorrupt(RuntimeError):
+    """A stored blob no longer hashes to its name (bit rot, a disk fault, tampering)."""
+
+
 def check_sha256(sha: str) -> str:
     """Return `sha` if it is 64 lowercase hex characters (it becomes a path component)."""
     if not isinstance(sha, str) or not _SHA256.match(sha):
@@ -44,6 +48,7 @@ class ArtifactStore:
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._verified: set[tuple] = set()  # (sha, inode, size, mtime) hashed once per process
 
     def path(self, sha: str) -> Path:
         check_sha256(sha)
@@ -62,6 +67,23 @@ class ArtifactStore:
         p = self.path(sha)
         if not p.is_file():
             raise ArtifactNotFound(f"artifact {sha} is not in the store")
+        return open(p, "rb")
+
+    def open_verified(self, sha: str) -> BinaryIO:
+        """Open a blob for serving, re-hashing it first (once per process while the file's
+        inode, size and mtime stay the same): flipped bytes are refused, never served."""
+        p = self.path(sha)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"artifact {sha} is not in the store") from None
+        key = (sha, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._verified:
+            if not self.verify(sha):
+                raise ArtifactCorrupt(f"artifact {sha} is corrupted on the server's disk (its bytes no longer match "
+                                      "its sha256), so it is not served; the model owner must restore it from a "
+                                      "backup or upload it again")
+            self._verified.add(key)
         return open(p, "rb")
 
     def put_stream(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:

@@ -8,11 +8,12 @@ failing inside gRPC with UNKNOWN and a traceback (:func:`_tolerant`).
 
 from __future__ import annotations
 
+import errno
 import re
 
 import grpc
 
-from .artifacts import ArtifactNotFound, InvalidDigest
+from .artifacts import ArtifactCorrupt, ArtifactNotFound, InvalidDigest
 from .hooks import HookUnavailable
 from .operations import ShuttingDown
 from .registry import Conflict, NotFound
@@ -85,6 +86,11 @@ def _request_strings(request, depth: int = 0) -> list[str]:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code for an exception raised inside a service, or None if unexpected."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, ("the server's disk is full; nothing was stored (the model owner "
+                                                    "must free space under the data directory), then try again")
+    if isinstance(exc, ArtifactCorrupt):
+        return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, TooManyStreams):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, ShuttingDown):

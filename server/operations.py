@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .leases import Leases
@@ -106,13 +108,19 @@ class OperationManager:
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def recover(self) -> int:
-        """Mark operations left running by a previous process as failed; returns how many."""
+    def recover(self, scratch_dir: Path | None = None) -> int:
+        """Mark operations left running by a previous process as failed; returns how many.
+
+        Their scratch directories (``KIND-OPID-*`` under `scratch_dir`, made with mkdtemp by
+        the work) are removed: no thread will ever finish or clean them up (issue 16)."""
         stale = [row for row in self.registry.list_operations(states=("pending", "running"))
                  if self.leases.orphaned(f"op:{row.id}")]  # another live server's work is not stale
         for row in stale:
             self.registry.update_operation(row.id, state="failed",
                                            error="the server stopped while this ran; start it again")
+            if scratch_dir is not None and Path(scratch_dir).is_dir():
+                for left in Path(scratch_dir).glob(f"*-{row.id}-*"):
+                    shutil.rmtree(left, ignore_errors=True)
         return len(stale)
 
     # ---- starting and running ---------------------------------------------------------------

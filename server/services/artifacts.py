@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
@@ -49,7 +51,8 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):
         if offset == size:
             yield artifacts_pb2.DownloadChunk(offset=offset, data=b"", total_size=size, sha256=sha)
             return
-        with self.s.store.open(sha) as fh:
+        # Hashed before the first byte goes out (once per process): a corrupted blob is refused.
+        with await asyncio.to_thread(self.s.store.open_verified, sha) as fh:
             fh.seek(offset)
             pos = offset
             while True:
