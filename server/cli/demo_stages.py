@@ -84,10 +84,25 @@ class DemoRun:
     def say(self, message: str) -> None:
         self.out.print(message, highlight=False, soft_wrap=True)
 
-    def bar(self) -> Progress:
-        return Progress(TextColumn("      {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                        TimeElapsedColumn(), console=self.out, transient=True,
-                        disable=not self.out.is_terminal)  # in a log, the stage lines are the progress
+    @contextlib.contextmanager
+    def progress(self, description: str, total: float) -> Iterator[Callable[[float, str], None]]:
+        """Yields update(completed, description): a bar on a terminal; in a log, a line each
+        time the description's first word changes or every tenth of the way."""
+        if self.out.is_terminal:
+            with Progress(TextColumn("      {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                          TimeElapsedColumn(), console=self.out, transient=True) as bar:
+                task = bar.add_task(description, total=total)
+                yield lambda done, text: bar.update(task, completed=done, description=text[:60])
+            return
+        last = {"text": "", "tenth": -1}
+
+        def update(done: float, text: str) -> None:
+            tenth = int(10 * done / total) if total else 0
+            if text.split(" ")[0] != last["text"].split(" ")[0] or tenth > last["tenth"]:
+                self.say(f"      {text}")
+                last.update(text=text, tenth=tenth)
+
+        yield update
 
     def perplexity(self, model, what: str) -> float:
         from offsite.emulators.data import perplexity
@@ -178,10 +193,9 @@ def stage_bundle(run: DemoRun) -> str:
             if same and manifest["base_model"]["digest"] == run.loaded.digest:
                 run.manifest = manifest
                 return f"reusing {run.bundle_dir} (same configuration)"
-    with run.bar() as bar:
-        task = bar.add_task(f"{cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model}", total=1.0)
+    with run.progress(f"{cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model}", 1.0) as update:
         run.manifest = build_bundle(build, run.key, run.bundle_dir, progress=False, overwrite=True, loaded=run.loaded,
-                                    on_progress=lambda f, m: bar.update(task, completed=f, description=m[:60]))
+                                    on_progress=update)
     return f"wrote {run.bundle_dir} ({_mb(run)} MB)"
 
 
@@ -226,12 +240,9 @@ def stage_finetune(run: DemoRun) -> str:
                        checkpoint_dir=str(ckpt), checkpoint_every=10,
                        # the engine's own validation (its slice of the client's data) at the demo's scale
                        eval_batches=max(1, cfg.eval_blocks // cfg.batch_size) if cfg.eval_blocks else None)
-    with run.bar() as bar:
-        task = bar.add_task(f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.block_size} tokens", total=cfg.steps)
-        result = train_adapter(run.bundle, run.train_examples, tcfg, progress=False,
-                               on_step=lambda step, loss: bar.update(task, completed=step,
-                                                                     description=f"step {step}/{cfg.steps} loss {loss:.3f}"),
-                               log=lambda m: None)
+    with run.progress(f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.block_size} tokens", cfg.steps) as update:
+        result = train_adapter(run.bundle, run.train_examples, tcfg, progress=False, log=lambda m: None,
+                               on_step=lambda step, loss: update(step, f"step {step}/{cfg.steps} loss {loss:.3f}"))
     # The engine may leave frozen weights in a lower precision; evaluate a fresh fp32 copy.
     run.bundle = load_bundle(run.bundle_dir, run.pub)
     run.bundle.load_adapter_state(result.adapter_state)
