@@ -72,7 +72,8 @@ class EvalScheduler:
                 reg.audit(SCHEDULER_ACTOR, "admin", "eval.schedule.disable", target=sched.id, outcome="error", detail=str(e))
                 started.append({"schedule_id": sched.id, "error": str(e)})
                 continue
-            reg.update_eval_schedule(sched.id, next_run_at=nxt, last_run_at=now)
+            if not reg.claim_eval_schedule(sched.id, now, nxt):
+                continue  # another server sharing this registry started this run
             try:
                 op = self._start_eval(self.state, sched.candidate, sched.base, list(sched.suites or []) or None,
                                       int(sched.limit or 0), created_by=f"{SCHEDULER_ACTOR}:{sched.id}",

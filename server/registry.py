@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -654,6 +655,18 @@ class Registry:
             for k, v in fields.items():
                 setattr(row, k, v)
             return row
+
+    def claim_eval_schedule(self, schedule_id: str, now: datetime, next_run_at: datetime) -> bool:
+        """Move a due schedule to its next run, only if it is still due: of several servers
+        sharing the registry exactly one gets True for a given run (a conditional UPDATE)."""
+        with self.session() as s:
+            result = s.execute(
+                update(EvalScheduleRow)
+                .where(EvalScheduleRow.id == schedule_id, EvalScheduleRow.enabled.is_(True),
+                       EvalScheduleRow.next_run_at <= now)
+                .values(next_run_at=next_run_at, last_run_at=now)
+            )
+            return result.rowcount == 1
 
     def delete_eval_schedule(self, schedule_id: str) -> None:
         with self.session() as s:

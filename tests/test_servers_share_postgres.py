@@ -191,3 +191,43 @@ def test_a_job_runs_once_is_cancelled_through_the_other_and_resumes_there(pair):
         f"{other.pid} start 2",
         f"{other.pid} end completed",
     ]
+
+
+def test_two_schedulers_start_a_due_eval_once(pg):
+    """Each server runs the eval scheduler: a due schedule starts once, whichever server claims it."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from offsite.server.eval_scheduler import EvalScheduler
+    from offsite.server.registry import Registry
+
+    url = pg.create_database(f"sched_{uuid.uuid4().hex[:12]}")
+    regs = [Registry(url), Registry(url)]
+    due = datetime(2026, 1, 1, 3, 0)
+    sched = regs[0].add_eval_schedule("nightly", "0 3 * * *", candidate="rel_x", next_run_at=due)
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def start_eval(state, candidate, base, suites, limit, created_by="", schedule_id=""):
+        with lock:  # the stand-in for gate.start_eval: this test is about who starts it, not the eval
+            started.append(created_by)
+            return SimpleNamespace(id=f"op_{len(started)}")
+
+    clock = lambda: due + timedelta(minutes=1)  # noqa: E731
+    schedulers = [EvalScheduler(SimpleNamespace(registry=r), start_eval=start_eval, clock=clock) for r in regs]
+    go = threading.Barrier(2)
+
+    def tick(s: EvalScheduler) -> None:
+        go.wait()
+        s.tick()
+
+    threads = [threading.Thread(target=tick, args=(s,)) for s in schedulers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(started) == 1, started
+    row = regs[1].get_eval_schedule(sched.id)
+    assert row.next_run_at == datetime(2026, 1, 2, 3, 0) and row.last_run_at == clock()
+    for r in regs:
+        r.close()
