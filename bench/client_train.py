@@ -348,12 +348,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"building the {config_name} emulator bundle ...", file=sys.stderr)
             _run_child(["--worker", "build", *common], tmp / "build.json", 1800)
         gemm = _run_child(["--worker", "gemm", "--threads", str(args.threads)], tmp / "gemm.json", 300)
-        modes = {}
+        modes, failed = {}, {}
 
         def run_mode(mode: str) -> None:
             print(f"running {mode} ({args.steps} steps) ...", file=sys.stderr)
             load_start = os.getloadavg()[0]
-            r = _run_child(["--worker", mode, *common], tmp / f"{mode}.json", 3600)
+            try:
+                r = _run_child(["--worker", mode, *common], tmp / f"{mode}.json", 3600)
+            except RuntimeError as e:  # e.g. killed for memory: keep the other modes' results
+                failed[mode] = str(e)[-2000:]
+                print(f"  {mode} FAILED: {str(e)[-300:]}", file=sys.stderr)
+                return
             r["flops_fraction_of_fp32_gemm"] = r["flops_per_step"] * args.steps / r["train_seconds"] / 1e9 / gemm["fp32"]
             r["gemm_gflops_same_run"] = gemm
             r["load_average_1min_start"], r["load_average_1min"] = load_start, os.getloadavg()[0]
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads, "parallel": args.parallel, "model": "smollm2-135m",
         "emulator_config": config_name, "quality_named_config": quality_named_config(),
         "build_config": build_cfg.to_dict(), "budget": args.budget_mb,
-        "gemm_gflops": gemm, "modes": modes, "seconds": round(time.time() - started, 1),
+        "gemm_gflops": gemm, "modes": modes, "failed": failed, "seconds": round(time.time() - started, 1),
         "load_average_at_end": os.getloadavg()[0], "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     derive(result)
