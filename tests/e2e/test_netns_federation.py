@@ -17,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,11 @@ def deployed(tmp_path_factory):
         if os.environ.get("OFFSITE_REQUIRE_NETNS") == "1":
             pytest.fail(f"network namespaces are required here (OFFSITE_REQUIRE_NETNS=1, set by .ci/run as root): {e}")
         pytest.skip(f"no network namespaces here: {e}")
+    t0, phases = time.monotonic(), {}
+
+    def mark(name: str) -> None:  # seconds since the start, per phase (printed at the end)
+        phases[name] = round(time.monotonic() - t0, 1)
+
     net = netns.Network([*OWNERS, "intruder"]).up()
     fed = federation.Federation(net, tmp_path_factory.mktemp("netns"))
     registry_port = None
@@ -62,21 +69,28 @@ def deployed(tmp_path_factory):
                 raise
             print(f"registry on SQLite: {e}")
             database_url = ""
+        mark("hosts + PostgreSQL")
         fed.start_model_owner(database_url)
+        mark("model owner up")
         for role in OWNERS:
             fed.add_owner(role)
         job_id, tokens = fed.create_job(len(OWNERS), rounds=1)
-        fetched = fed.bring_owners_in(job_id, tokens)
-        # A data owner's host whose node key the model owner never registered.
+        mark("model, bundle, job, tokens")
+        # A data owner's host whose node key the model owner never registered (joins beside the others).
         fed.add_owner("intruder")
-        fed.join(
-            "intruder",
-            job_id,
-            "python-reference:0/3",
-            register=False,
-            extra=["--superlink", fed.superlink, "--public-key", str(fed.signing_pub)],
+        intruder = threading.Thread(
+            target=fed.join,
+            args=("intruder", job_id, "python-reference:0/3"),
+            kwargs={"register": False, "extra": ["--superlink", fed.superlink, "--public-key", str(fed.signing_pub)]},
         )
+        intruder.start()
+        fetched = fed.bring_owners_in(job_id, {r: t for r, t in tokens.items() if r in OWNERS})
+        intruder.join(300)
+        mark("owners enrolled, fetched, joined")
         started = fed.admin("jobs", "start", job_id, "--wait", timeout=900)
+        mark("job run to its release")
+        print(f"netns phases (s since start): {phases}")
+        (fed.state / "phases.json").write_text(json.dumps(phases))
         peers = _established_peers(net.server, federation.SUPERLINK_PORT)
         yield {
             "fed": fed,
