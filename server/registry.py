@@ -5,7 +5,7 @@ SQLite (a file in the data directory) is the default; any SQLAlchemy URL selects
 engine (PostgreSQL: postgresql+psycopg://...). The schema is Alembic's
 (offsite.server.migrations): opening a registry upgrades its database in place to the
 newest revision. A new column here needs a revision too
-(`python -m offsite.server.migrations revision -m "..."`); tests/test_registry_migrations.py
+(`python -m offsite.server.schema_revision revision -m "..."`); tests/test_registry_migrations.py
 fails until the models and the revisions agree.
 
 Every method opens its own short session and returns detached rows
@@ -328,7 +328,7 @@ class Registry:
         """Bring the database to the newest Alembic revision (offsite.server.migrations)."""
         from .migrations import upgrade
 
-        upgrade(self.engine)
+        upgrade(self.engine, Base.metadata)
 
     def schema_version(self) -> int:
         with self.session() as s:
@@ -760,14 +760,3 @@ class Registry:
         if states:
             stmt = stmt.where(OperationRow.state.in_(states))
         return self._list(stmt, limit)
-
-
-def _ddl_default(col) -> str:
-    default = col.default.arg if col.default is not None and not callable(col.default.arg) else None
-    if isinstance(default, bool):
-        return f" DEFAULT {int(default)}"
-    if isinstance(default, (int, float)):
-        return f" DEFAULT {default}"
-    if isinstance(default, str):
-        return " DEFAULT '" + default.replace("'", "''") + "'"
-    return ""

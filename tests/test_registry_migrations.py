@@ -68,7 +68,7 @@ def test_fresh_database_is_at_head_and_matches_the_models(url):
     reg.close()
     assert diff == [], (
         f"registry.py's models and the Alembic revisions disagree: {diff}; "
-        'add a revision with `python -m offsite.server.migrations revision -m "..."`'
+        'add a revision with `python -m offsite.server.schema_revision revision -m "..."`'
     )
 
 

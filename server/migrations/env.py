@@ -3,9 +3,8 @@
 
 from alembic import context
 
-from offsite.server.registry import Base
-
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+metadata = context.config.attributes.get("target_metadata")
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
 with context.begin_transaction():
     context.run_migrations()
