@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import typer
 
+from offsite.cli import OffsiteGroup
+
 from . import cli_enroll, cli_join, cli_train
 
 app = typer.Typer(
@@ -17,6 +19,7 @@ app = typer.Typer(
     "Example: offsite-client train --bundle bundle --public-key signing.pub --data my.jsonl --out adapter.safetensors",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=OffsiteGroup,  # a stray OSError or UnicodeDecodeError: one error line, not a traceback
 )
 
 

@@ -10,12 +10,15 @@ Exit codes: 1 = the thing checked is bad (verification failed, the server said n
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 console = Console()
 # Progress bars and errors go to stderr so `--json` output on stdout stays parseable.
@@ -37,6 +40,36 @@ def fail(message: str, json_out: bool = False, code: int = 2) -> NoReturn:
         # escape: a message quoting user input ("[0, 1]", "--x [y]") must print as written
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+class OffsiteGroup(TyperGroup):
+    """The root group of both CLIs (``typer.Typer(cls=OffsiteGroup)``): a file problem no command
+    caught (a missing input, an unwritable output, a file that is not UTF-8 text) ends in one
+    ``error:`` line and exit 2 (an input is wrong), never a traceback. The bad-input suite of
+    tests/reliability walks every command through it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            fail(os_error_message(e), _json_requested(ctx), 2)
+        except UnicodeDecodeError as e:
+            fail(f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8, "
+                 "e.g. `iconv -t utf-8 FILE`", _json_requested(ctx), 2)
+
+
+def _json_requested(ctx: click.Context) -> bool:
+    words = [*getattr(ctx, "_protected_args", []), *ctx.args]
+    return "--json" in words
+
+
+def os_error_message(e: OSError) -> str:
+    where = e.filename or "a file"
+    hint = {errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "it is in the way; pick another path or remove it",
+            errno.EISDIR: "it is a folder; give a file", errno.EACCES: "you may not read or write there",
+            errno.ENOSPC: "the disk is full; free space", errno.EROFS: "the file system is read-only"}
+    return f"{where}: {e.strerror or e}; {hint.get(e.errno, 'check the path and its permissions')}"
 
 
 def emit_json(data: Any, indent: int | None = 2) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import typer
 
-from offsite.cli import err_console
+from offsite.cli import OffsiteGroup, err_console
 
 from . import (
     backup,
@@ -48,6 +48,7 @@ app = typer.Typer(
     "offsite-admin emulators local build --model smollm2-135m --signing-key keys/signing.key --out bundle",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=OffsiteGroup,  # a stray OSError or UnicodeDecodeError: one error line, not a traceback
 )
 app.callback()(remote.global_options)
 
