@@ -99,3 +99,15 @@ def test_every_command_shown_in_the_docs_parses(page, line, words):
     app = dict(cli_docs.clis())[path[0]]
     r = CliRunner().invoke(app, [*path[1:], "--help"])
     assert r.exit_code == 0, f"{where}: `{' '.join(path)} --help` failed: {r.output}"
+
+
+def test_every_benchmark_section_names_its_command_machine_state_and_date():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    assert len(sections) >= 5
+    for section in sections:
+        title = section.splitlines()[0]
+        low = section.lower()
+        assert "python -m bench." in section or "offsite-admin " in section, f"{title}: no command that reproduces it"
+        assert "machine state" in low or "load average" in low, f"{title}: no machine state"
+        assert re.search(r"\b20\d\d-\d\d-\d\d\b", section), f"{title}: no date"
