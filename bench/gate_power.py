@@ -264,11 +264,11 @@ def metric_table(candidates: dict) -> str:
     names = [n for n in candidates if "metrics" in candidates[n]]
     if not names:
         return ""
-    suites = list(candidates[names[0]]["metrics"])
+    suites = sorted({s for n in names for s in candidates[n]["metrics"]})
     lines = ["| suite | base | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for s in suites:
-        first = candidates[names[0]]["metrics"][s]
-        if "base" not in first:
+        first = next((candidates[n]["metrics"][s] for n in names if "base" in candidates[n]["metrics"].get(s, {})), None)
+        if first is None:
             continue
         row = [s, f"{first['base']['value']:.3f}"]
         for n in names:
@@ -280,6 +280,38 @@ def metric_table(candidates: dict) -> str:
             row.append(f"{v['candidate']['value']:.3f} [{lo:.3f}, {hi:.3f}] ({v['margin']:+.3f}, {v['level']})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def merge_runs(paths: list[str]) -> dict:
+    """Several runs' JSON (e.g. one per candidate, or one candidate's suites split over two
+    processes) as one result: a candidate split over runs passes only if every part passes,
+    and its blocked categories, reasons and metrics are the union of the parts'."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged: dict = {}
+    for run in runs:
+        for name, c in run["candidates"].items():
+            m = merged.setdefault(name, {"verdict": "pass", "blocked_categories": [], "expected_categories": EXPECTED[name],
+                                         "levels": {}, "reasons": [], "metrics": {}, "runs": []})
+            m["verdict"] = "block" if "block" in (m["verdict"], c["verdict"]) else "pass"
+            m["blocked_categories"] = sorted(set(m["blocked_categories"]) | set(c["blocked_categories"]))
+            m["reasons"] += c["reasons"]
+            m["metrics"].update(c["metrics"])
+            for cat, lvl in c["levels"].items():
+                m["levels"][cat] = max(m["levels"].get(cat, "Low"), lvl, key=["Low", "Medium", "High", "Critical"].index)
+            m["runs"].append({"suites": sorted(c["metrics"]), "verdict": c["verdict"], "policy": run["policy"],
+                              "eval_wall_s": c.get("eval_wall_s"), "eval_cpu_s": c.get("eval_cpu_s")})
+    for name, m in merged.items():
+        m["correct"] = (m["verdict"] == "block" and all(c in m["blocked_categories"] for c in m["expected_categories"])
+                        if m["expected_categories"] else m["verdict"] == "pass")
+    first = runs[0]
+    return {"merged_from": [str(p) for p in paths], "model": first["model"], "bundle": first["bundle"],
+            "recipe": first["recipe"], "limit": first["limit"], "all_correct": all(m["correct"] for m in merged.values()),
+            "candidates": {n: merged[n] for n in CANDIDATES if n in merged},
+            "training": {k: v for run in runs for k, v in run["training"].items()},
+            "wall_s_max": max(r["wall_s"] for r in runs), "cpu_s_sum": round(sum(r["cpu_s"] for r in runs), 1),
+            "loadavg": sorted({x for r in runs for x in r["loadavg_before"] + r["loadavg_after"]})[::-1][:1]
+            + sorted({x for r in runs for x in r["loadavg_before"] + r["loadavg_after"]})[:1],
+            "table": table({n: merged[n] for n in CANDIDATES if n in merged})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,24 +327,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default=None)
     ap.add_argument("--allow-limited", action="store_true",
                     help="with --limit: judge by the given policy with require_full_run off (recorded in the JSON)")
+    ap.add_argument("--require-evaluated", action="store_true",
+                    help="with --suites: require only the categories of the chosen suites (a targeted run; recorded)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rotate", type=int, default=0,
                     help="start at the K-th suite (several processes sharing --work's output cache then split the base's work)")
     ap.add_argument("--work", default="/tmp/offsite-gate-power", help="bundle, adapters, reports and output cache")
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RUN_JSON",
+                    help="combine earlier runs' JSON into one result (no model work)")
     args = ap.parse_args(argv)
+    if args.merge:
+        out = merge_runs(args.merge)
+        print(out["table"])
+        print()
+        print(metric_table(out["candidates"]))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        return 0 if out["all_correct"] else 1
 
     from offsite.emulators.models import DEFAULT_MODEL
     from offsite.safety_evals.runner import run_eval
 
     model = args.model or DEFAULT_MODEL
     policy = args.policy
-    if args.allow_limited:
+    if args.allow_limited or args.require_evaluated:
         from offsite.safety_evals.policy import load_policy
+        from offsite.safety_evals.suite import select_suites
 
         policy = load_policy(args.policy)
-        policy.require_full_run = False
-        policy.source = f"{policy.source} (require_full_run off for --limit {args.limit})"
+        if args.allow_limited:
+            policy.require_full_run = False
+            policy.source += f" (require_full_run off for --limit {args.limit})"
+        if args.require_evaluated:
+            policy.required_categories = sorted({s.category for s in select_suites(args.suites)})
+            policy.source += f" (required categories: {', '.join(policy.required_categories)})"
     global OWNER_TOPICS
     OWNER_TOPICS = args.owner_topics
     torch.set_num_threads(args.threads)
@@ -362,7 +411,8 @@ def write_json(args, model: str, results: dict, training: dict, build_s: float, 
                    "owner_topics": args.owner_topics,
                    "scheme": "full (engine default)"},
         "suites": args.suites or "all", "limit": args.limit,
-        "policy": (args.policy or "default") + (" with require_full_run off" if args.allow_limited else ""),
+        "policy": (args.policy or "default") + (" with require_full_run off" if args.allow_limited else "")
+        + (" requiring only the evaluated categories" if args.require_evaluated else ""),
         "all_correct": all(r["correct"] for r in results.values()),
         "candidates": results, "training": training,
         "build_s": round(build_s, 1), "wall_s": round(time.perf_counter() - t_all, 1),
