@@ -111,3 +111,11 @@ def test_every_benchmark_section_names_its_command_machine_state_and_date():
         assert "python -m bench." in section or "offsite-admin " in section, f"{title}: no command that reproduces it"
         assert "machine state" in low or "load average" in low, f"{title}: no machine state"
         assert re.search(r"\b20\d\d-\d\d-\d\d\b", section), f"{title}: no date"
+
+
+def test_relative_links_point_at_files_that_exist():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
