@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from offsite.cli import err_console, fail
 
 from ..hooks import DEFAULT_EVAL_RUNNER, DEFAULT_JOB_RUNNER
-
-err = Console(stderr=True)
 
 
 def serve(
@@ -48,16 +46,13 @@ def serve(
     from ..logs import FORMATS, configure
 
     if log_format not in FORMATS:
-        err.print(f"[red]error:[/red] --log-format {log_format!r}: use one of {', '.join(FORMATS)}")
-        raise typer.Exit(2)
+        fail(f"--log-format {log_format!r}: use one of {', '.join(FORMATS)}")
     configure(log_format, logging.INFO if verbose else logging.WARNING)
     if bool(tls_cert) != bool(tls_key):
-        err.print("[red]error:[/red] pass both --tls-cert and --tls-key (or neither)")
-        raise typer.Exit(2)
+        fail("pass both --tls-cert and --tls-key (or neither)")
     for p in (tls_cert, tls_key, client_ca):
         if p is not None and not p.is_file():
-            err.print(f"[red]error:[/red] {p}: no such file")
-            raise typer.Exit(2)
+            fail(f"{p}: no such file")
     cfg = ServerConfig(data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
                        client_ca=client_ca, database_url=database_url, signing_key=signing_key,
                        federation_address=federation_address, job_runner=job_runner, eval_runner=eval_runner,
@@ -69,27 +64,26 @@ def serve(
         bound = await server.start()
         st = server.state
         if st.admin_token_path is not None:
-            err.print(f"first start: wrote the admin token to [bold]{st.admin_token_path}[/bold] (mode 600); "
+            err_console.print(f"first start: wrote the admin token to [bold]{st.admin_token_path}[/bold] (mode 600); "
                       f"use it with --token or OFFSITE_TOKEN=$(cat {st.admin_token_path})", highlight=False)
         scheme = "TLS" + (" + client certificates" if client_ca else "") if tls_cert else "plaintext (no TLS)"
         # The exact line tests and scripts wait for; keep its shape.
         print(f"offsite server listening on {host}:{bound} ({scheme}); data in {st.data_dir}", flush=True)
         if server.metrics_port:
-            err.print(f"Prometheus metrics on http://{metrics_address.rpartition(':')[0]}:{server.metrics_port}/metrics",
+            err_console.print(f"Prometheus metrics on http://{metrics_address.rpartition(':')[0]}:{server.metrics_port}/metrics",
                       highlight=False)
         await server.serve_until_signal()
         if server.stuck_operations:
             # Their threads ignore cancellation and would keep the process alive; their state is
             # recorded (cancelled) and their child processes are terminated, so leave now.
-            err.print(f"server stopped; {len(server.stuck_operations)} operation(s) did not stop in time "
+            err_console.print(f"server stopped; {len(server.stuck_operations)} operation(s) did not stop in time "
                       f"({', '.join(server.stuck_operations)}), exiting anyway")
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(0)
-        err.print("server stopped")
+        err_console.print("server stopped")
 
     try:
         asyncio.run(main())
     except (OSError, ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+        fail(str(e), code=1)
