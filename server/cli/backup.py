@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(1)
+from offsite.cli import JsonOption, emit_json, err_console, fail
 
 
 def backup(
@@ -25,7 +18,7 @@ def backup(
         envvar="OFFSITE_DATABASE_URL",
         help="the server's registry (default: sqlite in DATA_DIR)",
     ),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Back up the registry (one consistent snapshot, also while the server runs) and its artifacts.
 
@@ -38,12 +31,12 @@ def backup(
     try:
         manifest = run_backup(data_dir, database_url, out)
     except (BackupError, RegistryUnavailable) as e:
-        _fail(str(e))
+        fail(str(e), json_out, code=1)
     if json_out:
-        typer.echo(json.dumps({"ok": True, "out": str(out), **manifest}, indent=2))
+        emit_json({"ok": True, "out": str(out), **manifest})
     else:
         size = sum(manifest["artifacts"].values())
-        err.print(
+        err_console.print(
             f"backup in {out}: {sum(manifest['rows'].values())} rows, {len(manifest['artifacts'])} artifacts "
             f"({size / 1e6:.1f} MB), schema {', '.join(manifest['revision'])}",
             highlight=False,
@@ -59,7 +52,7 @@ def restore(
         envvar="OFFSITE_DATABASE_URL",
         help="a fresh, empty registry database (default: sqlite in DATA_DIR)",
     ),
-    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    json_out: bool = JsonOption,
 ) -> None:
     """Restore a backup into a fresh data directory (and database); then `offsite-admin serve` it.
 
@@ -72,11 +65,11 @@ def restore(
     try:
         manifest = run_restore(source, data_dir, database_url)
     except (BackupError, RegistryUnavailable) as e:
-        _fail(str(e))
+        fail(str(e), json_out, code=1)
     if json_out:
-        typer.echo(json.dumps({"ok": True, "data_dir": str(data_dir), **manifest}, indent=2))
+        emit_json({"ok": True, "data_dir": str(data_dir), **manifest})
     else:
-        err.print(
+        err_console.print(
             f"restored {sum(manifest['rows'].values())} rows and {len(manifest['artifacts'])} artifacts into "
             f"{data_dir}; start it with `offsite-admin serve --data-dir {data_dir}`",
             highlight=False,
