@@ -25,6 +25,7 @@ from offsite.files import JsonlError, read_jsonl
 from .losses import IGNORE_INDEX, perplexity  # noqa: F401  (perplexity lives beside the loss; re-exported)
 
 PYTHON_REFERENCE = "python-reference"
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
@@ -101,6 +102,10 @@ def _chat_example(messages, where: str, tokenizer) -> Example:
     )
     if not ok:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    unknown = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
+    if unknown is not None:
+        raise DataError(f"{where}: role {unknown!r} is not one of {', '.join(CHAT_ROLES)}; rename it (chat templates "
+                        "drop or mangle roles they do not know)")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role 'assistant' (it is what the model learns)")
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:

@@ -191,16 +191,26 @@ class JsonlError(ValueError):
     """A JSON Lines file that cannot be read; the message starts with FILE:LINE."""
 
 
-def read_jsonl(source: str | Path | IO, name: str | None = None) -> Iterator[tuple[str, Any]]:
+MAX_JSONL_LINE_BYTES = 16 << 20  # one example or record; a longer line is refused before it is read whole
+
+
+def read_jsonl(source: str | Path | IO, name: str | None = None,
+               max_line_bytes: int = MAX_JSONL_LINE_BYTES) -> Iterator[tuple[str, Any]]:
     """("FILE:LINE", value) for every non-blank line of a JSON Lines file (a path or an open
-    file, text or binary). Bad UTF-8 or bad JSON raises JsonlError naming FILE:LINE."""
+    file, text or binary). Bad UTF-8 or bad JSON raises JsonlError naming FILE:LINE, and so
+    does a line over `max_line_bytes` (memory stays bounded whatever the file holds)."""
     if isinstance(source, (str, Path)):
         with open(source, "rb") as fh:
-            yield from read_jsonl(fh, name or str(source))
+            yield from read_jsonl(fh, name or str(source), max_line_bytes)
         return
     name = name or getattr(source, "name", "<input>")
-    for lineno, raw in enumerate(source, start=1):
+    lineno = 0
+    while raw := source.readline(max_line_bytes + 1):
+        lineno += 1
         where = f"{name}:{lineno}"
+        if len(raw) > max_line_bytes:
+            raise JsonlError(f"{where}: a line longer than {max_line_bytes >> 20} MiB; put one example per line and "
+                             "split very long texts into several")
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
