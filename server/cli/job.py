@@ -136,7 +136,7 @@ def run(
 
 @app.command("resume")
 def resume(
-    job_id: str = typer.Argument(..., help="the job id that `job run` printed"),
+    job_id: str = typer.Argument(..., help="the job id that `jobs local run` printed"),
     data_dir: Path = typer.Option(..., "--data-dir"),
     workers: int = typer.Option(0, "--workers"),
     json_out: bool = JsonOption,
