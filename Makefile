@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.offsite-setup
 
-.PHONY: setup demo test lint format format-check docs bench clean-venv
+.PHONY: setup demo test reliability lint format format-check docs bench load clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# The fault and bad-input campaign alone (issue 16; also part of `make test`): killed servers,
+# full disks, flipped bytes, broken updates, every CLI command given bad input.
+reliability: setup
+	$(PY) -m pytest -q -m reliability tests/reliability
+
 # ruff's lint rules and the import contracts of pyproject.toml ([tool.importlinter]).
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -46,6 +51,10 @@ docs: setup
 
 bench: setup
 	$(PY) -m bench.offsite_quality --quick --json bench/results/offsite_quality_quick.json
+
+# 200 data owners on loopback and a soak of back-to-back tiny jobs (docs/benchmarks.md, Reliability).
+load: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.load --clients 200 --json bench/results/load.json
 
 clean-venv:
 	rm -rf $(VENV)
