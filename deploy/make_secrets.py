@@ -7,7 +7,7 @@ Writes into --out (mode 600 for private material):
 | file | what |
 |---|---|
 | ca.pem | a private CA (ECDSA P-384) |
-| server.pem/.key, superlink.pem/.key | one certificate from that CA for the API and the SuperLink: offsite-server, server, superlink, offsite-superlink, localhost, 127.0.0.1 and --host |
+| server.pem/.key, superlink.pem/.key | one certificate from that CA for the API and the SuperLink: offsite-server, server, superlink, offsite-superlink, fleet-proxy, localhost, 127.0.0.1 and --host |
 | superexec.secret | 32 random bytes shared by the SuperLink and its SuperExec |
 | signing.key, signing.pub | the model owner's bundle signing key |
 | node-i.key, node-i.pub | each SuperNode's ECDSA P-384 OpenSSH key (register the .pub at the SuperLink) |
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 SERVER_NAMES = ("offsite-server", "server", "localhost", "127.0.0.1")
-SUPERLINK_NAMES = ("superlink", "offsite-superlink", "localhost", "127.0.0.1")
+SUPERLINK_NAMES = ("superlink", "offsite-superlink", "fleet-proxy", "localhost", "127.0.0.1")
 DB_USER, DB_NAME, DB_HOST = "offsite", "offsite", "postgres"
 
 
@@ -49,7 +49,7 @@ def generate(out: str | Path, owners: int = 3, host: str = "") -> Path:
     # One certificate names both services of the model owner (make_tls keeps no CA key to sign a second).
     if not (out / "ca.pem").exists():
         with tempfile.TemporaryDirectory() as tmp:
-            tls = make_tls(Path(tmp), hosts=(*SERVER_NAMES, *SUPERLINK_NAMES[:2], *extra))
+            tls = make_tls(Path(tmp), hosts=(*SERVER_NAMES, *SUPERLINK_NAMES[:3], *extra))
             _write(out / "ca.pem", tls.ca_cert.read_bytes(), 0o644)
             for name in ("server", "superlink"):
                 _write(out / f"{name}.pem", tls.server_cert.read_bytes(), 0o644)

@@ -53,10 +53,14 @@ def accepted_flags(program: str) -> set[str]:
     """The option strings `program` accepts (a subcommand after `offsite-admin`)."""
     if program == "offsite-admin serve":
         return {o for p in _serve_command().params for o in p.opts}
-    if program == "healthcheck":  # python -m offsite.server.healthcheck, what the probes run
+    if program in ("healthcheck", "offsite.server.healthcheck"):  # what the probes run
         from offsite.server.healthcheck import parser
 
         return {o for a in parser()._actions for o in a.option_strings}
+    if program == "offsite.server.fleet_proxy":
+        from offsite.server.fleet_proxy import parser as proxy_parser
+
+        return {o for a in proxy_parser()._actions for o in a.option_strings}
     return {o for a in _flower_parser(program)._actions for o in a.option_strings}
 
 
@@ -77,6 +81,8 @@ def test_a_renamed_flag_is_caught():
 
 
 def _program(entry: list[str]) -> str:
+    if entry[:2] == ["python", "-m"]:
+        return entry[2]
     exe = Path(entry[0]).name
     return "offsite-admin serve" if exe == "offsite-admin" else exe
 
@@ -179,9 +185,11 @@ def test_compose_services_and_only_public_ports(compose):
     serve_port = {p.name: p.default for p in _serve_command().params}["port"]
     superlink_port = int(_flag_value(superlink_command(Path("/s"), _tls(), Path("/x")), "--port"))
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
-    assert published == {"server": [f"{serve_port}:{serve_port}"], "superlink": [f"{superlink_port}:{superlink_port}"]}
+    # Data owners get the API and the Fleet proxy; the SuperLink's own port carries the Control API.
+    assert published == {"server": [f"{serve_port}:{serve_port}"], "fleet-proxy": [f"{superlink_port}:{superlink_port}"]}
     assert compose["networks"]["internal"]["internal"] is True
-    assert services["postgres"]["networks"] == ["internal"] and services["superexec"]["networks"] == ["internal"]
+    for name in ("postgres", "superexec", "superlink"):
+        assert services[name]["networks"] == ["internal"], name
     for name in ("supernode-1", "supernode-2", "supernode-3"):
         assert services[name]["networks"] == ["federation"]
 
@@ -207,6 +215,20 @@ def test_compose_superlink_matches_the_code_topology(compose):
     _, argv = _argv(compose["services"]["superlink"])
     assert set(ours) <= {a for a in argv if a.startswith("--")}, "compose drops a SuperLink flag the code sets"
     assert _flag_value(argv, "--isolation") == "process"
+
+
+def test_compose_wiring_superlink_proxy_superexec_supernodes(compose):
+    services = compose["services"]
+    _, superlink = _argv(services["superlink"])
+    _, proxy = _argv(services["fleet-proxy"])
+    _, superexec = _argv(services["superexec"])
+    private = f"superlink:{_flag_value(superlink, '--port')}"
+    assert _flag_value(proxy, "--upstream") == private and _flag_value(superexec, "--runtime-api-address") == private
+    public = f"fleet-proxy:{_flag_value(proxy, '--listen').rsplit(':', 1)[1]}"
+    for n in (1, 2, 3):
+        assert _flag_value(_argv(services[f"supernode-{n}"])[1], "--superlink") == public
+    flwr_config = tomllib.loads((DEPLOY / "flwr-config.toml").read_text())
+    assert flwr_config["superlink"]["offsite"]["address"] == private
 
 
 def test_compose_env_names_match_the_code(compose):
@@ -297,7 +319,9 @@ def test_k8s_probes_are_grpc_health(manifests):
             if not probe:
                 continue
             probes += 1
-            if "grpc" in probe:  # the kubelet's own gRPC probe: the plaintext health server's port
+            if "tcpSocket" in probe:  # the Fleet proxy: plain HTTPS, no health service
+                assert _flag_value(argv, "--listen").endswith(f":{probe['tcpSocket']['port']}")
+            elif "grpc" in probe:  # the kubelet's own gRPC probe: the plaintext health server's port
                 assert _flag_value(argv, "--health-server-address").endswith(f":{probe['grpc']['port']}")
                 assert _flag_value(argv, "--health-server-address").startswith("0.0.0.0:")
             else:
@@ -338,6 +362,10 @@ def test_networkpolicy_opens_only_the_fleet_and_api_ports(manifests):
     server = next(c for _, c in _containers(manifests) if c["name"] == "server")
     metrics_port = int(_flag_value([str(a) for a in server["args"]], "--metrics-address").rsplit(":", 1)[1])
     assert [p["port"] for p in metrics["ports"]] == [metrics_port] and "namespaceSelector" in metrics["from"][0]
+    superlink = next(c for _, c in _containers(manifests) if c["name"] == "superlink")
+    private = policies["offsite-superlink-private"]["ingress"][0]
+    assert [p["port"] for p in private["ports"]] == [int(_flag_value([str(a) for a in superlink["args"]], "--port"))]
+    assert private["from"][0]["podSelector"]["matchLabels"]["app"] == "offsite-server"
     pg = policies["offsite-postgres"]["ingress"]
     assert [r["from"][0]["podSelector"]["matchLabels"]["app"] for r in pg] == ["offsite-server"]
 

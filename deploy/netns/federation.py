@@ -3,10 +3,11 @@
     python deploy/netns/federation.py --dir STATE [--owners 3] [--rounds 1] [--keep]   # as root
 
 On the model owner's host (10.77.0.1) it starts the SuperLink (TLS with a certificate for
-10.77.0.1, SuperNode authentication, process isolation), the SuperExec (its gRPC health
-port open on every interface, closed to other hosts by the firewall) and `offsite-admin
-serve` (TLS, the same host certificate), then opens only the SuperLink's and the API's
-ports to the data owners (nftables). The model owner registers a tiny model, builds a
+10.77.0.1 and 127.0.0.1, SuperNode authentication, process isolation) on 127.0.0.1:9093, the
+Fleet proxy (offsite.server.fleet_proxy) on 10.77.0.1:9092 passing data owners the Fleet API
+only, the SuperExec (its gRPC health port open on every interface, closed to other hosts by
+the firewall) and `offsite-admin serve` (TLS, the same certificate), then opens only the
+proxy's and the API's ports to the data owners (nftables). The model owner registers a tiny model, builds a
 bundle and creates a deployment job with the `offsite-admin` CLI. Each data owner
 (10.77.0.11, ...) has its own client home, cache and node key and runs `offsite-client
 enroll`, `fetch` and `join --print-key` (the model owner registers that key with `flwr
@@ -30,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns import Host, Network, check_available  # noqa: E402
 
-SUPERLINK_PORT = 9092  # Fleet + Control + Runtime APIs (Flower serves them on one port)
+SUPERLINK_PORT = 9092  # public: the Fleet API only, through offsite.server.fleet_proxy
+SUPERLINK_PRIVATE_PORT = 9093  # the SuperLink itself (Fleet + Control + Runtime APIs), on 127.0.0.1
 API_PORT = 50051  # offsite-admin serve: data owners enroll and fetch here
 SUPEREXEC_HEALTH_PORT = 9095  # the SuperExec's health server: the model owner's own
 REGISTRY_PORT = 5432  # PostgreSQL (the registry), on the model owner's host: the model owner's own
@@ -174,10 +176,12 @@ class Federation:
         data = root / "srv"
         data.mkdir(parents=True, exist_ok=True)
         address = self.net.server.address
-        tls = make_tls(root / "tls", hosts=(address,))  # the host's address, not 127.0.0.1
+        # The host's address (what data owners see), and loopback for the private SuperLink port.
+        tls = make_tls(root / "tls", hosts=(address, "127.0.0.1"))
         self.ca = tls.ca_cert
         secret = make_secret(root / "superexec.secret")
-        flwr_home = write_flwr_home(data / "flwr-home", "offsite", self.superlink, tls.ca_cert)
+        private = f"127.0.0.1:{SUPERLINK_PRIVATE_PORT}"  # the model owner's own flwr CLI and SuperExec
+        flwr_home = write_flwr_home(data / "flwr-home", "offsite", private, tls.ca_cert)
         site = Site(
             self.net.server, root, _env(FLWR_HOME=str(flwr_home), OFFSITE_SERVER=self.api, OFFSITE_CA=str(tls.ca_cert))
         )
@@ -185,12 +189,17 @@ class Federation:
             site.env["PGPASSWORD"] = self.db_password
         self.model_owner = site
         self.net.firewall([SUPERLINK_PORT, API_PORT])
-        site.spawn("superlink", superlink_command(root, tls, secret, host=address, port=SUPERLINK_PORT))
-        site.wait_port(SUPERLINK_PORT, proc="superlink")
+        site.spawn("superlink", superlink_command(root, tls, secret, host="127.0.0.1", port=SUPERLINK_PRIVATE_PORT))
+        site.wait_port(SUPERLINK_PRIVATE_PORT, "127.0.0.1", proc="superlink")
+        # Data owners get the Fleet API only: the Control API shares the SuperLink's port.
+        proxy = [sys.executable, "-m", "offsite.server.fleet_proxy", "--listen", self.superlink, "--upstream", private]
+        site.spawn(
+            "fleet-proxy",
+            proxy + ["--ca", str(tls.ca_cert), "--cert", str(tls.server_cert), "--key", str(tls.server_key)],
+        )
         site.spawn(
             "superexec",
-            superexec_command(self.superlink, tls, secret)
-            + ["--health-server-address", f"0.0.0.0:{SUPEREXEC_HEALTH_PORT}"],
+            superexec_command(private, tls, secret) + ["--health-server-address", f"0.0.0.0:{SUPEREXEC_HEALTH_PORT}"],
         )
         serve = [
             str(BIN / "offsite-admin"),
@@ -212,6 +221,7 @@ class Federation:
             serve += ["--database-url", database_url]
         site.spawn("server", serve)
         site.wait_port(API_PORT, proc="server")
+        site.wait_port(SUPERLINK_PORT, proc="fleet-proxy")
         site.wait_port(SUPEREXEC_HEALTH_PORT, "127.0.0.1", proc="superexec")
         site.env["OFFSITE_TOKEN"] = (data / "admin.token").read_text().strip()
         self.signing_pub = data / "keys" / "signing.pub"

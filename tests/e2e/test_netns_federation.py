@@ -183,6 +183,8 @@ def test_data_owner_hosts_cannot_reach_the_model_owners_private_ports(deployed):
     assert netns.can_connect(server, server.address, federation.SUPEREXEC_HEALTH_PORT)
     # ... and the firewall drops it from a data owner's host (a timeout, not a refusal).
     assert not netns.can_connect(owner, server.address, federation.SUPEREXEC_HEALTH_PORT, timeout=1.5)
+    # The SuperLink itself listens on the model owner's loopback only.
+    assert not netns.can_connect(owner, server.address, federation.SUPERLINK_PRIVATE_PORT, timeout=1.5)
     port = deployed["registry_port"]
     if port is not None:  # the registry's PostgreSQL: the model owner's server uses it, data owners cannot reach it
         assert netns.can_connect(server, server.address, port)
@@ -199,14 +201,9 @@ def test_nothing_left_behind_in_the_machine_namespace():
     assert "br0" not in out and "veth" not in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # only "the call succeeded" counts; any other error fails the test
-    reason="known gap: Flower 1.42 serves the Control API on the Fleet port, so a data owner holding the CA "
-    "can call it (flwr ls/run); needs an L7 proxy passing only /v1/fleet/* (deploy/README.md). Remove this "
-    "marker when it is closed.",
-)
 def test_data_owner_cannot_use_the_superlink_control_api(deployed):
+    # Flower serves the Control API on the Fleet port without credentials: the proxy in front
+    # passes data owners /v1/fleet/* only (without it, `flwr ls` from a data owner answered).
     from offsite.server.federation.deployment import write_flwr_home
 
     fed = deployed["fed"]
@@ -218,3 +215,5 @@ def test_data_owner_cannot_use_the_superlink_control_api(deployed):
         timeout=180,
     )
     assert proc.returncode != 0 or '"success": false' in proc.stdout, proc.stdout[-500:]
+    # The Fleet proxy refused it: the SuperLink (on 127.0.0.1 only) never saw the call.
+    assert "refused POST /v1/control/" in fed.model_owner.log("fleet-proxy")
