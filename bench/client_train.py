@@ -180,6 +180,8 @@ def _offsite_worker(mode: str, args) -> dict:
     examples, cfg, _ = _data_and_cfg(bundle.tokenizer, args)
     load_peak = _vmhwm_mb()
     reset = reset_peak_rss()
+    # as `offsite-client train` does: the tokenizer goes once the data is tokenized
+    cfg = TrainConfig(**{**cfg.__dict__, "release_tokenizer": True})
     if mode == "offsite_sparse":
         budget = args.budget_mb if args.budget_mb == "auto" else float(args.budget_mb)
         cfg = TrainConfig(**{**cfg.__dict__, "memory_budget_mb": budget, "probe_steps": 2})

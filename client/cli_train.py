@@ -88,6 +88,7 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, seed=seed, precision=precision,
         eval_fraction=eval_fraction, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every, activation_checkpointing=activation_checkpointing,
+        release_tokenizer=True,  # nothing after training tokenizes: its ~40 MB need not sit beside it
     )
     log = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if not json_out or progress else (lambda m: None)
     try:

@@ -168,3 +168,36 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     assert latest.name == "step-000002"
     ckpt.load_checkpoint(latest)  # intact and readable
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")]  # no half-written leftovers
+
+
+def test_fp16_stored_adapter_trains_in_fp32_and_untouched_weights_come_back_exact():
+    """Bundles ship the adapter as fp16: frozen parts stay fp16 while training, trained parts are fp32."""
+    target = _target()
+    with torch.no_grad():
+        for p in target.model.parameters():
+            p.copy_(p.half().float())  # fp16-exact values, as a bundle's adapter
+    before = {k: v.clone() for k, v in target.model.named_parameters()}
+    seen = {}
+
+    def on_step(step, loss):
+        params = dict(target.model.named_parameters())
+        seen["frozen"] = params["model.layers.0.self_attn.q_proj.weight"].dtype
+        seen["trained"] = {p.dtype for p in params.values() if p.requires_grad}
+
+    r = train_model(target, TEXT, TrainConfig(scheme="top:channels:0.5,bottom:norms", steps=3, lr=3e-3, block_size=32,
+                                              batch_size=2, precision="bf16"), progress=False, on_step=on_step)
+    assert seen == {"frozen": torch.float16, "trained": {torch.float32}}
+    changed = {k for k, v in r.adapter_state.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("model.layers.6.", "model.layers.7.", "model.layers.0.input", "model.layers.0.post",
+                                          "model.layers.1.input", "model.layers.1.post")) for k in changed)
+    assert torch.equal(r.adapter_state["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert r.metrics["tokens_per_cpu_s"] > 0
+
+
+def test_release_tokenizer_drops_every_reference_after_tokenizing():
+    dropped = []
+    target = _target()
+    target.drop_tokenizer = lambda: dropped.append(True)
+    train_model(target, TEXT, TrainConfig(scheme="top", steps=1, block_size=32, batch_size=2, precision="fp32",
+                                          release_tokenizer=True), progress=False)
+    assert target.tokenizer is None and dropped == [True]

@@ -54,6 +54,7 @@ class EngineTarget:
     trainable_blocks: list[int]  # model block indices that may train (an emulator's adapter blocks)
     to_original: Callable[[str], str] = _identity  # model parameter name -> base model name
     base_digest: str = ""
+    drop_tokenizer: Callable[[], None] | None = None  # forgets the owner's references (TrainConfig.release_tokenizer)
 
     def adapter_names(self) -> dict[str, str]:
         """Original name -> model name for every parameter of the trainable blocks."""
@@ -185,6 +186,10 @@ def train_model(
     if hasattr(model, "config"):
         model.config.use_cache = False
     data = prepare_data(examples, target.tokenizer, cfg)
+    if cfg.release_tokenizer:
+        target.tokenizer = None
+        if target.drop_tokenizer is not None:
+            target.drop_tokenizer()
     if initial_adapter:
         _load_adapter_into(target, initial_adapter)
 
@@ -350,6 +355,6 @@ def train_adapter(
     target = EngineTarget(
         model=bundle.model, tokenizer=bundle.tokenizer, family=bundle.family,
         trainable_blocks=list(bundle.adapter_positions), to_original=bundle.to_original,
-        base_digest=bundle.base_digest,
+        base_digest=bundle.base_digest, drop_tokenizer=lambda: setattr(bundle, "tokenizer", None),
     )
     return train_model(target, examples, cfg, progress=progress, initial_adapter=initial_adapter, on_step=on_step, log=log)
