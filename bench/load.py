@@ -207,7 +207,7 @@ def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = {"bench": "load", "machine": machine_state(), "command": "python -m bench.load " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("json",) and v not in (False, None))}
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json" and v is not None and v is not False)}
     with tempfile.TemporaryDirectory(prefix="offsite-load-") as tmp:
         if not args.skip_load:
             out["load"] = run_load(args.clients, Path(tmp))
