@@ -100,7 +100,13 @@ class JobRunContext:
         return self.store.path(round_row.adapter_sha256) if round_row.adapter_sha256 else None
 
     def create_release(self, adapter_path: str | Path, metrics: dict | None = None) -> ReleaseRow:
-        """The candidate release (status pending-gate) from the final adapter."""
+        """The candidate release (status pending-gate) from the final adapter; the job's
+        existing candidate when it has one (a runner restarted after its release, e.g. by a
+        server killed before the job was marked completed, never makes a second)."""
+        existing = self.registry.get_job(self.job.id).release_id
+        if existing:
+            self.log("the job already has its candidate release; not making another", release_id=existing)
+            return self.registry.get_release(existing)
         sha = self.store.put_file(adapter_path)
         self.registry.add_artifact(sha, self.store.size(sha), "adapter", f"{self.job.id}-adapter.safetensors")
         return self.registry.create_release(self.job.id, self.model.id, sha, metrics or {})

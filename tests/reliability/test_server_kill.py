@@ -25,10 +25,14 @@ from offsite.protos.v1 import (
     artifacts_pb2_grpc,
     evals_pb2,
     evals_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     operations_pb2,
     operations_pb2_grpc,
+    releases_pb2,
+    releases_pb2_grpc,
 )
 from offsite.server.artifacts import ArtifactStore
 from offsite.server.testing import ServerProcess, tiny_bundle
@@ -212,4 +216,59 @@ def test_kill_during_an_eval_run_marks_it_failed_with_no_report(tmp_path):
         assert not leftovers, f"scratch directories of the killed eval were left: {leftovers}"
     finally:
         srv.kill()
+    assert_registry_intact(srv.data_dir)
+
+
+def _wait_job(jobs, job_id: str, pred, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.GetJob(jobs_pb2.GetJobRequest(id=job_id))
+        if pred(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never got there: {job}")
+
+
+def test_kill_during_a_round_and_after_the_release_never_makes_a_second_candidate(tmp_path):
+    bundle = tiny_bundle()
+    srv = _server(tmp_path, "--signing-key", str(bundle.signing_key),
+                  "--job-runner", "tests.reliability.slow_hooks:rounds_runner")
+    srv.env["RELIABILITY_PAUSE"] = "round-2"
+    srv.start()
+    try:
+        admin = open_channel(srv.address, srv.admin_token)
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(iter(
+            [artifacts_pb2.UploadRequest(kind="bundle")] + [artifacts_pb2.UploadRequest(data=bundle.tar_path.read_bytes())]))
+        emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+        jobs = jobs_pb2_grpc.JobsStub(admin)
+        job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id, rounds=3)))
+        jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
+        _wait_job(jobs, job.id, lambda j: j.current_round == 1)
+        time.sleep(0.3)  # inside round 2
+        srv.kill()  # 1: mid-round
+        srv.env["RELIABILITY_PAUSE"] = "after-release"
+        srv.start()
+        jobs = jobs_pb2_grpc.JobsStub(open_channel(srv.address, srv.admin_token))
+        stale = jobs.GetJob(jobs_pb2.GetJobRequest(id=job.id))
+        assert stale.state == jobs_pb2.JOB_STATE_FAILED and "server stopped" in stale.error
+        assert [r.number for r in jobs.ListRounds(jobs_pb2.ListRoundsRequest(job_id=job.id)).rounds] == [1]
+        jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))  # resumes at round 2
+        _wait_job(jobs, job.id, lambda j: j.release_id != "")
+        srv.kill()  # 2: the candidate exists, the job was not yet marked completed
+        srv.env["RELIABILITY_PAUSE"] = ""
+        srv.start()
+        admin = open_channel(srv.address, srv.admin_token)
+        jobs = jobs_pb2_grpc.JobsStub(admin)
+        jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
+        done = _wait_job(jobs, job.id, lambda j: j.state in (jobs_pb2.JOB_STATE_COMPLETED, jobs_pb2.JOB_STATE_FAILED))
+        assert done.state == jobs_pb2.JOB_STATE_COMPLETED, done.error
+        assert [r.number for r in jobs.ListRounds(jobs_pb2.ListRoundsRequest(job_id=job.id)).rounds] == [1, 2, 3]
+        releases = releases_pb2_grpc.ReleasesStub(admin).ListReleases(releases_pb2.ListReleasesRequest(job_id=job.id))
+        assert len(releases.releases) == 1, "a restart made a second candidate"
+        assert done.release_id == releases.releases[0].id
+    finally:
+        srv.kill()
+    assert_store_whole(srv.data_dir)
     assert_registry_intact(srv.data_dir)
