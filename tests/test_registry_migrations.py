@@ -1,6 +1,6 @@
 """The registry's schema through Alembic, on SQLite and (when it can start) PostgreSQL.
 
-- a fresh database ends at the head revision and matches registry.py's models exactly (a
+- a fresh database ends at the head revision and matches registry/tables.py's models exactly (a
   column added to a model without a revision fails here);
 - a database made before Alembic (today's schema, no alembic_version) upgrades in place with
   its rows intact; one missing columns gets them;
@@ -67,7 +67,7 @@ def test_fresh_database_is_at_head_and_matches_the_models(url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     reg.close()
     assert diff == [], (
-        f"registry.py's models and the Alembic revisions disagree: {diff}; "
+        f"registry/tables.py's models and the Alembic revisions disagree: {diff}; "
         'add a revision with `python -m offsite.server.schema_revision revision -m "..."`'
     )
 

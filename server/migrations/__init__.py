@@ -9,7 +9,7 @@ transaction (PostgreSQL: under an advisory lock, so servers starting together mi
 - a database at a revision this offsite does not know (made by a newer version) is refused
   with SchemaTooNew before anything is written.
 
-A schema change is a new revision: change the model in registry.py, then
+A schema change is a new revision: change the model in registry/tables.py, then
 
     python -m offsite.server.schema_revision revision -m "what changed"
 
