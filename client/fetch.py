@@ -25,7 +25,12 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from offsite.emulators.bundle_format import BundleError, extract_bundle, verify_bundle
+from offsite.emulators.keyring import load_keyring
+from offsite.emulators.signing import SigningKeyError, key_id
 from offsite.files import atomic_write, sha256_file
 from offsite.protos.channel import open_channel
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -112,10 +117,7 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
     finally:
         channel.close()
     if public_key is not None:
-        pinned = Path(public_key).read_bytes().strip()
-        if pinned != resp.bundle_public_key.strip():
-            raise FetchError(f"the server's bundle signing key differs from {public_key}; refusing to enroll "
-                             "(ask the model owner which key is right)")
+        _check_pinned(resp.bundle_public_key, public_key)
     check_digest(resp.bundle.sha256, f"the server at {server}")
     if resp.bundle.size <= 0:
         raise FetchError(f"the server at {server} announced a bundle of {resp.bundle.size} bytes; refusing it")
@@ -134,6 +136,28 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
         key_source="pinned" if public_key is not None else "tls" if tls else "insecure")
     atomic_write(job_file, json.dumps({**asdict(enrollment), "token": token}, indent=2), 0o600)
     return enrollment
+
+
+def _check_pinned(announced: bytes, pinned: str | Path) -> None:
+    """The key the server announced for this job's bundle must be one the data owner pinned:
+    a signing.pub, or a directory of them (keys kept across the model owner's key rotations)."""
+    try:
+        ring = load_keyring(pinned)
+    except SigningKeyError as e:
+        raise FetchError(f"--public-key: {e}") from None
+    try:
+        key = serialization.load_pem_public_key(announced)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"a {type(key).__name__}, not an Ed25519 key")
+    except (ValueError, TypeError) as e:
+        raise FetchError(f"the server announced a bundle signing key that is not an Ed25519 PEM public key ({e}); "
+                         "refusing to enroll") from None
+    kid = key_id(key)
+    if kid not in ring or ring[kid][0].public_bytes_raw() != key.public_bytes_raw():
+        raise FetchError(f"the job's bundle is signed by key id {kid}, which differs from the pinned {pinned} (key id"
+                         f"{'s' if len(ring) > 1 else ''} {', '.join(sorted(ring))}); refusing to enroll. Ask the "
+                         f"model owner for the signing.pub of key {kid} (after a key rotation, pin a directory "
+                         "holding the old and the new signing.pub)")
 
 
 def _whole_numbers(value):

@@ -38,7 +38,8 @@ from typing import IO
 
 from offsite.files import atomic_dir, sha256_file
 
-from .signing import SigningKeyError, load_public_key, public_key_fingerprint, verify_signature
+from .keyring import load_keyring, manifest_key_id
+from .signing import SigningKeyError, verify_signature
 
 BUNDLE_FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
@@ -78,11 +79,15 @@ def parse_manifest(manifest_bytes: bytes) -> dict:
 
 
 def check_signature(manifest_bytes: bytes, sig_bytes: bytes | None, public_key_path: str | Path | None) -> None:
-    """Raise BundleError unless `sig_bytes` is the key's signature over exactly `manifest_bytes`."""
+    """Raise BundleError unless `sig_bytes` is a trusted key's signature over exactly `manifest_bytes`.
+
+    `public_key_path` is one signing.pub, or a directory of them (a key directory with its
+    keyring/, see `keyring.py`): the key id the manifest names picks the key; a manifest
+    that names none (older bundles) is tried against each."""
     if public_key_path is None:
         raise BundleError("no public key given: a bundle is verified with the model owner's signing.pub before use")
     try:
-        public_key = load_public_key(public_key_path)
+        ring = load_keyring(public_key_path)
     except SigningKeyError as e:
         raise BundleError(str(e)) from None
     if sig_bytes is None:
@@ -93,18 +98,22 @@ def check_signature(manifest_bytes: bytes, sig_bytes: bytes | None, public_key_p
         signature = b""
     if len(signature) != 64:
         raise BundleError(f"{SIGNATURE}: not an Ed25519 signature (expected 64 bytes, base64); the bundle cannot be trusted")
-    if not verify_signature(public_key, signature, manifest_bytes):
-        hint = ""
-        try:
-            signer = json.loads(manifest_bytes).get("signer", {}).get("ed25519_sha256")
-            if signer and signer != public_key_fingerprint(public_key):
-                hint = (f" The manifest claims signer key {signer[:16]}..., you passed "
-                        f"{public_key_fingerprint(public_key)[:16]}...: wrong public key?")
-        except (ValueError, AttributeError):
-            pass
+    try:
+        wanted = manifest_key_id(json.loads(manifest_bytes))
+    except ValueError:
+        wanted = None
+    if wanted is not None and wanted not in ring:
+        # Fail closed on a key we do not hold, and say which key the bundle wants.
+        raise BundleError(
+            f"{SIGNATURE}: the manifest was signed by key id {wanted}, which {public_key_path} does not hold "
+            f"(key id{'s' if len(ring) > 1 else ''} {', '.join(sorted(ring))}): wrong public key? Ask the model "
+            f"owner for the signing.pub of key {wanted} (`offsite-admin keys list`)"
+        )
+    candidates = [ring[wanted][0]] if wanted is not None else [key for key, _ in ring.values()]
+    if not any(verify_signature(key, signature, manifest_bytes) for key in candidates):
         raise BundleError(
             f"{SIGNATURE}: the signature does not match {MANIFEST} under {public_key_path}: "
-            f"the manifest was changed or signed with another key.{hint}"
+            "the manifest was changed or signed with another key"
         )
 
 

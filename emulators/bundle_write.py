@@ -33,7 +33,7 @@ from .bundle_format import (
     adapter_param_names,
 )
 from .families import Family, family_for
-from .signing import load_private_key, public_key_fingerprint, sign
+from .signing import key_id, load_private_key, public_key_fingerprint, sign
 from .split import SplitPlan, to_original_name
 from .vocab_codec import EMBEDDING_STORAGE, encode_vocab_matrices
 
@@ -176,7 +176,7 @@ def write_bundle(
                             "numel": int(sum(t.numel() for t in adapter_state.values()))},
                 "build": build_info or {},
                 "files": files,
-                "signer": {"ed25519_sha256": public_key_fingerprint(key)},
+                "signer": {"ed25519_sha256": public_key_fingerprint(key), "key_id": key_id(key)},
             }
             manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
             write_new(staging / MANIFEST, manifest_bytes)

@@ -103,6 +103,14 @@ def public_key_fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+KEY_ID_HEX = 16  # 64 bits of the fingerprint: names a key in a manifest, a keyring file, an error
+
+
+def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """The short name of a key: the first 16 hex characters of its fingerprint."""
+    return public_key_fingerprint(key)[:KEY_ID_HEX]
+
+
 def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
     return key.sign(data)
 

@@ -47,7 +47,8 @@ def start_job(state: ServerState, job_id: str, created_by: str = ""):
         work_dir.mkdir(exist_ok=True)
         run_ctx = JobRunContext(job=reg.get_job(job_id), emulator=emulator, model=model, registry=reg,
                                 store=state.store, op=ctx, data_dir=state.data_dir,
-                                bundle_path=state.store.path(emulator.bundle_sha256), public_key_path=state.public_key,
+                                bundle_path=state.store.path(emulator.bundle_sha256),
+                                public_key_path=state.public_key_for(emulator.manifest),  # its signer, after rotations too
                                 work_dir=work_dir, data_owners=reg.enrolled_data_owners(job_id),
                                 policy=state.config.job_policy)
         try:

@@ -83,7 +83,35 @@ class ServerState:
         self.auth = Authenticator(self.registry)
         self.ops = OperationManager(self.registry, max_workers=config.op_workers, long_workers=config.job_workers)
         self.signing_key, self.public_key = self._signing_keys()
+        self._remember_public_key()
         self.admin_token_path: Path | None = None
+
+    def _remember_public_key(self) -> None:
+        # Bundles signed before a key rotation verify with the keyring beside the key
+        # (`offsite-admin keys rotate`); a server started before keyrings existed adds its key.
+        from offsite.emulators.keyring import remember_public_key
+
+        try:
+            remember_public_key(self.signing_key.parent, self.public_key)
+        except (OSError, ValueError) as e:  # a read-only key dir: the current key still verifies its bundles
+            log.warning("could not add %s to the keyring: %s", self.public_key, e)
+
+    def public_key_for(self, manifest: object) -> Path:
+        """The public key file of the key that signed the bundle whose manifest this is (the key
+        id it names, from the keyring; signing.pub for a manifest that names none). A key id the
+        keyring lacks raises ValueError naming it."""
+        from offsite.emulators.keyring import public_key_file
+
+        return public_key_file(self.signing_key.parent, manifest)
+
+    @property
+    def verification_keys(self) -> Path:
+        """keyring/ beside the signing key (every public key this server's bundles may be signed
+        by), or signing.pub alone where no keyring could be written."""
+        from offsite.emulators.keyring import KEYRING_DIR
+
+        ring = self.signing_key.parent / KEYRING_DIR
+        return ring if ring.is_dir() else self.public_key
 
     def _signing_keys(self) -> tuple[Path, Path]:
         if self.config.signing_key is not None:

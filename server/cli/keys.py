@@ -13,7 +13,15 @@ import typer
 from rich.table import Table
 
 from offsite.cli import JsonOption, console, fail
-from offsite.emulators.signing import SigningKeyError, generate_signing_key, public_key_fingerprint, load_public_key
+from offsite.emulators.keyring import KEYRING_DIR, rotate_signing_key, trusted_keys
+from offsite.emulators.signing import (
+    PUBLIC_KEY_NAME,
+    SigningKeyError,
+    generate_signing_key,
+    key_id,
+    load_public_key,
+    public_key_fingerprint,
+)
 
 app = typer.Typer(no_args_is_help=True, help="Create and manage the model owner's keys.")
 
@@ -30,6 +38,7 @@ def init_keys(directory: Path, force: bool = False) -> dict[str, str]:
         "signing_key": str(key_path),
         "signing_pub": str(pub_path),
         "signing_fingerprint": public_key_fingerprint(load_public_key(pub_path)),
+        "key_id": key_id(load_public_key(pub_path)),
     }
 
 
@@ -63,3 +72,63 @@ def init(
         table.add_row(k, v)
     console.print(table)
     console.print("Keep signing.key secret; give signing.pub to data owners so they can verify bundles.")
+
+
+def _key_dir(dir: Path | None, data_dir: Path | None, json_out: bool) -> Path:
+    if (dir is None) == (data_dir is None):
+        fail("pass either --dir (a key directory from `keys init`) or --data-dir (a server's data dir)", json_out)
+    return dir if dir is not None else data_dir / "keys"
+
+
+@app.command("rotate")
+def rotate(
+    dir: Path = typer.Option(None, "--dir", help="the key directory holding signing.key and signing.pub"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="a server's data dir (its key is DATA_DIR/keys)"),
+    json_out: bool = JsonOption,
+) -> None:
+    """Make a new signing key for new bundles; keep the old public keys in DIR/keyring/ so
+    bundles signed before still verify (manifests name their key id). A running server signs
+    its next bundle with the new key.
+
+    Example: offsite-admin keys rotate --data-dir srv
+    """
+    key_dir = _key_dir(dir, data_dir, json_out)
+    try:
+        result = rotate_signing_key(key_dir)
+    except SigningKeyError as e:
+        fail(str(e), json_out)
+    if json_out:
+        typer.echo(json.dumps({"ok": True, **result}))
+        return
+    console.print(f"new signing key [bold]{result['key_id']}[/bold] (was {result['previous_key_id']}); "
+                  f"keyring: {', '.join(result['keyring'])}")
+    console.print(f"Give data owners the new {result['signing_pub']}; bundles signed by older keys keep verifying "
+                  f"with {key_dir / KEYRING_DIR}/.")
+
+
+@app.command("list")
+def list_(
+    dir: Path = typer.Option(None, "--dir", help="the key directory holding signing.key and signing.pub"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="a server's data dir (its key is DATA_DIR/keys)"),
+    json_out: bool = JsonOption,
+) -> None:
+    """List the signing key and the older public keys of a key directory, by key id.
+
+    Example: offsite-admin keys list --dir keys --json
+    """
+    key_dir = _key_dir(dir, data_dir, json_out)
+    try:
+        current = key_id(load_public_key(key_dir / PUBLIC_KEY_NAME))
+        ring = trusted_keys(key_dir)
+    except SigningKeyError as e:
+        fail(str(e), json_out)
+    rows = [{"key_id": kid, "current": kid == current, "file": str(path)} for kid, (_, path) in sorted(ring.items())]
+    if json_out:
+        typer.echo(json.dumps({"ok": True, "key_id": current, "keys": rows}))
+        return
+    table = Table(title=f"signing keys in {key_dir}")
+    for col in ("key id", "signs new bundles", "file"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key_id"], "yes" if r["current"] else "", r["file"])
+    console.print(table)

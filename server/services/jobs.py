@@ -112,6 +112,10 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         if job.state in DONE_JOB_STATES:
             raise Conflict(f"job {job.id} is {job.state}; it takes no more data owners")
         emulator = self.s.registry.get_emulator(job.emulator_id)
+        try:  # the key that signed THIS bundle: after a key rotation, older bundles keep their key
+            public_key = self.s.public_key_for(emulator.manifest).read_bytes()
+        except ValueError as e:
+            raise Conflict(f"job {job.id}: {e}") from None
         # An admin's enrollment on someone's behalf belongs to no token (revoking the admin's token
         # must not unenroll them); the data owner's own token takes it over when it enrolls.
         self.s.registry.enroll(job.id, owner, "" if p.role == ADMIN else p.token_id)
@@ -122,7 +126,7 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             digest = self.s.registry.get_model(job.model_id).digest
         return jobs_pb2.EnrollResponse(
             job_id=job.id, data_owner=owner, bundle=convert.artifact_ref(self.s.registry, emulator.bundle_sha256, "bundle"),
-            bundle_public_key=self.s.public_key.read_bytes(), federation_address=job.federation_address,
+            bundle_public_key=public_key, federation_address=job.federation_address,
             train_config=convert.struct(spec.get("train_config")), emulator_id=emulator.id, base_model_digest=digest,
             federation=convert.struct({"engine": spec.get("engine", ""), "rounds": spec.get("rounds", 0),
                                        "min_clients": spec.get("min_clients", 0), **(spec.get("options") or {})}))

@@ -128,7 +128,7 @@ class EmulatorsService(models_pb2_grpc.EmulatorsServicer):
         from offsite.emulators.bundle import BundleError, verify_bundle
 
         try:
-            manifest = await asyncio.to_thread(verify_bundle, path, self.s.public_key)
+            manifest = await asyncio.to_thread(verify_bundle, path, self.s.verification_keys)  # any key it has signed with
         except BundleError as e:
             raise ValueError(f"the uploaded bundle does not verify with this server's signing key: {e}") from None
         base = manifest.get("base_model", {}) if isinstance(manifest.get("base_model"), dict) else {}
