@@ -46,10 +46,13 @@ class RegistryLink:
         sha = self._put(release["adapter_path"], f"{job_id}-adapter.safetensors") or release["adapter_sha256"]
         job = self.registry.get_job(job_id)
         metrics = {k: v for k, v in release.items() if k not in ("id", "status")}
-        row = self.registry.create_release(job_id, job.model_id, sha, metrics)
+        if job.release_id:  # a run restarted after its release (a killed server): never a second candidate
+            row = self.registry.get_release(job.release_id)
+        else:
+            row = self.registry.create_release(job_id, job.model_id, sha, metrics)
         release["id"] = row.id
         release["status"] = row.status
-        release["adapter_sha256"] = sha
+        release["adapter_sha256"] = row.adapter_sha256
 
     def job_finished(self, job_id: str, state: str, error: str) -> None:
         self.registry.update_job(job_id, state=state, error=error[:2000])
