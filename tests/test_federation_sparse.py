@@ -159,3 +159,37 @@ def test_the_strategy_averages_sparse_replies_per_element_and_bounds_them(in_a_r
     report = strategy.report
     assert sorted(c.scale < 1 for c in report.clients) == [False, False, True]
     assert all(c.bytes_up < record_nbytes(numpy_to_record(base)) for c in report.clients[:2])
+
+
+def test_a_data_owner_sends_only_what_its_scheme_trained(tmp_path, in_a_run):
+    """The real ClientApp handler on a tiny bundle: a top-block channel scheme uploads those columns only."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common import MessageType
+
+    from offsite.client.flower_app import train_handler
+    from offsite.emulators.bundle import load_bundle
+    from offsite.server.federation.job_runner import prepare_local_job
+    from offsite.server.federation.server_app import train_config
+
+    job = prepare_local_job(tmp_path, "tiny-llama", clients=1, rounds=1, local_steps=2, batch_size=2, block_size=64,
+                            scheme="top1:channels:0.25", min_clients=1)
+    base = {k: v.numpy().copy() for k, v in load_bundle(job.cfg.bundle, job.cfg.public_key).adapter_state().items()}
+    config = {**train_config(job.cfg), "server-round": 1}
+    assert config["upload"] == "sparse-fp16"  # "auto" without DP or SecAgg+
+    msg = Message(RecordDict({"arrays": numpy_to_record(base), "config": ConfigRecord(config)}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = train_handler(msg, ctx, job.settings)
+    record, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert metrics[SPARSE_KEY] == 1.0 and 0 <= metrics[ERROR_KEY] < 1e-3
+    sent = {k for k in record.keys() if "|" not in k}
+    top = max(int(k.split(".")[2]) for k in base)
+    assert sent and all(k.startswith(f"model.layers.{top}.") for k in sent)  # only the trained block
+    assert all(k + "|cols" in record for k in sent)  # and only its trained input columns
+    assert record_nbytes(record) < record_nbytes(numpy_to_record(base)) / 10
+    mean = SparseMean(base)
+    mean.add(decode_sparse_delta(record, base), 1.0)
+    out = mean.apply(base)
+    untouched = [k for k in base if k not in sent]
+    assert untouched and all(np.array_equal(out[k], base[k]) for k in untouched)
+    assert any(not np.array_equal(out[k], base[k]) for k in sent)
