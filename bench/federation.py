@@ -45,7 +45,8 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, config_name: str, heldout_limit: int,
-            workers: int, scheme: str, upload: str, centralized: bool = True, bundle: str = "", public_key: str = "") -> dict:
+            workers: int, scheme: str, upload: str, centralized: bool = True, bundle: str = "", public_key: str = "",
+            eval_fraction: float = 0.1) -> dict:
     import torch
 
     from offsite.client.engine import TrainConfig, train_adapter
@@ -56,7 +57,7 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
 
     torch.set_num_threads(2)
     common = dict(local_steps=local_steps, batch_size=4, block_size=256, lr=1e-4, min_clients=3, round_timeout=3600,
-                  heldout_limit=heldout_limit, scheme=scheme, upload=upload)
+                  heldout_limit=heldout_limit, scheme=scheme, upload=upload, eval_fraction=eval_fraction)
     job = prepare_local_job(work, model, clients=3, rounds=rounds, build=build, progress=True,
                             bundle=bundle or None, public_key=public_key or None,
                             client_threads=int(os.environ.get("OFFSITE_CLIENT_THREADS", 2 if workers == 1 else 1)), **common)
@@ -73,7 +74,8 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
     if centralized:
         union = [e for shard in python_reference_split(3).shards for e in shard]
         t0 = time.perf_counter()
-        cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0, scheme=scheme)
+        cfg = TrainConfig(steps=rounds * local_steps, lr=1e-4, batch_size=4, block_size=256, seed=0, scheme=scheme,
+                          eval_fraction=eval_fraction)
         central = train_adapter(bundle, union, cfg, progress=False)
         central_seconds = time.perf_counter() - t0
         central_ppl = evaluator.plugin_perplexity({k: v.numpy() for k, v in central.adapter_state.items()})
@@ -86,6 +88,7 @@ def quality(work: Path, model: str, rounds: int, local_steps: int, build: dict, 
             "round_seconds": r["round_seconds"], "eval_seconds": r["eval_seconds"], "server_seconds": r["server_seconds"],
             "server_share": r["server_seconds"] / compute, "bytes_down": r["bytes_down"], "bytes_up": r["bytes_up"],
             "client_eval_ppl": [c["eval_ppl_after"] for c in r["clients"]],
+            "client_bytes_up": [c["bytes_up"] for c in r["clients"]],
         })
     shares = [r["server_share"] for r in rounds_out]
     full_adapter_bytes = sum(v.numel() * 4 for v in bundle.adapter_state().values())
@@ -164,6 +167,7 @@ def main() -> None:
     ap.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline (e.g. for the baseline run)")
     ap.add_argument("--bundle", default="", help="reuse this bundle of the same configuration (with --public-key)")
     ap.add_argument("--public-key", default="")
+    ap.add_argument("--eval-fraction", type=float, default=0.1, help="share of each owner's data it scores itself on (0: none)")
     ap.add_argument("--heldout-limit", type=int, default=0, help="held-out blocks for plug-in ppl (0: all)")
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--workers", type=int, default=1, help="Ray workers (clients trained in parallel)")
@@ -186,7 +190,7 @@ def main() -> None:
                 build = {k: v for k, v in vars(shipped).items() if k in keep}
             results.update(quality(work / "quality", args.model, args.rounds, args.local_steps, build, name,
                                    args.heldout_limit, args.workers, args.scheme, args.upload, not args.no_centralized,
-                                   args.bundle, args.public_key))
+                                   args.bundle, args.public_key, args.eval_fraction))
             if args.baseline_json:
                 base = json.loads(Path(args.baseline_json).read_text())
                 q = results["quality"]
