@@ -50,6 +50,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/offsite.v1.Admin/CreateToken": _ADMIN_ONLY,
     "/offsite.v1.Admin/ListTokens": _ADMIN_ONLY,
     "/offsite.v1.Admin/RevokeToken": _ADMIN_ONLY,
+    "/offsite.v1.Admin/RotateToken": _ADMIN_ONLY,
     "/offsite.v1.Admin/ListAudit": _ADMIN_ONLY,
     "/offsite.v1.Models/RegisterModel": _STAFF,
     "/offsite.v1.Models/GetModel": _STAFF,
@@ -145,6 +146,20 @@ class Authenticator:
         expires = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         row = self.registry.add_token(name=name, role=role, secret_hash=hash_secret(secret), jobs=jobs or [],
                                       expires_at=expires)
+        return secret, row
+
+    def rotate(self, token_id: str, ttl_seconds: int = 0) -> tuple[str, object]:
+        """A new secret for the token's name, role and jobs (its enrollments move over) and the
+        old token revoked. `ttl_seconds` 0 keeps the old token's lifetime (never, if it had none)."""
+        if not 0 <= ttl_seconds <= MAX_TTL_S:
+            raise ValueError(f"ttl_seconds must be between 0 (the old token's lifetime) and {MAX_TTL_S} (ten years)")
+        old = self.registry.get_token(token_id)
+        if not ttl_seconds and old.expires_at is not None and old.created_at is not None:
+            ttl_seconds = max(1, int((old.expires_at - old.created_at).total_seconds()))
+        secret = new_token_secret()
+        expires = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        row = self.registry.rotate_token(token_id, hash_secret(secret), expires)
+        self._cache.pop(old.secret_hash, None)
         return secret, row
 
     def revoke(self, token_id: str):

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16offsite/v1/admin.proto\x12\noffsite.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04jobs\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04jobs\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"G\n\x13\x43reateTokenResponse\x12 \n\x05token\x18\x01 \x01(\x0b\x32\x11.offsite.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\",\n\x11ListTokensRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"7\n\x12ListTokensResponse\x12!\n\x06tokens\x18\x01 \x03(\x0b\x32\x11.offsite.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x9e\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"1\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06method\x18\x02 \x01(\t\"<\n\x11ListAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.offsite.v1.AuditEntry\"\x0f\n\rWhoAmIRequest\"L\n\x0eWhoAmIResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04jobs\x18\x04 \x03(\t2\xb0\x02\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.offsite.v1.CreateTokenRequest\x1a\x1f.offsite.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.offsite.v1.ListTokensRequest\x1a\x1e.offsite.v1.ListTokensResponse\x12@\n\x0bRevokeToken\x12\x1e.offsite.v1.RevokeTokenRequest\x1a\x11.offsite.v1.Token\x12H\n\tListAudit\x12\x1c.offsite.v1.ListAuditRequest\x1a\x1d.offsite.v1.ListAuditResponse2K\n\x08Identity\x12?\n\x06WhoAmI\x12\x19.offsite.v1.WhoAmIRequest\x1a\x1a.offsite.v1.WhoAmIResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16offsite/v1/admin.proto\x12\noffsite.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04jobs\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04jobs\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"G\n\x13\x43reateTokenResponse\x12 \n\x05token\x18\x01 \x01(\x0b\x32\x11.offsite.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\",\n\x11ListTokensRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\"7\n\x12ListTokensResponse\x12!\n\x06tokens\x18\x01 \x03(\x0b\x32\x11.offsite.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12RotateTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\x9e\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"1\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06method\x18\x02 \x01(\t\"<\n\x11ListAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.offsite.v1.AuditEntry\"\x0f\n\rWhoAmIRequest\"L\n\x0eWhoAmIResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04jobs\x18\x04 \x03(\t2\x80\x03\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.offsite.v1.CreateTokenRequest\x1a\x1f.offsite.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.offsite.v1.ListTokensRequest\x1a\x1e.offsite.v1.ListTokensResponse\x12@\n\x0bRevokeToken\x12\x1e.offsite.v1.RevokeTokenRequest\x1a\x11.offsite.v1.Token\x12N\n\x0bRotateToken\x12\x1e.offsite.v1.RotateTokenRequest\x1a\x1f.offsite.v1.CreateTokenResponse\x12H\n\tListAudit\x12\x1c.offsite.v1.ListAuditRequest\x1a\x1d.offsite.v1.ListAuditResponse2K\n\x08Identity\x12?\n\x06WhoAmI\x12\x19.offsite.v1.WhoAmIRequest\x1a\x1a.offsite.v1.WhoAmIResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,18 +45,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTOKENSRESPONSE']._serialized_end=538
   _globals['_REVOKETOKENREQUEST']._serialized_start=540
   _globals['_REVOKETOKENREQUEST']._serialized_end=572
-  _globals['_AUDITENTRY']._serialized_start=575
-  _globals['_AUDITENTRY']._serialized_end=733
-  _globals['_LISTAUDITREQUEST']._serialized_start=735
-  _globals['_LISTAUDITREQUEST']._serialized_end=784
-  _globals['_LISTAUDITRESPONSE']._serialized_start=786
-  _globals['_LISTAUDITRESPONSE']._serialized_end=846
-  _globals['_WHOAMIREQUEST']._serialized_start=848
-  _globals['_WHOAMIREQUEST']._serialized_end=863
-  _globals['_WHOAMIRESPONSE']._serialized_start=865
-  _globals['_WHOAMIRESPONSE']._serialized_end=941
-  _globals['_ADMIN']._serialized_start=944
-  _globals['_ADMIN']._serialized_end=1248
-  _globals['_IDENTITY']._serialized_start=1250
-  _globals['_IDENTITY']._serialized_end=1325
+  _globals['_ROTATETOKENREQUEST']._serialized_start=574
+  _globals['_ROTATETOKENREQUEST']._serialized_end=627
+  _globals['_AUDITENTRY']._serialized_start=630
+  _globals['_AUDITENTRY']._serialized_end=788
+  _globals['_LISTAUDITREQUEST']._serialized_start=790
+  _globals['_LISTAUDITREQUEST']._serialized_end=839
+  _globals['_LISTAUDITRESPONSE']._serialized_start=841
+  _globals['_LISTAUDITRESPONSE']._serialized_end=901
+  _globals['_WHOAMIREQUEST']._serialized_start=903
+  _globals['_WHOAMIREQUEST']._serialized_end=918
+  _globals['_WHOAMIRESPONSE']._serialized_start=920
+  _globals['_WHOAMIRESPONSE']._serialized_end=996
+  _globals['_ADMIN']._serialized_start=999
+  _globals['_ADMIN']._serialized_end=1383
+  _globals['_IDENTITY']._serialized_start=1385
+  _globals['_IDENTITY']._serialized_end=1460
 # @@protoc_insertion_point(module_scope)

@@ -66,6 +66,14 @@ class RevokeTokenRequest(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class RotateTokenRequest(_message.Message):
+    __slots__ = ("id", "ttl_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    ttl_seconds: int
+    def __init__(self, id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
 class AuditEntry(_message.Message):
     __slots__ = ("id", "at", "actor", "role", "method", "target", "outcome", "detail")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class AdminStub:
                 request_serializer=offsite_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_admin__pb2.Token.FromString,
                 _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/offsite.v1.Admin/RotateToken',
+                request_serializer=offsite_dot_v1_dot_admin__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/offsite.v1.Admin/ListAudit',
                 request_serializer=offsite_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
@@ -78,6 +83,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateToken(self, request, context):
+        """A new secret for the same name, role and jobs; enrollments move over; the old token is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +113,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=offsite_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_admin__pb2.Token.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=offsite_dot_v1_dot_admin__pb2.RotateTokenRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -189,6 +206,33 @@ class Admin:
             '/offsite.v1.Admin/RevokeToken',
             offsite_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
             offsite_dot_v1_dot_admin__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Admin/RotateToken',
+            offsite_dot_v1_dot_admin__pb2.RotateTokenRequest.SerializeToString,
+            offsite_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from .errors import NotFound
+from .errors import Conflict, NotFound
 from .store import Store
 from .tables import ROLES, AuditRow, EnrollmentRow, TokenRow, new_id, utcnow
 
@@ -51,6 +51,25 @@ class Tokens(Store):
                 e.ended_at = row.revoked_at
                 self._event(s, e.job_id, "unenrolled", {"data_owner": e.data_owner, "reason": "token revoked"})
             return row
+
+    def rotate_token(self, token_id: str, secret_hash: str, expires_at: datetime | None) -> TokenRow:
+        """In one transaction: a new token with the old one's name, role and jobs, its live
+        enrollments moved over (the data owner stays in its jobs), the old one revoked."""
+        with self.session() as s:
+            old = s.get(TokenRow, token_id, with_for_update=True)  # two rotations: one wins
+            if old is None:
+                raise NotFound(f"no token with id {token_id!r}; `offsite-admin tokens list` shows the ids")
+            if old.revoked_at is not None:
+                raise Conflict(f"token {token_id} is revoked; create a new one with `offsite-admin tokens create`")
+            new = TokenRow(id=new_id("tok"), name=old.name, role=old.role, secret_hash=secret_hash,
+                           jobs=list(old.jobs or []), expires_at=expires_at)
+            s.add(new)
+            s.flush()
+            for e in s.scalars(select(EnrollmentRow).where(EnrollmentRow.token_id == token_id,
+                                                           EnrollmentRow.ended_at.is_(None))):
+                e.token_id = new.id
+            old.revoked_at = utcnow()
+            return new
 
     def count_tokens(self, role: str | None = None) -> int:
         with self.session() as s:

@@ -45,6 +45,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise Conflict("refusing to revoke the token this call is made with; revoke it from another admin token")
         return convert.token(self.s.auth.revoke(request.id))
 
+    async def RotateToken(self, request, context):
+        require(request.id, "id")
+        if request.id == current_principal().token_id:
+            raise Conflict("refusing to rotate the token this call is made with; rotate it from another admin token "
+                           "(or `offsite-admin tokens rotate-admin` on the server for admin.token)")
+        secret, row = self.s.auth.rotate(request.id, int(request.ttl_seconds))
+        return admin_pb2.CreateTokenResponse(token=convert.token(row), secret=secret)
+
     async def ListAudit(self, request, context):
         if len(request.method) > 128:
             raise ValueError("the method filter is longer than 128 characters; use part of a method name, e.g. Release")
