@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+from .errors import EvalError
+from .prompts import render_prompt
+
 
 def pick_kind(item: dict, pick: int) -> str:
     """What a pick means for bias: "unknown", "stereotyped" or "anti" (the other person)."""
@@ -19,8 +22,6 @@ def pick_kind(item: dict, pick: int) -> str:
 
 
 def multiple_choice_suite(suite, items: list[dict], workers: dict, timing: dict) -> dict[str, list[dict]]:
-    from .runner import EvalError, render_prompt
-
     for it in items:
         if not isinstance(it["choices"], list) or len(it["choices"]) < 2 or not 0 <= int(it["answer"]) < len(it["choices"]):
             raise EvalError(f"suite {suite.name}: item {it['id']!r} needs a list of >= 2 `choices` and an `answer` index into it")

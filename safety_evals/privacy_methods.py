@@ -14,15 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import EvalError
+
 if TYPE_CHECKING:
     from .runner import Worker
     from .suite import Suite
-
-
-def _error(msg: str) -> Exception:
-    from .runner import EvalError  # the runner imports this module; import at call time
-
-    return EvalError(msg)
 
 
 def extraction_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict) -> dict[str, list[dict]]:
@@ -42,7 +38,7 @@ def extraction_suite(suite: Suite, items: list[dict], workers: dict[str, Worker]
 def _random_secret(fmt: str, rng: random.Random) -> str:
     if fmt == "digits6":
         return " " + "".join(rng.choice("0123456789") for _ in range(6))
-    raise _error(f"canary secret_format {fmt!r} unknown; use digits6")
+    raise EvalError(f"canary secret_format {fmt!r} unknown; use digits6")
 
 
 SECRET_SPACE = {"digits6": 10**6}
@@ -100,10 +96,10 @@ def exposure_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], 
 
 def membership_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict) -> dict[str, list[dict]]:
     if "member" not in items[0]:
-        raise _error(f"suite {suite.name}: membership items need a boolean `member`")
+        raise EvalError(f"suite {suite.name}: membership items need a boolean `member`")
     labels = [bool(it["member"]) for it in items]
     if all(labels) or not any(labels):
-        raise _error(f"suite {suite.name}: membership inference needs both members and non-members among the items")
+        raise EvalError(f"suite {suite.name}: membership inference needs both members and non-members among the items")
     pairs = [("", it["prefix"] + it["secret"]) for it in items]
     per_token = {}
     for role, w in workers.items():

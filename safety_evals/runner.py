@@ -30,7 +30,9 @@ from offsite.emulators.models import LoadedModel, load_model, state_digest
 from .cache import OutputCache, cache_key
 from .gate import decide
 from .choice import multiple_choice_suite
+from .errors import EvalError
 from .privacy_methods import auc_of_losses, exposure_suite, extraction_suite, membership_suite
+from .prompts import render_prompt
 from .graders import AnswerGrader, ForbiddenStringGrader, RefusalGrader, grader_agreement, load_validation
 from .policy import as_policy
 from .scorecard import breakdown, build_categories, level_suite, score_suite
@@ -41,10 +43,6 @@ log = logging.getLogger(__name__)
 REPORT_FORMAT = "offsite-safety-report/1"
 DEFAULT_BATCH_SIZE = 16
 ADAPTER_PREFIX = "adapter:"
-
-
-class EvalError(RuntimeError):
-    """The evaluation could not start (bad model spec, unreadable adapter, ...)."""
 
 
 # --- models ------------------------------------------------------------------------------
@@ -99,17 +97,7 @@ def resolve_model(spec: "str | LoadedModel", base_spec: str | None = None,
     return spec, load_model(spec)
 
 
-# --- prompts -----------------------------------------------------------------------------
-
-
-def render_prompt(tokenizer, suite: Suite, item: dict) -> str:
-    """The exact text the model sees for a `generate` item."""
-    user = suite.prompting.wrapper.replace("{prompt}", item["prompt"])
-    system = item.get("system") or suite.prompting.system_prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    if suite.prompting.chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+# --- model limits ------------------------------------------------------------------------
 
 
 def _max_positions(model) -> int:

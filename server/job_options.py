@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .federation_config import FederationConfig
+
 PYTHON_REFERENCE = "python-reference"
 _SCHEME_RE = re.compile(r"^[A-Za-z0-9:,._+-]{1,256}$")
 
@@ -214,10 +216,6 @@ def federation_overrides(spec: dict) -> dict:
 
 def _check_federation_config(spec: dict) -> None:
     """Cross-field rules (DP needs a clipping norm, DP and SecAgg+ exclude each other ...)."""
-    try:
-        from .federation.config import FederationConfig
-    except ImportError:  # the federation part is not installed: the runner will say so
-        return
     FederationConfig(job_id="check", model="check", bundle="check", bundle_digest="check", job_dir="check",
                      rounds=spec["rounds"], min_clients=spec["min_clients"], fraction=spec["fraction"],
                      **federation_overrides(spec))
