@@ -57,6 +57,16 @@ GRIDS: dict[str, list[dict]] = {
     "ties": [{"density": d, "scale": s} for d in (0.2, 0.5) for s in (1.0, 1.5)],
     "dare": [{"drop_rate": p} for p in (0.3, 0.5, 0.7)],
 }
+# --grid wide: also lambda below 1 for every method (two related parents share part of their
+# deltas, so a plain sum overshoots that part) and unequal parent weights.
+GRIDS_WIDE: dict[str, list[dict]] = {
+    "average": [{}],
+    "task-arithmetic": [{"scale": s} for s in (0.5, 0.6, 0.7, 0.8, 1.0, 1.3)]
+    + [{"weights": w} for w in ((0.8, 0.5), (0.7, 0.6), (0.6, 0.7))],
+    "ties": [{"density": d, "scale": s} for d in (0.2, 0.5) for s in (0.7, 1.0, 1.5)]
+    + [{"density": d, "weights": (1.0, 0.6)} for d in (0.2, 0.5)],
+    "dare": [{"drop_rate": p, "scale": s} for p in (0.3, 0.5, 0.7) for s in (0.6, 0.8, 1.0)],
+}
 
 
 def log(msg: str) -> None:
@@ -282,7 +292,8 @@ def run(args) -> dict:
         zero["val"] = score_all("zero-shot", None, "val")
         for p in parents:
             parent_ppl[p]["val"] = score_all(f"parent {p}", parents[p][0], "val")
-    for method, grid in GRIDS.items():
+    grids = GRIDS_WIDE if args.grid == "wide" else GRIDS
+    for method, grid in grids.items():
         if not tune:
             methods[method] = {**defaults[method], "tuned": False}
             continue
@@ -315,7 +326,8 @@ def run(args) -> dict:
                    "lr": args.lr, "batch": "4 x 256 tokens", "seed": args.seed, "threads": args.threads,
                    "test_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":test")},
                    "val_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":val")},
-                   "train_documents": {n: len(data[n][0]) for n in names}, "grids": GRIDS},
+                   "train_documents": {n: len(data[n][0]) for n in names},
+                   "grid": args.grid, "grids": GRIDS_WIDE if args.grid == "wide" else GRIDS},
     }
 
 
@@ -358,6 +370,7 @@ def main() -> None:
                     help="bundle, adapters and measured perplexities (re-running resumes)")
     ap.add_argument("--tune", choices=["auto", "always", "never"], default="auto",
                     help="tune hyper-parameters on the validation sets: when no default meets the target (auto), always, never")
+    ap.add_argument("--grid", choices=["small", "wide"], default="small", help="validation grid of hyper-parameters")
     ap.add_argument("--train-only", choices=["A", "B", "joint"], default=None,
                     help="train (and cache) one adapter, then exit: run beside the main run to train in parallel")
     args = ap.parse_args()
