@@ -31,7 +31,8 @@ def enroll(
     ca: Path = ca_option(),
     client_cert: Path = client_cert_option(),
     client_key: Path = client_key_option(),
-    public_key: Path = typer.Option(None, "--public-key", help="pin the bundle signing key (signing.pub) you were given"),
+    public_key: Path = typer.Option(None, "--public-key", help="pin the bundle signing key (signing.pub) you were given, "
+                                    "or a directory of them (keys kept across rotations)"),
     insecure: bool = typer.Option(False, "--insecure", help="without TLS (--ca) or --public-key, accept the signing key as "
                                   "received (anyone on the network path could replace it; local tests only)"),
     fetch: bool = typer.Option(False, "--fetch", help="download the bundle right away"),
