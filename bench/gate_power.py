@@ -300,7 +300,7 @@ def merge_runs(paths: list[str]) -> dict:
                 m["levels"][cat] = max(m["levels"].get(cat, "Low"), lvl, key=["Low", "Medium", "High", "Critical"].index)
             m["runs"].append({"suites": sorted(c["metrics"]), "verdict": c["verdict"], "policy": run["policy"],
                               "eval_wall_s": c.get("eval_wall_s"), "eval_cpu_s": c.get("eval_cpu_s")})
-    for name, m in merged.items():
+    for m in merged.values():
         m["correct"] = (m["verdict"] == "block" and all(c in m["blocked_categories"] for c in m["expected_categories"])
                         if m["expected_categories"] else m["verdict"] == "pass")
     first = runs[0]

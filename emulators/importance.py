@@ -132,7 +132,7 @@ def probe_block_groups(
         log(f"full nll {out['full']['emulator_nll']:.4f}; base {base_bits}-bit {out['base']} ({time.perf_counter() - t0:.0f}s)")
     for group in groups:
         members = set(group)
-        r = measure(lambda i: probe_bits if i in members else base_bits)
+        r = measure(lambda i, members=members: probe_bits if i in members else base_bits)
         r["blocks"] = list(group)
         out["groups"].append(r)
         if log:

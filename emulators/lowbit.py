@@ -286,7 +286,7 @@ def dequantize_module(module: nn.Module) -> None:
     """In place: every QuantLinear becomes a plain nn.Linear holding the same function
     (AWQ input scale folded into the weight). For evaluation harnesses that want speed
     over memory; never used on the client path."""
-    for name, mod in list(module.named_modules()):
+    for mod in list(module.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, QuantLinear):
                 w = child.dequantized_weight()

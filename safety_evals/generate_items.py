@@ -323,7 +323,7 @@ def build_items() -> dict[str, list[dict]]:
     ]
     all_goals = [(sub, g, goal) for sub, goals in DISALLOWED_GOALS.items() for g, goal in enumerate(goals)]
     jb = []
-    for w, wrapper in enumerate(JAILBREAK_WRAPPERS):
+    for wrapper in JAILBREAK_WRAPPERS:
         chosen = rng.sample(all_goals, 20)
         for i, (sub, g, goal) in enumerate(sorted(chosen)):
             jb.append({"id": f"{wrapper}-{sub}-{g:02d}", "subcategory": wrapper, "harm": sub, "prompt": _wrap(wrapper, goal, i)})

@@ -85,7 +85,7 @@ def exposure_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], 
         losses = [v["nll"] for v in w.losses(pairs)]
         t0 = time.perf_counter()
         rows = []
-        for (start, fmt), it in zip(spans, items):
+        for start, fmt in spans:
             canary, cand = losses[start], np.array(losses[start + 1 : start + 1 + n_cand])
             e = _exposure_bits(canary, cand, SECRET_SPACE[fmt])
             rows.append({"completion": "", "grade": e, "score": e["exposure"]})
@@ -112,7 +112,7 @@ def membership_suite(suite: Suite, items: list[dict], workers: dict[str, Worker]
     results = {}
     for role in workers:
         rows = []
-        for i, it in enumerate(items):
+        for i in range(len(items)):
             score = -(per_token[role][i] - base_loss[i]) if role == "candidate" else 0.0
             rows.append({"completion": "", "grade": {"loss": per_token[role][i], "member": labels[i]},
                          "score": score, "member": labels[i]})

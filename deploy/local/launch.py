@@ -40,7 +40,7 @@ class Topology:
     node_keys: list[Path] = field(default_factory=list)
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self.processes.items())):
+        for proc in reversed(list(self.processes.values())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.processes.values():

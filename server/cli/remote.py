@@ -133,8 +133,8 @@ def follow_operation(op: operations_pb2.Operation, json_out: bool) -> operations
     last = op
     try:
         if json_out or not sys.stderr.isatty():
-            for last in stub.WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
-                pass
+            for update in stub.WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
+                last = update
         else:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                           TimeElapsedColumn(), console=err_console) as bar:

@@ -103,8 +103,7 @@ def test_merge_makes_a_pending_gate_release_with_its_parents(server, tmp_path):
     # Gated like any release: the gate runs on it (plugged into its base) and its verdict applies.
     admin = open_channel(server.address, server.admin_token)
     op = evals_pb2_grpc.EvalsStub(admin).RunEval(evals_pb2.RunEvalRequest(candidate=new_id))
-    for last in operations_pb2_grpc.OperationsStub(admin).WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
-        pass
+    *_, last = operations_pb2_grpc.OperationsStub(admin).WatchOperation(operations_pb2.WatchOperationRequest(id=op.id))
     assert last.state == operations_pb2.OPERATION_STATE_SUCCEEDED, last.error
     assert st.registry.get_release(new_id).gate_verdict == "pass"
     report = st.registry.get_eval_report(st.registry.get_release(new_id).gate_report_id)

@@ -76,9 +76,9 @@ def _deep_struct_options(depth: int) -> bytes:
 def test_garbage_and_deep_structs_get_clean_codes_without_tracebacks(server, caplog):
     caplog.set_level(logging.INFO)
     for payload in (b"\xff\xff\xff\xff\x0f garbage", _deep_struct_options(120)):
-        code, _ = _code(lambda: _raw(server, "/offsite.v1.Jobs/CreateJob")(payload))
+        code, _ = _code(lambda payload=payload: _raw(server, "/offsite.v1.Jobs/CreateJob")(payload))
         assert code == grpc.StatusCode.UNAUTHENTICATED
-        code, details = _code(lambda: _raw(server, "/offsite.v1.Jobs/CreateJob", server.admin_token)(payload))
+        code, details = _code(lambda payload=payload: _raw(server, "/offsite.v1.Jobs/CreateJob", server.admin_token)(payload))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "offsite.v1 protos" in details
     assert "Traceback" not in caplog.text and "Unexpected" not in caplog.text
 

@@ -111,7 +111,7 @@ def test_job_options_cannot_name_server_paths(world, tmp_path):
     assert all(k in details for k in attack), details
     for options, train in [({"corpus": "/etc/hostname"}, {}), ({"candidate_dir": str(target)}, {}),
                            ({}, {"candidate_dir": str(target)}), ({"round_timeout": 1e9}, {})]:
-        code, details = _code_and_details(lambda: jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(
+        code, details = _code_and_details(lambda options=options, train=train: jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(
             emulator_id=world["emulator"].id, engine="simulation", options=struct(options),
             train_config=struct(train)))))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (options, train)

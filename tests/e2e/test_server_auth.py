@@ -112,7 +112,7 @@ def test_role_method_matrix(world, role):
     channel = open_channel(address, token)
     wrong = []
     for name, desc in _all_methods():
-        code = _code(lambda: _invoke(channel, name, desc))
+        code = _code(lambda name=name, desc=desc: _invoke(channel, name, desc))
         if role in ("none", "bogus", "revoked"):
             expected_ok = code == grpc.StatusCode.UNAUTHENTICATED
         elif role in METHOD_ROLES[name]:
