@@ -44,3 +44,24 @@ def test_expiry_and_malformed_headers(auth):
         auth.authenticate(f"Basic {secret}")
     with pytest.raises(ValueError, match="role"):
         auth.create_token("x", "root")
+
+
+def test_rotation_beats_the_cache_and_moves_the_enrollments(auth):
+    reg = auth.registry
+    model = reg.add_model("m", "tiny-llama")
+    sha = "ab" * 32
+    reg.add_artifact(sha, 1, "bundle", "b.tar")
+    job = reg.add_job("j", model.id, reg.add_emulator(model.id, sha, {}, {}).id, {})
+    secret, row = auth.create_token("alice", "data-owner", [job.id], ttl_seconds=600)
+    reg.enroll(job.id, "alice", row.id)
+    assert auth.authenticate(f"Bearer {secret}").name == "alice"  # now cached for 60 s
+    new_secret, new = auth.rotate(row.id)
+    with pytest.raises(_AuthError, match="revoked"):
+        auth.authenticate(f"Bearer {secret}")
+    p = auth.authenticate(f"Bearer {new_secret}")
+    assert (p.name, p.role, list(p.jobs), p.token_id) == ("alice", "data-owner", [job.id], new.id)
+    assert reg.jobs_of_token(new.id) == [job.id] and reg.jobs_of_token(row.id) == []
+    assert reg.enrolled_data_owners(job.id) == ["alice"]
+    assert 590 <= (new.expires_at - new.created_at).total_seconds() <= 610  # the old lifetime
+    with pytest.raises(ValueError, match="revoked"):
+        auth.rotate(row.id)  # a revoked token is not brought back
