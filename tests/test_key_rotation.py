@@ -201,3 +201,16 @@ def test_keys_rotate_and_list_on_the_command_line(tmp_path):
     both = run(admin_app, ["keys", "rotate", "--dir", str(keys), "--data-dir", str(tmp_path), "--json"])
     assert both.exit_code != 0 and "either --dir" in json.loads(both.stdout)["error"]
     assert json.loads(run(admin_app, ["keys", "list", "--dir", str(keys), "--json"]).stdout) == listed
+
+
+def test_a_local_job_reusing_a_bundle_from_before_a_rotation_verifies_it_with_its_key(tmp_path):
+    from offsite.emulators.keyring import rotate_signing_key
+    from offsite.server.federation.job_runner import prepare_local_job
+
+    first = prepare_local_job(tmp_path, model="tiny-llama", clients=2, rounds=1)
+    rotation = rotate_signing_key(tmp_path / "keys")
+    again = prepare_local_job(tmp_path, model="tiny-llama", clients=2, rounds=1)  # the cached bundle, old key
+    assert again.cfg.bundle == first.cfg.bundle
+    assert Path(again.cfg.public_key) == (tmp_path / "keys" / KEYRING_DIR / f"{rotation['previous_key_id']}.pub").resolve()
+    assert again.settings.public_key == again.cfg.public_key
+    verify_bundle(again.cfg.bundle, again.cfg.public_key)

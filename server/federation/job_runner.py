@@ -136,6 +136,14 @@ def prepare_local_job(
     else:
         key, pub = _signing_key(data_dir)
         bundle_path = _build_or_reuse_bundle(data_dir, model, build or {}, key, progress)
+        if (bundle_path / "manifest.json").is_file():  # a bundle reused from before `keys rotate`: its own key
+            from offsite.emulators.bundle_format import read_manifest_unverified
+            from offsite.emulators.keyring import public_key_file
+
+            try:
+                pub = public_key_file(key.parent, read_manifest_unverified(bundle_path)).resolve()
+            except ValueError as e:
+                raise JobSetupError(f"{bundle_path}: {e}") from None
     if not bundle_path.is_dir():
         raise JobSetupError(f"{bundle_path}: pass an unpacked bundle directory")
     from offsite.emulators.bundle import verify_bundle
