@@ -55,4 +55,10 @@ class RegistryLink:
         release["adapter_sha256"] = row.adapter_sha256
 
     def job_finished(self, job_id: str, state: str, error: str) -> None:
-        self.registry.update_job(job_id, state=state, error=error[:2000])
+        try:
+            self.registry.update_job(job_id, state=state, error=error[:2000])
+        finally:
+            # The job is over: give its database connections back (the soak of bench.load found
+            # a process running jobs back to back keeping registry.db + -wal open per job).
+            # A later call reconnects, so this costs nothing if someone writes again.
+            self.registry.close()
