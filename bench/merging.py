@@ -17,8 +17,8 @@ client engine training its adapter on the emulator, plug-in by name into the ful
 Every merge method (emulators/merge.py) merges A and B as deltas from the base model's own
 adapter blocks; each result is plugged in and scored on both test sets. A parent's *share
 kept* = (ln ppl_zero_shot - ln ppl_merge) / (ln ppl_zero_shot - ln ppl_parent) on that
-parent's own test set. Each method runs first with the papers' settings (TIES k = 20%,
-lambda 1; DARE p = 0.5, lambda 1; task arithmetic lambda 1); when none of them meets the
+parent's own test set. Each method runs first with the library's defaults (TIES k = 20% and
+lambda 1 as in its paper; DARE p = 0.5, lambda 1; task arithmetic lambda 1); when none of them meets the
 target (or with --tune always), every method's hyper-parameters are chosen on the
 validation sets (maximising the worse parent's share kept there) and only then scored on the
 test sets, which never steer a choice. Target: the best method keeps >= 90% of each
@@ -346,7 +346,8 @@ def print_table(res: dict) -> str:
     for m, row in res["methods"].items():
         for label, r in ((("paper settings", row["defaults"]), ("tuned on validation", row)) if row["tuned"]
                          else (("paper settings", row),)):
-            hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items() if k not in ("method", "weights", "seed"))
+            hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()
+                           if k not in ("method", "seed") and not (k == "weights" and v is None))
             lines.append(f"| {m} ({label}) | {hp or '-'} | {r['test_ppl'][a]:.3f} | {r['test_ppl'][b]:.3f} | "
                          f"{100 * r['share_kept']['A']:.0f}% | {100 * r['share_kept']['B']:.0f}% |")
     text = "\n".join(lines)
