@@ -66,9 +66,13 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
             ctx.progress(0.1, "running the suites")
             out = tmp / "report"
             extra = {}
-            if "cache_dir" in inspect.signature(runner).parameters:
+            params = inspect.signature(runner).parameters  # an admin's hook may take fewer
+            if "cache_dir" in params:
                 # Generations cached across runs: a re-run after a crash or a cancel resumes.
                 extra["cache_dir"] = state.data_dir / "eval-cache"
+            if release is not None and "previous_report" in params:
+                # What changed since the model's previous release (new failures first in the report).
+                extra["previous_report"] = previous_release_report(state, release)
             report = runner(candidate=cand_src, base=base_src, suites=suites or None, limit=limit or None,
                             out_dir=out, progress=False, **extra)
             ctx.check_cancelled()
@@ -106,6 +110,22 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
 
 
 _LEVELS = ("Low", "Medium", "High", "Critical")
+
+
+def previous_release_report(state: ServerState, release) -> dict | None:
+    """The latest report.json of the newest earlier release of the same base model, if any."""
+    reg = state.registry
+    earlier = [r for r in reg.list_releases() if r.model_id == release.model_id and r.id != release.id
+               and r.created_at <= release.created_at]
+    for prev in reversed(earlier):
+        reports = reg.list_eval_reports(release_id=prev.id, limit=1)
+        if reports and reports[0].report_json_sha256:
+            try:
+                with state.store.open(reports[0].report_json_sha256) as fh:
+                    return json.loads(fh.read())
+            except (OSError, ValueError):
+                return None  # a missing or unreadable report: no diff, never a failed gate
+    return None
 
 
 def gate_base_model(state: ServerState, release, asked: str = ""):
