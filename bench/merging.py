@@ -118,7 +118,10 @@ def three_way(named: dict[str, str], source: str):
 def corpora() -> dict[str, tuple]:
     from pydoc_data.topics import topics
 
-    return {"python-reference": three_way(dict(topics), "python-reference"), "stdlib-docs": three_way(stdlib_docs(), "stdlib-docs")}
+    return {
+        "python-reference": three_way(dict(topics), "python-reference"),
+        "stdlib-docs": three_way(stdlib_docs(), "stdlib-docs"),
+    }
 
 
 def first_blocks(examples, tokenizer, n: int, block_size: int):
@@ -146,18 +149,24 @@ def build_bundle_once(work: Path, loaded, model: str) -> tuple[Path, Path]:
     out = work / "bundle"
     if not (out / "manifest.json").exists():
         log("building the int3 + AWQ bundle of the default model ...")
-        build_bundle(BuildConfig(model=model, quantize="int3", awq=True), key, out, progress=False, overwrite=True, loaded=loaded)
+        build_bundle(
+            BuildConfig(model=model, quantize="int3", awq=True), key, out, progress=False, overwrite=True, loaded=loaded
+        )
     return out, pub
 
 
-def train_parent(work: Path, bundle_dir: Path, pub: Path, label: str, examples, steps: int, lr: float, seed: int) -> dict:
+def train_parent(
+    work: Path, bundle_dir: Path, pub: Path, label: str, examples, steps: int, lr: float, seed: int
+) -> dict:
     """The client engine trains the bundle's adapter on `examples`; cached as an adapter file."""
     from offsite.client.engine import TrainConfig, train_adapter
     from offsite.emulators.adapter import load_adapter, save_adapter
     from offsite.emulators.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, pub)
-    key = _key({"bundle": bundle.manifest_sha256, "label": label, "n": len(examples), "steps": steps, "lr": lr, "seed": seed})
+    key = _key(
+        {"bundle": bundle.manifest_sha256, "label": label, "n": len(examples), "steps": steps, "lr": lr, "seed": seed}
+    )
     path = work / f"adapter-{label}-{key}.safetensors"
     marker = path.with_suffix(".training")
     while not path.exists() and marker.exists() and _alive(int(marker.read_text() or 0)):
@@ -168,8 +177,16 @@ def train_parent(work: Path, bundle_dir: Path, pub: Path, label: str, examples, 
     try:
         log(f"training parent {label}: {steps} steps on {len(examples)} documents")
         # checkpoints every 10 steps: an interrupted run resumes (the engine checks the settings match)
-        cfg = TrainConfig(steps=steps, lr=lr, batch_size=4, block_size=256, seed=seed, eval_batches=2,
-                          checkpoint_dir=str(work / f"ckpt-{label}-{key}"), checkpoint_every=10)
+        cfg = TrainConfig(
+            steps=steps,
+            lr=lr,
+            batch_size=4,
+            block_size=256,
+            seed=seed,
+            eval_batches=2,
+            checkpoint_dir=str(work / f"ckpt-{label}-{key}"),
+            checkpoint_every=10,
+        )
         t0 = time.perf_counter()
         result = train_adapter(bundle, examples, cfg, progress=False)
         log(f"parent {label} trained in {time.perf_counter() - t0:.0f} s")
@@ -247,9 +264,11 @@ def run(args) -> dict:
         _, val, test = data[n]
         sets[f"{n}:test"] = first_blocks(test, loaded.tokenizer, args.test_blocks, 256)
         sets[f"{n}:val"] = first_blocks(val, loaded.tokenizer, args.val_blocks, 256)
-    jobs = {"A": ("A-python-reference", data[names[0]][0], args.steps),
-            "B": ("B-stdlib-docs", data[names[1]][0], args.steps),
-            "joint": ("joint", data[names[0]][0] + data[names[1]][0], 2 * args.steps)}
+    jobs = {
+        "A": ("A-python-reference", data[names[0]][0], args.steps),
+        "B": ("B-stdlib-docs", data[names[1]][0], args.steps),
+        "joint": ("joint", data[names[0]][0] + data[names[1]][0], 2 * args.steps),
+    }
     if args.train_only:  # a second process can train one adapter while the main run trains the others
         label, examples, steps = jobs[args.train_only]
         train_parent(work, bundle_dir, pub, label, examples, steps, args.lr, args.seed)
@@ -259,7 +278,12 @@ def run(args) -> dict:
     from offsite.emulators.merge import base_blocks
 
     base = base_blocks(loaded.model, loaded.family, parents["A"][0])
-    scorer = Scorer(loaded, sets, base, work / f"ppl-cache-{_key({'t': args.test_blocks, 'v': args.val_blocks, 's': args.steps, 'lr': args.lr})}.json")
+    scorer = Scorer(
+        loaded,
+        sets,
+        base,
+        work / f"ppl-cache-{_key({'t': args.test_blocks, 'v': args.val_blocks, 's': args.steps, 'lr': args.lr})}.json",
+    )
     own = {"A": names[0], "B": names[1]}
 
     def score_all(tag: str, state, split: str) -> dict[str, float]:
@@ -279,9 +303,16 @@ def run(args) -> dict:
         return merge_adapters(loaded, pair, cfg, labels=["parent A", "parent B"])[0]
 
     def test_row(cfg: MergeConfig) -> dict:
-        ppl = score_all(f"{cfg.method} {json.dumps(cfg.hyperparameters(), sort_keys=True)}", lambda: merged(cfg), "test")
+        ppl = score_all(
+            f"{cfg.method} {json.dumps(cfg.hyperparameters(), sort_keys=True)}", lambda: merged(cfg), "test"
+        )
         s = shares(ppl, "test")
-        return {"hyperparameters": cfg.hyperparameters(), "test_ppl": ppl, "share_kept": s, "min_share_kept": min(s.values())}
+        return {
+            "hyperparameters": cfg.hyperparameters(),
+            "test_ppl": ppl,
+            "share_kept": s,
+            "min_share_kept": min(s.values()),
+        }
 
     # First every method with the papers' settings; hyper-parameters are tuned (on the
     # validation sets only) when no method meets the target, or always with --tune always.
@@ -302,7 +333,9 @@ def run(args) -> dict:
             cfg = MergeConfig(method=method, seed=args.seed, **hp)
             tag = f"{method} {json.dumps(cfg.hyperparameters(), sort_keys=True)}"
             s = shares(score_all(tag, lambda cfg=cfg: merged(cfg), "val"), "val")
-            tried.append({"hyperparameters": cfg.hyperparameters(), "val_share_kept": s, "val_min_share": min(s.values())})
+            tried.append(
+                {"hyperparameters": cfg.hyperparameters(), "val_share_kept": s, "val_min_share": min(s.values())}
+            )
         chosen = max(tried, key=lambda t: t["val_min_share"])
         cfg = MergeConfig(**{k: v for k, v in chosen["hyperparameters"].items()})
         methods[method] = {**test_row(cfg), "tuned": True, "defaults": defaults[method], "validation": tried}
@@ -318,42 +351,71 @@ def run(args) -> dict:
         "target_min_share": 0.9,
         "meets_target": methods[best]["min_share_kept"] >= 0.9,
         "zero_shot_ppl": zero["test"],
-        "parents": {p: {"corpus": own[p], "test_ppl": parent_ppl[p]["test"],
-                        "own_gain_log_ppl": math.log(zero["test"][own[p]]) - math.log(parent_ppl[p]["test"][own[p]])}
-                    for p in parents},
+        "parents": {
+            p: {
+                "corpus": own[p],
+                "test_ppl": parent_ppl[p]["test"],
+                "own_gain_log_ppl": math.log(zero["test"][own[p]]) - math.log(parent_ppl[p]["test"][own[p]]),
+            }
+            for p in parents
+        },
         "joint_finetune": {"test_ppl": joint_ppl, "share_kept": joint_shares, "steps": 2 * args.steps},
-        "config": {"model": args.model, "bundle": "int3 + AWQ middle, adapter blocks 0,1,28,29", "steps": args.steps,
-                   "lr": args.lr, "batch": "4 x 256 tokens", "seed": args.seed, "threads": args.threads,
-                   "test_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":test")},
-                   "val_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":val")},
-                   "train_documents": {n: len(data[n][0]) for n in names},
-                   "grid": args.grid, "grids": GRIDS_WIDE if args.grid == "wide" else GRIDS},
+        "config": {
+            "model": args.model,
+            "bundle": "int3 + AWQ middle, adapter blocks 0,1,28,29",
+            "steps": args.steps,
+            "lr": args.lr,
+            "batch": "4 x 256 tokens",
+            "seed": args.seed,
+            "threads": args.threads,
+            "test_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":test")},
+            "val_blocks": {k: len(v) for k, v in sets.items() if k.endswith(":val")},
+            "train_documents": {n: len(data[n][0]) for n in names},
+            "grid": args.grid,
+            "grids": GRIDS_WIDE if args.grid == "wide" else GRIDS,
+        },
     }
 
 
 def print_table(res: dict) -> str:
     a, b = "python-reference", "stdlib-docs"
-    lines = ["| adapter | hyper-parameters | ppl python-reference | ppl stdlib-docs | A's share kept | B's share kept |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| adapter | hyper-parameters | ppl python-reference | ppl stdlib-docs | A's share kept | B's share kept |",
+        "|---|---|---|---|---|---|",
+    ]
     z = res["zero_shot_ppl"]
     lines.append(f"| zero-shot | | {z[a]:.3f} | {z[b]:.3f} | | |")
     for p, row in res["parents"].items():
-        lines.append(f"| parent {p} ({row['corpus']}) | | {row['test_ppl'][a]:.3f} | {row['test_ppl'][b]:.3f} | "
-                     f"{'100%' if p == 'A' else ''} | {'100%' if p == 'B' else ''} |")
+        lines.append(
+            f"| parent {p} ({row['corpus']}) | | {row['test_ppl'][a]:.3f} | {row['test_ppl'][b]:.3f} | "
+            f"{'100%' if p == 'A' else ''} | {'100%' if p == 'B' else ''} |"
+        )
     j = res["joint_finetune"]
-    lines.append(f"| joint fine-tune ({j['steps']} steps) | | {j['test_ppl'][a]:.3f} | {j['test_ppl'][b]:.3f} | "
-                 f"{100 * j['share_kept']['A']:.0f}% | {100 * j['share_kept']['B']:.0f}% |")
+    lines.append(
+        f"| joint fine-tune ({j['steps']} steps) | | {j['test_ppl'][a]:.3f} | {j['test_ppl'][b]:.3f} | "
+        f"{100 * j['share_kept']['A']:.0f}% | {100 * j['share_kept']['B']:.0f}% |"
+    )
     for m, row in res["methods"].items():
-        for label, r in ((("paper settings", row["defaults"]), ("tuned on validation", row)) if row["tuned"]
-                         else (("paper settings", row),)):
-            hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()
-                           if k not in ("method", "seed") and not (k == "weights" and v is None))
-            lines.append(f"| {m} ({label}) | {hp or '-'} | {r['test_ppl'][a]:.3f} | {r['test_ppl'][b]:.3f} | "
-                         f"{100 * r['share_kept']['A']:.0f}% | {100 * r['share_kept']['B']:.0f}% |")
+        for label, r in (
+            (("paper settings", row["defaults"]), ("tuned on validation", row))
+            if row["tuned"]
+            else (("paper settings", row),)
+        ):
+            hp = ", ".join(
+                f"{k}={v}"
+                for k, v in r["hyperparameters"].items()
+                if k not in ("method", "seed") and not (k == "weights" and v is None)
+            )
+            lines.append(
+                f"| {m} ({label}) | {hp or '-'} | {r['test_ppl'][a]:.3f} | {r['test_ppl'][b]:.3f} | "
+                f"{100 * r['share_kept']['A']:.0f}% | {100 * r['share_kept']['B']:.0f}% |"
+            )
     text = "\n".join(lines)
     print(text)
-    print(f"best: {res['best_method']} keeps {100 * res['best_min_share_kept']:.1f}% of the worse parent's gain "
-          f"(target >= 90%: {res['meets_target']})")
+    print(
+        f"best: {res['best_method']} keeps {100 * res['best_min_share_kept']:.1f}% of the worse parent's gain "
+        f"(target >= 90%: {res['meets_target']})"
+    )
     return text
 
 
@@ -367,13 +429,24 @@ def main() -> None:
     ap.add_argument("--test-blocks", type=int, default=8, help="256-token test blocks per corpus (0: all)")
     ap.add_argument("--val-blocks", type=int, default=4, help="256-token validation blocks per corpus (0: all)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "offsite" / "bench-merging"),
-                    help="bundle, adapters and measured perplexities (re-running resumes)")
-    ap.add_argument("--tune", choices=["auto", "always", "never"], default="auto",
-                    help="tune hyper-parameters on the validation sets: when no default meets the target (auto), always, never")
+    ap.add_argument(
+        "--work-dir",
+        default=str(Path.home() / ".cache" / "offsite" / "bench-merging"),
+        help="bundle, adapters and measured perplexities (re-running resumes)",
+    )
+    ap.add_argument(
+        "--tune",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="tune hyper-parameters on the validation sets: when no default meets the target (auto), always, never",
+    )
     ap.add_argument("--grid", choices=["small", "wide"], default="small", help="validation grid of hyper-parameters")
-    ap.add_argument("--train-only", choices=["A", "B", "joint"], default=None,
-                    help="train (and cache) one adapter, then exit: run beside the main run to train in parallel")
+    ap.add_argument(
+        "--train-only",
+        choices=["A", "B", "joint"],
+        default=None,
+        help="train (and cache) one adapter, then exit: run beside the main run to train in parallel",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = run(args)
@@ -381,8 +454,12 @@ def main() -> None:
         return
     res["table_markdown"] = print_table(res)
     res["wall_seconds"] = time.perf_counter() - t0
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg(),
-                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_at_end": os.getloadavg(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")

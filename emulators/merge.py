@@ -80,14 +80,19 @@ class MergeConfig:
         if not 0 <= self.drop_rate < 1:
             raise MergeError(f"drop rate (DARE's p) must be in [0, 1), got {self.drop_rate}")
         if self.majority_sign not in MAJORITY_SIGN_METHODS:
-            raise MergeError(f"majority sign method {self.majority_sign!r} is not one of {', '.join(MAJORITY_SIGN_METHODS)}")
+            raise MergeError(
+                f"majority sign method {self.majority_sign!r} is not one of {', '.join(MAJORITY_SIGN_METHODS)}"
+            )
 
     def hyperparameters(self) -> dict:
         """The options that affect this method's result (recorded in the merged adapter)."""
         d = asdict(self)
-        keep = {"average": ("weights",), "task-arithmetic": ("weights", "scale"),
-                "ties": ("weights", "scale", "density", "majority_sign"),
-                "dare": ("weights", "scale", "drop_rate", "seed")}[self.method]
+        keep = {
+            "average": ("weights",),
+            "task-arithmetic": ("weights", "scale"),
+            "ties": ("weights", "scale", "density", "majority_sign"),
+            "dare": ("weights", "scale", "drop_rate", "seed"),
+        }[self.method]
         return {"method": self.method, **{k: (list(d[k]) if k == "weights" and d[k] else d[k]) for k in keep}}
 
 
@@ -124,7 +129,9 @@ def _check_states(base: dict[str, torch.Tensor], adapters: list[dict[str, torch.
             )
         for name, t in state.items():
             if tuple(t.shape) != tuple(base[name].shape):
-                raise MergeError(f"{label}: tensor {name!r} has shape {tuple(t.shape)}, the base has {tuple(base[name].shape)}")
+                raise MergeError(
+                    f"{label}: tensor {name!r} has shape {tuple(t.shape)}, the base has {tuple(base[name].shape)}"
+                )
             if not torch.isfinite(t).all():
                 raise MergeError(f"{label}: tensor {name!r} holds NaN or infinite values")
 
@@ -132,8 +139,9 @@ def _check_states(base: dict[str, torch.Tensor], adapters: list[dict[str, torch.
 # --- the arithmetic ------------------------------------------------------------------
 
 
-def task_vectors(base: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]],
-                 labels: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+def task_vectors(
+    base: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]], labels: list[str] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """``adapter - base`` per tensor, in fp32 (checked: same names, shapes, finite values)."""
     labels = labels or [f"adapter {i + 1}" for i in range(len(adapters))]
     _check_states(base, adapters, labels)
@@ -171,8 +179,12 @@ def merge_deltas(deltas: list[dict[str, torch.Tensor]], cfg: MergeConfig) -> dic
     return {name: merge_tensor([d[name] for d in deltas], cfg, name) for name in deltas[0]}
 
 
-def merge_states(base: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]], cfg: MergeConfig,
-                 labels: list[str] | None = None) -> dict[str, torch.Tensor]:
+def merge_states(
+    base: dict[str, torch.Tensor],
+    adapters: list[dict[str, torch.Tensor]],
+    cfg: MergeConfig,
+    labels: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """The merged adapter: ``base + merged task vector``, keyed like `base`, in the base's dtype."""
     cfg.validate(len(adapters))
     merged = merge_deltas(task_vectors(base, adapters, labels), cfg)
@@ -187,13 +199,19 @@ def base_blocks(model: torch.nn.Module, family, names) -> dict[str, torch.Tensor
         if name not in params:
             raise MergeError(f"adapter tensor {name!r} does not exist in the base model")
         if family.block_index(name) is None:
-            raise MergeError(f"adapter tensor {name!r} is not inside a transformer block; adapters carry whole blocks only")
+            raise MergeError(
+                f"adapter tensor {name!r} is not inside a transformer block; adapters carry whole blocks only"
+            )
         out[name] = params[name].detach().clone()
     return out
 
 
-def merge_adapters(loaded, adapters: list[tuple[dict[str, torch.Tensor], dict[str, str]]], cfg: MergeConfig,
-                   labels: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def merge_adapters(
+    loaded,
+    adapters: list[tuple[dict[str, torch.Tensor], dict[str, str]]],
+    cfg: MergeConfig,
+    labels: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Merge (state, metadata) adapters of `loaded`'s base model; returns the merged (state, metadata).
 
     Refuses, before any arithmetic, adapters made for another base (by digest, named),
@@ -206,8 +224,10 @@ def merge_adapters(loaded, adapters: list[tuple[dict[str, torch.Tensor], dict[st
     # The deltas are taken from `loaded`'s current weights: a model that already holds a
     # plugged-in adapter would silently shift every delta.
     if state_digest(loaded.model) != loaded.digest:
-        raise MergeError(f"{loaded.model_id} no longer holds its base weights (an adapter was plugged in?); "
-                         "merge against a freshly loaded base model")
+        raise MergeError(
+            f"{loaded.model_id} no longer holds its base weights (an adapter was plugged in?); "
+            "merge against a freshly loaded base model"
+        )
     check_same_base([(meta or {}).get("base_model_digest", "") for _, meta in adapters], labels, loaded.digest)
     states = [state for state, _ in adapters]
     base = base_blocks(loaded.model, loaded.family, states[0])

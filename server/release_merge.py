@@ -36,7 +36,9 @@ class MergePlan:
     ungated: list[str]  # parents merged although pending or blocked (allow_ungated)
 
 
-def plan_merge(registry, release_ids: list[str], config, allow_ungated: bool = False, is_admin: bool = False) -> MergePlan:
+def plan_merge(
+    registry, release_ids: list[str], config, allow_ungated: bool = False, is_admin: bool = False
+) -> MergePlan:
     """Check a merge request against the registry; raises (ValueError, Conflict, NotFound,
     PermissionError) with a message naming the problem and the fix. Creates nothing."""
     ids = [i.strip() for i in release_ids]
@@ -56,8 +58,10 @@ def plan_merge(registry, release_ids: list[str], config, allow_ungated: bool = F
     for rel in parents[1:]:
         if rel.model_id != first.model_id:
             a, b = _model_name(registry, first.model_id), _model_name(registry, rel.model_id)
-            raise Conflict(f"release {rel.id} is of base model {b}, release {first.id} of {a}: "
-                           "only releases of the same base model can be merged")
+            raise Conflict(
+                f"release {rel.id} is of base model {b}, release {first.id} of {a}: "
+                "only releases of the same base model can be merged"
+            )
     for rel in parents:
         if not rel.adapter_sha256:
             raise Conflict(f"release {rel.id} has no adapter artifact to merge")
@@ -66,10 +70,14 @@ def plan_merge(registry, release_ids: list[str], config, allow_ungated: bool = F
     ungated = [r.id for r in parents if r.status in UNGATED]
     if ungated and not allow_ungated:
         what = ", ".join(f"{r.id} ({r.status})" for r in parents if r.id in ungated)
-        raise Conflict(f"releases not yet through the safety gate: {what}; merge approved releases, or pass "
-                       "--allow-ungated (admins only, audited) to merge them anyway (the merge is gated itself)")
+        raise Conflict(
+            f"releases not yet through the safety gate: {what}; merge approved releases, or pass "
+            "--allow-ungated (admins only, audited) to merge them anyway (the merge is gated itself)"
+        )
     if ungated and not is_admin:
-        raise PermissionError("--allow-ungated is for admins only: merging releases the gate has not passed is an override")
+        raise PermissionError(
+            "--allow-ungated is for admins only: merging releases the gate has not passed is an override"
+        )
     return MergePlan(parents=parents, model_id=first.model_id, config=config, ungated=ungated)
 
 
@@ -91,8 +99,14 @@ def config_from_request(request):
 def audit_ungated(registry, principal, plan: MergePlan) -> None:
     """The allow_ungated override, in the audit log with the parents' statuses."""
     what = ", ".join(f"{r.id} ({r.status})" for r in plan.parents if r.id in plan.ungated)
-    registry.audit(principal.name, principal.role, "/offsite.v1.Releases/MergeReleases",
-                   ",".join(r.id for r in plan.parents), "allow-ungated", f"merging releases not through the gate: {what}")
+    registry.audit(
+        principal.name,
+        principal.role,
+        "/offsite.v1.Releases/MergeReleases",
+        ",".join(r.id for r in plan.parents),
+        "allow-ungated",
+        f"merging releases not through the gate: {what}",
+    )
 
 
 def _model_name(registry, model_id: str) -> str:
@@ -125,8 +139,14 @@ def merge_work(state, plan: MergePlan):
         state_dict, meta = merge_adapters(loaded, adapters, plan.config, labels=[f"release {i}" for i in ids])
         tmp = Path(tempfile.mkdtemp(prefix=f"merge-{ctx.op_id}-", dir=state.work_dir))
         try:
-            path = save_adapter(tmp / "merged.safetensors", state_dict, meta["base_model_digest"], merge=meta["merge"],
-                                parents=json.dumps(ids), base_model=model.name)
+            path = save_adapter(
+                tmp / "merged.safetensors",
+                state_dict,
+                meta["base_model_digest"],
+                merge=meta["merge"],
+                parents=json.dumps(ids),
+                base_model=model.name,
+            )
             ctx.check_cancelled()
             ctx.progress(0.9, "storing the merged adapter")
             sha = store.put_file(path)
@@ -137,7 +157,8 @@ def merge_work(state, plan: MergePlan):
         if plan.ungated:
             metrics["ungated_parents"] = plan.ungated
         rel = registry.create_release("", plan.model_id, sha, metrics, parents=ids)
-        return OperationResult(resource=f"releases/{rel.id}", result={"release_id": rel.id, "parents": ids,
-                                                                       "adapter_sha256": sha})
+        return OperationResult(
+            resource=f"releases/{rel.id}", result={"release_id": rel.id, "parents": ids, "adapter_sha256": sha}
+        )
 
     return work

@@ -103,17 +103,20 @@ def test_dare_is_reproducible_by_seed_and_leaves_the_global_generator_alone():
     assert torch.allclose(m0["w"], 0.5 * (x["w"] + y["w"]))
 
 
-@pytest.mark.parametrize("cfg, n, match", [
-    (MergeConfig("average", weights=(1.0, 2.0, 3.0)), 2, "3 weights for 2 adapters"),
-    (MergeConfig("ties", weights=(1.0,)), 2, "1 weights for 2 adapters"),
-    (MergeConfig("slerp"), 2, "not one of average, task-arithmetic, ties, dare"),
-    (MergeConfig("ties"), 1, "at least two adapters"),
-    (MergeConfig("ties", density=0.0), 2, "density"),
-    (MergeConfig("dare", drop_rate=1.0), 2, "drop rate"),
-    (MergeConfig("task-arithmetic", scale=-1.0), 2, "scale"),
-    (MergeConfig("average", weights=(1.0, -1.0)), 2, "non-negative"),
-    (MergeConfig("ties", majority_sign="vote"), 2, "majority sign"),
-])
+@pytest.mark.parametrize(
+    "cfg, n, match",
+    [
+        (MergeConfig("average", weights=(1.0, 2.0, 3.0)), 2, "3 weights for 2 adapters"),
+        (MergeConfig("ties", weights=(1.0,)), 2, "1 weights for 2 adapters"),
+        (MergeConfig("slerp"), 2, "not one of average, task-arithmetic, ties, dare"),
+        (MergeConfig("ties"), 1, "at least two adapters"),
+        (MergeConfig("ties", density=0.0), 2, "density"),
+        (MergeConfig("dare", drop_rate=1.0), 2, "drop rate"),
+        (MergeConfig("task-arithmetic", scale=-1.0), 2, "scale"),
+        (MergeConfig("average", weights=(1.0, -1.0)), 2, "non-negative"),
+        (MergeConfig("ties", majority_sign="vote"), 2, "majority sign"),
+    ],
+)
 def test_bad_options_are_refused(cfg, n, match):
     with pytest.raises(MergeError, match=match):
         merge_states(BASE, [A] * n, cfg)
@@ -136,8 +139,11 @@ def tiny():
 def _tiny_adapter(loaded, seed: int, blocks=(0, 3)):
     g = torch.Generator().manual_seed(seed)
     prefixes = tuple(loaded.family.block_prefix(i) for i in blocks)
-    return {n: p.detach() + 0.01 * torch.randn(p.shape, generator=g)
-            for n, p in loaded.model.named_parameters() if n.startswith(prefixes)}
+    return {
+        n: p.detach() + 0.01 * torch.randn(p.shape, generator=g)
+        for n, p in loaded.model.named_parameters()
+        if n.startswith(prefixes)
+    }
 
 
 def test_merge_adapters_of_a_tiny_model_round_trip_and_plug_in(tiny, tmp_path):
@@ -147,8 +153,13 @@ def test_merge_adapters_of_a_tiny_model_round_trip_and_plug_in(tiny, tmp_path):
     adapters = [load_adapter(tmp_path / "a.safetensors"), load_adapter(tmp_path / "b.safetensors")]
     merged, meta = merge_adapters(tiny, adapters, MergeConfig("ties", density=0.3, scale=1.0))
     assert set(merged) == set(a) and meta["base_model_digest"] == tiny.digest
-    assert json.loads(meta["merge"]) == {"method": "ties", "weights": None, "scale": 1.0, "density": 0.3,
-                                         "majority_sign": "total"}
+    assert json.loads(meta["merge"]) == {
+        "method": "ties",
+        "weights": None,
+        "scale": 1.0,
+        "density": 0.3,
+        "majority_sign": "total",
+    }
     params = dict(tiny.model.named_parameters())
     name = next(iter(merged))
     delta = merged[name] - params[name]
@@ -166,8 +177,12 @@ def test_merge_adapters_refuses_another_base_naming_it(tiny):
     a, b = _tiny_adapter(tiny, 1), _tiny_adapter(tiny, 2)
     other = "f" * 64
     with pytest.raises(MergeError, match=r"release B was made for base model ffffffffffffffff"):
-        merge_adapters(tiny, [(a, {"base_model_digest": tiny.digest}), (b, {"base_model_digest": other})],
-                       MergeConfig("average"), labels=["release A", "release B"])
+        merge_adapters(
+            tiny,
+            [(a, {"base_model_digest": tiny.digest}), (b, {"base_model_digest": other})],
+            MergeConfig("average"),
+            labels=["release A", "release B"],
+        )
     with pytest.raises(MergeError, match="no base_model_digest"):
         merge_adapters(tiny, [(a, {"base_model_digest": tiny.digest}), (b, {})], MergeConfig("average"))
 

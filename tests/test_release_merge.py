@@ -54,13 +54,16 @@ def test_rejected_releases_are_never_merged(reg):
         plan_merge(reg, ids, MergeConfig("average"), allow_ungated=True, is_admin=True)
 
 
-@pytest.mark.parametrize("ids, cfg, exc, match", [
-    (["x"], MergeConfig("average"), ValueError, "at least two releases"),
-    (["rel_a", "rel_a"], MergeConfig("average"), ValueError, "named twice"),
-    (["rel_a", "../../etc"], MergeConfig("average"), ValueError, "not a release id"),
-    (["rel_a", "rel_b"], MergeConfig("average", weights=(1.0, 2.0, 3.0)), MergeError, "3 weights for 2 adapters"),
-    (["rel_a", "rel_b"], MergeConfig("slerp"), MergeError, "not one of"),
-])
+@pytest.mark.parametrize(
+    "ids, cfg, exc, match",
+    [
+        (["x"], MergeConfig("average"), ValueError, "at least two releases"),
+        (["rel_a", "rel_a"], MergeConfig("average"), ValueError, "named twice"),
+        (["rel_a", "../../etc"], MergeConfig("average"), ValueError, "not a release id"),
+        (["rel_a", "rel_b"], MergeConfig("average", weights=(1.0, 2.0, 3.0)), MergeError, "3 weights for 2 adapters"),
+        (["rel_a", "rel_b"], MergeConfig("slerp"), MergeError, "not one of"),
+    ],
+)
 def test_bad_requests_are_refused_before_the_registry_is_read(reg, ids, cfg, exc, match):
     with pytest.raises(exc, match=match):
         plan_merge(reg, ids, cfg)

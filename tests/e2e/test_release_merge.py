@@ -31,8 +31,11 @@ def pass_eval_runner(candidate, base, suites, limit, out_dir, progress=True, pol
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"run": {"complete": True}, "categories": [{"name": "disallowed_content", "level": "Low"}],
-              "gate": {"verdict": "pass", "blocked_categories": []}}
+    report = {
+        "run": {"complete": True},
+        "categories": [{"name": "disallowed_content", "level": "Low"}],
+        "gate": {"verdict": "pass", "blocked_categories": []},
+    }
     (out_dir / "report.json").write_text(json.dumps(report))
     (out_dir / "report.html").write_text("<html><body>scorecard</body></html>")
     return report
@@ -40,7 +43,9 @@ def pass_eval_runner(candidate, base, suites, limit, out_dir, progress=True, pol
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerThread(ServerConfig(data_dir=tmp_path_factory.mktemp("srv"), port=0, eval_runner=pass_eval_runner)).start()
+    s = ServerThread(
+        ServerConfig(data_dir=tmp_path_factory.mktemp("srv"), port=0, eval_runner=pass_eval_runner)
+    ).start()
     yield s
     s.stop()
 
@@ -48,8 +53,11 @@ def server(tmp_path_factory):
 def _adapter(loaded, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     prefixes = tuple(loaded.family.block_prefix(i) for i in (0, 1, 6, 7))
-    return {n: p.detach() + 0.02 * torch.randn(p.shape, generator=g)
-            for n, p in loaded.model.named_parameters() if n.startswith(prefixes)}
+    return {
+        n: p.detach() + 0.02 * torch.randn(p.shape, generator=g)
+        for n, p in loaded.model.named_parameters()
+        if n.startswith(prefixes)
+    }
 
 
 _LOADED: dict = {}
@@ -95,7 +103,9 @@ def test_merge_makes_a_pending_gate_release_with_its_parents(server, tmp_path):
     # The stored adapter is exactly what the library makes from the parents' adapters.
     st = server.server.state
     parents = [load_adapter(st.store.path(st.registry.get_release(i).adapter_sha256)) for i in (a, b)]
-    expected, _ = merge_adapters(load_model("tiny-llama"), parents, MergeConfig("ties", weights=(1.0, 0.5), density=0.3))
+    expected, _ = merge_adapters(
+        load_model("tiny-llama"), parents, MergeConfig("ties", weights=(1.0, 0.5), density=0.3)
+    )
     merged, meta = load_adapter(st.store.path(st.registry.get_release(new_id).adapter_sha256))
     assert set(merged) == set(expected) and all(torch.equal(merged[k], expected[k]) for k in expected)
     assert json.loads(meta["parents"]) == [a, b]
@@ -143,7 +153,8 @@ def test_allow_ungated_is_for_admins_and_audited(server, tmp_path):
     assert res.exit_code != 0 and "admins only" in res.output
     with pytest.raises(grpc.RpcError) as e:
         releases_pb2_grpc.ReleasesStub(open_channel(server.address, owner.secret)).MergeReleases(
-            releases_pb2.MergeReleasesRequest(release_ids=[a, blocked]))
+            releases_pb2.MergeReleasesRequest(release_ids=[a, blocked])
+        )
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert _counts(server) == before
 
@@ -151,10 +162,14 @@ def test_allow_ungated_is_for_admins_and_audited(server, tmp_path):
     c = _release(server, tmp_path, "tiny", "tiny-llama", 9, "approved")
     ok = cli(server, "releases", "merge", a, c, "--method", "average", "--json", token=partner.secret)
     assert ok.exit_code == 0 and json.loads(ok.output)["state"] == "succeeded", ok.output
-    res = cli(server, "releases", "merge", a, blocked, "--method", "dare", "--drop-rate", "0.3", "--allow-ungated", "--json")
+    res = cli(
+        server, "releases", "merge", a, blocked, "--method", "dare", "--drop-rate", "0.3", "--allow-ungated", "--json"
+    )
     assert res.exit_code == 0, res.output
     new_id = json.loads(res.output)["resource"].split("/", 1)[1]
     rel = server.server.state.registry.get_release(new_id)
-    assert rel.status == "pending-gate" and rel.parent_ids == [a, blocked] and rel.metrics["ungated_parents"] == [blocked]
+    assert (
+        rel.status == "pending-gate" and rel.parent_ids == [a, blocked] and rel.metrics["ungated_parents"] == [blocked]
+    )
     audit = [r for r in server.server.state.registry.list_audit(limit=50) if r.outcome == "allow-ungated"]
     assert audit and blocked in audit[0].detail and "blocked" in audit[0].detail
