@@ -235,7 +235,10 @@ def test_demo_rounds_end_in_a_gated_release_and_resume(tmp_path):
     assert res["stages"][-2:] == ["federation", "gate"]
     # what Ray and Flower print goes to the log the summary names, not to the user's terminal
     assert res["paths"]["library_log"] == str(tmp_path / "demo" / "demo.log")
-    assert "flower" in Path(res["paths"]["library_log"]).read_text().lower()
+    # (whether Flower prints at all depends on how earlier tests left its logger, so the check
+    # is that none of its lines reached the user's output, and that the named log exists)
+    assert Path(res["paths"]["library_log"]).is_file()
+    assert "INFO :" not in r.output and "FutureWarning" not in r.output, r.output
     assert [x["clients"] for x in fed["rounds"]] == [2]
     # one item per suite is not a full run: the default policy blocks it, and the release says so
     assert fed["gate"]["verdict"] == "block" and fed["release"]["status"] == "blocked"
