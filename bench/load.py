@@ -174,17 +174,25 @@ def run_soak(jobs: int, work: Path) -> dict:
     from offsite.server.federation.job_runner import prepare_local_job, run_simulation_job
 
     data_dir = work / "soak"
+    # A private temp root: what is left in it after a job is this process's leak, not a neighbour's.
+    private_tmp = work / "tmp"
+    private_tmp.mkdir()
+    os.environ["TMPDIR"] = tempfile.tempdir = str(private_tmp)
     tmp_before = _tmp_dirs()
     rows = []
     for n in range(1, jobs + 1):
         t0 = time.perf_counter()
-        job = prepare_local_job(data_dir, "tiny-llama", clients=2, rounds=1, local_steps=1, batch_size=1,
-                                block_size=64, heldout_limit=2, min_clients=2, round_timeout=300, name=f"soak-{n}")
-        result = run_simulation_job(job)
+        error = ""
+        try:
+            job = prepare_local_job(data_dir, "tiny-llama", clients=2, rounds=1, local_steps=1, batch_size=1,
+                                    block_size=64, heldout_limit=2, min_clients=2, round_timeout=300, name=f"soak-{n}")
+            run_simulation_job(job)
+        except Exception as e:  # noqa: BLE001 - a failed job is a soak result (e.g. Ray's OOM killer)
+            error = f"{type(e).__name__}: {str(e)[-300:]}"
         rss, fds = _proc_sample(os.getpid())
         rows.append({"job": n, "seconds": round(time.perf_counter() - t0, 1), "rss_mib": round(rss, 1), "fds": fds,
-                     "data_dir_bytes": _dir_bytes(data_dir), "state": result.get("state", ""),
-                     "tmp_dirs_new": len(_tmp_dirs() - tmp_before)})
+                     "data_dir_bytes": _dir_bytes(data_dir), "error": error,
+                     "tmp_dirs_new": sorted(_tmp_dirs() - tmp_before)[:10]})
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
     growth = [b["data_dir_bytes"] - a["data_dir_bytes"] for a, b in zip(rows, rows[1:])]
@@ -193,6 +201,7 @@ def run_soak(jobs: int, work: Path) -> dict:
         "rss_change_pct": round(100 * (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"], 1),
         "fds_change_pct": round(100 * (last["fds"] - first["fds"]) / max(1, first["fds"]), 1),
         "tmp_dirs_leaked": sorted(_tmp_dirs() - tmp_before)[:20],
+        "failed_jobs": sum(1 for r in rows if r["error"]),
         "data_dir_bytes_per_job": {"min": min(growth, default=0), "max": max(growth, default=0)},
     }
 
