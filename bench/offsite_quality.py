@@ -99,7 +99,8 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
     return result
 
 
-def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protocol, cached=None, progress: bool = True) -> dict:
+def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protocol, cached=None, progress: bool = True,
+                   owner_lr: dict | None = None) -> dict:
     """Build `cfg` (only if some owner is not cached), then let the three data owners
     train on it (bench.protection); `cached(part, compute)` stores each part as it ends."""
     from offsite.emulators.quantize import dequantize_module
@@ -122,7 +123,7 @@ def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protoc
 
     plan = plan_split(loaded.family.num_layers(loaded.model.config), proto.adapter_layers, cfg.emulator_layers, cfg.kept)
     row = measure_owners(loaded, emulator, plan, train, sets, proto.steps, proto.lr, proto.batch_size, proto.seed,
-                         label=f"{cfg.name}/seed{proto.seed}", cached=cached)
+                         label=f"{cfg.name}/seed{proto.seed}", cached=cached, owner_lr=owner_lr)
     size = cached("size", lambda: info if info else _size_only(loaded, cfg, train, sets, proto)) or {}
     return {**row, **size, "kept": plan.middle_kept}
 
@@ -272,6 +273,7 @@ def main(
     heldout_blocks: int = typer.Option(32, "--heldout-blocks", help="held-out blocks evaluated per set (0: all own-domain blocks)"),
     full_ft: bool = typer.Option(False, "--full-ft/--no-full-ft", help="also measure the full model fine-tuned (reference row)"),
     frontier: Path = typer.Option(None, "--frontier", help="also write these rows as the model's measured frontier into this JSON (the dial's data, e.g. emulators/frontier.json)"),
+    full_ft_owner_lr: float = typer.Option(None, "--full-ft-owner-lr", help="learning rate of the full-fine-tuning data owner (default: --lr; full fine-tuning wants a lower one)"),
     cached_only: bool = typer.Option(False, "--cached-only", help="assemble the table from the cache only: unmeasured owners show as '-', rows without a plug-in are left out"),
     rows_only: bool = typer.Option(False, "--rows-only", help="measure the configuration rows into the cache and stop (to run rows in parallel processes)"),
 ) -> None:
@@ -315,7 +317,7 @@ def main(
         for s in (seed_list if cfg.name in seeded_set else [seed_list[0]]):
             payload = {**key_for(s), "emulator": cfg.key()}
             results[cfg.name][s] = measure_config(
-                loaded, cfg, train, sets, replace(proto, seed=s),
+                loaded, cfg, train, sets, replace(proto, seed=s), owner_lr={"full_finetune": full_ft_owner_lr} if full_ft_owner_lr else None,
                 cached=lambda part, compute, payload=payload: _cached(cache, f"owner-{part}", payload, None if cached_only else compute))
     if rows_only:
         return
@@ -350,6 +352,7 @@ def main(
                          "general": f"{CORPUS_NAME}, {len(sets['general'])} blocks spread over the corpus"},
         "data_owners": {"recipe": "adapter blocks only", "recalibrated": "adapter + every norm gain + a logit temperature",
                         "full_finetune": "every parameter of the dequantized emulator"},
+        "owner_lr": {"recipe": proto.lr, "recalibrated": proto.lr, "full_finetune": full_ft_owner_lr or proto.lr},
         "bundle_bytes": nrow["emulator_bytes"],
         "bundle_bytes_source": "in-memory emulator state (packed middle)",
         "full_model_bytes": full_bytes,
@@ -379,8 +382,8 @@ def write_frontier(path: Path, model: str, cfgs: list[EmulatorConfig], rows: lis
     points = []
     for cfg, r in zip(cfgs, rows):
         opts = build_options(cfg)
-        if opts is None:
-            continue
+        if opts is None or any(r[_prot_key(o, s)] is None for o in ATTACKERS for s in ("own_domain", "general")):
+            continue  # a bench-only lever, or an owner not measured yet: the dial needs all three
         points.append({
             "config": cfg.name, "build": opts, "plugin_share": round(r["plugin_share"], 4), "seeds": r["seeds"],
             "protection": {o: {s: round(r[_prot_key(o, s)], 4) for s in ("own_domain", "general")} for o in ATTACKERS},
@@ -388,7 +391,7 @@ def write_frontier(path: Path, model: str, cfgs: list[EmulatorConfig], rows: lis
     data["models"][model] = {
         "points": points,
         "measured": {
-            "protocol": out["protocol"], "own_domain": out["heldout_sets"]["own_domain"], "general": out["heldout_sets"]["general"],
+            "protocol": {**out["protocol"], "owner_lr": out["owner_lr"]}, "own_domain": out["heldout_sets"]["own_domain"], "general": out["heldout_sets"]["general"],
             "own_domain_short": "python-reference held-out topics", "general_short": "Debian fortunes (general English)",
             "command": command, "load_average": out["load_average"], "date": time.strftime("%Y-%m-%d"),
         },

@@ -98,15 +98,19 @@ def ppl_on(model, sets: dict[str, TokenBlocks]) -> dict[str, float]:
 
 
 def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, TokenBlocks], steps: int, lr: float,
-                   batch_size: int, seed: int, attackers=ATTACKERS, label: str = "", cached=None) -> dict:
+                   batch_size: int, seed: int, attackers=ATTACKERS, label: str = "", cached=None,
+                   owner_lr: dict[str, float] | None = None) -> dict:
     """Perplexities on every set of: the emulator alone, the emulator after each owner's
     training, and the recipe's adapter plugged into the full model (`plugin`).
 
     `emulator` is a zero-argument callable returning the dequantized (plain Linear)
     emulator, called only if some part is not in the cache; `cached(part, compute)`
     returns a stored part or computes and stores it, so an interrupted row keeps the
-    owners it finished."""
+    owners it finished. `owner_lr` gives an owner its own learning rate (a data owner
+    tunes its attack: full fine-tuning wants a lower lr than an adapter); its cache part
+    is then named with the lr."""
     cached = cached or (lambda _part, compute: compute())
+    owner_lr = owner_lr or {}
     family = loaded.family
     built = {}
 
@@ -120,7 +124,9 @@ def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, T
     for attacker in attackers:
         tag = f"{label}:{attacker}" if label else attacker
 
-        def compute(attacker=attacker, tag=tag) -> dict:
+        a_lr = owner_lr.get(attacker, lr)
+
+        def compute(attacker=attacker, tag=tag, a_lr=a_lr) -> dict:
             m = copy.deepcopy(emu())
             if attacker == "recipe":
                 # the recipe uses the bench's block trainer itself (the rows charted before it)
@@ -128,7 +134,7 @@ def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, T
                 adapter = blocks_state_by_original(m, family, plan.adapter_positions, plan.layer_origin)
             else:
                 params = attacker_params(m, family, plan.adapter_positions, attacker)
-                tr = train_parameters(m, params, train, steps, lr, batch_size, seed, progress=tag)
+                tr = train_parameters(m, params, train, steps, a_lr, batch_size, seed, progress=tag)
             part = {"ppl": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
             del m
             if attacker == "recipe":
@@ -139,7 +145,7 @@ def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, T
             print(f"[{tag}] " + ", ".join(f"{k} {v:.2f}" for k, v in part["ppl"].items()), flush=True)
             return part
 
-        part = cached(attacker, compute)
+        part = cached(attacker if a_lr == lr else f"{attacker}@lr{a_lr:g}", compute)
         if part is None:  # not measured yet (the caller reads the cache only)
             continue
         out[attacker] = part["ppl"]
