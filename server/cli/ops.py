@@ -103,6 +103,15 @@ def download(sha256: str = typer.Argument(...), out: Path = typer.Option(..., "-
 
     Example: offsite-admin artifacts download 3f2a... --out report.html
     """
+    size = download_to(sha256, out, json_out)
+    if json_out:
+        emit_json({"ok": True, "path": str(out), "sha256": sha256, "size": size})
+    else:
+        console.print(f"wrote {out} ({size} bytes, sha256 verified)")
+
+
+def download_to(sha256: str, out: Path, json_out: bool) -> int:
+    """Download an artifact to `out` (resuming `out`.part), check its sha256; returns its size."""
     part = out.with_name(out.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     stub = _artifacts()
@@ -128,7 +137,4 @@ def download(sha256: str = typer.Argument(...), out: Path = typer.Option(..., "-
         part.unlink()
         fail("downloaded bytes do not match the sha256; the partial file was removed, download again", json_out, code=1)
     part.replace(out)
-    if json_out:
-        emit_json({"ok": True, "path": str(out), "sha256": sha256, "size": ref.size})
-    else:
-        console.print(f"wrote {out} ({ref.size} bytes, sha256 verified)")
+    return ref.size

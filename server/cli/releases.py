@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from offsite.protos.v1 import releases_pb2, releases_pb2_grpc
+from offsite.protos.v1 import operations_pb2, releases_pb2, releases_pb2_grpc
 
-from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
+from .ops import download_to
+from .remote import (
+    CONNECTION,
+    JsonOption,
+    call,
+    console,
+    emit_json,
+    fail,
+    finish_operation,
+    fmt_time,
+    follow_operation,
+    op_summary,
+    show_message,
+    table,
+    to_dict,
+)
 
 app = typer.Typer(no_args_is_help=True, help="List, approve, reject, export and merge releases.")
 
@@ -89,12 +106,17 @@ def merge(release_ids: list[str] = typer.Argument(..., help="two or more release
           seed: int = typer.Option(None, "--seed", help="dare: seed of the random drops (default 0)"),
           allow_ungated: bool = typer.Option(False, "--allow-ungated",
                                              help="merge releases still pending or blocked at the gate (admins only, audited)"),
+          out: Path = typer.Option(None, "--out", help="also download the merged adapter (safetensors) to this file"),
           wait: bool = typer.Option(True, "--wait/--no-wait"), json_out: bool = JsonOption) -> None:
     """Merge the adapters of releases of one base model into a new pending-gate release (its parents recorded);
     the merge then goes through the safety gate like any release.
 
-    Example: offsite-admin releases merge rel_1a2b3c4d5e6f rel_6f5e4d3c2b1a --method ties --density 0.2
+    Example: offsite-admin releases merge rel_1a2b3c4d5e6f rel_6f5e4d3c2b1a --method ties --density 0.2 --out merged.safetensors
     """
+    if out is not None and not wait:
+        fail("--out needs the merge to finish first: drop --no-wait", json_out)
+    if out is not None and not out.parent.is_dir():
+        fail(f"--out {out}: the folder {out.parent} does not exist; create it or pick another path", json_out)
     try:
         w = [float(x) for x in weights.split(",")] if weights.strip() else []
     except ValueError:
@@ -105,4 +127,18 @@ def merge(release_ids: list[str] = typer.Argument(..., help="two or more release
         if value is not None:
             setattr(req, name, value)
     op = call(_stub().MergeReleases, req, json_out=json_out)
-    finish_operation(op, wait, json_out)
+    if out is None:
+        finish_operation(op, wait, json_out)
+        return
+    op = follow_operation(op, json_out)
+    if op.state != operations_pb2.OPERATION_STATE_SUCCEEDED:
+        finish_operation(op, False, json_out)
+        raise typer.Exit(1)
+    sha = to_dict(op).get("result", {}).get("adapter_sha256", "")
+    size = download_to(sha, out, json_out)
+    summary = {**op_summary(op), "adapter_path": str(out), "adapter_bytes": size}
+    if json_out:
+        emit_json(summary)
+    else:
+        console.print(f"merged release {summary.get('result', {}).get('release_id', '')}: adapter written to {out} "
+                      f"({size} bytes, sha256 verified)", highlight=False)

@@ -173,3 +173,20 @@ def test_allow_ungated_is_for_admins_and_audited(server, tmp_path):
     )
     audit = [r for r in server.server.state.registry.list_audit(limit=50) if r.outcome == "allow-ungated"]
     assert audit and blocked in audit[0].detail and "blocked" in audit[0].detail
+
+
+def test_merge_out_writes_the_merged_adapter(server, tmp_path):
+    a = _release(server, tmp_path, "tiny", "tiny-llama", 3, "approved")
+    b = _release(server, tmp_path, "tiny", "tiny-llama", 4, "approved")
+    out = tmp_path / "merged.safetensors"
+    res = cli(server, "releases", "merge", a, b, "--method", "average", "--out", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    st = server.server.state
+    new_id = summary["resource"].split("/", 1)[1]
+    assert summary["adapter_path"] == str(out) and out.read_bytes() == st.store.path(
+        st.registry.get_release(new_id).adapter_sha256).read_bytes()
+    # --out into a folder that does not exist is refused before anything is created
+    before = _counts(server)
+    bad = cli(server, "releases", "merge", a, b, "--out", str(tmp_path / "no" / "such" / "x.safetensors"), "--json")
+    assert bad.exit_code != 0 and "does not exist" in bad.output and _counts(server) == before
