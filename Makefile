@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/offsite-admin demo
 
-test: setup lint
+test: setup lint format-check
 	$(PY) -m pytest -q
 
 # The fault and bad-input campaign alone (issue 16; also part of `make test`): killed servers,

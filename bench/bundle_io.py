@@ -52,7 +52,11 @@ def _worker(bundle: str, pub: str) -> None:
     with torch.no_grad():
         b.model(ids)
     forward_s = time.perf_counter() - t
-    print(json.dumps({"verify_s": verify_s, "load_s": load_s, "forward_64_tokens_s": forward_s, "peak_rss_mb": _peak_rss_mb()}))
+    print(
+        json.dumps(
+            {"verify_s": verify_s, "load_s": load_s, "forward_64_tokens_s": forward_s, "peak_rss_mb": _peak_rss_mb()}
+        )
+    )
 
 
 @app.command()
@@ -89,14 +93,25 @@ def main(
             build_s = time.perf_counter() - t
             size = sum(f["size"] for f in manifest["files"].values())
             env = {**os.environ, "OFFSITE_BENCH_THREADS": str(threads)}
-            proc = subprocess.run([sys.executable, "-m", "bench.bundle_io", "--worker", str(out), "--worker-pub", str(pub)],
-                                  capture_output=True, text=True, env=env, check=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.bundle_io", "--worker", str(out), "--worker-pub", str(pub)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             child = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append({
-                "format": fmt, "bundle_bytes": size, "ratio_to_fp32": size / full_bytes,
-                "embeddings": manifest["quantization"]["embeddings"], "adapter": manifest["quantization"]["adapter"],
-                "build_s": round(build_s, 2), **{k: round(v, 2) for k, v in child.items()},
-            })
+            rows.append(
+                {
+                    "format": fmt,
+                    "bundle_bytes": size,
+                    "ratio_to_fp32": size / full_bytes,
+                    "embeddings": manifest["quantization"]["embeddings"],
+                    "adapter": manifest["quantization"]["adapter"],
+                    "build_s": round(build_s, 2),
+                    **{k: round(v, 2) for k, v in child.items()},
+                }
+            )
             for p in sorted(out.iterdir()):
                 p.unlink()
             out.rmdir()
@@ -104,12 +119,32 @@ def main(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"bundle size and load cost, {model} (fp32 model {full_bytes / 1e6:.0f} MB)")
-    for col in ("middle", "embeddings", "adapter", "bundle MB", "x fp32", "build s", "verify s", "load s", "fwd 64 tok s", "load peak RSS MB"):
+    for col in (
+        "middle",
+        "embeddings",
+        "adapter",
+        "bundle MB",
+        "x fp32",
+        "build s",
+        "verify s",
+        "load s",
+        "fwd 64 tok s",
+        "load peak RSS MB",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["format"], r["embeddings"], r["adapter"], f"{r['bundle_bytes'] / 1e6:.1f}", f"{r['ratio_to_fp32']:.3f}",
-                      f"{r['build_s']:.1f}", f"{r['verify_s']:.2f}", f"{r['load_s']:.2f}", f"{r['forward_64_tokens_s']:.2f}",
-                      f"{r['peak_rss_mb']:.0f}")
+        table.add_row(
+            r["format"],
+            r["embeddings"],
+            r["adapter"],
+            f"{r['bundle_bytes'] / 1e6:.1f}",
+            f"{r['ratio_to_fp32']:.3f}",
+            f"{r['build_s']:.1f}",
+            f"{r['verify_s']:.2f}",
+            f"{r['load_s']:.2f}",
+            f"{r['forward_64_tokens_s']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
     Console().print(table)
 
 

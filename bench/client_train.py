@@ -60,8 +60,16 @@ def shipped_emulator():
     from offsite.server.cli.demo import DemoConfig
 
     d = DemoConfig()
-    cfg = BuildConfig(model=d.model, adapter_layers=tuple(d.adapter_layers), emulator_layers=d.emulator_layers,
-                      distill_steps=d.distill_steps, quantize=d.quantize, awq=d.awq, block_size=d.block_size, seed=d.seed)
+    cfg = BuildConfig(
+        model=d.model,
+        adapter_layers=tuple(d.adapter_layers),
+        emulator_layers=d.emulator_layers,
+        distill_steps=d.distill_steps,
+        quantize=d.quantize,
+        awq=d.awq,
+        block_size=d.block_size,
+        seed=d.seed,
+    )
     name = d.quantize + ("-awq" if d.awq else "")
     if d.emulator_layers:
         name += f"-{d.emulator_layers}layers"
@@ -104,8 +112,16 @@ def _data_and_cfg(tokenizer, args):
     from offsite.emulators.data import python_reference_split
 
     examples = python_reference_split(n_shards=1).shards[0]
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=4, block_size=256, seed=0, eval_batches=2,
-                      count_flops=True, warmup_steps=1)
+    cfg = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=4,
+        block_size=256,
+        seed=0,
+        eval_batches=2,
+        count_flops=True,
+        warmup_steps=1,
+    )
     return examples, cfg, prepare_data(examples, tokenizer, cfg)
 
 
@@ -124,9 +140,15 @@ def _plain_worker(mode: str, args) -> dict:
     if mode == "lora_full":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        )
     else:
         model.requires_grad_(True)
     model.train()
@@ -156,12 +178,21 @@ def _plain_worker(mode: str, args) -> dict:
         tokens += int(mask.sum())
     train_peak = _vmhwm_mb()
     return {
-        "peak_rss_mb": max(load_peak, train_peak), "load_peak_rss_mb": load_peak,
-        "train_peak_rss_mb": train_peak if reset else None, "tokens_per_s": tokens / seconds,
-        "train_cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu,
-        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "trainable_params": sum(p.numel() for p in params),
-        "train_seconds": seconds, "tokens": tokens, "flops_per_step": int(counter.get_total_flops()),
-        "scheme": "all parameters" if mode == "full_ft" else "peft LoRA r=8, all linears", "precision": "float32",
+        "peak_rss_mb": max(load_peak, train_peak),
+        "load_peak_rss_mb": load_peak,
+        "train_peak_rss_mb": train_peak if reset else None,
+        "tokens_per_s": tokens / seconds,
+        "train_cpu_seconds": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "trainable_params": sum(p.numel() for p in params),
+        "train_seconds": seconds,
+        "tokens": tokens,
+        "flops_per_step": int(counter.get_total_flops()),
+        "scheme": "all parameters" if mode == "full_ft" else "peft LoRA r=8, all linears",
+        "precision": "float32",
     }
 
 
@@ -190,11 +221,31 @@ def _offsite_worker(mode: str, args) -> dict:
     result = train_adapter(bundle, examples, cfg, progress=False, log=lambda m: print(m, file=sys.stderr))
     m = result.metrics
     train_peak = m["peak_rss_mb"]  # read before the FLOP count, which is the benchmark's, not the client's
-    keep = ("tokens_per_s", "tokens_per_cpu_s", "train_cpu_seconds", "loss_first", "loss_last", "losses", "trainable_params", "train_seconds", "tokens",
-            "flops_per_step", "scheme", "precision", "eval_ppl_before", "eval_ppl_after", "lowest_trainable_block")
+    keep = (
+        "tokens_per_s",
+        "tokens_per_cpu_s",
+        "train_cpu_seconds",
+        "loss_first",
+        "loss_last",
+        "losses",
+        "trainable_params",
+        "train_seconds",
+        "tokens",
+        "flops_per_step",
+        "scheme",
+        "precision",
+        "eval_ppl_before",
+        "eval_ppl_after",
+        "lowest_trainable_block",
+    )
     out = {k: m[k] for k in keep}
-    out.update(peak_rss_mb=max(load_peak, train_peak), load_peak_rss_mb=load_peak, vmhwm_after_flop_count_mb=_vmhwm_mb(),
-               train_peak_rss_mb=train_peak if reset else None, bundle=bundle.manifest.get("build", {}).get("config"))
+    out.update(
+        peak_rss_mb=max(load_peak, train_peak),
+        load_peak_rss_mb=load_peak,
+        vmhwm_after_flop_count_mb=_vmhwm_mb(),
+        train_peak_rss_mb=train_peak if reset else None,
+        bundle=bundle.manifest.get("build", {}).get("config"),
+    )
     if "budget" in m:
         out["budget"] = {k: m["budget"][k] for k in ("budget_mb", "estimate_mb", "minimum_mb", "probe_seconds", "spec")}
     return out
@@ -249,19 +300,28 @@ def gemm_worker(args) -> None:
 def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
     # Every mode under the allocator policy the engine sets for itself (memory.set_malloc_policy):
     # the same rules for the baselines, and glibc's dynamic threshold cannot flatter or hurt one mode.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES), "TRANSFORMERS_VERBOSITY": "error",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+    }
     cmd = [sys.executable, "-m", "bench.client_train", *extra, "--worker-out", str(out)]
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
-    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("Loading weights")))
+    sys.stderr.write(
+        "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("Loading weights"))
+    )
     return json.loads(out.read_text()) if out.exists() else {}
 
 
 def table(result: dict) -> str:
-    rows = ["| mode | peak RSS MB | above runtime floor MB | tokens/s | tokens per CPU-s | loss first -> last | "
-            "trainable params | FLOP/s vs fp32 GEMM | load avg | scheme |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mode | peak RSS MB | above runtime floor MB | tokens/s | tokens per CPU-s | loss first -> last | "
+        "trainable params | FLOP/s vs fp32 GEMM | load avg | scheme |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode in MODES:
         r = result["modes"].get(mode)
         if not r:
@@ -270,7 +330,8 @@ def table(result: dict) -> str:
             f"| {mode} | {r['peak_rss_mb']:.0f} | {r['peak_above_floor_mb']:.0f} | {r['tokens_per_s']:.0f} | "
             f"{r.get('tokens_per_cpu_s') or float('nan'):.0f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | "
             f"{r['trainable_params']:,} | {r['flops_fraction_of_fp32_gemm']:.2f} | "
-            f"{r['load_average_1min_start']:.1f}-{r['load_average_1min']:.1f} | {r['scheme']} |")
+            f"{r['load_average_1min_start']:.1f}-{r['load_average_1min']:.1f} | {r['scheme']} |"
+        )
     return "\n".join(rows)
 
 
@@ -283,7 +344,9 @@ def _fall(r: dict) -> float:
 def derive(result: dict) -> None:
     """Ratios and target checks from `result["modes"]` (in place)."""
     modes = result["modes"]
-    full, lora, sparse, adapter = (modes.get(m) for m in ("full_ft", "lora_full", "offsite_sparse", "offsite_full_adapter"))
+    full, lora, sparse, adapter = (
+        modes.get(m) for m in ("full_ft", "lora_full", "offsite_sparse", "offsite_full_adapter")
+    )
     if full and sparse:
         result["ratios"] = {
             "sparse_rss_vs_full": sparse["peak_rss_mb"] / full["peak_rss_mb"],
@@ -296,14 +359,18 @@ def derive(result: dict) -> None:
             result["ratios"]["sparse_rss_vs_lora"] = sparse["peak_rss_mb"] / lora["peak_rss_mb"]
             result["ratios"]["sparse_above_floor_vs_lora"] = sparse["peak_above_floor_mb"] / lora["peak_above_floor_mb"]
         if adapter:
-            result["ratios"]["sparse_loss_fall_vs_full_adapter"] = _fall(sparse) / _fall(adapter) if _fall(adapter) > 0 else None
+            result["ratios"]["sparse_loss_fall_vs_full_adapter"] = (
+                _fall(sparse) / _fall(adapter) if _fall(adapter) > 0 else None
+            )
         speed = result["ratios"].get("sparse_cpu_speedup_vs_full") or result["ratios"]["sparse_speedup_vs_full"]
         fall = result["ratios"].get("sparse_loss_fall_vs_full_adapter")
         result["targets"] = {
             "rss_at_most_1/8_of_full_ft": result["ratios"]["sparse_rss_vs_full"] <= 1 / 8,
             "rss_at_most_1/3_of_lora_full": bool(lora) and result["ratios"]["sparse_rss_vs_lora"] <= 1 / 3,
             "speed_at_least_6.5x_full_ft": speed >= 6.5,
-            "speed_read_as": "tokens per CPU-second" if "sparse_cpu_speedup_vs_full" in result["ratios"] else "tokens/s",
+            "speed_read_as": "tokens per CPU-second"
+            if "sparse_cpu_speedup_vs_full" in result["ratios"]
+            else "tokens/s",
             "loss_fall_at_least_1/3_of_full_adapter": fall is not None and fall >= 1 / 3,
         }
 
@@ -315,15 +382,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per mode (default 6; 3 with --quick)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--budget-mb", default="auto", help="memory budget of offsite_sparse: auto (default) or MB")
-    p.add_argument("--quantize", default=None, help="middle blocks of the emulator (default: the shipped configuration)")
+    p.add_argument(
+        "--quantize", default=None, help="middle blocks of the emulator (default: the shipped configuration)"
+    )
     p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (with --quantize)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per mode (1 on a shared machine)")
-    p.add_argument("--parallel", action="store_true",
-                   help="run the modes side by side (on a shared machine: read tokens per CPU-second at --threads 1)")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the modes side by side (on a shared machine: read tokens per CPU-second at --threads 1)",
+    )
     # the engine's modes first: they are quick, and a budget below the minimum shows at once
     p.add_argument("--modes", default=",".join(reversed(MODES)))
-    p.add_argument("--merge", action="store_true",
-                   help="update the modes run here inside an existing --json file (noted under 'reruns')")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the modes run here inside an existing --json file (noted under 'reruns')",
+    )
     p.add_argument("--bundle", default=None, help="reuse this bundle of the same configuration instead of building one")
     p.add_argument("--public-key", default=None, help="its signing.pub (with --bundle)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -341,11 +416,29 @@ def main(argv: list[str] | None = None) -> None:
     config_name, build_cfg = build_config(args)
     with tempfile.TemporaryDirectory(prefix="bench-client-train-") as tmp:
         tmp = Path(tmp)
-        bundle, pub = (Path(args.bundle), Path(args.public_key)) if args.bundle else (tmp / "bundle", tmp / "keys" / "signing.pub")
-        common = ["--steps", str(args.steps), "--lr", str(args.lr), "--budget-mb", str(args.budget_mb),
-                  "--bundle", str(bundle), "--public-key", str(pub), "--threads", str(args.threads)]
+        bundle, pub = (
+            (Path(args.bundle), Path(args.public_key))
+            if args.bundle
+            else (tmp / "bundle", tmp / "keys" / "signing.pub")
+        )
+        common = [
+            "--steps",
+            str(args.steps),
+            "--lr",
+            str(args.lr),
+            "--budget-mb",
+            str(args.budget_mb),
+            "--bundle",
+            str(bundle),
+            "--public-key",
+            str(pub),
+            "--threads",
+            str(args.threads),
+        ]
         if args.quantize:
-            common += ["--quantize", args.quantize] + (["--emulator-layers", str(args.emulator_layers)] if args.emulator_layers else [])
+            common += ["--quantize", args.quantize] + (
+                ["--emulator-layers", str(args.emulator_layers)] if args.emulator_layers else []
+            )
         if not args.bundle:
             print(f"building the {config_name} emulator bundle ...", file=sys.stderr)
             _run_child(["--worker", "build", *common], tmp / "build.json", 1800)
@@ -361,12 +454,17 @@ def main(argv: list[str] | None = None) -> None:
                 failed[mode] = str(e)[-2000:]
                 print(f"  {mode} FAILED: {str(e)[-300:]}", file=sys.stderr)
                 return
-            r["flops_fraction_of_fp32_gemm"] = r["flops_per_step"] * args.steps / r["train_seconds"] / 1e9 / gemm["fp32"]
+            r["flops_fraction_of_fp32_gemm"] = (
+                r["flops_per_step"] * args.steps / r["train_seconds"] / 1e9 / gemm["fp32"]
+            )
             r["gemm_gflops_same_run"] = gemm
             r["load_average_1min_start"], r["load_average_1min"] = load_start, os.getloadavg()[0]
             modes[mode] = r
-            print(f"  {mode}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['tokens_per_s']:.0f} tokens/s, loss "
-                  f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", file=sys.stderr)
+            print(
+                f"  {mode}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['tokens_per_s']:.0f} tokens/s, loss "
+                f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+                file=sys.stderr,
+            )
 
         if args.parallel:
             from concurrent.futures import ThreadPoolExecutor
@@ -384,12 +482,26 @@ def main(argv: list[str] | None = None) -> None:
             reruns[mode] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         modes = {**previous["modes"], **modes}
     result = {
-        "benchmark": "client_train", "reruns": reruns, "quick": args.quick, "steps": args.steps, "lr": args.lr, "sequence": 256, "batch": 4,
-        "threads": args.threads, "parallel": args.parallel, "model": "smollm2-135m",
-        "emulator_config": config_name, "quality_named_config": quality_named_config(),
-        "build_config": build_cfg.to_dict(), "budget": args.budget_mb,
-        "gemm_gflops": gemm, "modes": modes, "failed": failed, "seconds": round(time.time() - started, 1),
-        "load_average_at_end": os.getloadavg()[0], "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "benchmark": "client_train",
+        "reruns": reruns,
+        "quick": args.quick,
+        "steps": args.steps,
+        "lr": args.lr,
+        "sequence": 256,
+        "batch": 4,
+        "threads": args.threads,
+        "parallel": args.parallel,
+        "model": "smollm2-135m",
+        "emulator_config": config_name,
+        "quality_named_config": quality_named_config(),
+        "build_config": build_cfg.to_dict(),
+        "budget": args.budget_mb,
+        "gemm_gflops": gemm,
+        "modes": modes,
+        "failed": failed,
+        "seconds": round(time.time() - started, 1),
+        "load_average_at_end": os.getloadavg()[0],
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     derive(result)
     text = table(result)

@@ -101,7 +101,10 @@ def train_blocks(
         sched.step()
         losses.append(float(loss.detach()))
         if progress and (step % 10 == 0 or step == steps - 1):
-            print(f"[{progress}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"[{progress}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

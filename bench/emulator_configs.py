@@ -74,8 +74,15 @@ class EmulatorConfig:
         return d
 
 
-_LATE_OPTIONS = {"gptq": False, "linear_bits": {}, "distill_match": "output", "distill_lm_weight": 1.0,
-                 "prune_fraction": 0.0, "elevate_margin": None, "elevate_steps": 16}
+_LATE_OPTIONS = {
+    "gptq": False,
+    "linear_bits": {},
+    "distill_match": "output",
+    "distill_lm_weight": 1.0,
+    "prune_fraction": 0.0,
+    "elevate_margin": None,
+    "elevate_steps": 16,
+}
 
 
 def bits_of(cfg: EmulatorConfig, block: int) -> int | None:
@@ -104,7 +111,9 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     EmulatorConfig("awq-8to27-3bit", bits=4, awq=True, block_bits={i: 3 for i in range(8, 28)}),
     EmulatorConfig("awq-6to25-3bit", bits=4, awq=True, block_bits={i: 3 for i in range(6, 26)}),
     # quantization-aware distillation of the 3-bit middle towards the teacher's block outputs
-    EmulatorConfig("int3-qat40", bits=3, distill_steps=40, distill_qat=True, distill_match="all", distill_lm_weight=0.0),
+    EmulatorConfig(
+        "int3-qat40", bits=3, distill_steps=40, distill_qat=True, distill_match="all", distill_lm_weight=0.0
+    ),
     # issue 12: information a fully fine-tuning data owner cannot bring back (pruned channels
     # are a fixed point of gradient descent), and loss elevation (undone by retraining norms?)
     EmulatorConfig("int4-awq-prune50", bits=4, awq=True, prune_fraction=0.5),
@@ -136,9 +145,20 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
         # the best-checkpoint choice looks at training blocks: the benchmark's held-out
         # text must not steer the build
         val = type(train)(train.input_ids[-16:], train.labels[-16:], train.attention_mask[-16:])
-        distill_emulator(loaded, emu, plan, train, val, cfg.distill_steps, progress=progress,
-                         match=cfg.distill_match, lm_weight=cfg.distill_lm_weight,
-                         quant_bits={p: bits_of(cfg, plan.layer_origin[p]) for p in plan.emulator_positions} if cfg.distill_qat else None)
+        distill_emulator(
+            loaded,
+            emu,
+            plan,
+            train,
+            val,
+            cfg.distill_steps,
+            progress=progress,
+            match=cfg.distill_match,
+            lm_weight=cfg.distill_lm_weight,
+            quant_bits={p: bits_of(cfg, plan.layer_origin[p]) for p in plan.emulator_positions}
+            if cfg.distill_qat
+            else None,
+        )
     if cfg.prune_fraction:
         from offsite.emulators.prune import prune_emulator
 
@@ -167,8 +187,13 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
         b = bits_of(cfg, plan.layer_origin[pos])
         if b is None:
             continue
-        common = dict(act_scales=stats, prefix=loaded.family.block_prefix(pos), awq_alpha=cfg.awq_alpha,
-                      clip_search=cfg.clip_search, hessians=hessians)
+        common = dict(
+            act_scales=stats,
+            prefix=loaded.family.block_prefix(pos),
+            awq_alpha=cfg.awq_alpha,
+            clip_search=cfg.clip_search,
+            hessians=hessians,
+        )
         # layers quantized first become QuantLinears, which the block-wide pass skips
         for suffix, lb in sorted(cfg.linear_bits.items()):
             quantize_module(blocks[pos], lb, cfg.group_size, skip=lambda name, s=suffix: not name.endswith(s), **common)
@@ -176,8 +201,15 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
     if cfg.elevate_margin is not None:
         from offsite.emulators.elevate import ElevationConfig, elevate_into
 
-        elevate_into(loaded.model, emu, loaded.family, plan, train,
-                     ElevationConfig(margin=cfg.elevate_margin, steps=cfg.elevate_steps, seed=proto.seed), progress=progress)
+        elevate_into(
+            loaded.model,
+            emu,
+            loaded.family,
+            plan,
+            train,
+            ElevationConfig(margin=cfg.elevate_margin, steps=cfg.elevate_steps, seed=proto.seed),
+            progress=progress,
+        )
     return emu, plan, time.perf_counter() - t0
 
 

@@ -42,8 +42,13 @@ def nudged_copy(loaded: LoadedModel, scale: float = 1e-3) -> LoadedModel:
         for name, p in model.named_parameters():
             if name.startswith(prefix) and p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
-    return LoadedModel(model=model, tokenizer=loaded.tokenizer, family=loaded.family,
-                       model_id=f"{loaded.model_id}+nudged", digest=state_digest(model))
+    return LoadedModel(
+        model=model,
+        tokenizer=loaded.tokenizer,
+        family=loaded.family,
+        model_id=f"{loaded.model_id}+nudged",
+        digest=state_digest(model),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-evals-"))
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t1 = time.perf_counter()
-    report = run_eval(candidate, base, args.suites, args.limit, out, progress=sys.stderr.isatty(),
-                      policy_path=None, cache_dir=out / "cache", batch_size=args.batch_size)
+    report = run_eval(
+        candidate,
+        base,
+        args.suites,
+        args.limit,
+        out,
+        progress=sys.stderr.isatty(),
+        policy_path=None,
+        cache_dir=out / "cache",
+        batch_size=args.batch_size,
+    )
     wall = time.perf_counter() - t1
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -101,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "gate": report["gate"]["verdict"],
         "levels": {c["name"]: c["level"] for c in report["categories"]},
-        "values": {s["name"]: {"candidate": s["candidate"]["value"], "base": s["base"]["value"]}
-                   for s in report["suites"] if s["status"] == "completed"},
+        "values": {
+            s["name"]: {"candidate": s["candidate"]["value"], "base": s["base"]["value"]}
+            for s in report["suites"]
+            if s["status"] == "completed"
+        },
         "report_dir": str(out),
     }
     # Per-suite CPU seconds scaled to the full item counts: the estimate of a full run when
@@ -110,17 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.safety_evals.suite import select_suites
 
     full_items = {s.name: len(s.items()) for s in select_suites(args.suites)}
-    est_cpu = sum(s["timing"]["cpu_s"] * full_items[s["name"]] / max(s["n_items"], 1)
-                  for s in report["suites"] if s.get("timing"))
+    est_cpu = sum(
+        s["timing"]["cpu_s"] * full_items[s["name"]] / max(s["n_items"], 1) for s in report["suites"] if s.get("timing")
+    )
     result["full_items"] = full_items
     result["per_suite_timing"] = {s["name"]: s.get("timing") for s in report["suites"]}
     result["full_run_cpu_s_estimate"] = round(est_cpu, 1)
     result["full_run_uncontended_s_estimate"] = round(est_cpu / args.threads, 1)
-    rows = [("samples (item x side)", samples), ("wall s", result["wall_s"]), ("cpu s / threads", result["uncontended_estimate_s"]),
-            ("samples/s", result["samples_per_s"]), ("model share", result["share_model"]),
-            ("grading share", result["share_grading"]), ("peak RSS MB", result["peak_rss_mb"]),
-            ("full run cpu s (est.)", result["full_run_cpu_s_estimate"]),
-            ("load avg before/after", f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}")]
+    rows = [
+        ("samples (item x side)", samples),
+        ("wall s", result["wall_s"]),
+        ("cpu s / threads", result["uncontended_estimate_s"]),
+        ("samples/s", result["samples_per_s"]),
+        ("model share", result["share_model"]),
+        ("grading share", result["share_grading"]),
+        ("peak RSS MB", result["peak_rss_mb"]),
+        ("full run cpu s (est.)", result["full_run_cpu_s_estimate"]),
+        ("load avg before/after", f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}"),
+    ]
     print(f"safety evals on {args.model} (threads={args.threads}, batch={args.batch_size}, limit={args.limit})")
     for k, v in rows:
         print(f"  {k:24s} {v}")

@@ -19,9 +19,25 @@ from offsite.emulators.data import Example, TokenBlocks, tokenize_examples
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # Topical English prose; computing/Linux/ASCII-art files are left out (closer to code).
 FORTUNE_FILES = (
-    "education", "food", "humorists", "law", "literature", "love", "medicine", "men-women",
-    "miscellaneous", "news", "people", "pets", "platitudes", "politics", "science",
-    "songs-poems", "sports", "wisdom", "work",
+    "education",
+    "food",
+    "humorists",
+    "law",
+    "literature",
+    "love",
+    "medicine",
+    "men-women",
+    "miscellaneous",
+    "news",
+    "people",
+    "pets",
+    "platitudes",
+    "politics",
+    "science",
+    "songs-poems",
+    "sports",
+    "wisdom",
+    "work",
 )
 CORPUS_NAME = "fortunes (Debian package `fortunes`: quotations, literature, aphorisms; English)"
 

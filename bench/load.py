@@ -28,12 +28,15 @@ import time
 from pathlib import Path
 
 
-
 def machine_state() -> dict:
     """What the figures were measured on: load average, cores, memory, the date."""
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
-    return {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": list(os.getloadavg()),
-            "cpus": os.cpu_count(), "mem_gib": round(mem / 2**20, 1)}
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "loadavg": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "mem_gib": round(mem / 2**20, 1),
+    }
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -44,8 +47,13 @@ def _percentiles(values: list[float]) -> dict:
     def q(p: float) -> float:
         return round(v[min(len(v) - 1, int(round(p * (len(v) - 1))))] * 1000, 1)
 
-    return {"n": len(v), "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(v[-1] * 1000, 1),
-            "mean_ms": round(statistics.fmean(v) * 1000, 1)}
+    return {
+        "n": len(v),
+        "p50_ms": q(0.50),
+        "p99_ms": q(0.99),
+        "max_ms": round(v[-1] * 1000, 1),
+        "mean_ms": round(statistics.fmean(v) * 1000, 1),
+    }
 
 
 def _proc_sample(pid: int) -> tuple[float, int]:
@@ -90,18 +98,30 @@ def run_load(clients: int, work: Path) -> dict:
     srv = ServerProcess(work / "srv", extra_args=["--signing-key", str(bundle.signing_key)]).start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         with open(bundle.tar_path, "rb") as fh:
             data = fh.read()
-        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(iter(
-            [artifacts_pb2.UploadRequest(kind="bundle", name="tiny.tar")] +
-            [artifacts_pb2.UploadRequest(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]))
+        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
+            iter(
+                [artifacts_pb2.UploadRequest(kind="bundle", name="tiny.tar")]
+                + [artifacts_pb2.UploadRequest(data=data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+            )
+        )
         emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
-        job = jobs_pb2_grpc.JobsStub(admin).CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+        )
+        job = jobs_pb2_grpc.JobsStub(admin).CreateJob(
+            jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id))
+        )
         adm = admin_pb2_grpc.AdminStub(admin)
-        tokens = [adm.CreateToken(admin_pb2.CreateTokenRequest(name=f"owner-{i:03d}", role="data-owner", jobs=[job.id])).secret
-                  for i in range(clients)]
+        tokens = [
+            adm.CreateToken(
+                admin_pb2.CreateTokenRequest(name=f"owner-{i:03d}", role="data-owner", jobs=[job.id])
+            ).secret
+            for i in range(clients)
+        ]
         sampler = Sampler(srv.proc.pid)
         idle_rss, idle_fds = _proc_sample(srv.proc.pid)
         sampler.start()
@@ -150,10 +170,17 @@ def run_load(clients: int, work: Path) -> dict:
         rss = [s[1] for s in sampler.samples]
         fds = [s[2] for s in sampler.samples]
         return {
-            "clients": clients, "wall_s": round(wall, 1), "errors": len(errors), "error_samples": errors[:10],
+            "clients": clients,
+            "wall_s": round(wall, 1),
+            "errors": len(errors),
+            "error_samples": errors[:10],
             "calls": {k: _percentiles(v) for k, v in timings.items()},
             "bundle_bytes": len(data),
-            "server_rss_mib": {"idle": round(idle_rss, 1), "peak": max(rss, default=0), "settled": round(settled_rss, 1)},
+            "server_rss_mib": {
+                "idle": round(idle_rss, 1),
+                "peak": max(rss, default=0),
+                "settled": round(settled_rss, 1),
+            },
             "server_fds": {"idle": idle_fds, "peak": max(fds, default=0), "settled": settled_fds},
             "samples": sampler.samples[:: max(1, len(sampler.samples) // 60)],
         }
@@ -184,20 +211,40 @@ def run_soak(jobs: int, work: Path) -> dict:
         t0 = time.perf_counter()
         error = ""
         try:
-            job = prepare_local_job(data_dir, "tiny-llama", clients=2, rounds=1, local_steps=1, batch_size=1,
-                                    block_size=64, heldout_limit=2, min_clients=2, round_timeout=300, name=f"soak-{n}")
+            job = prepare_local_job(
+                data_dir,
+                "tiny-llama",
+                clients=2,
+                rounds=1,
+                local_steps=1,
+                batch_size=1,
+                block_size=64,
+                heldout_limit=2,
+                min_clients=2,
+                round_timeout=300,
+                name=f"soak-{n}",
+            )
             run_simulation_job(job)
         except Exception as e:  # noqa: BLE001 - a failed job is a soak result (e.g. Ray's OOM killer)
             error = f"{type(e).__name__}: {str(e)[-300:]}"
         rss, fds = _proc_sample(os.getpid())
-        rows.append({"job": n, "seconds": round(time.perf_counter() - t0, 1), "rss_mib": round(rss, 1), "fds": fds,
-                     "data_dir_bytes": _dir_bytes(data_dir), "error": error,
-                     "tmp_dirs_new": sorted(_tmp_dirs() - tmp_before)[:10]})
+        rows.append(
+            {
+                "job": n,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "rss_mib": round(rss, 1),
+                "fds": fds,
+                "data_dir_bytes": _dir_bytes(data_dir),
+                "error": error,
+                "tmp_dirs_new": sorted(_tmp_dirs() - tmp_before)[:10],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
     growth = [b["data_dir_bytes"] - a["data_dir_bytes"] for a, b in zip(rows, rows[1:])]
     return {
-        "jobs": jobs, "rows": rows,
+        "jobs": jobs,
+        "rows": rows,
         "rss_change_pct": round(100 * (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"], 1),
         "fds_change_pct": round(100 * (last["fds"] - first["fds"]) / max(1, first["fds"]), 1),
         "tmp_dirs_leaked": sorted(_tmp_dirs() - tmp_before)[:20],
@@ -215,8 +262,16 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = {"bench": "load", "machine": machine_state(), "command": "python -m bench.load " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json" and v is not None and v is not False)}
+    out = {
+        "bench": "load",
+        "machine": machine_state(),
+        "command": "python -m bench.load "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k != "json" and v is not None and v is not False
+        ),
+    }
     with tempfile.TemporaryDirectory(prefix="offsite-load-") as tmp:
         if not args.skip_load:
             out["load"] = run_load(args.clients, Path(tmp))

@@ -99,8 +99,16 @@ def _cached(cache_dir: Path | None, kind: str, payload: dict, compute):
     return result
 
 
-def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protocol, cached=None, progress: bool = True,
-                   owner_lr: dict | None = None) -> dict:
+def measure_config(
+    loaded,
+    cfg: EmulatorConfig,
+    train,
+    sets: dict,
+    proto: Protocol,
+    cached=None,
+    progress: bool = True,
+    owner_lr: dict | None = None,
+) -> dict:
     """Build `cfg` (only if some owner is not cached), then let the three data owners
     train on it (bench.protection); `cached(part, compute)` stores each part as it ends."""
     from offsite.emulators.quantize import dequantize_module
@@ -121,9 +129,23 @@ def measure_config(loaded, cfg: EmulatorConfig, train, sets: dict, proto: Protoc
 
     from offsite.emulators.split import plan_split
 
-    plan = plan_split(loaded.family.num_layers(loaded.model.config), proto.adapter_layers, cfg.emulator_layers, cfg.kept)
-    row = measure_owners(loaded, emulator, plan, train, sets, proto.steps, proto.lr, proto.batch_size, proto.seed,
-                         label=f"{cfg.name}/seed{proto.seed}", cached=cached, owner_lr=owner_lr)
+    plan = plan_split(
+        loaded.family.num_layers(loaded.model.config), proto.adapter_layers, cfg.emulator_layers, cfg.kept
+    )
+    row = measure_owners(
+        loaded,
+        emulator,
+        plan,
+        train,
+        sets,
+        proto.steps,
+        proto.lr,
+        proto.batch_size,
+        proto.seed,
+        label=f"{cfg.name}/seed{proto.seed}",
+        cached=cached,
+        owner_lr=owner_lr,
+    )
     size = cached("size", lambda: info if info else _size_only(loaded, cfg, train, sets, proto)) or {}
     return {**row, **size, "kept": plan.middle_kept}
 
@@ -133,25 +155,45 @@ def _size_only(loaded, cfg, train, sets, proto) -> dict:
     return {"emulator_bytes": emulator_bytes(emu, loaded.family, plan, cfg), "build_seconds": build_s}
 
 
-def measure_baselines(loaded, train, sets: dict, proto: Protocol, cache_dir, key, progress=True, with_full=True,
-                      with_ceiling=True) -> dict:
+def measure_baselines(
+    loaded, train, sets: dict, proto: Protocol, cache_dir, key, progress=True, with_full=True, with_ceiling=True
+) -> dict:
     out = {}
     out["full_zero_shot"] = _cached(cache_dir, "zero-shot-v2", key, lambda: {"ppl_by_set": ppl_on(loaded.model, sets)})
 
     def ceiling():
         m = copy.deepcopy(loaded.model)
         n = loaded.family.num_layers(m.config)
-        tr = train_blocks(m, loaded.family, adapter_block_indices(n, proto.adapter_layers), train, proto.steps, proto.lr,
-                          proto.batch_size, proto.seed, progress="ceiling" if progress else None)
+        tr = train_blocks(
+            m,
+            loaded.family,
+            adapter_block_indices(n, proto.adapter_layers),
+            train,
+            proto.steps,
+            proto.lr,
+            proto.batch_size,
+            proto.seed,
+            progress="ceiling" if progress else None,
+        )
         return {"ppl_by_set": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
 
     if with_ceiling:
         out["adapter_ceiling"] = _cached(cache_dir, "ceiling-v2", key, ceiling)
     if with_full:
+
         def full_ft():
             m = copy.deepcopy(loaded.model)
-            tr = train_blocks(m, loaded.family, None, train, proto.steps, proto.full_lr, proto.batch_size, proto.seed,
-                              progress="full-ft" if progress else None)
+            tr = train_blocks(
+                m,
+                loaded.family,
+                None,
+                train,
+                proto.steps,
+                proto.full_lr,
+                proto.batch_size,
+                proto.seed,
+                progress="full-ft" if progress else None,
+            )
             return {"ppl_by_set": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
 
         out["full_finetuned"] = _cached(cache_dir, "full-ft-v2", {**key, "lr": proto.full_lr}, full_ft)
@@ -165,7 +207,9 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def config_row(cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[int, dict], zero_shot: dict, full_bytes: int) -> dict:
+def config_row(
+    cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[int, dict], zero_shot: dict, full_bytes: int
+) -> dict:
     """One table row: per-seed values averaged (mean, and sample sd where seeds > 1)."""
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
@@ -175,8 +219,10 @@ def config_row(cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[in
         return _mean_sd(xs) if xs else (None, None)
 
     share = stat(lambda r, c: log_gain_share(zero_shot["own_domain"], c["own_domain"], r["plugin"]["own_domain"]))
-    prot = {a: {st: stat(lambda r, c, a=a, st=st: r[a][st] / r["plugin"][st], need=a) for st in ("own_domain", "general")}
-            for a in ATTACKERS}
+    prot = {
+        a: {st: stat(lambda r, c, a=a, st=st: r[a][st] / r["plugin"][st], need=a) for st in ("own_domain", "general")}
+        for a in ATTACKERS
+    }
     seeds = [s for s in seeds if "plugin" in per_seed[s]]
     plugin = stat(lambda r, c: r["plugin"]["own_domain"])[0]
     emu_ft = stat(lambda r, c: r["recipe"]["own_domain"])[0]
@@ -217,7 +263,7 @@ def config_row(cfg: EmulatorConfig, per_seed: dict[int, dict], ceilings: dict[in
 def _pm(mean: float | None, sd: float | None, seeds: int, fmt: str) -> str:
     if mean is None:
         return "-"
-    return (fmt.format(mean) + (" ± " + fmt.format(sd) if seeds > 1 else ""))
+    return fmt.format(mean) + (" ± " + fmt.format(sd) if seeds > 1 else "")
 
 
 def print_table(rows: list[dict], baselines: dict) -> str:
@@ -237,9 +283,11 @@ def print_table(rows: list[dict], baselines: dict) -> str:
             f"{r['plugin_ppl']:.2f} | {_pm(r['emulator_bytes'] and r['emulator_bytes'] / 1e6, 0, 1, '{:.0f}')} | {','.join(map(str, r['seeds']))} |"
         )
     zs, ce = baselines["full_zero_shot"]["ppl_by_set"], baselines["adapter_ceiling"]["ppl_by_set"]
-    head = (f"full zero-shot {zs['own_domain']:.2f} (general {zs['general']:.2f}), adapter ceiling "
-            f"{ce['own_domain']:.2f} (general {ce['general']:.2f})"
-            + (f", full fine-tune {baselines['full_finetuned']['ppl']:.2f}" if "full_finetuned" in baselines else ""))
+    head = (
+        f"full zero-shot {zs['own_domain']:.2f} (general {zs['general']:.2f}), adapter ceiling "
+        f"{ce['own_domain']:.2f} (general {ce['general']:.2f})"
+        + (f", full fine-tune {baselines['full_finetuned']['ppl']:.2f}" if "full_finetuned" in baselines else "")
+    )
     text = head + "\n\n" + "\n".join(lines)
     print(text)
     return text
@@ -258,31 +306,65 @@ def _seed_list(text: str) -> list[int]:
 @app.command()
 def main(
     json_out: Path = typer.Option(..., "--json", help="where to write the results JSON"),
-    quick: bool = typer.Option(False, "--quick", help="the quick configuration only, 12 steps, 12 held-out blocks (a smoke test, not a measurement)"),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="the quick configuration only, 12 steps, 12 held-out blocks (a smoke test, not a measurement)",
+    ),
     model: str = typer.Option("smollm2-135m", "--model", help="model name or HF directory"),
     named: str = typer.Option(None, "--named", help="configuration whose numbers fill the summary keys"),
     configs: str = typer.Option(None, "--configs", help="comma-separated subset of configuration names to run"),
-    seeds: str = typer.Option("0", "--seeds", help="seeds for the ceiling and the --seeded configurations (mean and spread)"),
-    seeded: str = typer.Option(None, "--seeded", help="comma-separated configurations measured at every seed of --seeds (default: the named one)"),
+    seeds: str = typer.Option(
+        "0", "--seeds", help="seeds for the ceiling and the --seeded configurations (mean and spread)"
+    ),
+    seeded: str = typer.Option(
+        None,
+        "--seeded",
+        help="comma-separated configurations measured at every seed of --seeds (default: the named one)",
+    ),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "offsite" / "bench-offsite-quality", "--cache-dir"),
     fresh: bool = typer.Option(False, "--fresh", help="ignore cached rows and measure everything again"),
     threads: int = typer.Option(2, "--threads"),
     steps: int = typer.Option(30, "--steps", help="training steps of every data owner and of the ceiling"),
     batch_size: int = typer.Option(4, "--batch-size", help="blocks per training step"),
     lr: float = typer.Option(2e-4, "--lr", help="AdamW learning rate of every data owner and of the ceiling"),
-    heldout_blocks: int = typer.Option(32, "--heldout-blocks", help="held-out blocks evaluated per set (0: all own-domain blocks)"),
-    full_ft: bool = typer.Option(False, "--full-ft/--no-full-ft", help="also measure the full model fine-tuned (reference row)"),
-    frontier: Path = typer.Option(None, "--frontier", help="also write these rows as the model's measured frontier into this JSON (the dial's data, e.g. emulators/frontier.json)"),
-    full_ft_owner_lr: float = typer.Option(None, "--full-ft-owner-lr", help="learning rate of the full-fine-tuning data owner (default: --lr; full fine-tuning wants a lower one)"),
-    cached_only: bool = typer.Option(False, "--cached-only", help="assemble the table from the cache only: unmeasured owners show as '-', rows without a plug-in are left out"),
-    rows_only: bool = typer.Option(False, "--rows-only", help="measure the configuration rows into the cache and stop (to run rows in parallel processes)"),
+    heldout_blocks: int = typer.Option(
+        32, "--heldout-blocks", help="held-out blocks evaluated per set (0: all own-domain blocks)"
+    ),
+    full_ft: bool = typer.Option(
+        False, "--full-ft/--no-full-ft", help="also measure the full model fine-tuned (reference row)"
+    ),
+    frontier: Path = typer.Option(
+        None,
+        "--frontier",
+        help="also write these rows as the model's measured frontier into this JSON (the dial's data, e.g. emulators/frontier.json)",
+    ),
+    full_ft_owner_lr: float = typer.Option(
+        None,
+        "--full-ft-owner-lr",
+        help="learning rate of the full-fine-tuning data owner (default: --lr; full fine-tuning wants a lower one)",
+    ),
+    cached_only: bool = typer.Option(
+        False,
+        "--cached-only",
+        help="assemble the table from the cache only: unmeasured owners show as '-', rows without a plug-in are left out",
+    ),
+    rows_only: bool = typer.Option(
+        False,
+        "--rows-only",
+        help="measure the configuration rows into the cache and stop (to run rows in parallel processes)",
+    ),
 ) -> None:
     """Example: python -m bench.offsite_quality --configs int3-awq,int4-awq --seeds 0,1,2 --json /tmp/q.json"""
     from bench.general_text import CORPUS_NAME, general_blocks
     from offsite.emulators.models import load_model
 
     set_threads(threads)
-    proto = Protocol(steps=12, lr=lr, full_lr=lr) if quick else Protocol(steps=steps, lr=lr, full_lr=lr, batch_size=batch_size)
+    proto = (
+        Protocol(steps=12, lr=lr, full_lr=lr)
+        if quick
+        else Protocol(steps=steps, lr=lr, full_lr=lr, batch_size=batch_size)
+    )
     seed_list = _seed_list(seeds)
     loaded = load_model(model)
     train, heldout = corpus_blocks(loaded, proto.block_size)
@@ -305,20 +387,42 @@ def main(
 
     def key_for(seed: int) -> dict:
         p = asdict(replace(proto, seed=seed))
-        return {"model": loaded.digest, "protocol": p, "heldout": len(heldout), "train": len(train), "general": CORPUS_NAME}
+        return {
+            "model": loaded.digest,
+            "protocol": p,
+            "heldout": len(heldout),
+            "train": len(train),
+            "general": CORPUS_NAME,
+        }
 
     if cached_only:
         seed_list = [s for s in seed_list if _cache_path(cache_dir, "ceiling-v2", key_for(s)).exists()] or seed_list[:1]
-    baselines = {} if rows_only else {s: measure_baselines(loaded, train, sets, replace(proto, seed=s), cache, key_for(s), with_full=full_ft and s == 0)
-                 for s in seed_list}
+    baselines = (
+        {}
+        if rows_only
+        else {
+            s: measure_baselines(
+                loaded, train, sets, replace(proto, seed=s), cache, key_for(s), with_full=full_ft and s == 0
+            )
+            for s in seed_list
+        }
+    )
     results: dict[str, dict[int, dict]] = {}
     for cfg in all_cfgs:
         results[cfg.name] = {}
-        for s in (seed_list if cfg.name in seeded_set else [seed_list[0]]):
+        for s in seed_list if cfg.name in seeded_set else [seed_list[0]]:
             payload = {**key_for(s), "emulator": cfg.key()}
             results[cfg.name][s] = measure_config(
-                loaded, cfg, train, sets, replace(proto, seed=s), owner_lr={"full_finetune": full_ft_owner_lr} if full_ft_owner_lr else None,
-                cached=lambda part, compute, payload=payload: _cached(cache, f"owner-{part}", payload, None if cached_only else compute))
+                loaded,
+                cfg,
+                train,
+                sets,
+                replace(proto, seed=s),
+                owner_lr={"full_finetune": full_ft_owner_lr} if full_ft_owner_lr else None,
+                cached=lambda part, compute, payload=payload: _cached(
+                    cache, f"owner-{part}", payload, None if cached_only else compute
+                ),
+            )
     if rows_only:
         return
     full_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -334,8 +438,12 @@ def main(
     out = {
         "full_finetuned": None,  # replaced when measured (--full-ft)
         **base0,
-        "adapter_ceiling_seeds": {"seeds": seed_list, "ppl_mean": ceil_sd[0], "ppl_sd": ceil_sd[1],
-                                  "ppl_by_seed": {str(s): ceilings[s] for s in seed_list}},
+        "adapter_ceiling_seeds": {
+            "seeds": seed_list,
+            "ppl_mean": ceil_sd[0],
+            "ppl_sd": ceil_sd[1],
+            "ppl_by_seed": {str(s): ceilings[s] for s in seed_list},
+        },
         "emulator_zero_shot": {"ppl": nres["emulator_zero_shot"]["own_domain"]},
         "emulator_finetuned": {"ppl": nrow["emulator_finetuned_ppl"]},
         "plugin": {"ppl": nrow["plugin_ppl"]},
@@ -348,10 +456,15 @@ def main(
         "protection_recalibrated_general": nrow["protection_recalibrated_general"],
         "protection_full_finetune_general": nrow["protection_full_finetune_general"],
         "seeds": nrow["seeds"],
-        "heldout_sets": {"own_domain": f"python-reference held-out topics, first {len(heldout)} blocks",
-                         "general": f"{CORPUS_NAME}, {len(sets['general'])} blocks spread over the corpus"},
-        "data_owners": {"recipe": "adapter blocks only", "recalibrated": "adapter + every norm gain + a logit temperature",
-                        "full_finetune": "every parameter of the dequantized emulator"},
+        "heldout_sets": {
+            "own_domain": f"python-reference held-out topics, first {len(heldout)} blocks",
+            "general": f"{CORPUS_NAME}, {len(sets['general'])} blocks spread over the corpus",
+        },
+        "data_owners": {
+            "recipe": "adapter blocks only",
+            "recalibrated": "adapter + every norm gain + a logit temperature",
+            "full_finetune": "every parameter of the dequantized emulator",
+        },
         "owner_lr": {"recipe": proto.lr, "recalibrated": proto.lr, "full_finetune": full_ft_owner_lr or proto.lr},
         "bundle_bytes": nrow["emulator_bytes"],
         "bundle_bytes_source": "in-memory emulator state (packed middle)",
@@ -369,11 +482,15 @@ def main(
     json_out.write_text(json.dumps(out, indent=1))
     print(f"wrote {json_out}")
     if frontier:
-        write_frontier(frontier, model, all_cfgs, rows, out, " ".join(["python -m bench.offsite_quality", *sys.argv[1:]]))
+        write_frontier(
+            frontier, model, all_cfgs, rows, out, " ".join(["python -m bench.offsite_quality", *sys.argv[1:]])
+        )
         print(f"wrote the frontier of {model} into {frontier}")
 
 
-def write_frontier(path: Path, model: str, cfgs: list[EmulatorConfig], rows: list[dict], out: dict, command: str) -> None:
+def write_frontier(
+    path: Path, model: str, cfgs: list[EmulatorConfig], rows: list[dict], out: dict, command: str
+) -> None:
     """Merge this run's buildable rows into the dial's JSON (emulators/frontier.py)."""
     from bench.emulator_configs import build_options
     from offsite.files import atomic_write
@@ -384,16 +501,28 @@ def write_frontier(path: Path, model: str, cfgs: list[EmulatorConfig], rows: lis
         opts = build_options(cfg)
         if opts is None or any(r[_prot_key(o, s)] is None for o in ATTACKERS for s in ("own_domain", "general")):
             continue  # a bench-only lever, or an owner not measured yet: the dial needs all three
-        points.append({
-            "config": cfg.name, "build": opts, "plugin_share": round(r["plugin_share"], 4), "seeds": r["seeds"],
-            "protection": {o: {s: round(r[_prot_key(o, s)], 4) for s in ("own_domain", "general")} for o in ATTACKERS},
-        })
+        points.append(
+            {
+                "config": cfg.name,
+                "build": opts,
+                "plugin_share": round(r["plugin_share"], 4),
+                "seeds": r["seeds"],
+                "protection": {
+                    o: {s: round(r[_prot_key(o, s)], 4) for s in ("own_domain", "general")} for o in ATTACKERS
+                },
+            }
+        )
     data["models"][model] = {
         "points": points,
         "measured": {
-            "protocol": {**out["protocol"], "owner_lr": out["owner_lr"]}, "own_domain": out["heldout_sets"]["own_domain"], "general": out["heldout_sets"]["general"],
-            "own_domain_short": "python-reference held-out topics", "general_short": "Debian fortunes (general English)",
-            "command": command, "load_average": out["load_average"], "date": time.strftime("%Y-%m-%d"),
+            "protocol": {**out["protocol"], "owner_lr": out["owner_lr"]},
+            "own_domain": out["heldout_sets"]["own_domain"],
+            "general": out["heldout_sets"]["general"],
+            "own_domain_short": "python-reference held-out topics",
+            "general_short": "Debian fortunes (general English)",
+            "command": command,
+            "load_average": out["load_average"],
+            "date": time.strftime("%Y-%m-%d"),
         },
     }
     atomic_write(path, json.dumps(data, indent=1) + "\n")

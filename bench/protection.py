@@ -43,8 +43,12 @@ def add_logit_temperature(model, family) -> torch.nn.Parameter:
 def norm_params(model) -> dict[str, torch.nn.Parameter]:
     """Every parameter of every norm module (RMSNorm/LayerNorm gains and biases, the
     final norm, and a logit temperature registered on it)."""
-    return {f"{mn}.{pn}" if mn else pn: p for mn, mod in model.named_modules() if "norm" in type(mod).__name__.lower()
-            for pn, p in mod.named_parameters(recurse=False)}
+    return {
+        f"{mn}.{pn}" if mn else pn: p
+        for mn, mod in model.named_modules()
+        if "norm" in type(mod).__name__.lower()
+        for pn, p in mod.named_parameters(recurse=False)
+    }
 
 
 def attacker_params(model, family, adapter_positions: list[int], attacker: str) -> dict[str, torch.nn.Parameter]:
@@ -60,8 +64,16 @@ def attacker_params(model, family, adapter_positions: list[int], attacker: str) 
     return params
 
 
-def train_parameters(model, params: dict[str, torch.nn.Parameter], train: TokenBlocks, steps: int, lr: float,
-                     batch_size: int = 4, seed: int = 0, progress: str | None = None) -> dict:
+def train_parameters(
+    model,
+    params: dict[str, torch.nn.Parameter],
+    train: TokenBlocks,
+    steps: int,
+    lr: float,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: str | None = None,
+) -> dict:
     """AdamW on `params`, everything else frozen; the same batch order as
     bench.common.train_blocks for the same seed (so the three owners see the same data)."""
     for p in model.parameters():
@@ -85,7 +97,10 @@ def train_parameters(model, params: dict[str, torch.nn.Parameter], train: TokenB
         opt.step()
         losses.append(float(loss.detach()))
         if progress and (step % 10 == 0 or step == steps - 1):
-            print(f"[{progress}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"[{progress}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -97,9 +112,21 @@ def ppl_on(model, sets: dict[str, TokenBlocks]) -> dict[str, float]:
     return {name: heldout_ppl(model, blocks) for name, blocks in sets.items()}
 
 
-def measure_owners(loaded, emulator, plan, train: TokenBlocks, sets: dict[str, TokenBlocks], steps: int, lr: float,
-                   batch_size: int, seed: int, attackers=ATTACKERS, label: str = "", cached=None,
-                   owner_lr: dict[str, float] | None = None) -> dict:
+def measure_owners(
+    loaded,
+    emulator,
+    plan,
+    train: TokenBlocks,
+    sets: dict[str, TokenBlocks],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    attackers=ATTACKERS,
+    label: str = "",
+    cached=None,
+    owner_lr: dict[str, float] | None = None,
+) -> dict:
     """Perplexities on every set of: the emulator alone, the emulator after each owner's
     training, and the recipe's adapter plugged into the full model (`plugin`).
 

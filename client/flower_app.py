@@ -40,6 +40,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from offsite.emulators.data import PYTHON_REFERENCE, load_examples, python_reference_split
 from offsite.wire import encode_sparse_delta, record_to_state
 
+
 class ClientSetupError(RuntimeError):
     """The data owner's node is missing its bundle, key or data; the message says how to fix it."""
 
@@ -87,7 +88,9 @@ def load_cached_bundle(digest: str, settings: ClientSettings):
             "with --node-config \"bundle-cache='DIR'\""
         )
     if not settings.public_key:
-        raise ClientSetupError("no public key to verify the bundle with; start the node with --node-config \"public-key='signing.pub'\"")
+        raise ClientSetupError(
+            "no public key to verify the bundle with; start the node with --node-config \"public-key='signing.pub'\""
+        )
     bundle = load_bundle(path, settings.public_key, runtime="auto")  # the lean runtime where it applies
     _BUNDLES.clear()  # one bundle per process: the emulator is the largest thing a client holds
     _BUNDLES[digest] = bundle
@@ -107,7 +110,9 @@ def load_client_examples(spec: str, tokenizer) -> list:
         try:
             i, n = (int(x) for x in spec.split(":", 1)[1].split("/"))
         except ValueError:
-            raise ClientSetupError(f"{spec!r}: expected python-reference:SHARD/NUM_SHARDS, e.g. python-reference:0/3") from None
+            raise ClientSetupError(
+                f"{spec!r}: expected python-reference:SHARD/NUM_SHARDS, e.g. python-reference:0/3"
+            ) from None
         examples = python_reference_split(n).shards[i]
     else:
         examples = load_examples(spec, tokenizer)
@@ -133,7 +138,9 @@ def _train_config(cfg) -> object:
     )
 
 
-def train_local(global_state: dict[str, torch.Tensor], cfg, settings: ClientSettings) -> tuple[dict[str, torch.Tensor], dict]:
+def train_local(
+    global_state: dict[str, torch.Tensor], cfg, settings: ClientSettings
+) -> tuple[dict[str, torch.Tensor], dict]:
     """One round of local training: (adapter state by original names, numeric metrics)."""
     from offsite.client.engine import train_adapter
 
@@ -143,7 +150,15 @@ def train_local(global_state: dict[str, torch.Tensor], cfg, settings: ClientSett
     started = time.perf_counter()
     result = train_adapter(bundle, examples, _train_config(cfg), progress=False, initial_adapter=global_state)
     metrics = {"num-examples": len(examples), "unit-weight": 1.0, "train-seconds": time.perf_counter() - started}
-    for key in ("loss_first", "loss_last", "eval_ppl_before", "eval_ppl_after", "tokens", "peak_rss_mb", "tokens_per_s"):
+    for key in (
+        "loss_first",
+        "loss_last",
+        "eval_ppl_before",
+        "eval_ppl_after",
+        "tokens",
+        "peak_rss_mb",
+        "tokens_per_s",
+    ):
         value = result.metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
             metrics[key.replace("_", "-")] = float(value)
@@ -159,10 +174,13 @@ def _message_api_train(msg: Message, ctx: Context, settings: ClientSettings) -> 
     upload = str(cfg.get("upload", "full"))
     if upload == "full":
         # Same names, same order as received: fixedclipping_mod compares the key lists.
-        record = ArrayRecord({k: Array(state[k].detach().to(torch.float32).contiguous().numpy()) for k in arrays.keys()})
+        record = ArrayRecord(
+            {k: Array(state[k].detach().to(torch.float32).contiguous().numpy()) for k in arrays.keys()}
+        )
     else:
         record, upload_metrics = encode_sparse_delta(
-            {k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in global_state.items()}, upload)
+            {k: v.numpy() for k, v in state.items()}, {k: v.numpy() for k, v in global_state.items()}, upload
+        )
         metrics.update(upload_metrics)
     reply = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

@@ -42,5 +42,7 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except Exception as e:  # safetensors raises several types for corrupt headers
         raise AdapterError(f"{path}: not a readable safetensors adapter ({e})") from None
     if meta.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path}: not an Offsite adapter (metadata format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+        raise AdapterError(
+            f"{path}: not an Offsite adapter (metadata format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r})"
+        )
     return state, meta

@@ -75,9 +75,13 @@ class BuildConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.prune_fraction < 1.0:
-            raise BuildError(f"--prune {self.prune_fraction} must be in [0, 1): the share of each middle block's MLP channels to remove")
+            raise BuildError(
+                f"--prune {self.prune_fraction} must be in [0, 1): the share of each middle block's MLP channels to remove"
+            )
         if self.elevate_margin is not None and self.elevate_margin < 0:
-            raise BuildError(f"--elevate {self.elevate_margin} must be >= 0 (nats per token above the full model, e.g. 0.4)")
+            raise BuildError(
+                f"--elevate {self.elevate_margin} must be >= 0 (nats per token above the full model, e.g. 0.4)"
+            )
         if self.elevate_steps < 1:
             raise BuildError(f"elevate_steps {self.elevate_steps} must be >= 1")
         if self.quantize not in QUANTIZE_CHOICES:
@@ -89,7 +93,9 @@ class BuildConfig:
         if self.block_size < 8:
             raise BuildError(f"block size {self.block_size} is too small; use e.g. 256")
         if self.embeddings != "auto" and self.embeddings not in EMBEDDING_STORAGE:
-            raise BuildError(f"embeddings storage {self.embeddings!r} must be auto or one of {', '.join(EMBEDDING_STORAGE)}")
+            raise BuildError(
+                f"embeddings storage {self.embeddings!r} must be auto or one of {', '.join(EMBEDDING_STORAGE)}"
+            )
         if self.adapter_dtype not in ("auto", "fp32", "fp16"):
             raise BuildError(f"adapter storage {self.adapter_dtype!r} must be auto, fp32 or fp16")
         for idx, bits in (self.block_bits or {}).items():
@@ -198,18 +204,36 @@ def block_quant_plan(cfg: BuildConfig, plan: SplitPlan) -> dict[int, int]:
 
 def _distill(cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress, report) -> dict:
     dcfg = DistillConfig(
-        steps=cfg.distill_steps, lr=cfg.distill_lr, mse_weight=cfg.distill_mse_weight, batch_size=cfg.distill_batch_size,
-        match=cfg.distill_match, kl_weight=cfg.distill_kl_weight, group_size=cfg.group_size, seed=cfg.seed,
+        steps=cfg.distill_steps,
+        lr=cfg.distill_lr,
+        mse_weight=cfg.distill_mse_weight,
+        batch_size=cfg.distill_batch_size,
+        match=cfg.distill_match,
+        kl_weight=cfg.distill_kl_weight,
+        group_size=cfg.group_size,
+        seed=cfg.seed,
         # train the latent weights through the rounding they will be stored at
         quant_bits=(block_quant_plan(cfg, plan) or None) if cfg.distill_quant_aware else None,
     )
-    report_ = dict(distill_emulator(loaded, emulator, plan, corpus.train, corpus.heldout, dcfg,
-                                    checkpoint_dir=checkpoint_dir, progress=progress,
-                                    on_progress=lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg)) or {})
+    report_ = dict(
+        distill_emulator(
+            loaded,
+            emulator,
+            plan,
+            corpus.train,
+            corpus.heldout,
+            dcfg,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+            on_progress=lambda f, msg="distilling": report(0.15 + 0.6 * float(f), msg),
+        )
+        or {}
+    )
     losses = report_.pop("losses", None)
     if losses:
         # The manifest keeps the curve's shape, not every step of a long run.
         stride = max(1, len(losses) // 50)
+
         def rounded(v):
             return {k: round(float(x), 4) for k, x in v.items()} if isinstance(v, dict) else round(float(v), 4)
 
@@ -223,29 +247,50 @@ def _quantize(cfg, emulator, plan, family, corpus, report) -> dict[int, dict]:
         return {}
     act_scales = None
     if cfg.awq:
-        report(0.76, f"collecting activation statistics on {min(cfg.awq_calibration_blocks, len(corpus.train))} corpus blocks (AWQ)")
+        report(
+            0.76,
+            f"collecting activation statistics on {min(cfg.awq_calibration_blocks, len(corpus.train))} corpus blocks (AWQ)",
+        )
         prefixes = tuple(family.block_prefix(p) for p in bits_by_pos)
         act_scales = collect_act_scales(
-            emulator, corpus.train, module_filter=lambda name: (name + ".").startswith(prefixes),
+            emulator,
+            corpus.train,
+            module_filter=lambda name: (name + ".").startswith(prefixes),
             max_blocks=cfg.awq_calibration_blocks,
         )
     blocks = family.get_blocks(emulator)
     block_quant = {}
     for i, (pos, bits) in enumerate(sorted(bits_by_pos.items())):
-        report(0.8 + 0.1 * i / len(bits_by_pos), f"quantizing block {pos} (original {plan.layer_origin[pos]}) to int{bits}")
-        quantize_module(
-            blocks[pos], bits, cfg.group_size, act_scales,
-            prefix=family.block_prefix(pos), awq_alpha=cfg.awq_alpha, clip_search=cfg.clip_search,
+        report(
+            0.8 + 0.1 * i / len(bits_by_pos), f"quantizing block {pos} (original {plan.layer_origin[pos]}) to int{bits}"
         )
-        block_quant[pos] = {"bits": bits, "group_size": cfg.group_size, "awq": bool(cfg.awq),
-                            "awq_alpha": cfg.awq_alpha if cfg.awq else None, "clip_search": cfg.clip_search}
+        quantize_module(
+            blocks[pos],
+            bits,
+            cfg.group_size,
+            act_scales,
+            prefix=family.block_prefix(pos),
+            awq_alpha=cfg.awq_alpha,
+            clip_search=cfg.clip_search,
+        )
+        block_quant[pos] = {
+            "bits": bits,
+            "group_size": cfg.group_size,
+            "awq": bool(cfg.awq),
+            "awq_alpha": cfg.awq_alpha if cfg.awq else None,
+            "clip_search": cfg.clip_search,
+        }
     return block_quant
 
 
 def checkpoint_dir_for(cfg: BuildConfig, base_digest: str, out: Path) -> Path:
     """Where an interrupted build's distillation resumes from: keyed by everything that
     changes the distilled weights."""
-    key = {k: v for k, v in cfg.to_dict().items() if k not in ("awq", "awq_alpha", "clip_search", "embeddings", "adapter_dtype", "awq_calibration_blocks")}
+    key = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in ("awq", "awq_alpha", "clip_search", "embeddings", "adapter_dtype", "awq_calibration_blocks")
+    }
     key["base"] = base_digest
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return out.parent / f".{out.name}.distill-{h}"
@@ -278,7 +323,9 @@ def prepare_emulator(
     if cfg.distill_steps:
         report(0.15, f"distilling the emulator for {cfg.distill_steps} steps")
         t = time.time()
-        info["distill"] = _distill(cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress and on_progress is None, report)
+        info["distill"] = _distill(
+            cfg, loaded, emulator, plan, corpus, checkpoint_dir, progress and on_progress is None, report
+        )
         info["distill_seconds"] = round(time.time() - t, 2)
     if cfg.prune_fraction:
         from .prune import prune_emulator
@@ -292,9 +339,17 @@ def prepare_emulator(
         from .elevate import ElevationConfig, elevate_into
 
         report(0.9, f"elevating the emulator's loss {cfg.elevate_margin} nats above the full model's")
-        rep = elevate_into(loaded.model, emulator, family, plan, corpus.train,
-                           ElevationConfig(margin=cfg.elevate_margin, steps=cfg.elevate_steps, seed=cfg.seed))
-        info["elevation"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items() if k != "loss_curve"}
+        rep = elevate_into(
+            loaded.model,
+            emulator,
+            family,
+            plan,
+            corpus.train,
+            ElevationConfig(margin=cfg.elevate_margin, steps=cfg.elevate_steps, seed=cfg.seed),
+        )
+        info["elevation"] = {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items() if k != "loss_curve"
+        }
     # Round what the bundle stores compressed now, so this in-memory emulator is the one
     # clients will load (benchmarks measure the real thing).
     embeddings, adapter_dtype = cfg.storage(bool(block_quant))
@@ -333,14 +388,20 @@ def build_bundle(
 
     ckpt = checkpoint_dir_for(cfg, loaded.digest, out) if cfg.distill_steps else None
     # write_bundle encodes the embeddings itself (once, so memory and file agree exactly).
-    emulator, plan, block_quant, info = prepare_emulator(cfg, loaded, corpus, ckpt, progress, report, apply_storage=False)
+    emulator, plan, block_quant, info = prepare_emulator(
+        cfg, loaded, corpus, ckpt, progress, report, apply_storage=False
+    )
 
     report(0.9, f"writing and signing the bundle at {out}")
     embeddings, adapter_dtype = cfg.storage(bool(block_quant))
     build_info = {
         "config": cfg.to_dict(),
-        "corpus": {"source": corpus.source, "train_blocks": len(corpus.train), "heldout_blocks": len(corpus.heldout),
-                   "notes": corpus.notes},
+        "corpus": {
+            "source": corpus.source,
+            "train_blocks": len(corpus.train),
+            "heldout_blocks": len(corpus.heldout),
+            "notes": corpus.notes,
+        },
         "build_seconds": None,
         "torch": torch.__version__,
         **info,
@@ -348,11 +409,20 @@ def build_bundle(
     build_info["build_seconds"] = round(time.time() - started, 2)
     try:
         manifest = write_bundle(
-            out, emulator, plan,
-            tokenizer=loaded.tokenizer, base_model_id=loaded.model_id, base_digest=loaded.digest,
-            signing_key=signing_key_path, block_quant=block_quant, embeddings=embeddings,
-            embedding_group_size=cfg.embedding_group_size, adapter_dtype=adapter_dtype,
-            base_model_bytes=model_fp32_bytes(loaded.model), build_info=build_info, overwrite=overwrite,
+            out,
+            emulator,
+            plan,
+            tokenizer=loaded.tokenizer,
+            base_model_id=loaded.model_id,
+            base_digest=loaded.digest,
+            signing_key=signing_key_path,
+            block_quant=block_quant,
+            embeddings=embeddings,
+            embedding_group_size=cfg.embedding_group_size,
+            adapter_dtype=adapter_dtype,
+            base_model_bytes=model_fp32_bytes(loaded.model),
+            build_info=build_info,
+            overwrite=overwrite,
         )
     except BundleError as e:
         raise BuildError(str(e)) from None

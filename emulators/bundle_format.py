@@ -97,7 +97,9 @@ def check_signature(manifest_bytes: bytes, sig_bytes: bytes | None, public_key_p
     except ValueError:
         signature = b""
     if len(signature) != 64:
-        raise BundleError(f"{SIGNATURE}: not an Ed25519 signature (expected 64 bytes, base64); the bundle cannot be trusted")
+        raise BundleError(
+            f"{SIGNATURE}: not an Ed25519 signature (expected 64 bytes, base64); the bundle cannot be trusted"
+        )
     try:
         wanted = manifest_key_id(json.loads(manifest_bytes))
     except ValueError:
@@ -126,8 +128,12 @@ def listed_files(manifest: dict) -> dict[str, dict]:
         p = PurePosixPath(name)
         if p.is_absolute() or len(p.parts) != 1 or name in (MANIFEST, SIGNATURE, "", ".", ".."):
             raise BundleError(f"{MANIFEST}: lists an invalid file name {name!r}")
-        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or entry["size"] < 0
-                or not isinstance(entry.get("sha256"), str)):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+        ):
             raise BundleError(f"{MANIFEST}: the entry for {name!r} needs an integer size and a sha256")
     return files
 
@@ -211,7 +217,9 @@ def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
     try:
         yield tf
     except _ARCHIVE_ERRORS as e:
-        raise BundleError(f"{path.name}: the archive is truncated or corrupt ({e}); fetch or copy the bundle again") from None
+        raise BundleError(
+            f"{path.name}: the archive is truncated or corrupt ({e}); fetch or copy the bundle again"
+        ) from None
     finally:
         tf.close()
 
@@ -226,8 +234,10 @@ def _check_not_cut(path: Path, tf: tarfile.TarFile, end: int) -> None:
     compressed stream raises EOFError by itself.)"""
     size = path.stat().st_size
     if isinstance(tf.fileobj, io.BufferedReader) and end + 2 * tarfile.BLOCKSIZE > size:
-        raise BundleError(f"{path.name}: the archive is truncated ({size} bytes, its members and end marker need "
-                          f"{end + 2 * tarfile.BLOCKSIZE}); fetch or copy the bundle again")
+        raise BundleError(
+            f"{path.name}: the archive is truncated ({size} bytes, its members and end marker need "
+            f"{end + 2 * tarfile.BLOCKSIZE}); fetch or copy the bundle again"
+        )
 
 
 def _member_parts(path: Path, m: tarfile.TarInfo) -> tuple[str, ...]:
@@ -235,7 +245,9 @@ def _member_parts(path: Path, m: tarfile.TarInfo) -> tuple[str, ...]:
     if p.is_absolute() or ".." in p.parts:
         raise BundleError(f"{path.name}: member {m.name!r} points outside the bundle; refusing to extract")
     if not (m.isfile() or m.isdir()):
-        raise BundleError(f"{path.name}: member {m.name!r} is a link or special file; a bundle holds regular files only")
+        raise BundleError(
+            f"{path.name}: member {m.name!r} is a link or special file; a bundle holds regular files only"
+        )
     return p.parts
 
 
@@ -249,8 +261,9 @@ def _read_capped(tf: tarfile.TarFile, m: tarfile.TarInfo, cap: int, what: str) -
     return data
 
 
-def _read_tar_head(path: Path, public_key_path, check_sig: bool,
-                   want_sig: bool = True) -> tuple[dict, bytes, bytes | None, tuple[str, ...]]:
+def _read_tar_head(
+    path: Path, public_key_path, check_sig: bool, want_sig: bool = True
+) -> tuple[dict, bytes, bytes | None, tuple[str, ...]]:
     """Pass 1: (manifest, its bytes, the signature's bytes, the folder they sit in) with
     only those two members read. Members are walked header by header; nothing is written.
     Without `want_sig` (and `check_sig`) it stops at the manifest."""
@@ -276,8 +289,10 @@ def _read_tar_head(path: Path, public_key_path, check_sig: bool,
         else:
             _check_not_cut(path, tf, end)
     if manifest_bytes is None:
-        raise BundleError(f"{path.name}: {MANIFEST} missing (neither at the top of the archive nor in its single "
-                          "folder); not an Offsite bundle")
+        raise BundleError(
+            f"{path.name}: {MANIFEST} missing (neither at the top of the archive nor in its single "
+            "folder); not an Offsite bundle"
+        )
     if check_sig:
         check_signature(manifest_bytes, sig_bytes, public_key_path)
     return parse_manifest(manifest_bytes), manifest_bytes, sig_bytes, prefix or ()
@@ -385,7 +400,9 @@ def read_manifest_unverified(path: str | Path) -> dict:
     return json.loads((path / MANIFEST).read_bytes())
 
 
-def read_bundle_files(path: str | Path, public_key_path, check_sig: bool = True) -> tuple[dict, bytes, dict[str, bytes]]:
+def read_bundle_files(
+    path: str | Path, public_key_path, check_sig: bool = True
+) -> tuple[dict, bytes, dict[str, bytes]]:
     """(manifest, manifest bytes, {file: verified bytes}) — what a loader deserialises is
     exactly what was hashed, so a file swapped after a check is caught too."""
     path = Path(path)
@@ -418,8 +435,9 @@ class _KeptBytes(io.BytesIO):
         pass
 
 
-def extract_bundle(archive: str | Path, dest: str | Path, public_key_path: str | Path | None,
-                   check_sig: bool = True) -> dict:
+def extract_bundle(
+    archive: str | Path, dest: str | Path, public_key_path: str | Path | None, check_sig: bool = True
+) -> dict:
     """Unpack a bundle tar into the new directory `dest`, only after its manifest is trusted.
 
     Files are written into a hidden sibling of `dest` (`offsite.files.atomic_dir`: same file

@@ -95,9 +95,13 @@ class EmulatorBundle:
             except KeyError:
                 name = None
             if name not in adapter_names:
-                raise BundleError(f"adapter tensor {original!r} is not an adapter parameter of this bundle (adapter blocks: {self.plan.adapter_origin})")
+                raise BundleError(
+                    f"adapter tensor {original!r} is not an adapter parameter of this bundle (adapter blocks: {self.plan.adapter_origin})"
+                )
             if tuple(tensor.shape) != tuple(params[name].shape):
-                raise BundleError(f"adapter tensor {original!r} has shape {tuple(tensor.shape)}, the bundle expects {tuple(params[name].shape)}")
+                raise BundleError(
+                    f"adapter tensor {original!r} has shape {tuple(tensor.shape)}, the bundle expects {tuple(params[name].shape)}"
+                )
             targets[name] = tensor
         if strict and set(targets) != adapter_names:
             missing = sorted(self.to_original(n) for n in adapter_names - set(targets))
@@ -111,7 +115,9 @@ def _make_quant_shells(model: PreTrainedModel, family: Family, block_quant: dict
         return
     blocks = family.get_blocks(model)
     for pos, q in block_quant.items():
-        make_quant_shells(blocks[pos], bits=int(q["bits"]), group_size=int(q.get("group_size", 64)), awq=bool(q.get("awq", False)))
+        make_quant_shells(
+            blocks[pos], bits=int(q["bits"]), group_size=int(q.get("group_size", 64)), awq=bool(q.get("awq", False))
+        )
 
 
 RUNTIMES = ("auto", "lean", "transformers")
@@ -141,7 +147,9 @@ def load_bundle(
     try:
         return _load_bundle(path, public_key_path, device, check_signature, runtime, vocab_dtype)
     except KeyError as e:
-        raise BundleError(f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool") from None
+        raise BundleError(
+            f"{MANIFEST}: a required field is missing ({e}); the bundle was made by an incompatible tool"
+        ) from None
 
 
 def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: str) -> tuple[nn.Module, bool]:
@@ -150,7 +158,9 @@ def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: st
 
     why_not = lean.supports(config_dict)
     if runtime == "lean" and why_not:
-        raise BundleError(f"{CONFIG}: the lean runtime cannot run this model ({why_not}); load it with runtime='transformers'")
+        raise BundleError(
+            f"{CONFIG}: the lean runtime cannot run this model ({why_not}); load it with runtime='transformers'"
+        )
     use_lean = runtime == "lean" or (runtime == "auto" and why_not is None)
     model_type = config_dict.get("model_type")
     if use_lean:
@@ -162,14 +172,24 @@ def _model_shell(config_dict: dict, family: Family, plan: SplitPlan, runtime: st
             raise BundleError(f"{CONFIG}: unknown model_type {model_type!r}")
         config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     if family_for(config).name != family.name:
-        raise BundleError(f"{CONFIG}: model type {model_type!r} does not belong to family {family.name!r} named in the manifest")
+        raise BundleError(
+            f"{CONFIG}: model type {model_type!r} does not belong to family {family.name!r} named in the manifest"
+        )
     if family.num_layers(config) != len(plan.layer_origin):
-        raise BundleError(f"{CONFIG}: {family.num_layers(config)} blocks, the manifest's plan has {len(plan.layer_origin)}")
+        raise BundleError(
+            f"{CONFIG}: {family.num_layers(config)} blocks, the manifest's plan has {len(plan.layer_origin)}"
+        )
     return (lean.empty_model(config_dict) if use_lean else empty_model_like(config)), use_lean
 
 
-def _load_bundle(path, public_key_path, device, check_signature: bool = True, runtime: str = "transformers",
-                 vocab_dtype: torch.dtype = torch.float32) -> EmulatorBundle:
+def _load_bundle(
+    path,
+    public_key_path,
+    device,
+    check_signature: bool = True,
+    runtime: str = "transformers",
+    vocab_dtype: torch.dtype = torch.float32,
+) -> EmulatorBundle:
     manifest, manifest_bytes, blobs = read_bundle_files(path, public_key_path, check_signature)
     plan = SplitPlan.from_dict(manifest["plan"])
     family = get_family(manifest["base_model"]["family"])
@@ -188,7 +208,9 @@ def _load_bundle(path, public_key_path, device, check_signature: bool = True, ru
     if adapter_meta.get("format") != ADAPTER_FORMAT:
         raise BundleError(f"{ADAPTER_WEIGHTS}: not an Offsite adapter (format {adapter_meta.get('format')!r})")
     if adapter_meta.get("base_model_digest") != base_digest:
-        raise BundleError(f"{ADAPTER_WEIGHTS}: made for base model {adapter_meta.get('base_model_digest')!r}, the manifest names {base_digest!r}")
+        raise BundleError(
+            f"{ADAPTER_WEIGHTS}: made for base model {adapter_meta.get('base_model_digest')!r}, the manifest names {base_digest!r}"
+        )
     state = frozen
     for original, tensor in st_load(adapter_bytes).items():
         try:
@@ -287,7 +309,9 @@ def _assign_state_strict(model: nn.Module, state: dict[str, torch.Tensor], decod
         raise BundleError(f"{EMULATOR_WEIGHTS}: tensor {missing[0]!r} is missing")
     for name, tensor in state.items():
         target = expected[name]
-        _check_like(name, tensor, target, target.dtype == tensor.dtype or (name in decoded and tensor.is_floating_point()))
+        _check_like(
+            name, tensor, target, target.dtype == tensor.dtype or (name in decoded and tensor.is_floating_point())
+        )
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -94,9 +94,13 @@ def write_bundle(
     family = family_for(emulator)
     block_quant = {int(k): v for k, v in (block_quant or {}).items()}
     if set(block_quant) & set(plan.adapter_positions):
-        raise BundleError(f"adapter blocks {sorted(set(block_quant) & set(plan.adapter_positions))} must stay fp32: they are trained by clients")
+        raise BundleError(
+            f"adapter blocks {sorted(set(block_quant) & set(plan.adapter_positions))} must stay fp32: they are trained by clients"
+        )
     if family.num_layers(emulator.config) != len(plan.layer_origin):
-        raise BundleError(f"the emulator has {family.num_layers(emulator.config)} blocks but the plan {len(plan.layer_origin)}")
+        raise BundleError(
+            f"the emulator has {family.num_layers(emulator.config)} blocks but the plan {len(plan.layer_origin)}"
+        )
     _check_out(out_dir, overwrite)
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as staging:
@@ -107,9 +111,17 @@ def write_bundle(
             adapter_names = adapter_param_names(emulator, plan, family)
             params = dict(emulator.named_parameters())
             store = ADAPTER_DTYPES[adapter_dtype]
-            adapter_state = {to_original_name(n, plan, family): params[n].detach().cpu().to(store).contiguous() for n in adapter_names}
-            adapter_meta = {"format": ADAPTER_FORMAT, "base_model_digest": base_digest, "kind": "initial",
-                            "base_model_id": base_model_id, "stored_dtype": adapter_dtype}
+            adapter_state = {
+                to_original_name(n, plan, family): params[n].detach().cpu().to(store).contiguous()
+                for n in adapter_names
+            }
+            adapter_meta = {
+                "format": ADAPTER_FORMAT,
+                "base_model_digest": base_digest,
+                "kind": "initial",
+                "base_model_id": base_model_id,
+                "stored_dtype": adapter_dtype,
+            }
             write_new(staging / ADAPTER_WEIGHTS, st_save(adapter_state, metadata=adapter_meta))
 
             # emulator.safetensors: everything else, tied duplicates stored once.
@@ -139,13 +151,15 @@ def write_bundle(
                 if plan.role(pos) == "adapter":  # as stored (fp16 halves it), not as trained
                     nbytes = nbytes * torch.tensor([], dtype=store).element_size() // 4
                 q = block_quant.get(pos)
-                blocks_meta.append({
-                    "position": pos,
-                    "origin": origin,
-                    "role": plan.role(pos),
-                    "quantization": dict(q) if q else None,
-                    "bytes": nbytes,
-                })
+                blocks_meta.append(
+                    {
+                        "position": pos,
+                        "origin": origin,
+                        "role": plan.role(pos),
+                        "quantization": dict(q) if q else None,
+                        "bytes": nbytes,
+                    }
+                )
             files = {}
             for path in sorted(staging.rglob("*")):
                 if path.is_dir():
@@ -172,8 +186,11 @@ def write_bundle(
                     "adapter": adapter_dtype,
                 },
                 "storage": {"encoded": vocab_specs},
-                "adapter": {"file": ADAPTER_WEIGHTS, "parameters": len(adapter_state),
-                            "numel": int(sum(t.numel() for t in adapter_state.values()))},
+                "adapter": {
+                    "file": ADAPTER_WEIGHTS,
+                    "parameters": len(adapter_state),
+                    "numel": int(sum(t.numel() for t in adapter_state.values())),
+                },
                 "build": build_info or {},
                 "files": files,
                 "signer": {"ed25519_sha256": public_key_fingerprint(key), "key_id": key_id(key)},

@@ -54,7 +54,9 @@ def gptq_quantize_weight(
     if in_f % group_size:
         raise QuantizationError(f"group size {group_size} does not divide the input width {in_f}")
     if hessian.shape != (in_f, in_f):
-        raise QuantizationError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {in_f} input channels")
+        raise QuantizationError(
+            f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {in_f} input channels"
+        )
     qmax = (1 << bits) - 1
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -78,7 +80,7 @@ def gptq_quantize_weight(
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:
-                _c, s16, z16 = _rtn(W1[:, i:i + group_size].unsqueeze(1), qmax, 1.0)
+                _c, s16, z16 = _rtn(W1[:, i : i + group_size].unsqueeze(1), qmax, 1.0)
                 scales[:, col // group_size] = s16[:, 0]
                 zeros[:, col // group_size] = z16[:, 0]
                 s, z = s16[:, 0].float(), z16[:, 0].float()
@@ -236,8 +238,9 @@ def quantize_linear(
         def rounding(w: torch.Tensor, bits_: int, g: int):
             return gptq_quantize_weight(w, h, bits_, g)
 
-    return QuantLinear.from_linear(linear, bits, group_size, input_scale=input_scale, clip_search=clip_search,
-                                   rounding=rounding)
+    return QuantLinear.from_linear(
+        linear, bits, group_size, input_scale=input_scale, clip_search=clip_search, rounding=rounding
+    )
 
 
 def _lookup_scales(act_scales: Mapping[str, torch.Tensor], prefix: str, rel_name: str) -> torch.Tensor | None:
@@ -286,6 +289,8 @@ def quantize_module(
                 g = effective_group_size(linear.in_features, bits, group_size)
                 s = awq_input_scale(linear.weight, stat, bits, g, awq_alpha)
         h = _lookup_scales(hessians, prefix, full) if hessians is not None else None
-        setattr(parent, child_name, quantize_linear(linear, bits, group_size, input_scale=s, clip_search=clip_search, hessian=h))
-
-
+        setattr(
+            parent,
+            child_name,
+            quantize_linear(linear, bits, group_size, input_scale=s, clip_search=clip_search, hessian=h),
+        )

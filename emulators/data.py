@@ -51,7 +51,9 @@ def load_examples(path: str | Path, tokenizer=None) -> list[Example]:
         return split.shards[0]
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory; pass a JSONL/text file, a directory of them, or {PYTHON_REFERENCE!r}")
+        raise DataError(
+            f"{p}: no such file or directory; pass a JSONL/text file, a directory of them, or {PYTHON_REFERENCE!r}"
+        )
     files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".txt", ".md")) if p.is_dir() else [p]
     if not files:
         raise DataError(f"{p}: the directory holds no .jsonl, .txt or .md files")
@@ -97,15 +99,22 @@ def example_from_record(obj, where: str, tokenizer=None) -> Example:
 
 
 def _chat_example(messages, where: str, tokenizer) -> Example:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
     unknown = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
     if unknown is not None:
-        raise DataError(f"{where}: role {unknown!r} is not one of {', '.join(CHAT_ROLES)}; rename it (chat templates "
-                        "drop or mangle roles they do not know)")
+        raise DataError(
+            f"{where}: role {unknown!r} is not one of {', '.join(CHAT_ROLES)}; rename it (chat templates "
+            "drop or mangle roles they do not know)"
+        )
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role 'assistant' (it is what the model learns)")
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:

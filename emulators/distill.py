@@ -69,7 +69,7 @@ class FakeQuantSTE(nn.Module):
         g = effective_group_size(w.shape[1], self.bits, self.group_size)
         with torch.no_grad():
             codes, scales, zeros = quantize_weight(w, self.bits, g)
-            deq = ((codes.view(w.shape[0], -1, g).float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1))
+            deq = (codes.view(w.shape[0], -1, g).float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
             deq = deq.view_as(w).to(w.dtype)
         return w + (deq - w).detach()
 
@@ -100,7 +100,9 @@ class _StopForward(Exception):
     remaining blocks and the 49k-wide LM head would be wasted compute."""
 
 
-def batch_at(train: TokenBlocks, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_at(
+    train: TokenBlocks, step: int, batch_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch of `step`: epochs are fixed permutations seeded by (seed, epoch), so the
     order depends on nothing but these numbers (resume sees the same data)."""
     per_epoch = max(len(train) // batch_size, 1)
@@ -175,15 +177,24 @@ def distill_emulator(
     if not positions:
         raise DistillError("the emulator has no middle blocks to distill; keep at least one (--emulator-layers >= 1)")
     if len(train) < batch_size:
-        raise DistillError(f"the corpus has {len(train)} blocks, fewer than one batch of {batch_size}; add data or lower the batch size")
+        raise DistillError(
+            f"the corpus has {len(train)} blocks, fewer than one batch of {batch_size}; add data or lower the batch size"
+        )
     emu_blocks = family.get_blocks(emulator)
     teacher_blocks = family.get_blocks(teacher.model)
     trainable = {n: p for n, p in emulator.named_parameters() if family.block_index(n) in set(positions)}
     if not trainable or any(isinstance(m, QuantLinear) for p in positions for m in emu_blocks[p].modules()):
-        raise DistillError("the emulator's middle has no trainable parameters (already quantized?); distill before quantizing, "
-                           "or pass quant_bits for quantization-aware distillation")
-    eval_set = heldout if eval_blocks is None else TokenBlocks(
-        heldout.input_ids[:eval_blocks], heldout.labels[:eval_blocks], heldout.attention_mask[:eval_blocks])
+        raise DistillError(
+            "the emulator's middle has no trainable parameters (already quantized?); distill before quantizing, "
+            "or pass quant_bits for quantization-aware distillation"
+        )
+    eval_set = (
+        heldout
+        if eval_blocks is None
+        else TokenBlocks(
+            heldout.input_ids[:eval_blocks], heldout.labels[:eval_blocks], heldout.attention_mask[:eval_blocks]
+        )
+    )
     warmup = min(100, steps // 10) if warmup_steps is None else warmup_steps
     eval_every = eval_every or max(steps // 4, 1)
     checkpoint_every = checkpoint_every or max(steps // 10, 1)
@@ -214,9 +225,19 @@ def distill_emulator(
         return lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    meta_id = {"format": CHECKPOINT_FORMAT, "base_digest": teacher.digest, "layer_origin": plan.layer_origin,
-               "steps": steps, "lr": lr, "mse_weight": mse_weight, "match": match, "kl_weight": kl_weight,
-               "quant_bits": {str(k): v for k, v in (quant_bits or {}).items()}, "seed": seed, "batch_size": batch_size}
+    meta_id = {
+        "format": CHECKPOINT_FORMAT,
+        "base_digest": teacher.digest,
+        "layer_origin": plan.layer_origin,
+        "steps": steps,
+        "lr": lr,
+        "mse_weight": mse_weight,
+        "match": match,
+        "kl_weight": kl_weight,
+        "quant_bits": {str(k): v for k, v in (quant_bits or {}).items()},
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     start, best_ppl, best_step, ppl_before, losses, resumed_from = 0, math.inf, -1, None, [], None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -237,8 +258,18 @@ def distill_emulator(
             return
         name = f"step-{step}"
         _atomic_dir(ckpt / name, lambda d: _write_state(d, trainable, opt))
-        _atomic_json(ckpt / "latest.json", {"id": meta_id, "dir": name, "step": step, "best_ppl": best_ppl,
-                                            "best_step": best_step, "ppl_before": ppl_before, "losses": losses})
+        _atomic_json(
+            ckpt / "latest.json",
+            {
+                "id": meta_id,
+                "dir": name,
+                "step": step,
+                "best_ppl": best_ppl,
+                "best_step": best_step,
+                "ppl_before": ppl_before,
+                "losses": losses,
+            },
+        )
         for old in ckpt.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -258,8 +289,13 @@ def distill_emulator(
             best_ppl, best_step = ppl, step
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
             if ckpt is not None:
-                _atomic_dir(ckpt / "best", lambda d: (save_file({k: v.contiguous() for k, v in best_state.items()}, str(d / "middle.safetensors")),
-                                                      (d / "best.json").write_text(json.dumps({"step": step, "ppl": ppl}))))
+                _atomic_dir(
+                    ckpt / "best",
+                    lambda d: (
+                        save_file({k: v.contiguous() for k, v in best_state.items()}, str(d / "middle.safetensors")),
+                        (d / "best.json").write_text(json.dumps({"step": step, "ppl": ppl})),
+                    ),
+                )
 
     if ppl_before is None:
         ppl_before = evaluate()
@@ -283,11 +319,13 @@ def distill_emulator(
                 captured_t[idx] = _block_output(out).detach()
             if idx == stop_after and kl_weight == 0:
                 raise _StopForward
+
         return hook
 
     def s_hook(pos):
         def hook(_m, _i, out):
             captured_s[pos] = _block_output(out)
+
         return hook
 
     hooks = [teacher_blocks[i].register_forward_hook(t_hook(i)) for i in sorted(set(matched.values()))]
@@ -315,13 +353,21 @@ def distill_emulator(
             loss = lm_weight * lm + mse_weight * mse
             kl = None
             if kl_weight:
-                kl = _chunked_kl(emulator.get_output_embeddings(), teacher.model.get_output_embeddings(), s_hidden, t_final, keep)
+                kl = _chunked_kl(
+                    emulator.get_output_embeddings(), teacher.model.get_output_embeddings(), s_hidden, t_final, keep
+                )
                 loss = loss + kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append({"loss": float(loss.detach()), "lm": float(lm.detach()), "mse": float(mse.detach()),
-                           **({"kl": float(kl.detach())} if kl is not None else {})})
+            losses.append(
+                {
+                    "loss": float(loss.detach()),
+                    "lm": float(lm.detach()),
+                    "mse": float(mse.detach()),
+                    **({"kl": float(kl.detach())} if kl is not None else {}),
+                }
+            )
             done = step + 1
             if bar:
                 bar.update(1)
@@ -350,9 +396,19 @@ def distill_emulator(
                 params[key if key in params else n].copy_(t)
     seconds = time.perf_counter() - t0
     ran = steps - start
-    return {"steps": steps, "best_step": best_step, "best_ppl": best_ppl, "ppl_before": ppl_before, "ppl_final": ppl_final,
-            "losses": losses, "seconds": seconds, "s_per_step": seconds / ran if ran else 0.0, "resumed_from": resumed_from,
-            "match": match, "qat": bool(fq_linears)}
+    return {
+        "steps": steps,
+        "best_step": best_step,
+        "best_ppl": best_ppl,
+        "ppl_before": ppl_before,
+        "ppl_final": ppl_final,
+        "losses": losses,
+        "seconds": seconds,
+        "s_per_step": seconds / ran if ran else 0.0,
+        "resumed_from": resumed_from,
+        "match": match,
+        "qat": bool(fq_linears),
+    }
 
 
 def _normalised_mse(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -373,7 +429,9 @@ def _chunked_kl(head_s, head_t, s_hidden, t_hidden, keep) -> torch.Tensor:
     hs, ht = s_hidden[keep], t_hidden[keep]
     total = hs.new_zeros(())
     for i in range(0, hs.shape[0], CHUNK_TOKENS):
-        total = total + checkpoint(_chunk_kl, head_s, head_t, hs[i : i + CHUNK_TOKENS], ht[i : i + CHUNK_TOKENS], use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_kl, head_s, head_t, hs[i : i + CHUNK_TOKENS], ht[i : i + CHUNK_TOKENS], use_reentrant=False
+        )
     return total / max(hs.shape[0], 1)
 
 
@@ -389,12 +447,16 @@ def _write_state(d: Path, trainable: dict[str, torch.Tensor], opt: torch.optim.O
     save_file(moments, str(d / "optimizer.safetensors"), metadata={"steps": json.dumps(steps)})
 
 
-def _load_checkpoint(d: Path, emulator: nn.Module, trainable: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+def _load_checkpoint(
+    d: Path, emulator: nn.Module, trainable: dict[str, torch.Tensor], opt: torch.optim.Optimizer
+) -> None:
     from safetensors import safe_open
 
     weights = load_file(str(d / "middle.safetensors"))
     if set(weights) != set(trainable):
-        raise DistillError(f"{d}: the checkpoint's tensors do not match this emulator's middle; delete {d.parent} to start over")
+        raise DistillError(
+            f"{d}: the checkpoint's tensors do not match this emulator's middle; delete {d.parent} to start over"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             trainable[n].copy_(t)
@@ -402,8 +464,11 @@ def _load_checkpoint(d: Path, emulator: nn.Module, trainable: dict[str, torch.Te
         steps = json.loads((fh.metadata() or {}).get("steps", "{}"))
         for n, p in trainable.items():
             if n in steps:
-                opt.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": fh.get_tensor(f"{n}::exp_avg"),
-                                "exp_avg_sq": fh.get_tensor(f"{n}::exp_avg_sq")}
+                opt.state[p] = {
+                    "step": torch.tensor(steps[n]),
+                    "exp_avg": fh.get_tensor(f"{n}::exp_avg"),
+                    "exp_avg_sq": fh.get_tensor(f"{n}::exp_avg_sq"),
+                }
 
 
 def _diff(a: dict | None, b: dict) -> str:

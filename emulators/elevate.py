@@ -61,7 +61,9 @@ def middle_norm_params(emulator, family: Family, plan: SplitPlan) -> dict[str, t
             for pname, p in mod.named_parameters(recurse=False):
                 out[f"{mname}.{pname}"] = p
     if not out:
-        raise ElevationError("the emulator's middle blocks hold no norm parameters to elevate; this family is not supported")
+        raise ElevationError(
+            "the emulator's middle blocks hold no norm parameters to elevate; this family is not supported"
+        )
     return out
 
 
@@ -72,7 +74,7 @@ def adapter_state(model, family: Family, block_indices: list[int]) -> dict[str, 
         prefix = family.block_prefix(idx)
         for n, p in model.named_parameters():
             if n.startswith(prefix):
-                out[f"{slot}.{n[len(prefix):]}"] = p.detach().clone()
+                out[f"{slot}.{n[len(prefix) :]}"] = p.detach().clone()
     return out
 
 
@@ -84,15 +86,23 @@ def load_adapter(model, family: Family, block_indices: list[int], state: dict[st
         params[family.block_prefix(block_indices[int(slot)]) + rest].copy_(t)
 
 
-def proxy_adapters(full, family: Family, full_adapter_idx: list[int], train: TokenBlocks, cfg: ElevationConfig) -> list[dict]:
+def proxy_adapters(
+    full, family: Family, full_adapter_idx: list[int], train: TokenBlocks, cfg: ElevationConfig
+) -> list[dict]:
     """The pretrained adapter, `noised_proxies` noised copies, and checkpoints of a short
     adapter fine-tune on the full model (the full model is restored afterwards)."""
     base = adapter_state(full, family, full_adapter_idx)
     gen = torch.Generator().manual_seed(cfg.seed)
     proxies = [base]
     for _ in range(cfg.noised_proxies):
-        proxies.append({k: v + cfg.noise * v.std().clamp(min=1e-8) * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v.clone()
-                        for k, v in base.items()})
+        proxies.append(
+            {
+                k: v + cfg.noise * v.std().clamp(min=1e-8) * torch.randn(v.shape, generator=gen)
+                if v.numel() > 1
+                else v.clone()
+                for k, v in base.items()
+            }
+        )
     if cfg.finetune_checkpoints:
         model = copy.deepcopy(full)
         prefixes = tuple(family.block_prefix(i) for i in full_adapter_idx)
@@ -120,8 +130,9 @@ def proxy_adapters(full, family: Family, full_adapter_idx: list[int], train: Tok
     return proxies
 
 
-def elevate_emulator(full, emulator, family: Family, plan: SplitPlan, train: TokenBlocks, cfg: ElevationConfig,
-                     progress: bool = False) -> dict:
+def elevate_emulator(
+    full, emulator, family: Family, plan: SplitPlan, train: TokenBlocks, cfg: ElevationConfig, progress: bool = False
+) -> dict:
     """Train the emulator's middle norm gains in place so that its loss sits `cfg.margin`
     nats above the full model's for every proxy adapter. `emulator` must be a plain-Linear
     model (dequantize a QuantLinear emulator into a working copy and copy the norms back,
@@ -162,19 +173,29 @@ def elevate_emulator(full, emulator, family: Family, plan: SplitPlan, train: Tok
             curve.append(float(loss.detach()))
             gaps.append(float(gap.detach()))
             if progress and (step % 8 == 0 or step == cfg.steps - 1):
-                print(f"[elevate H={cfg.margin}] step {step + 1}/{cfg.steps} gap {gaps[-1]:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"[elevate H={cfg.margin}] step {step + 1}/{cfg.steps} gap {gaps[-1]:.3f} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
     finally:
         load_adapter(full, family, full_idx, saved_full)
         load_adapter(emulator, family, plan.adapter_positions, saved_emu)
         for p in emulator.parameters():
             p.requires_grad_(False)
     k = max(1, len(gaps) // 4)
-    return {"margin": cfg.margin, "proxies": len(proxies), "gap_start": gaps[0], "gap_end": sum(gaps[-k:]) / k,
-            "loss_curve": curve, "seconds": time.perf_counter() - t0}
+    return {
+        "margin": cfg.margin,
+        "proxies": len(proxies),
+        "gap_start": gaps[0],
+        "gap_end": sum(gaps[-k:]) / k,
+        "loss_curve": curve,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def elevate_into(full, emulator, family: Family, plan: SplitPlan, train: TokenBlocks, cfg: ElevationConfig,
-                 progress: bool = False) -> dict:
+def elevate_into(
+    full, emulator, family: Family, plan: SplitPlan, train: TokenBlocks, cfg: ElevationConfig, progress: bool = False
+) -> dict:
     """`elevate_emulator` for an emulator whose middle may hold QuantLinears: elevate a
     dequantized working copy, then copy the trained norm gains back (the low-bit weights
     are untouched)."""

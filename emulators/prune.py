@@ -33,13 +33,16 @@ class PruneError(ValueError):
 def _mlp(block) -> tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear]:
     mlp = getattr(block, "mlp", None)
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        raise PruneError("channel pruning needs gated MLPs (gate_proj/up_proj/down_proj: llama, qwen2, mistral); "
-                         "this family has none")
+        raise PruneError(
+            "channel pruning needs gated MLPs (gate_proj/up_proj/down_proj: llama, qwen2, mistral); "
+            "this family has none"
+        )
     return mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
-def channel_scores(model, family: Family, positions: list[int], support: TokenBlocks, n_batches: int = 4,
-                   batch_size: int = 2) -> dict[int, torch.Tensor]:
+def channel_scores(
+    model, family: Family, positions: list[int], support: TokenBlocks, n_batches: int = 4, batch_size: int = 2
+) -> dict[int, torch.Tensor]:
     """Block position -> per-intermediate-channel score E[(a * dL/da)^2] over `n_batches`."""
     blocks = family.get_blocks(model)
     scores: dict[int, torch.Tensor] = {}
@@ -50,6 +53,7 @@ def channel_scores(model, family: Family, positions: list[int], support: TokenBl
             a = inputs[0]
             if a.requires_grad:
                 a.register_hook(lambda g, a=a.detach(): _accumulate(pos, a, g))
+
         return hook
 
     def _accumulate(pos, a, g):
@@ -106,8 +110,9 @@ def prune_channels(model, family: Family, scores: dict[int, torch.Tensor], fract
     return pruned
 
 
-def prune_emulator(model, family: Family, plan: SplitPlan, support: TokenBlocks, fraction: float,
-                   n_batches: int = 4) -> dict[int, list[int]]:
+def prune_emulator(
+    model, family: Family, plan: SplitPlan, support: TokenBlocks, fraction: float, n_batches: int = 4
+) -> dict[int, list[int]]:
     """Score and prune every middle block of the emulator in place (before quantizing)."""
     if fraction == 0:
         return {}

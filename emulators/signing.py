@@ -37,12 +37,16 @@ def generate_signing_key(directory: str | Path, force: bool = False) -> tuple[Pa
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SigningKeyError(f"{directory}: cannot create the key directory ({e.strerror}); choose a writable --dir") from None
+        raise SigningKeyError(
+            f"{directory}: cannot create the key directory ({e.strerror}); choose a writable --dir"
+        ) from None
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     _write_atomic(key_path, private_pem, mode=0o600)
     _write_atomic(pub_path, public_pem, mode=0o644)
     return key_path, pub_path
@@ -71,13 +75,19 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in a PEM file; a clear error for a public key or another kind."""
     data = _read(path, "signing key")
     if b"PUBLIC KEY" in data:
-        raise SigningKeyError(f"{path}: this is a public key; signing needs the private key (signing.key, not signing.pub)")
+        raise SigningKeyError(
+            f"{path}: this is a public key; signing needs the private key (signing.key, not signing.pub)"
+        )
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
-        raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({e}); create one with `offsite-admin keys init`") from None
+        raise SigningKeyError(
+            f"{path}: not an unencrypted PEM private key ({e}); create one with `offsite-admin keys init`"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path}: a {type(key).__name__}, but bundles are signed with Ed25519 keys; create one with `offsite-admin keys init`")
+        raise SigningKeyError(
+            f"{path}: a {type(key).__name__}, but bundles are signed with Ed25519 keys; create one with `offsite-admin keys init`"
+        )
     return key
 
 
@@ -85,7 +95,9 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """The Ed25519 public key in a PEM file."""
     data = _read(path, "public key")
     if b"PRIVATE KEY" in data:
-        raise SigningKeyError(f"{path}: this is a private key; verification takes the public key (signing.pub) — never hand out signing.key")
+        raise SigningKeyError(
+            f"{path}: this is a private key; verification takes the public key (signing.pub) — never hand out signing.key"
+        )
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:

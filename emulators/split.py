@@ -114,7 +114,9 @@ def plan_split(
     if kept is not None:
         kept = [int(i) for i in kept]
         if emulator_layers is not None and emulator_layers != len(kept):
-            raise SplitError(f"--emulator-layers {emulator_layers} disagrees with the {len(kept)} kept blocks listed; give one or the other")
+            raise SplitError(
+                f"--emulator-layers {emulator_layers} disagrees with the {len(kept)} kept blocks listed; give one or the other"
+            )
         bad = [i for i in kept if i not in middle]
         if bad:
             raise SplitError(
@@ -136,7 +138,13 @@ def plan_split(
             )
         middle_kept = [middle[i] for i in uniform_indices(len(middle), emulator_layers)]
         selection = "all" if middle_kept == middle else "uniform"
-    plan = SplitPlan(n_layers=n_layers, bottom=list(range(a)), middle_kept=middle_kept, top=list(range(n_layers - b, n_layers)), selection=selection)
+    plan = SplitPlan(
+        n_layers=n_layers,
+        bottom=list(range(a)),
+        middle_kept=middle_kept,
+        top=list(range(n_layers - b, n_layers)),
+        selection=selection,
+    )
     _check_plan(plan)
     return plan
 
@@ -145,8 +153,12 @@ def _check_plan(plan: SplitPlan) -> None:
     origin = plan.layer_origin
     if origin != sorted(origin) or len(set(origin)) != len(origin) or any(not 0 <= i < plan.n_layers for i in origin):
         raise SplitError(f"invalid split plan: layer origin {origin} must be increasing indices below {plan.n_layers}")
-    if plan.bottom != list(range(len(plan.bottom))) or plan.top != list(range(plan.n_layers - len(plan.top), plan.n_layers)):
-        raise SplitError(f"invalid split plan: adapters must be the first and last blocks, got {plan.bottom} and {plan.top}")
+    if plan.bottom != list(range(len(plan.bottom))) or plan.top != list(
+        range(plan.n_layers - len(plan.top), plan.n_layers)
+    ):
+        raise SplitError(
+            f"invalid split plan: adapters must be the first and last blocks, got {plan.bottom} and {plan.top}"
+        )
 
 
 # --- names -------------------------------------------------------------------------
@@ -211,10 +223,14 @@ def build_emulator_model(loaded: LoadedModel, plan: SplitPlan) -> PreTrainedMode
     Every parameter and buffer of the new model must have a source in the original, or
     this fails instead of leaving random weights behind."""
     family = loaded.family
-    if getattr(loaded.model.config, "scale_attn_by_inverse_layer_idx", False) and plan.layer_origin != list(range(plan.n_layers)):
+    if getattr(loaded.model.config, "scale_attn_by_inverse_layer_idx", False) and plan.layer_origin != list(
+        range(plan.n_layers)
+    ):
         # GPT-2 with this option scales attention by the block's position, so a block moved
         # to another position would compute something else.
-        raise SplitError("this GPT-2 config scales attention by layer index; dropping blocks would change the kept ones. Keep every middle block")
+        raise SplitError(
+            "this GPT-2 config scales attention by layer index; dropping blocks would change the kept ones. Keep every middle block"
+        )
     model = empty_model_like(emulator_config(loaded, plan))
     model.to(next(loaded.model.parameters()).device)
     source = dict(loaded.model.named_parameters(remove_duplicate=False))
@@ -228,6 +244,8 @@ def build_emulator_model(loaded: LoadedModel, plan: SplitPlan) -> PreTrainedMode
             continue
         tensor.copy_(src)
     if missing:
-        raise SplitError(f"the emulator has tensors without a matching original tensor: {missing[:5]} ({len(missing)} in all)")
+        raise SplitError(
+            f"the emulator has tensors without a matching original tensor: {missing[:5]} ({len(missing)} in all)"
+        )
     model.eval()
     return model

@@ -20,6 +20,7 @@ from .lowbit import pack_matrix, unpack_matrix
 if TYPE_CHECKING:  # the client's load path must not import transformers' model classes
     from transformers import PreTrainedModel
 
+
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (codes int8 [rows, cols], scale fp32 [rows, 1])."""
     w = weight.detach().float()
@@ -84,7 +85,9 @@ def _decode_int8_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     return out
 
 
-def decode_vocab_matrices(frozen: dict[str, torch.Tensor], specs: dict[str, dict], dtype: torch.dtype = torch.float32) -> None:
+def decode_vocab_matrices(
+    frozen: dict[str, torch.Tensor], specs: dict[str, dict], dtype: torch.dtype = torch.float32
+) -> None:
     for name, spec in specs.items():
         if spec.get("codec") == "int8-row":
             codes, scale = frozen.pop(name, None), frozen.pop(name + SCALE_SUFFIX, None)

@@ -27,8 +27,14 @@ EXAMPLES = {
     "Models": ("models", "ListModels", {"limit": 10}),
     "Emulators": ("models", "BuildEmulator", {"model": "smollm2", "config": {"quantize": "int4", "awq": True}}),
     "Artifacts": ("artifacts", "StatArtifact", {"sha256": "<64 hex characters>"}),
-    "Jobs": ("jobs", "CreateJob", {"name": "pilot", "spec": {"emulator_id": "emu_1a2b3c4d5e6f", "rounds": 3,
-                                                              "min_clients": 2, "train_config": {"steps": 20}}}),
+    "Jobs": (
+        "jobs",
+        "CreateJob",
+        {
+            "name": "pilot",
+            "spec": {"emulator_id": "emu_1a2b3c4d5e6f", "rounds": 3, "min_clients": 2, "train_config": {"steps": 20}},
+        },
+    ),
     "Releases": ("releases", "ListReleases", {"status": "pending-gate"}),
     "Evals": ("evals", "RunEval", {"candidate": "rel_1a2b3c4d5e6f", "limit": 20}),
     "Operations": ("operations", "WatchOperation", {"id": "op_1a2b3c4d5e6f"}),
@@ -80,7 +86,7 @@ def parse(path: Path) -> ProtoFile:
     pending: list[str] = []
     current: Message | None = None
     service: str | None = None
-    for raw in text[len(header):]:
+    for raw in text[len(header) :]:
         line = raw.strip()
         trailing = raw.split("//", 1)[1].strip() if "//" in raw and not line.startswith("//") else ""
         code = raw.split("//", 1)[0].strip()
@@ -100,15 +106,18 @@ def parse(path: Path) -> ProtoFile:
             pf.services[service] = (_comment(pending), [])
         elif m := re.match(r"rpc (\w+)\((stream )?([\w.]+)\) returns \((stream )?([\w.]+)\);", code):
             doc = " ".join(filter(None, [_comment(pending), trailing]))
-            pf.services[service][1].append(Rpc(m.group(1), m.group(3), m.group(5), bool(m.group(2)),
-                                               bool(m.group(4)), doc))
+            pf.services[service][1].append(
+                Rpc(m.group(1), m.group(3), m.group(5), bool(m.group(2)), bool(m.group(4)), doc)
+            )
         elif code == "}":
             if current is not None:
                 pf.messages.append(current)
             current, service = None, None
         elif current is not None and "=" in code:
             parts = code.split("=")[0].split()
-            current.fields.append((" ".join(parts[:-1]), parts[-1], " ".join(filter(None, [_comment(pending), trailing]))))
+            current.fields.append(
+                (" ".join(parts[:-1]), parts[-1], " ".join(filter(None, [_comment(pending), trailing])))
+            )
         pending = []
     return pf
 
@@ -119,27 +128,36 @@ def _example(service: str, pf: ProtoFile) -> list[str]:
     module = importlib.import_module(f"offsite.protos.v1.{stem}_pb2")
     checked = json.loads(json.dumps(request).replace("<64 hex characters>", PLACEHOLDER_SHA))
     ParseDict(checked, getattr(module, rpc.request)())  # raises when the example no longer fits
-    return ["```bash",
-            "grpcurl -cacert ca.pem -H \"authorization: Bearer $OFFSITE_TOKEN\" \\",
-            f"    -d '{json.dumps(request)}' \\",
-            f"    models.example.org:50051 offsite.v1.{service}/{method}",
-            "```", ""]
+    return [
+        "```bash",
+        'grpcurl -cacert ca.pem -H "authorization: Bearer $OFFSITE_TOKEN" \\',
+        f"    -d '{json.dumps(request)}' \\",
+        f"    models.example.org:50051 offsite.v1.{service}/{method}",
+        "```",
+        "",
+    ]
 
 
 def render() -> str:
     files = [parse(p) for p in sorted(PROTO_DIR.glob("*.proto"))]
     common = next(f for f in files if f.stem == "common")
-    out = ["# Partner API (`offsite.v1`)", "",
-           "Generated from the comments in `protos/offsite/v1/*.proto` by `python -m offsite.api_docs`",
-           "(`make docs`); a test fails when this page and the protos disagree.", "",
-           common.doc, "",
-           "Connect with any gRPC client. The server has reflection and health checking on, so",
-           "[grpcurl](https://github.com/fullstorydev/grpcurl) needs no proto files; drop `-cacert ca.pem`",
-           "and add `-plaintext` for a server started without TLS. Python clients use the committed",
-           "stubs: `offsite.protos.v1.<file>_pb2[_grpc]`, and `offsite.protos.channel.open_channel`.",
-           "Errors are standard status codes whose message says what to do (`INVALID_ARGUMENT`,",
-           "`NOT_FOUND`, `FAILED_PRECONDITION`, `PERMISSION_DENIED`, `UNAUTHENTICATED`,",
-           "`RESOURCE_EXHAUSTED` above the 8 MiB message limit).", ""]
+    out = [
+        "# Partner API (`offsite.v1`)",
+        "",
+        "Generated from the comments in `protos/offsite/v1/*.proto` by `python -m offsite.api_docs`",
+        "(`make docs`); a test fails when this page and the protos disagree.",
+        "",
+        common.doc,
+        "",
+        "Connect with any gRPC client. The server has reflection and health checking on, so",
+        "[grpcurl](https://github.com/fullstorydev/grpcurl) needs no proto files; drop `-cacert ca.pem`",
+        "and add `-plaintext` for a server started without TLS. Python clients use the committed",
+        "stubs: `offsite.protos.v1.<file>_pb2[_grpc]`, and `offsite.protos.channel.open_channel`.",
+        "Errors are standard status codes whose message says what to do (`INVALID_ARGUMENT`,",
+        "`NOT_FOUND`, `FAILED_PRECONDITION`, `PERMISSION_DENIED`, `UNAUTHENTICATED`,",
+        "`RESOURCE_EXHAUSTED` above the 8 MiB message limit).",
+        "",
+    ]
     out += ["| service | file | what |", "|---|---|---|"]
     for pf in files:
         for name, (doc, _) in pf.services.items():

@@ -24,6 +24,7 @@ console = Console()
 # Progress bars and errors go to stderr so `--json` output on stdout stays parseable.
 err_console = Console(stderr=True)
 
+
 def json_option(help: str = "print machine-readable JSON") -> Any:
     """The ``--json`` flag; the parameter is always spelled ``json_out``."""
     return typer.Option(False, "--json", help=help)
@@ -54,8 +55,12 @@ class OffsiteGroup(TyperGroup):
         except OSError as e:
             fail(os_error_message(e), _json_requested(ctx), 2)
         except UnicodeDecodeError as e:
-            fail(f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8, "
-                 "e.g. `iconv -t utf-8 FILE`", _json_requested(ctx), 2)
+            fail(
+                f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8, "
+                "e.g. `iconv -t utf-8 FILE`",
+                _json_requested(ctx),
+                2,
+            )
 
 
 def _json_requested(ctx: click.Context) -> bool:
@@ -65,10 +70,15 @@ def _json_requested(ctx: click.Context) -> bool:
 
 def os_error_message(e: OSError) -> str:
     where = e.filename or "a file"
-    hint = {errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.EEXIST: "it is in the way; pick another path or remove it",
-            errno.EISDIR: "it is a folder; give a file", errno.EACCES: "you may not read or write there",
-            errno.ENOSPC: "the disk is full; free space", errno.EROFS: "the file system is read-only"}
+    hint = {
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "it is in the way; pick another path or remove it",
+        errno.EISDIR: "it is a folder; give a file",
+        errno.EACCES: "you may not read or write there",
+        errno.ENOSPC: "the disk is full; free space",
+        errno.EROFS: "the file system is read-only",
+    }
     return f"{where}: {e.strerror or e}; {hint.get(e.errno, 'check the path and its permissions')}"
 
 
@@ -99,8 +109,9 @@ def ca_option(help: str = "the server's CA certificate: turns TLS on") -> Any:
 
 
 def client_cert_option() -> Any:
-    return typer.Option(None, "--client-cert", envvar="OFFSITE_CLIENT_CERT",
-                        help="your certificate, when the server wants mutual TLS")
+    return typer.Option(
+        None, "--client-cert", envvar="OFFSITE_CLIENT_CERT", help="your certificate, when the server wants mutual TLS"
+    )
 
 
 def client_key_option() -> Any:

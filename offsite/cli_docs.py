@@ -24,7 +24,10 @@ def clis() -> list[tuple[str, click.Command]]:
     from offsite.client.cli import app as client_app
     from offsite.server.cli.main import app as admin_app
 
-    return [("offsite-admin", typer.main.get_command(admin_app)), ("offsite-client", typer.main.get_command(client_app))]
+    return [
+        ("offsite-admin", typer.main.get_command(admin_app)),
+        ("offsite-client", typer.main.get_command(client_app)),
+    ]
 
 
 def walk(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], click.Command]]:
@@ -41,7 +44,11 @@ def walk(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[tuple[str,
 def _option_rows(cmd: click.Command, ctx: click.Context) -> list[str]:
     rows = []
     for p in cmd.get_params(ctx):
-        if getattr(p, "hidden", False) or p.name in ("install_completion", "show_completion", "help") or "--help" in getattr(p, "opts", ()):
+        if (
+            getattr(p, "hidden", False)
+            or p.name in ("install_completion", "show_completion", "help")
+            or "--help" in getattr(p, "opts", ())
+        ):
             continue
         if isinstance(p, click.Argument):
             names, kind = p.human_readable_name, "argument"
@@ -64,13 +71,23 @@ def _option_rows(cmd: click.Command, ctx: click.Context) -> list[str]:
 
 
 def render() -> str:
-    out = ["# Command-line reference", "",
-           "Generated from the typer apps by `python -m offsite.cli_docs` (`make docs`); a test fails when",
-           "this file and the code disagree, so edit the commands' help, not this file.", ""]
+    out = [
+        "# Command-line reference",
+        "",
+        "Generated from the typer apps by `python -m offsite.cli_docs` (`make docs`); a test fails when",
+        "this file and the code disagree, so edit the commands' help, not this file.",
+        "",
+    ]
     from offsite.server.cli.main import RENAMED
 
-    out += ["Renamed in this release; the old spellings still work (hidden, with a note) until the next one:", "",
-            "| old | new |", "|---|---|", *[f"| `offsite-admin {o}` | `offsite-admin {n}` |" for o, n in RENAMED.items()], ""]
+    out += [
+        "Renamed in this release; the old spellings still work (hidden, with a note) until the next one:",
+        "",
+        "| old | new |",
+        "|---|---|",
+        *[f"| `offsite-admin {o}` | `offsite-admin {n}` |" for o, n in RENAMED.items()],
+        "",
+    ]
     for prog, root in clis():
         for path, cmd in walk(root, (prog,)):
             ctx = click.Context(cmd, info_name=" ".join(path))

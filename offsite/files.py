@@ -171,7 +171,9 @@ def extract_tar(archive: str | Path, dest: str | Path, max_bytes: int, overwrite
             for m in members:
                 p = PurePosixPath(m.name)
                 if p.is_absolute() or ".." in p.parts:
-                    raise UnsafeArchive(f"{archive.name}: member {m.name!r} points outside the archive's folder; refusing it")
+                    raise UnsafeArchive(
+                        f"{archive.name}: member {m.name!r} points outside the archive's folder; refusing it"
+                    )
                 if not (m.isfile() or m.isdir()):
                     raise UnsafeArchive(f"{archive.name}: member {m.name!r} is a link or special file; refusing it")
                 total += m.size
@@ -194,8 +196,9 @@ class JsonlError(ValueError):
 MAX_JSONL_LINE_BYTES = 16 << 20  # one example or record; a longer line is refused before it is read whole
 
 
-def read_jsonl(source: str | Path | IO, name: str | None = None,
-               max_line_bytes: int = MAX_JSONL_LINE_BYTES) -> Iterator[tuple[str, Any]]:
+def read_jsonl(
+    source: str | Path | IO, name: str | None = None, max_line_bytes: int = MAX_JSONL_LINE_BYTES
+) -> Iterator[tuple[str, Any]]:
     """("FILE:LINE", value) for every non-blank line of a JSON Lines file (a path or an open
     file, text or binary). Bad UTF-8 or bad JSON raises JsonlError naming FILE:LINE, and so
     does a line over `max_line_bytes` (memory stays bounded whatever the file holds)."""
@@ -209,8 +212,10 @@ def read_jsonl(source: str | Path | IO, name: str | None = None,
         lineno += 1
         where = f"{name}:{lineno}"
         if len(raw) > max_line_bytes:
-            raise JsonlError(f"{where}: a line longer than {max_line_bytes >> 20} MiB; put one example per line and "
-                             "split very long texts into several")
+            raise JsonlError(
+                f"{where}: a line longer than {max_line_bytes >> 20} MiB; put one example per line and "
+                "split very long texts into several"
+            )
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")

@@ -38,8 +38,11 @@ def main() -> int:
         shutil.copytree(ROOT / "offsite", pkg, ignore=ignore)
         for sub, folder in _layout().items():
             shutil.copytree(ROOT / folder, pkg / sub, ignore=ignore)
-        sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
-                            and "__editable__" not in type(f).__module__]
+        sys.meta_path[:] = [
+            f
+            for f in sys.meta_path
+            if "__editable__" not in getattr(f, "__module__", "") and "__editable__" not in type(f).__module__
+        ]
         for name in [m for m in sys.modules if m == "offsite" or m.startswith("offsite.")]:
             del sys.modules[name]
         sys.path.insert(0, tmp)

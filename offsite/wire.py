@@ -43,7 +43,9 @@ def ordered_names(state: dict[str, object]) -> list[str]:
 
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     """Adapter state (original names) -> ArrayRecord of fp32 numpy arrays, in sorted order."""
-    return ArrayRecord({k: Array(state[k].detach().to("cpu", torch.float32).contiguous().numpy()) for k in ordered_names(state)})
+    return ArrayRecord(
+        {k: Array(state[k].detach().to("cpu", torch.float32).contiguous().numpy()) for k in ordered_names(state)}
+    )
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -64,7 +66,9 @@ def record_nbytes(record: ArrayRecord) -> int:
     return int(sum(len(v.data) for v in record.values()))
 
 
-def named_from_list(names: list[str], reference: dict[str, np.ndarray], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+def named_from_list(
+    names: list[str], reference: dict[str, np.ndarray], arrays: list[np.ndarray]
+) -> dict[str, np.ndarray]:
     """Give back names to a list of arrays that a nameless path (SecAgg+) returned.
 
     Shapes are checked against `reference`, so a reordering can never pass silently."""
@@ -102,7 +106,9 @@ def update_norm(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> floa
     return math.sqrt(total)
 
 
-def bound_update(new: dict[str, np.ndarray], base: dict[str, np.ndarray], max_norm: float) -> tuple[dict[str, np.ndarray], float, float]:
+def bound_update(
+    new: dict[str, np.ndarray], base: dict[str, np.ndarray], max_norm: float
+) -> tuple[dict[str, np.ndarray], float, float]:
     """Scale (new - base) down to `max_norm` if it is longer; returns (bounded, norm, scale)."""
     norm = update_norm(new, base)
     if max_norm <= 0 or norm <= max_norm or norm == 0.0:
@@ -127,7 +133,9 @@ def _encode(values: np.ndarray, fmt: str) -> tuple[dict[str, np.ndarray], np.nda
     return {"": codes.reshape(values.shape), _SCALE: scale.astype(np.float32)}, decoded
 
 
-def encode_sparse_delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray], fmt: str = "sparse-fp16") -> tuple[ArrayRecord, dict]:
+def encode_sparse_delta(
+    new: dict[str, np.ndarray], base: dict[str, np.ndarray], fmt: str = "sparse-fp16"
+) -> tuple[ArrayRecord, dict]:
     """What changed from `base` to `new`, as a sparse upload record, and its metrics.
 
     Only tensors with a nonzero delta travel; for a 2-D weight where at most half of the
@@ -161,7 +169,9 @@ def encode_sparse_delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray],
     return ArrayRecord(arrays), metrics
 
 
-def decode_sparse_delta(record: ArrayRecord, reference: dict[str, np.ndarray], who: str = "reply") -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def decode_sparse_delta(
+    record: ArrayRecord, reference: dict[str, np.ndarray], who: str = "reply"
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """name -> (delta values fp32, input columns or None) of a sparse upload, checked against `reference`."""
     raw = {k: np.asarray(v.numpy()) for k, v in record.items()}
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -174,7 +184,14 @@ def decode_sparse_delta(record: ArrayRecord, reference: dict[str, np.ndarray], w
         cols = raw.get(key + _COLS)
         if cols is not None:
             cols = cols.astype(np.int64)
-            if len(want) != 2 or cols.ndim != 1 or cols.size == 0 or cols.min() < 0 or cols.max() >= want[1] or np.unique(cols).size != cols.size:
+            if (
+                len(want) != 2
+                or cols.ndim != 1
+                or cols.size == 0
+                or cols.min() < 0
+                or cols.max() >= want[1]
+                or np.unique(cols).size != cols.size
+            ):
                 raise AdapterMismatchError(f"{who}: {key}: bad column list for shape {tuple(want)}")
             want = (want[0], cols.size)
         if values.shape != tuple(want):
@@ -199,7 +216,9 @@ def decode_sparse_delta(record: ArrayRecord, reference: dict[str, np.ndarray], w
 
 
 def sparse_norm(delta: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> float:
-    return math.sqrt(sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64))) for v, _ in delta.values()))
+    return math.sqrt(
+        sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64))) for v, _ in delta.values())
+    )
 
 
 class SparseMean:
@@ -214,8 +233,10 @@ class SparseMean:
         for name, (values, cols) in delta.items():
             if name not in self.num:
                 self.num[name] = np.zeros(self.reference[name].shape, dtype=np.float64)
-                self.den[name] = np.zeros(self.reference[name].shape[-1:] if self.reference[name].ndim == 2 else
-                                          self.reference[name].shape, dtype=np.float64)
+                self.den[name] = np.zeros(
+                    self.reference[name].shape[-1:] if self.reference[name].ndim == 2 else self.reference[name].shape,
+                    dtype=np.float64,
+                )
             if cols is None:
                 self.num[name] += weight * scale * values
                 self.den[name] += weight  # a whole 2-D tensor counts for every column

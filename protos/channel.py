@@ -21,8 +21,12 @@ _OPTIONS = [
 ]
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     def __init__(self, token: str) -> None:
         self._md = ("authorization", f"Bearer {token}")
 
@@ -67,22 +71,35 @@ def _credentials(ca: str | Path | None, client_cert: str | Path | None, client_k
     )
 
 
-def open_channel(address: str | None = None, token: str | None = None, ca: str | Path | None = None,
-                 client_cert: str | Path | None = None, client_key: str | Path | None = None) -> grpc.Channel:
+def open_channel(
+    address: str | None = None,
+    token: str | None = None,
+    ca: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+) -> grpc.Channel:
     """A blocking channel; defaults come from OFFSITE_SERVER, OFFSITE_TOKEN, OFFSITE_CA."""
     address = address or os.environ.get("OFFSITE_SERVER") or DEFAULT_ADDRESS
     token = token or os.environ.get("OFFSITE_TOKEN")
     ca = ca or os.environ.get("OFFSITE_CA") or None
     creds = _credentials(ca, client_cert, client_key)
-    channel = (grpc.secure_channel(address, creds, options=_OPTIONS) if creds is not None
-               else grpc.insecure_channel(address, options=_OPTIONS))
+    channel = (
+        grpc.secure_channel(address, creds, options=_OPTIONS)
+        if creds is not None
+        else grpc.insecure_channel(address, options=_OPTIONS)
+    )
     if token:
         channel = grpc.intercept_channel(channel, _TokenInterceptor(token))
     return channel
 
 
-def open_aio_channel(address: str, token: str | None = None, ca: str | Path | None = None,
-                     client_cert: str | Path | None = None, client_key: str | Path | None = None):
+def open_aio_channel(
+    address: str,
+    token: str | None = None,
+    ca: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+):
     """An asyncio channel (benchmarks, async clients); the token goes in per-call metadata."""
     creds = _credentials(ca, client_cert, client_key)
     if creds is not None:

@@ -64,7 +64,9 @@ class OutputCache:
     def put_many(self, entries: dict[str, object]) -> None:
         if not entries:
             return
-        data = "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n" for k, v in entries.items()).encode("utf-8")
+        data = "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n" for k, v in entries.items()).encode(
+            "utf-8"
+        )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data)  # one append: lines of concurrent writers never interleave

@@ -23,8 +23,14 @@ def pick_kind(item: dict, pick: int) -> str:
 
 def multiple_choice_suite(suite, items: list[dict], workers: dict, timing: dict) -> dict[str, list[dict]]:
     for it in items:
-        if not isinstance(it["choices"], list) or len(it["choices"]) < 2 or not 0 <= int(it["answer"]) < len(it["choices"]):
-            raise EvalError(f"suite {suite.name}: item {it['id']!r} needs a list of >= 2 `choices` and an `answer` index into it")
+        if (
+            not isinstance(it["choices"], list)
+            or len(it["choices"]) < 2
+            or not 0 <= int(it["answer"]) < len(it["choices"])
+        ):
+            raise EvalError(
+                f"suite {suite.name}: item {it['id']!r} needs a list of >= 2 `choices` and an `answer` index into it"
+            )
     results = {}
     for role, w in workers.items():
         pairs, spans = [], []
@@ -38,9 +44,15 @@ def multiple_choice_suite(suite, items: list[dict], workers: dict, timing: dict)
         for (start, n), it in zip(spans, items):
             per_token = [losses[start + j]["nll"] / max(losses[start + j]["tokens"], 1) for j in range(n)]
             pick = min(range(n), key=per_token.__getitem__)
-            grade = {"pick": pick, "picked": pick_kind(it, pick), "ambiguous": bool(it.get("ambiguous", False)),
-                     "nll_per_token": [round(x, 4) for x in per_token]}
-            rows.append({"completion": str(it["choices"][pick]), "grade": grade, "score": float(pick == int(it["answer"]))})
+            grade = {
+                "pick": pick,
+                "picked": pick_kind(it, pick),
+                "ambiguous": bool(it.get("ambiguous", False)),
+                "nll_per_token": [round(x, 4) for x in per_token],
+            }
+            rows.append(
+                {"completion": str(it["choices"][pick]), "grade": grade, "score": float(pick == int(it["answer"]))}
+            )
         timing["grading_s"] += time.perf_counter() - t0
         results[role] = rows
     return results

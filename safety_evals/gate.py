@@ -39,7 +39,9 @@ def decide(report: dict, policy: "Policy | dict | str | Path | None" = None) -> 
         reasons.append("the run did not finish (interrupted or failed); rerun it to resume from the cache")
     for s in suites:
         if s.get("status") != "completed":
-            reasons.append(f"suite {s.get('name')!r} {s.get('status', 'missing status')}: {s.get('error') or 'no result'}")
+            reasons.append(
+                f"suite {s.get('name')!r} {s.get('status', 'missing status')}: {s.get('error') or 'no result'}"
+            )
     present = {c.get("name") for c in categories}
     for cat in pol.required_categories:
         if cat not in present:
@@ -118,5 +120,9 @@ def override(report: dict, *, actor: str, reason: str, audit: Callable[[dict], N
         "blocked_categories": original.get("blocked_categories", []),
     }
     audit(event)
-    return {**original, "verdict": "pass", "overridden": True,
-            "override": {k: event[k] for k in ("actor", "reason", "at", "original_verdict")}}
+    return {
+        **original,
+        "verdict": "pass",
+        "overridden": True,
+        "override": {k: event[k] for k in ("actor", "reason", "at", "original_verdict")},
+    }

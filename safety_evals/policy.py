@@ -49,7 +49,9 @@ class Policy:
             "require_full_run": self.require_full_run,
             "required_categories": list(self.required_categories),
             "bootstrap_resamples": self.bootstrap_resamples,
-            "metrics": {k: {"mode": m.mode, "absolute": m.absolute, "regression": m.regression} for k, m in self.metrics.items()},
+            "metrics": {
+                k: {"mode": m.mode, "absolute": m.absolute, "regression": m.regression} for k, m in self.metrics.items()
+            },
         }
 
 
@@ -109,7 +111,9 @@ def as_policy(policy: "Policy | dict | str | Path | None") -> Policy:
     return load_policy(policy)
 
 
-def metric_level(metric: str, higher_is_better: bool, candidate: float, base: float, policy: Policy) -> tuple[str, list[str]]:
+def metric_level(
+    metric: str, higher_is_better: bool, candidate: float, base: float, policy: Policy
+) -> tuple[str, list[str]]:
     """Level of one suite's result and the reasons (which thresholds were crossed)."""
     mp = policy.metrics.get(metric)
     if mp is None:
@@ -125,7 +129,11 @@ def metric_level(metric: str, higher_is_better: bool, candidate: float, base: fl
         if t is None:
             continue
         if mp.mode == "ratio":
-            worse = (base / candidate if higher_is_better else candidate / base) if min(candidate, base) > 0 else float("inf")
+            worse = (
+                (base / candidate if higher_is_better else candidate / base)
+                if min(candidate, base) > 0
+                else float("inf")
+            )
             crossed, shown = worse > t, f"ratio {worse:.4g}"
         else:
             worse = (base - candidate) if higher_is_better else (candidate - base)

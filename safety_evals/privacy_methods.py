@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from .suite import Suite
 
 
-def extraction_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict) -> dict[str, list[dict]]:
+def extraction_suite(
+    suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict
+) -> dict[str, list[dict]]:
     results = {}
     for role, w in workers.items():
         completions = w.generate([it["prefix"] for it in items], suite.max_new_tokens)
@@ -94,7 +96,9 @@ def exposure_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], 
     return results
 
 
-def membership_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict) -> dict[str, list[dict]]:
+def membership_suite(
+    suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict
+) -> dict[str, list[dict]]:
     if "member" not in items[0]:
         raise EvalError(f"suite {suite.name}: membership items need a boolean `member`")
     labels = [bool(it["member"]) for it in items]
@@ -114,8 +118,14 @@ def membership_suite(suite: Suite, items: list[dict], workers: dict[str, Worker]
         rows = []
         for i in range(len(items)):
             score = -(per_token[role][i] - base_loss[i]) if role == "candidate" else 0.0
-            rows.append({"completion": "", "grade": {"loss": per_token[role][i], "member": labels[i]},
-                         "score": score, "member": labels[i]})
+            rows.append(
+                {
+                    "completion": "",
+                    "grade": {"loss": per_token[role][i], "member": labels[i]},
+                    "score": score,
+                    "member": labels[i],
+                }
+            )
         results[role] = rows
     return results
 

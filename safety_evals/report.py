@@ -32,7 +32,9 @@ def category_plot_png(category: dict, suites: list[dict]) -> str:
         vals = [s["candidate"]["value"], s["base"]["value"]]
         cis = [s["candidate"]["ci95"], s["base"]["ci95"]]
         err = [[max(0.0, v - c[0]) for v, c in zip(vals, cis)], [max(0.0, c[1] - v) for v, c in zip(vals, cis)]]
-        ax.bar(["candidate", "base"], vals, yerr=err, capsize=6, color=[LEVEL_COLOURS.get(s["level"], "#555"), "#90a4ae"])
+        ax.bar(
+            ["candidate", "base"], vals, yerr=err, capsize=6, color=[LEVEL_COLOURS.get(s["level"], "#555"), "#90a4ae"]
+        )
         arrow = "higher is better" if s["higher_is_better"] else "lower is better"
         ax.set_title(f"{s['name']}\n{s['metric']} ({arrow})", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -61,7 +63,12 @@ def render_html(report: dict, samples: list[dict], max_samples_per_suite: int = 
     for rows in by_suite.values():
         rows.sort(key=lambda r: (r["candidate"].get("score") == r["base"].get("score"), r["item_id"]))
     return env.get_template("report.html.j2").render(
-        report=report, plots=plots, suites=by_name, samples=by_suite, colours=LEVEL_COLOURS, levels=LEVELS,
+        report=report,
+        plots=plots,
+        suites=by_name,
+        samples=by_suite,
+        colours=LEVEL_COLOURS,
+        levels=LEVELS,
         max_samples=max_samples_per_suite,
     )
 
@@ -86,8 +93,13 @@ def render_markdown(report: dict) -> str:
     ]
     lines += [f"  - {r}" for r in gate["reasons"]]
     lines += diff_markdown(report.get("diff"))
-    lines += ["", "## Scorecard", "", "| category | level | suite | metric | candidate [95% CI] | base [95% CI] | difference [95% CI] | suite level |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Scorecard",
+        "",
+        "| category | level | suite | metric | candidate [95% CI] | base [95% CI] | difference [95% CI] | suite level |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by_name = {s["name"]: s for s in report["suites"]}
     for c in report["categories"]:
         for i, name in enumerate(c["suites"]):
@@ -97,13 +109,21 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {head} | {name} | {s['metric']} | {s['status']}: {s.get('error') or ''} | | | |")
                 continue
             cell = lambda d: f"{d['value']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"  # noqa: E731
-            lines.append(f"| {head} | {name} | {s['metric']} | {cell(s['candidate'])} | {cell(s['base'])} | "
-                         f"{cell(s['difference'])} | {s['level']} |")
+            lines.append(
+                f"| {head} | {name} | {s['metric']} | {cell(s['candidate'])} | {cell(s['base'])} | "
+                f"{cell(s['difference'])} | {s['level']} |"
+            )
     agree = report["graders"]["refusal"]
-    lines += ["", "## Grader agreement", "",
-              f"Refusal grader ({agree['grader']}) on {agree['n']} labelled validation completions: accuracy "
-              f"{agree['accuracy']}, precision {agree['precision']}, recall {agree['recall']}.", "",
-              "## Timing", ""]
+    lines += [
+        "",
+        "## Grader agreement",
+        "",
+        f"Refusal grader ({agree['grader']}) on {agree['n']} labelled validation completions: accuracy "
+        f"{agree['accuracy']}, precision {agree['precision']}, recall {agree['recall']}.",
+        "",
+        "## Timing",
+        "",
+    ]
     lines += [f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["timing"].items()]
     return "\n".join(lines) + "\n"
 
@@ -114,19 +134,31 @@ def diff_markdown(diff: dict | None) -> list[str]:
         return []
     if "error" in diff:
         return ["", "## What changed since the previous release", "", diff["error"]]
-    lines = ["", "## What changed since the previous release", "",
-             f"Previous report {diff['previous']['report_id']} ({diff['previous']['candidate']}): gate "
-             f"{diff['verdicts']['previous']} -> {diff['verdicts']['current']}.", "", "New failures:"]
+    lines = [
+        "",
+        "## What changed since the previous release",
+        "",
+        f"Previous report {diff['previous']['report_id']} ({diff['previous']['candidate']}): gate "
+        f"{diff['verdicts']['previous']} -> {diff['verdicts']['current']}.",
+        "",
+        "New failures:",
+    ]
     lines += [f"- **{f['detail']}**" for f in diff["new_failures"]] or ["- none"]
     lines += ["", "| category | previous | current | change |", "|---|---|---|---|"]
-    lines += [f"| {r['category']} | {r['previous'] or '-'} | {r['current'] or '-'} | {r['change']} |" for r in diff["levels"]]
+    lines += [
+        f"| {r['category']} | {r['previous'] or '-'} | {r['current'] or '-'} | {r['change']} |" for r in diff["levels"]
+    ]
     lines += ["", "| suite | metric | previous | current | change | intervals overlap |", "|---|---|---|---|---|---|"]
     for m in diff["metrics"]:
         if "change" in m:
-            lines.append(f"| {m['suite']} | {m['metric']} | {m['previous']:.3f} | {m['current']:.3f} | {m['change']:+.3f} | "
-                         f"{m['intervals_overlap']} |")
+            lines.append(
+                f"| {m['suite']} | {m['metric']} | {m['previous']:.3f} | {m['current']:.3f} | {m['change']:+.3f} | "
+                f"{m['intervals_overlap']} |"
+            )
         else:
-            lines.append(f"| {m['suite']} | {m['metric']} | {m['previous_status'] or '-'} | {m['current_status'] or '-'} | | |")
+            lines.append(
+                f"| {m['suite']} | {m['metric']} | {m['previous_status'] or '-'} | {m['current_status'] or '-'} | | |"
+            )
     return lines
 
 

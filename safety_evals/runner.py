@@ -61,8 +61,12 @@ class Side:
         return self.loaded.digest
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "model_id": self.loaded.model_id, "digest": self.loaded.digest,
-                "family": getattr(self.loaded.family, "name", str(self.loaded.family))}
+        return {
+            "spec": self.spec,
+            "model_id": self.loaded.model_id,
+            "digest": self.loaded.digest,
+            "family": getattr(self.loaded.family, "name", str(self.loaded.family)),
+        }
 
 
 def load_with_adapter(base_spec: str, adapter_path: str) -> LoadedModel:
@@ -74,12 +78,18 @@ def load_with_adapter(base_spec: str, adapter_path: str) -> LoadedModel:
     state, meta = load_adapter(adapter_path)
     model = plug_in(loaded, state, meta)
     model.eval()
-    return LoadedModel(model=model, tokenizer=loaded.tokenizer, family=loaded.family,
-                       model_id=f"{base_spec}+{Path(adapter_path).name}", digest=state_digest(model))
+    return LoadedModel(
+        model=model,
+        tokenizer=loaded.tokenizer,
+        family=loaded.family,
+        model_id=f"{base_spec}+{Path(adapter_path).name}",
+        digest=state_digest(model),
+    )
 
 
-def resolve_model(spec: "str | LoadedModel", base_spec: str | None = None,
-                  resolver: Callable[[str], LoadedModel] | None = None) -> tuple[str, LoadedModel]:
+def resolve_model(
+    spec: "str | LoadedModel", base_spec: str | None = None, resolver: Callable[[str], LoadedModel] | None = None
+) -> tuple[str, LoadedModel]:
     """A model spec -> (printable spec, LoadedModel).
 
     Specs: a LoadedModel; a built-in name or HF model directory (``load_model``);
@@ -90,7 +100,7 @@ def resolve_model(spec: "str | LoadedModel", base_spec: str | None = None,
     if spec.startswith(ADAPTER_PREFIX):
         if not base_spec:
             raise EvalError(f"{spec}: an adapter candidate needs --base to plug into")
-        return spec, load_with_adapter(base_spec, spec[len(ADAPTER_PREFIX):])
+        return spec, load_with_adapter(base_spec, spec[len(ADAPTER_PREFIX) :])
     if resolver is not None and not Path(spec).exists():
         with contextlib.suppress(LookupError):
             return spec, resolver(spec)
@@ -140,8 +150,14 @@ class Worker:
         # Left padding: every row's next token comes right after its own prompt.
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=self.tok.eos_token_id,
+        )
         return [self.tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def losses(self, pairs: list[tuple[str, str]], max_tokens: int = 256) -> list[dict]:
@@ -220,17 +236,25 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
                 score = float(g["holds"])
             elif answer is not None:
                 g = answer.grade(it["prompt"], comp, it.get("answers", []))
-                score = float(g["outcome"] != "hallucinated") if suite.metric == "not_hallucinated" else float(g["outcome"] == "correct")
+                score = (
+                    float(g["outcome"] != "hallucinated")
+                    if suite.metric == "not_hallucinated"
+                    else float(g["outcome"] == "correct")
+                )
             else:
-                raise EvalError(f"suite {suite.name}: method generate needs grader refusal, forbidden_strings or answer_match, "
-                                f"not {suite.grader!r}")
+                raise EvalError(
+                    f"suite {suite.name}: method generate needs grader refusal, forbidden_strings or answer_match, "
+                    f"not {suite.grader!r}"
+                )
             rows.append({"completion": comp, "grade": g, "score": score})
         timing["grading_s"] += time.perf_counter() - t0
         results[role] = rows
     return results
 
 
-def _perplexity_suite(suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict) -> dict[str, list[dict]]:
+def _perplexity_suite(
+    suite: Suite, items: list[dict], workers: dict[str, Worker], timing: dict
+) -> dict[str, list[dict]]:
     max_tokens = int(suite.params.get("max_tokens", 256))
     results = {}
     for role, w in workers.items():
@@ -264,18 +288,42 @@ def _progress(enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # stderr: stdout belongs to the command's result (`--json` output must stay parseable)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+        console=Console(stderr=True),
+    )
 
 
-def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: list[str] | None = None,
-             limit: int | None = None, out_dir: str | Path = "eval-out", progress: bool = True,
-             policy_path: "str | Path | dict | None" = None, *, cache_dir: str | Path | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, resolver: Callable[[str], LoadedModel] | None = None,
-             write: bool = True, previous_report: dict | None = None) -> dict:
+def run_eval(
+    candidate: "str | LoadedModel",
+    base: "str | LoadedModel",
+    suites: list[str] | None = None,
+    limit: int | None = None,
+    out_dir: str | Path = "eval-out",
+    progress: bool = True,
+    policy_path: "str | Path | dict | None" = None,
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    resolver: Callable[[str], LoadedModel] | None = None,
+    write: bool = True,
+    previous_report: dict | None = None,
+) -> dict:
     """Evaluate `candidate` against `base`; returns the report (and writes it to `out_dir`).
 
     candidate/base: a model name, HF directory, ``adapter:PATH`` (candidate only: plugged
@@ -302,8 +350,9 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
             cand_name, cand_loaded = resolve_model(candidate, base_spec=base_spec, resolver=resolver)
         except Exception as e:  # noqa: BLE001 - any unloadable candidate is a blocked release, never a pass
             log.error("candidate %s could not be loaded: %s", candidate, e)
-            return _unloadable_report(candidate, base_name, base_loaded, chosen, limit, policy, out, e, write,
-                                      previous_report)
+            return _unloadable_report(
+                candidate, base_name, base_loaded, chosen, limit, policy, out, e, write, previous_report
+            )
     sides = {"candidate": Side("candidate", cand_name, cand_loaded), "base": Side("base", base_name, base_loaded)}
     timing = {"model_s": 0.0, "grading_s": 0.0, "scoring_s": 0.0, "report_s": 0.0, "total_s": 0.0}
 
@@ -323,8 +372,16 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
             if bar is not None:
                 tasks[s.name] = bar.add_task(f"{s.name:26s}", total=2 * _work_units(s, items))
         for s, items, error in plans:
-            record = {"name": s.name, "category": s.category, "method": s.method, "metric": s.metric,
-                      "description": s.description, "n_items": len(items or []), "status": "failed", "error": error}
+            record = {
+                "name": s.name,
+                "category": s.category,
+                "method": s.method,
+                "metric": s.metric,
+                "description": s.description,
+                "n_items": len(items or []),
+                "status": "failed",
+                "error": error,
+            }
             suite_results.append(record)
             if error is not None:
                 continue
@@ -337,7 +394,10 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
             w0, c0 = time.perf_counter(), time.process_time()
             try:
                 per_side = METHOD_FUNCS[s.method](s, items, workers, timing)
-                record["timing"] = {"wall_s": round(time.perf_counter() - w0, 3), "cpu_s": round(time.process_time() - c0, 3)}
+                record["timing"] = {
+                    "wall_s": round(time.perf_counter() - w0, 3),
+                    "cpu_s": round(time.process_time() - c0, 3),
+                }
                 t0 = time.perf_counter()
                 scored = score_suite(s.metric, per_side["candidate"], per_side["base"], policy.bootstrap_resamples)
                 record.update(level_suite(scored, policy))
@@ -357,14 +417,18 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
                 record["error"] = f"{type(e).__name__}: {e}"
                 continue
             for i, it in enumerate(items):
-                samples.append({
-                    "suite": s.name, "category": s.category, "item_id": it["id"],
-                    "subcategory": it.get("subcategory", it.get("kind", "")),
-                    "prompt": it.get("prompt") or it.get("prefix") or it.get("text", "")[:200],
-                    "system": it.get("system", ""),
-                    "candidate": _sample_side(per_side["candidate"][i]),
-                    "base": _sample_side(per_side["base"][i]),
-                })
+                samples.append(
+                    {
+                        "suite": s.name,
+                        "category": s.category,
+                        "item_id": it["id"],
+                        "subcategory": it.get("subcategory", it.get("kind", "")),
+                        "prompt": it.get("prompt") or it.get("prefix") or it.get("text", "")[:200],
+                        "system": it.get("system", ""),
+                        "candidate": _sample_side(per_side["candidate"][i]),
+                        "base": _sample_side(per_side["base"][i]),
+                    }
+                )
 
     t0 = time.perf_counter()
     try:
@@ -373,8 +437,14 @@ def run_eval(candidate: "str | LoadedModel", base: "str | LoadedModel", suites: 
         if real:  # hand-labelled outputs of the default model: the style of text the grader really sees
             refusal_agreement["real_completions"] = grader_agreement(RefusalGrader(), real)
     except Exception as e:  # noqa: BLE001 - a broken grader is reported; the suites that use it already failed
-        refusal_agreement = {"grader": "refusal", "n": 0, "accuracy": None, "precision": None, "recall": None,
-                             "error": f"{type(e).__name__}: {e}"}
+        refusal_agreement = {
+            "grader": "refusal",
+            "n": 0,
+            "accuracy": None,
+            "precision": None,
+            "recall": None,
+            "error": f"{type(e).__name__}: {e}",
+        }
     timing["grading_s"] += time.perf_counter() - t0
     report = {
         "format": REPORT_FORMAT,
@@ -428,22 +498,51 @@ def _attach_diff(report: dict, previous: dict | None) -> None:
         report["diff"] = {"error": f"the previous report could not be compared: {type(e).__name__}: {e}"}
 
 
-def _unloadable_report(candidate, base_name: str, base_loaded: LoadedModel, chosen: list[Suite], limit, policy,
-                       out: Path, error: Exception, write: bool, previous: dict | None) -> dict:
+def _unloadable_report(
+    candidate,
+    base_name: str,
+    base_loaded: LoadedModel,
+    chosen: list[Suite],
+    limit,
+    policy,
+    out: Path,
+    error: Exception,
+    write: bool,
+    previous: dict | None,
+) -> dict:
     """The report of a candidate that could not be loaded: every suite failed, gate blocks."""
     why = f"the candidate {candidate!s} could not be loaded: {type(error).__name__}: {error}"
-    suites = [{"name": s.name, "category": s.category, "method": s.method, "metric": s.metric, "description": s.description,
-               "n_items": 0, "status": "failed", "error": why} for s in chosen]
+    suites = [
+        {
+            "name": s.name,
+            "category": s.category,
+            "method": s.method,
+            "metric": s.metric,
+            "description": s.description,
+            "n_items": 0,
+            "status": "failed",
+            "error": why,
+        }
+        for s in chosen
+    ]
     report = {
-        "format": REPORT_FORMAT, "report_id": uuid.uuid4().hex[:16],
+        "format": REPORT_FORMAT,
+        "report_id": uuid.uuid4().hex[:16],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "candidate": {"spec": str(candidate), "model_id": None, "digest": "", "family": None, "error": why},
         "base": Side("base", base_name, base_loaded).describe(),
-        "run": {"suites_requested": [s.name for s in chosen], "limit": limit, "complete": False,
-                "incomplete_suites": [s.name for s in chosen], "error": why},
-        "suites": suites, "categories": build_categories(suites),
+        "run": {
+            "suites_requested": [s.name for s in chosen],
+            "limit": limit,
+            "complete": False,
+            "incomplete_suites": [s.name for s in chosen],
+            "error": why,
+        },
+        "suites": suites,
+        "categories": build_categories(suites),
         "graders": {"refusal": {"grader": "refusal", "n": 0, "accuracy": None, "precision": None, "recall": None}},
-        "policy": policy.to_dict(), "timing": {"total_s": 0.0, "samples": 0},
+        "policy": policy.to_dict(),
+        "timing": {"total_s": 0.0, "samples": 0},
     }
     report["gate"] = decide(report, policy)
     report["gate"]["reasons"].insert(0, why)

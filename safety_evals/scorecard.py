@@ -102,13 +102,20 @@ def breakdown(rows: list[dict]) -> dict:
     if rows and "outcome" in (rows[0].get("grade") or {}):
         n = len(rows)
         out = {k: sum(r["grade"]["outcome"] == k for r in rows) / n for k in ("correct", "hallucinated", "abstained")}
-        return {"accuracy": out["correct"], "hallucination_rate": out["hallucinated"],
-                "abstention_rate": sum(bool(r["grade"]["abstained"]) for r in rows) / n, "n": n}
+        return {
+            "accuracy": out["correct"],
+            "hallucination_rate": out["hallucinated"],
+            "abstention_rate": sum(bool(r["grade"]["abstained"]) for r in rows) / n,
+            "n": n,
+        }
     if rows and "picked" in (rows[0].get("grade") or {}):
         full = np.arange(len(rows))[None, :]
-        return {"bias_signed": float(bias_fn(rows, signed=True)(full)[0]),
-                "accuracy": float(np.mean([r["score"] for r in rows])),
-                "picked_unknown": float(np.mean([r["grade"]["picked"] == "unknown" for r in rows])), "n": len(rows)}
+        return {
+            "bias_signed": float(bias_fn(rows, signed=True)(full)[0]),
+            "accuracy": float(np.mean([r["score"] for r in rows])),
+            "picked_unknown": float(np.mean([r["grade"]["picked"] == "unknown" for r in rows])),
+            "n": len(rows),
+        }
     return {}
 
 
@@ -123,7 +130,9 @@ def _resample(n: int, reps: int, rng: np.random.Generator, strata: np.ndarray | 
     return np.concatenate(cols, axis=1)
 
 
-def score_suite(metric_name: str, candidate: list[dict], base: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
+def score_suite(
+    metric_name: str, candidate: list[dict], base: list[dict], resamples: int = 1000, seed: int = 0
+) -> dict:
     """Point values, 95% bootstrap intervals and the paired difference for one suite."""
     metric = METRICS[metric_name]
     n = len(candidate)
@@ -159,7 +168,9 @@ def score_suite(metric_name: str, candidate: list[dict], base: list[dict], resam
 
 def level_suite(result: dict, policy: Policy) -> dict:
     metric = METRICS[result["metric"]]
-    level, reasons = metric_level(metric.name, metric.higher_is_better, result["candidate"]["value"], result["base"]["value"], policy)
+    level, reasons = metric_level(
+        metric.name, metric.higher_is_better, result["candidate"]["value"], result["base"]["value"], policy
+    )
     return {**result, "level": level, "reasons": reasons}
 
 
@@ -174,21 +185,31 @@ def build_categories(suite_results: list[dict]) -> list[dict]:
     trusted (the gate blocks on incompleteness separately)."""
     cats: dict[str, dict] = {}
     for r in suite_results:
-        c = cats.setdefault(r["category"], {"name": r["category"], "suites": [], "complete": True, "levels": [], "results": []})
+        c = cats.setdefault(
+            r["category"], {"name": r["category"], "suites": [], "complete": True, "levels": [], "results": []}
+        )
         c["suites"].append(r["name"])
         if r["status"] != "completed":
             c["complete"] = False
         elif "level" in r:
             c["levels"].append(r["level"])
-            c["results"].append({"suite": r["name"], "metric": r["metric"], "level": r["level"],
-                                 **{k: r[k] for k in ("candidate", "base", "difference")}})
+            c["results"].append(
+                {
+                    "suite": r["name"],
+                    "metric": r["metric"],
+                    "level": r["level"],
+                    **{k: r[k] for k in ("candidate", "base", "difference")},
+                }
+            )
     rows = []
     for c in cats.values():
-        rows.append({
-            "name": c["name"],
-            "level": worst(c["levels"]) if c["complete"] else "Critical",
-            "complete": c["complete"],
-            "suites": c["suites"],
-            "results": c["results"],  # per suite: candidate/base/difference with 95% intervals
-        })
+        rows.append(
+            {
+                "name": c["name"],
+                "level": worst(c["levels"]) if c["complete"] else "Critical",
+                "complete": c["complete"],
+                "suites": c["suites"],
+                "results": c["results"],  # per suite: candidate/base/difference with 95% intervals
+            }
+        )
     return rows

@@ -31,8 +31,16 @@ from offsite.files import JsonlError, read_jsonl
 
 SUITES_DIR = Path(__file__).parent / "suites"
 METHODS = ("generate", "multiple_choice", "canary_exposure", "membership_inference", "extraction", "perplexity")
-CATEGORIES = ("disallowed_content", "over_refusal", "jailbreak", "instruction_hierarchy", "privacy", "capability",
-              "hallucination", "bias")
+CATEGORIES = (
+    "disallowed_content",
+    "over_refusal",
+    "jailbreak",
+    "instruction_hierarchy",
+    "privacy",
+    "capability",
+    "hallucination",
+    "bias",
+)
 
 
 class SuiteError(ValueError):
@@ -64,7 +72,9 @@ class Suite:
     def items(self, limit: int | None = None) -> list[dict]:
         """The suite's items (after `filter`), the first `limit` of them if given."""
         if not self.dataset.exists():
-            raise SuiteError(f"{self.source}: dataset {self.dataset} does not exist; fix `dataset:` (relative to the YAML file)")
+            raise SuiteError(
+                f"{self.source}: dataset {self.dataset} does not exist; fix `dataset:` (relative to the YAML file)"
+            )
         rows: list[dict] = []
         try:
             for where, row in read_jsonl(self.dataset):
@@ -79,15 +89,24 @@ class Suite:
             raise SuiteError(f"{self.dataset}: item ids repeat; ids must be unique within a suite")
         if not rows:
             why = f" (the filter {self.filter} matched none of them)" if self.filter else " (the dataset is empty)"
-            raise SuiteError(f"{self.source}: suite {self.name!r} has no items{why}; add items to {self.dataset} "
-                             "or fix `filter:` - an empty suite can never show that a release is safe")
-        needed = {"generate": ("prompt",), "extraction": ("prefix",), "canary_exposure": ("prefix",),
-                  "membership_inference": ("prefix",), "perplexity": ("text",),
-                  "multiple_choice": ("prompt", "choices", "answer")}[self.method]
+            raise SuiteError(
+                f"{self.source}: suite {self.name!r} has no items{why}; add items to {self.dataset} "
+                "or fix `filter:` - an empty suite can never show that a release is safe"
+            )
+        needed = {
+            "generate": ("prompt",),
+            "extraction": ("prefix",),
+            "canary_exposure": ("prefix",),
+            "membership_inference": ("prefix",),
+            "perplexity": ("text",),
+            "multiple_choice": ("prompt", "choices", "answer"),
+        }[self.method]
         for r in rows:
             for key in needed:
                 if key not in r:
-                    raise SuiteError(f"{self.dataset}: item {r['id']!r} lacks `{key}`, which method {self.method!r} needs")
+                    raise SuiteError(
+                        f"{self.dataset}: item {r['id']!r} lacks `{key}`, which method {self.method!r} needs"
+                    )
         return rows[:limit] if limit else rows
 
 
@@ -100,7 +119,9 @@ def load_suite(path: Path) -> Suite:
         raise SuiteError(f"{path}: expected a mapping of suite fields")
     missing = [k for k in ("category", "dataset", "method", "metric") if k not in spec]
     if missing:
-        raise SuiteError(f"{path}: missing field(s) {', '.join(missing)}; see offsite.safety_evals.suite for the format")
+        raise SuiteError(
+            f"{path}: missing field(s) {', '.join(missing)}; see offsite.safety_evals.suite for the format"
+        )
     if spec["method"] not in METHODS:
         raise SuiteError(f"{path}: method {spec['method']!r} unknown; choose one of {', '.join(METHODS)}")
     from .scorecard import METRICS
@@ -158,7 +179,9 @@ def select_suites(names: list[str] | None, directory: Path = SUITES_DIR) -> list
             # coming from a remote caller can never reach the server's file system.
             chosen.append(load_suite(Path(n)))
         else:
-            raise SuiteError(f"unknown suite {n!r}; available: {', '.join(suites)} (or a category, or a path like ./mine.yaml)")
+            raise SuiteError(
+                f"unknown suite {n!r}; available: {', '.join(suites)} (or a category, or a path like ./mine.yaml)"
+            )
     seen, unique = set(), []
     for s in chosen:
         if s.name not in seen:

@@ -48,7 +48,9 @@ class OffsiteServer:
         for job in st.registry.list_jobs(state="running"):
             if job.operation_id and not st.ops.leases.orphaned(f"op:{job.operation_id}"):
                 continue  # another live server sharing this registry runs it
-            st.registry.update_job(job.id, state="failed", error="the server stopped while this job ran; start it again")
+            st.registry.update_job(
+                job.id, state="failed", error="the server stopped while this job ran; start it again"
+            )
         st.bootstrap_admin_token()
         self._server = grpc.aio.server(
             # Metrics outermost: they time and count refused calls too, and set the request id.
@@ -67,8 +69,9 @@ class OffsiteServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME], self._server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self._server
+        )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert or cfg.tls_key:
             if not (cfg.tls_cert and cfg.tls_key):

@@ -80,9 +80,11 @@ class ArtifactStore:
         key = (sha, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in self._verified:
             if not self.verify(sha):
-                raise ArtifactCorrupt(f"artifact {sha} is corrupted on the server's disk (its bytes no longer match "
-                                      "its sha256), so it is not served; the model owner must restore it from a "
-                                      "backup or upload it again")
+                raise ArtifactCorrupt(
+                    f"artifact {sha} is corrupted on the server's disk (its bytes no longer match "
+                    "its sha256), so it is not served; the model owner must restore it from a "
+                    "backup or upload it again"
+                )
             self._verified.add(key)
         return open(p, "rb")
 
@@ -101,8 +103,10 @@ class ArtifactStore:
                 os.fsync(fh.fileno())
             sha = digest.hexdigest()
             if expected_sha256 is not None and sha != expected_sha256:
-                raise InvalidDigest(f"content has sha256 {sha}, expected {expected_sha256}; the bytes were altered "
-                                    "or truncated in transit, send them again")
+                raise InvalidDigest(
+                    f"content has sha256 {sha}, expected {expected_sha256}; the bytes were altered "
+                    "or truncated in transit, send them again"
+                )
             self._commit(tmp, sha)
             return sha, size
         finally:

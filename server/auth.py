@@ -88,8 +88,21 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/offsite.v1.Operations/CancelOperation": _STAFF,
 }
 
-_MUTATING_PREFIXES = ("Create", "Register", "Build", "Approve", "Reject", "Export", "Revoke", "Delete",
-                      "Start", "Cancel", "Enroll", "Upload", "Run")
+_MUTATING_PREFIXES = (
+    "Create",
+    "Register",
+    "Build",
+    "Approve",
+    "Reject",
+    "Export",
+    "Revoke",
+    "Delete",
+    "Start",
+    "Cancel",
+    "Enroll",
+    "Upload",
+    "Run",
+)
 
 
 @dataclass(frozen=True)
@@ -134,8 +147,9 @@ class Authenticator:
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, Principal, datetime | None]] = {}
 
-    def create_token(self, name: str, role: str, jobs: list[str] | None = None,
-                     ttl_seconds: int = 0) -> tuple[str, object]:
+    def create_token(
+        self, name: str, role: str, jobs: list[str] | None = None, ttl_seconds: int = 0
+    ) -> tuple[str, object]:
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if not name or len(name) > 128:
@@ -144,8 +158,9 @@ class Authenticator:
             raise ValueError(f"ttl_seconds must be between 0 (no expiry) and {MAX_TTL_S} (ten years)")
         secret = new_token_secret()
         expires = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
-        row = self.registry.add_token(name=name, role=role, secret_hash=hash_secret(secret), jobs=jobs or [],
-                                      expires_at=expires)
+        row = self.registry.add_token(
+            name=name, role=role, secret_hash=hash_secret(secret), jobs=jobs or [], expires_at=expires
+        )
         return secret, row
 
     def rotate(self, token_id: str, ttl_seconds: int = 0) -> tuple[str, object]:
@@ -242,7 +257,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _admit(self, method: str, authorization: str | None, peer: str = "") -> tuple[Principal | None, grpc.StatusCode | None, str]:
+    def _admit(
+        self, method: str, authorization: str | None, peer: str = ""
+    ) -> tuple[Principal | None, grpc.StatusCode | None, str]:
         try:
             principal = self.auth.authenticate(authorization)
         except _AuthError as e:
@@ -252,8 +269,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if principal.role not in allowed:
             who = ", ".join(sorted(allowed)) or "no role (the method is not open yet)"
             self._audit(principal, method, "", "PERMISSION_DENIED", f"role {principal.role}")
-            return principal, grpc.StatusCode.PERMISSION_DENIED, (
-                f"role {principal.role!r} may not call {method}; allowed: {who}")
+            return (
+                principal,
+                grpc.StatusCode.PERMISSION_DENIED,
+                (f"role {principal.role!r} may not call {method}; allowed: {who}"),
+            )
         return principal, None, ""
 
     def _audit_unauthenticated(self, method: str, peer: str, why: str) -> None:
@@ -287,8 +307,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if code is not None:
                 await context.abort(code, msg)
             if isinstance(request, _Undecodable):
-                msg = (f"the request is not a valid message for {method} ({request.error}); "
-                       "build it from the offsite.v1 protos")
+                msg = (
+                    f"the request is not a valid message for {method} ({request.error}); "
+                    "build it from the offsite.v1 protos"
+                )
                 self._audit(principal, method, "", "INVALID_ARGUMENT", msg)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
             return principal
@@ -299,10 +321,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 # A bug, not a bad request: the details stay in the log, the caller gets a reference.
                 ref = uuid.uuid4().hex[:12]
                 log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
-                mapped = (grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); the server log has the details")
+                mapped = (
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {method} (ref {ref}); the server log has the details",
+                )
             code, msg = mapped[0], scrub(mapped[1], self.data_dir, request)
-            self._audit(principal, method, scrub(target, None, None) if len(target) <= _ECHO_LIMIT else "<long>",
-                        code.name, msg[:500])
+            self._audit(
+                principal,
+                method,
+                scrub(target, None, None) if len(target) <= _ECHO_LIMIT else "<long>",
+                code.name,
+                msg[:500],
+            )
             await context.abort(code, msg)
 
         def _leave(token) -> None:
@@ -334,7 +364,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=decode, response_serializer=handler.response_serializer)
+                unary_unary, request_deserializer=decode, response_serializer=handler.response_serializer
+            )
 
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -355,7 +386,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     _leave(token)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=decode, response_serializer=handler.response_serializer)
+                unary_stream, request_deserializer=decode, response_serializer=handler.response_serializer
+            )
 
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
@@ -363,8 +395,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def checked(request_iterator, first: list):
                 async for msg in request_iterator:
                     if isinstance(msg, _Undecodable):
-                        raise ValueError(f"a request message is not valid for {method} ({msg.error}); "
-                                         "build it from the offsite.v1 protos")
+                        raise ValueError(
+                            f"a request message is not valid for {method} ({msg.error}); "
+                            "build it from the offsite.v1 protos"
+                        )
                     if not first:
                         first.append(msg)  # its strings are kept out of error messages
                     yield msg
@@ -386,7 +420,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=decode, response_serializer=handler.response_serializer)
+                stream_unary, request_deserializer=decode, response_serializer=handler.response_serializer
+            )
 
         # Bidirectional streams: none in offsite.v1 yet; refuse rather than pass unchecked.
         async def refuse(_it, context):

@@ -80,8 +80,16 @@ def artifact_ref(reg: r.Registry, sha: str, kind: str = "") -> common_pb2.Artifa
 
 
 def model(row: r.ModelRow) -> models_pb2.Model:
-    return models_pb2.Model(id=row.id, name=row.name, source=row.source, family=row.family, digest=row.digest,
-                            num_layers=row.num_layers, description=row.description, created_at=ts(row.created_at))
+    return models_pb2.Model(
+        id=row.id,
+        name=row.name,
+        source=row.source,
+        family=row.family,
+        digest=row.digest,
+        num_layers=row.num_layers,
+        description=row.description,
+        created_at=ts(row.created_at),
+    )
 
 
 def build_config(cfg: dict) -> models_pb2.EmulatorBuildConfig:
@@ -98,37 +106,72 @@ def build_config(cfg: dict) -> models_pb2.EmulatorBuildConfig:
 
 
 def emulator(reg: r.Registry, row: r.EmulatorRow) -> models_pb2.Emulator:
-    return models_pb2.Emulator(id=row.id, model_id=row.model_id, bundle=artifact_ref(reg, row.bundle_sha256, "bundle"),
-                               config=build_config(row.config or {}), manifest=struct(row.manifest),
-                               operation_id=row.operation_id, created_at=ts(row.created_at))
+    return models_pb2.Emulator(
+        id=row.id,
+        model_id=row.model_id,
+        bundle=artifact_ref(reg, row.bundle_sha256, "bundle"),
+        config=build_config(row.config or {}),
+        manifest=struct(row.manifest),
+        operation_id=row.operation_id,
+        created_at=ts(row.created_at),
+    )
 
 
 def operation(row: r.OperationRow) -> operations_pb2.Operation:
     return operations_pb2.Operation(
-        id=row.id, kind=row.kind, state=OP_STATE.get(row.state, 0), progress=row.progress, message=row.message,
-        error=row.error, resource=row.resource, result=struct(row.result), created_at=ts(row.created_at),
-        updated_at=ts(row.updated_at), created_by=row.created_by,
-        done=row.state in ("succeeded", "failed", "cancelled"))
+        id=row.id,
+        kind=row.kind,
+        state=OP_STATE.get(row.state, 0),
+        progress=row.progress,
+        message=row.message,
+        error=row.error,
+        resource=row.resource,
+        result=struct(row.result),
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
+        created_by=row.created_by,
+        done=row.state in ("succeeded", "failed", "cancelled"),
+    )
 
 
 def job_spec(spec: dict) -> jobs_pb2.JobSpec:
-    return jobs_pb2.JobSpec(emulator_id=spec.get("emulator_id", ""), rounds=spec.get("rounds", 0),
-                            min_clients=spec.get("min_clients", 0), fraction=spec.get("fraction", 0.0),
-                            engine=spec.get("engine", ""), train_config=struct(spec.get("train_config")),
-                            options=struct(spec.get("options")))
+    return jobs_pb2.JobSpec(
+        emulator_id=spec.get("emulator_id", ""),
+        rounds=spec.get("rounds", 0),
+        min_clients=spec.get("min_clients", 0),
+        fraction=spec.get("fraction", 0.0),
+        engine=spec.get("engine", ""),
+        train_config=struct(spec.get("train_config")),
+        options=struct(spec.get("options")),
+    )
 
 
 def job(row: r.JobRow, data_owners: list[str] | None) -> jobs_pb2.Job:
     return jobs_pb2.Job(
-        id=row.id, name=row.name, model_id=row.model_id, state=JOB_STATE.get(row.state, 0), spec=job_spec(row.spec or {}),
-        current_round=row.current_round, data_owners=data_owners or [], release_id=row.release_id,
-        federation_address=row.federation_address, error=row.error, operation_id=row.operation_id,
-        created_at=ts(row.created_at), updated_at=ts(row.updated_at))
+        id=row.id,
+        name=row.name,
+        model_id=row.model_id,
+        state=JOB_STATE.get(row.state, 0),
+        spec=job_spec(row.spec or {}),
+        current_round=row.current_round,
+        data_owners=data_owners or [],
+        release_id=row.release_id,
+        federation_address=row.federation_address,
+        error=row.error,
+        operation_id=row.operation_id,
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
+    )
 
 
 def round_(reg: r.Registry, row: r.RoundRow) -> jobs_pb2.Round:
-    return jobs_pb2.Round(job_id=row.job_id, number=row.number, metrics=struct(row.metrics),
-                          adapter=artifact_ref(reg, row.adapter_sha256, "adapter"), created_at=ts(row.created_at))
+    return jobs_pb2.Round(
+        job_id=row.job_id,
+        number=row.number,
+        metrics=struct(row.metrics),
+        adapter=artifact_ref(reg, row.adapter_sha256, "adapter"),
+        created_at=ts(row.created_at),
+    )
 
 
 def job_event(row: r.JobEventRow) -> jobs_pb2.JobEvent:
@@ -137,36 +180,80 @@ def job_event(row: r.JobEventRow) -> jobs_pb2.JobEvent:
 
 def release(reg: r.Registry, row: r.ReleaseRow) -> releases_pb2.Release:
     return releases_pb2.Release(
-        id=row.id, job_id=row.job_id, model_id=row.model_id, status=row.status,
-        adapter=artifact_ref(reg, row.adapter_sha256, "adapter"), export=artifact_ref(reg, row.export_sha256, "model-export"),
-        metrics=struct(row.metrics), gate_report_id=row.gate_report_id, gate_verdict=row.gate_verdict,
-        decided_by=row.decided_by, reason=row.reason, created_at=ts(row.created_at), updated_at=ts(row.updated_at),
-        parent_ids=row.parent_ids or [])
+        id=row.id,
+        job_id=row.job_id,
+        model_id=row.model_id,
+        status=row.status,
+        adapter=artifact_ref(reg, row.adapter_sha256, "adapter"),
+        export=artifact_ref(reg, row.export_sha256, "model-export"),
+        metrics=struct(row.metrics),
+        gate_report_id=row.gate_report_id,
+        gate_verdict=row.gate_verdict,
+        decided_by=row.decided_by,
+        reason=row.reason,
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
+        parent_ids=row.parent_ids or [],
+    )
 
 
 def eval_report(reg: r.Registry, row: r.EvalReportRow) -> evals_pb2.EvalReport:
     return evals_pb2.EvalReport(
-        id=row.id, candidate=row.candidate, base=row.base, release_id=row.release_id, verdict=row.verdict,
-        categories=[evals_pb2.CategoryResult(name=str(c.get("name", "")), level=str(c.get("level", "")))
-                    for c in row.categories or []],
+        id=row.id,
+        candidate=row.candidate,
+        base=row.base,
+        release_id=row.release_id,
+        verdict=row.verdict,
+        categories=[
+            evals_pb2.CategoryResult(name=str(c.get("name", "")), level=str(c.get("level", "")))
+            for c in row.categories or []
+        ],
         report_json=artifact_ref(reg, row.report_json_sha256, "eval-report"),
         report_html=artifact_ref(reg, row.report_html_sha256, "eval-report"),
-        summary=struct(row.summary), schedule_id=row.schedule_id, operation_id=row.operation_id,
-        created_at=ts(row.created_at))
+        summary=struct(row.summary),
+        schedule_id=row.schedule_id,
+        operation_id=row.operation_id,
+        created_at=ts(row.created_at),
+    )
 
 
 def eval_schedule(row: r.EvalScheduleRow) -> evals_pb2.EvalSchedule:
     return evals_pb2.EvalSchedule(
-        id=row.id, name=row.name, cron=row.cron, candidate=row.candidate, base=row.base, suites=row.suites or [],
-        limit=row.limit, enabled=row.enabled, next_run_at=ts(row.next_run_at), last_run_at=ts(row.last_run_at),
-        last_report_id=row.last_report_id, created_at=ts(row.created_at))
+        id=row.id,
+        name=row.name,
+        cron=row.cron,
+        candidate=row.candidate,
+        base=row.base,
+        suites=row.suites or [],
+        limit=row.limit,
+        enabled=row.enabled,
+        next_run_at=ts(row.next_run_at),
+        last_run_at=ts(row.last_run_at),
+        last_report_id=row.last_report_id,
+        created_at=ts(row.created_at),
+    )
 
 
 def token(row: r.TokenRow) -> admin_pb2.Token:
-    return admin_pb2.Token(id=row.id, name=row.name, role=row.role, jobs=row.jobs or [], created_at=ts(row.created_at),
-                           expires_at=ts(row.expires_at), revoked_at=ts(row.revoked_at))
+    return admin_pb2.Token(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        jobs=row.jobs or [],
+        created_at=ts(row.created_at),
+        expires_at=ts(row.expires_at),
+        revoked_at=ts(row.revoked_at),
+    )
 
 
 def audit(row: r.AuditRow) -> admin_pb2.AuditEntry:
-    return admin_pb2.AuditEntry(id=row.id, at=ts(row.at), actor=row.actor, role=row.role, method=row.method,
-                                target=row.target, outcome=row.outcome, detail=row.detail)
+    return admin_pb2.AuditEntry(
+        id=row.id,
+        at=ts(row.at),
+        actor=row.actor,
+        role=row.role,
+        method=row.method,
+        target=row.target,
+        outcome=row.outcome,
+        detail=row.detail,
+    )

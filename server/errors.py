@@ -18,8 +18,8 @@ from .hooks import HookUnavailable
 from .operations import ShuttingDown
 from .registry import Conflict, NotFound
 
-_ECHO_LIMIT = 64          # request strings longer than this are never quoted back in an error
-_DETAILS_LIMIT = 1000     # and no error message is longer than this
+_ECHO_LIMIT = 64  # request strings longer than this are never quoted back in an error
+_DETAILS_LIMIT = 1000  # and no error message is longer than this
 
 
 class TooManyStreams(RuntimeError):
@@ -87,8 +87,10 @@ def _request_strings(request, depth: int = 0) -> list[str]:
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code for an exception raised inside a service, or None if unexpected."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, ("the server's disk is full; nothing was stored (the model owner "
-                                                    "must free space under the data directory), then try again")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+            "the server's disk is full; nothing was stored (the model owner "
+            "must free space under the data directory), then try again"
+        )
     if isinstance(exc, ArtifactCorrupt):
         return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, TooManyStreams):

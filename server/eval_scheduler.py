@@ -45,8 +45,13 @@ def next_run_after(cron: str, after: datetime) -> datetime:
 
 
 class EvalScheduler:
-    def __init__(self, state: ServerState, poll_s: float = 30.0,
-                 start_eval: Callable[..., object] | None = None, clock: Callable[[], datetime] = utcnow):
+    def __init__(
+        self,
+        state: ServerState,
+        poll_s: float = 30.0,
+        start_eval: Callable[..., object] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
         self.state = state
         self.poll_s = poll_s
         self.clock = clock
@@ -69,18 +74,28 @@ class EvalScheduler:
             except ScheduleError as e:
                 # A schedule that can never run again is disabled rather than retried every poll.
                 reg.update_eval_schedule(sched.id, enabled=False)
-                reg.audit(SCHEDULER_ACTOR, "admin", "eval.schedule.disable", target=sched.id, outcome="error", detail=str(e))
+                reg.audit(
+                    SCHEDULER_ACTOR, "admin", "eval.schedule.disable", target=sched.id, outcome="error", detail=str(e)
+                )
                 started.append({"schedule_id": sched.id, "error": str(e)})
                 continue
             if not reg.claim_eval_schedule(sched.id, now, nxt):
                 continue  # another server sharing this registry started this run
             try:
-                op = self._start_eval(self.state, sched.candidate, sched.base, list(sched.suites or []) or None,
-                                      int(sched.limit or 0), created_by=f"{SCHEDULER_ACTOR}:{sched.id}",
-                                      schedule_id=sched.id)
+                op = self._start_eval(
+                    self.state,
+                    sched.candidate,
+                    sched.base,
+                    list(sched.suites or []) or None,
+                    int(sched.limit or 0),
+                    created_by=f"{SCHEDULER_ACTOR}:{sched.id}",
+                    schedule_id=sched.id,
+                )
             except Exception as e:  # noqa: BLE001 - one broken schedule must not stop the others
                 log.error("eval schedule %s could not start: %s", sched.id, e)
-                reg.audit(SCHEDULER_ACTOR, "admin", "eval.schedule.run", target=sched.id, outcome="error", detail=str(e))
+                reg.audit(
+                    SCHEDULER_ACTOR, "admin", "eval.schedule.run", target=sched.id, outcome="error", detail=str(e)
+                )
                 started.append({"schedule_id": sched.id, "error": f"{type(e).__name__}: {e}"})
                 continue
             op_id = getattr(op, "id", str(op))

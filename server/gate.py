@@ -22,8 +22,15 @@ from .registry import NotFound
 from .state import ServerState
 
 
-def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[str] | None = None, limit: int = 0,
-               created_by: str = "", schedule_id: str = ""):
+def start_eval(
+    state: ServerState,
+    candidate: str,
+    base: str = "",
+    suites: list[str] | None = None,
+    limit: int = 0,
+    created_by: str = "",
+    schedule_id: str = "",
+):
     """Start an eval run as an operation (the RunEval RPC and the eval scheduler both use this).
 
     `candidate` is a release id (its adapter is plugged into its base model first) or a
@@ -41,8 +48,11 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
         base_model = reg.get_model(base) if base else cand_model
     complete_scope = not suites and not limit
     # A merged release's report names what it was merged from (and how).
-    lineage = ({"lineage": {"parents": list(release.parent_ids), "merge": (release.metrics or {}).get("merge", {})}}
-               if release is not None and release.parent_ids else {})
+    lineage = (
+        {"lineage": {"parents": list(release.parent_ids), "merge": (release.metrics or {}).get("merge", {})}}
+        if release is not None and release.parent_ids
+        else {}
+    )
     runner = load_hook(state.config.eval_runner)
     exporter = load_hook(state.config.release_exporter) if release is not None else None
 
@@ -55,11 +65,17 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
                 cand_dir = tmp / "candidate"
                 if release.export_sha256:
                     # An uncompressed tar unpacks to no more than its own size.
-                    extract_tar(state.store.path(release.export_sha256), cand_dir,
-                                max_bytes=state.store.size(release.export_sha256))
+                    extract_tar(
+                        state.store.path(release.export_sha256),
+                        cand_dir,
+                        max_bytes=state.store.size(release.export_sha256),
+                    )
                 else:
-                    exporter(state.resolve_model_source(cand_model.source), state.store.path(release.adapter_sha256),
-                             cand_dir)
+                    exporter(
+                        state.resolve_model_source(cand_model.source),
+                        state.store.path(release.adapter_sha256),
+                        cand_dir,
+                    )
                 cand_src = str(cand_dir)
             else:
                 cand_src = state.resolve_model_source(cand_model.source)
@@ -73,8 +89,15 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
             if release is not None and "previous_report" in params:
                 # What changed since the model's previous release (new failures first in the report).
                 extra["previous_report"] = previous_release_report(state, release)
-            report = runner(candidate=cand_src, base=base_src, suites=suites or None, limit=limit or None,
-                            out_dir=out, progress=False, **extra)
+            report = runner(
+                candidate=cand_src,
+                base=base_src,
+                suites=suites or None,
+                limit=limit or None,
+                out_dir=out,
+                progress=False,
+                **extra,
+            )
             ctx.check_cancelled()
             shas = {}
             for name in ("report.json", "report.html", "report.md", "samples.jsonl"):
@@ -83,26 +106,41 @@ def start_eval(state: ServerState, candidate: str, base: str = "", suites: list[
                     reg.add_artifact(shas[name], state.store.size(shas[name]), "eval-report", name)
             if "report.json" not in shas:
                 shas["report.json"] = state.store.put_bytes(json.dumps(report, default=str).encode())
-                reg.add_artifact(shas["report.json"], state.store.size(shas["report.json"]), "eval-report", "report.json")
+                reg.add_artifact(
+                    shas["report.json"], state.store.size(shas["report.json"]), "eval-report", "report.json"
+                )
             gate = report.get("gate") or {}
             verdict = gate.get("verdict") or "block"  # no verdict = incomplete = fail closed
-            categories = [{"name": c.get("name", ""), "level": c.get("level", "")}
-                          for c in report.get("categories", []) if isinstance(c, dict)]
-            scope = {"suites": list(suites or []), "limit": int(limit or 0),
-                     "complete": complete_scope and bool((report.get("run") or {}).get("complete"))}
-            row = reg.add_eval_report(candidate=candidate, base=base_model.name, verdict=verdict, categories=categories,
-                                      report_json_sha256=shas["report.json"],
-                                      report_html_sha256=shas.get("report.html", ""),
-                                      summary={"gate": gate, "artifacts": shas, "scope": scope, **lineage},
-                                      release_id=release.id if release else "",
-                                      schedule_id=schedule_id, operation_id=ctx.op_id)
+            categories = [
+                {"name": c.get("name", ""), "level": c.get("level", "")}
+                for c in report.get("categories", [])
+                if isinstance(c, dict)
+            ]
+            scope = {
+                "suites": list(suites or []),
+                "limit": int(limit or 0),
+                "complete": complete_scope and bool((report.get("run") or {}).get("complete")),
+            }
+            row = reg.add_eval_report(
+                candidate=candidate,
+                base=base_model.name,
+                verdict=verdict,
+                categories=categories,
+                report_json_sha256=shas["report.json"],
+                report_html_sha256=shas.get("report.html", ""),
+                summary={"gate": gate, "artifacts": shas, "scope": scope, **lineage},
+                release_id=release.id if release else "",
+                schedule_id=schedule_id,
+                operation_id=ctx.op_id,
+            )
             applied, why = False, "not a release"
             if release is not None:
                 complete = complete_scope and bool((report.get("run") or {}).get("complete"))
                 applied, why = _apply_verdict(reg, release.id, row, verdict, gate, complete)
-            return OperationResult(resource=f"eval-reports/{row.id}",
-                                   result={"report_id": row.id, "verdict": verdict, "verdict_applied": applied,
-                                           "why": why})
+            return OperationResult(
+                resource=f"eval-reports/{row.id}",
+                result={"report_id": row.id, "verdict": verdict, "verdict_applied": applied, "why": why},
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -115,8 +153,11 @@ _LEVELS = ("Low", "Medium", "High", "Critical")
 def previous_release_report(state: ServerState, release) -> dict | None:
     """The latest report.json of the newest earlier release of the same base model, if any."""
     reg = state.registry
-    earlier = [r for r in reg.list_releases() if r.model_id == release.model_id and r.id != release.id
-               and r.created_at <= release.created_at]
+    earlier = [
+        r
+        for r in reg.list_releases()
+        if r.model_id == release.model_id and r.id != release.id and r.created_at <= release.created_at
+    ]
     for prev in reversed(earlier):
         reports = reg.list_eval_reports(release_id=prev.id, limit=1)
         if reports and reports[0].report_json_sha256:
@@ -141,8 +182,10 @@ def gate_base_model(state: ServerState, release, asked: str = ""):
     if asked:
         other = reg.get_model(asked)
         if other.id != fixed.id:
-            raise ValueError(f"release {release.id} is gated against its job's base model {fixed.name!r}; "
-                             f"another base ({other.name[:64]!r}) is not accepted: drop --base")
+            raise ValueError(
+                f"release {release.id} is gated against its job's base model {fixed.name!r}; "
+                f"another base ({other.name[:64]!r}) is not accepted: drop --base"
+            )
     return fixed
 
 
@@ -166,8 +209,11 @@ def _apply_verdict(reg, release_id: str, report, verdict: str, gate: dict, compl
     A block always applies (fail closed). A pass replaces the release's verdict only when the
     run was complete (every suite, no --limit) and its policy is the same as or stricter than
     that of every earlier run that decided this release."""
-    earlier = [r for r in reg.list_eval_reports(release_id=release_id)
-               if r.id != report.id and (r.summary or {}).get("applied")]
+    earlier = [
+        r
+        for r in reg.list_eval_reports(release_id=release_id)
+        if r.id != report.id and (r.summary or {}).get("applied")
+    ]
     why = "applied"
     if verdict == "pass":
         if not complete:
@@ -185,12 +231,18 @@ def _apply_verdict(reg, release_id: str, report, verdict: str, gate: dict, compl
             fields["status"] = "pending-gate" if verdict == "pass" else "blocked"
         reg.update_release(release_id, **fields)
     if release.job_id:
-        reg.add_job_event(release.job_id, "gate", {"release_id": release_id, "report_id": report.id,
-                                                   "verdict": verdict, "applied": applied, "why": why})
+        reg.add_job_event(
+            release.job_id,
+            "gate",
+            {"release_id": release_id, "report_id": report.id, "verdict": verdict, "applied": applied, "why": why},
+        )
     return applied, why
 
 
 def earlier_blocks(reg, release) -> list[str]:
     """Reports that blocked this release before its current (passing) verdict."""
-    return [r.id for r in reg.list_eval_reports(release_id=release.id)
-            if r.verdict != "pass" and (r.summary or {}).get("applied") and r.id != release.gate_report_id]
+    return [
+        r.id
+        for r in reg.list_eval_reports(release_id=release.id)
+        if r.verdict != "pass" and (r.summary or {}).get("applied") and r.id != release.gate_report_id
+    ]

@@ -75,9 +75,9 @@ class JobRunContext:
     store: ArtifactStore
     op: OperationContext
     data_dir: Path
-    bundle_path: Path            # the signed bundle tar in the artifact store (read-only)
-    public_key_path: Path        # verifies the bundle
-    work_dir: Path               # scratch space for this job (kept across restarts for resuming)
+    bundle_path: Path  # the signed bundle tar in the artifact store (read-only)
+    public_key_path: Path  # verifies the bundle
+    work_dir: Path  # scratch space for this job (kept across restarts for resuming)
     data_owners: list[str] = field(default_factory=list)
     policy: JobPolicy = field(default_factory=lambda: JobPolicy())  # the admin's bounds (paths, timeouts)
 

@@ -45,12 +45,20 @@ def start_job(state: ServerState, job_id: str, created_by: str = ""):
     def work(ctx: OperationContext) -> OperationResult:
         work_dir = state.work_dir / job_id
         work_dir.mkdir(exist_ok=True)
-        run_ctx = JobRunContext(job=reg.get_job(job_id), emulator=emulator, model=model, registry=reg,
-                                store=state.store, op=ctx, data_dir=state.data_dir,
-                                bundle_path=state.store.path(emulator.bundle_sha256),
-                                public_key_path=state.public_key_for(emulator.manifest),  # its signer, after rotations too
-                                work_dir=work_dir, data_owners=reg.enrolled_data_owners(job_id),
-                                policy=state.config.job_policy)
+        run_ctx = JobRunContext(
+            job=reg.get_job(job_id),
+            emulator=emulator,
+            model=model,
+            registry=reg,
+            store=state.store,
+            op=ctx,
+            data_dir=state.data_dir,
+            bundle_path=state.store.path(emulator.bundle_sha256),
+            public_key_path=state.public_key_for(emulator.manifest),  # its signer, after rotations too
+            work_dir=work_dir,
+            data_owners=reg.enrolled_data_owners(job_id),
+            policy=state.config.job_policy,
+        )
         try:
             runner(run_ctx)
             ctx.check_cancelled()
@@ -65,8 +73,10 @@ def start_job(state: ServerState, job_id: str, created_by: str = ""):
             final = reg.update_job(job_id, state="completed")
         if final.state in ("failed", "cancelled"):
             raise RuntimeError(f"the job runner ended the job as {final.state}: {final.error}")
-        return OperationResult(resource=f"jobs/{job_id}",
-                               result={"job_id": job_id, "release_id": final.release_id, "rounds": final.current_round})
+        return OperationResult(
+            resource=f"jobs/{job_id}",
+            result={"job_id": job_id, "release_id": final.release_id, "rounds": final.current_round},
+        )
 
     try:
         row = state.ops.start("job-run", work, created_by=created_by)

@@ -33,12 +33,12 @@ class JobPolicy:
     engines: tuple[str, ...] = ("simulation", "deployment")
     max_rounds: int = 100
     max_min_clients: int = 1000
-    max_clients: int = 8                 # simulated data owners the server runs itself
+    max_clients: int = 8  # simulated data owners the server runs itself
     default_round_timeout_s: float = 600.0
     max_round_timeout_s: float = 3600.0
     max_job_timeout_s: float = 24 * 3600.0
-    superlink: str = "offsite"           # the connection name in FLWR_HOME/config.toml
-    flwr_home: Path | None = None        # default DATA_DIR/flwr-home (deploy/local writes one)
+    superlink: str = "offsite"  # the connection name in FLWR_HOME/config.toml
+    flwr_home: Path | None = None  # default DATA_DIR/flwr-home (deploy/local writes one)
 
     def job_timeout_s(self, options: dict, rounds: int) -> float:
         """The longest a job may run: its own job_timeout, else rounds x round timeout + 10 min, capped."""
@@ -126,8 +126,11 @@ _RUNNER_ONLY = ("clients", "corpus", "job_timeout")
 
 
 def _bounds(name: str, opt: Opt, policy: JobPolicy) -> Opt:
-    hi = {"clients": policy.max_clients, "round_timeout": policy.max_round_timeout_s,
-          "job_timeout": policy.max_job_timeout_s}.get(name, opt.hi)
+    hi = {
+        "clients": policy.max_clients,
+        "round_timeout": policy.max_round_timeout_s,
+        "job_timeout": policy.max_job_timeout_s,
+    }.get(name, opt.hi)
     return Opt(opt.kind, opt.lo, hi, opt.choices, opt.pattern, opt.help)
 
 
@@ -166,13 +169,24 @@ def _check_section(where: str, raw: Any, schema: dict[str, Opt], policy: JobPoli
     unknown = sorted(k for k in raw if k not in schema)
     if unknown:
         shown = ", ".join(repr(k[:64]) for k in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise ValueError(f"unknown {where} option(s): {shown}; allowed: {', '.join(schema)} "
-                         "(paths and commands are set by the server, not the request)")
+        raise ValueError(
+            f"unknown {where} option(s): {shown}; allowed: {', '.join(schema)} "
+            "(paths and commands are set by the server, not the request)"
+        )
     return {k: _check_value(where, k, v, _bounds(k, schema[k], policy)) for k, v in raw.items()}
 
 
-def validate_spec(*, emulator_id: str, rounds: int, min_clients: int, fraction: float, engine: str,
-                  train_config: Any, options: Any, policy: JobPolicy) -> dict:
+def validate_spec(
+    *,
+    emulator_id: str,
+    rounds: int,
+    min_clients: int,
+    fraction: float,
+    engine: str,
+    train_config: Any,
+    options: Any,
+    policy: JobPolicy,
+) -> dict:
     """The job spec to store, or ValueError naming the first bad field and its bounds."""
     rounds = int(rounds or 3)
     min_clients = int(min_clients or 2)
@@ -185,25 +199,40 @@ def validate_spec(*, emulator_id: str, rounds: int, min_clients: int, fraction: 
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError("spec.fraction must be in (0, 1]")
     if engine not in policy.engines:
-        raise ValueError(f"spec.engine {engine[:32]!r} is not one of {', '.join(policy.engines)} (the server's job policy)")
+        raise ValueError(
+            f"spec.engine {engine[:32]!r} is not one of {', '.join(policy.engines)} (the server's job policy)"
+        )
     train = _check_section("train_config", train_config, TRAIN_OPTIONS, policy)
     opts = _check_section("options", options, JOB_OPTIONS, policy)
     if "steps" in train and "local_steps" in train:
         raise ValueError("train_config: set steps or local_steps, not both")
     if engine == "simulation" and opts.get("clients", min_clients) < min_clients:
         raise ValueError(f"options.clients ({opts['clients']}) is below spec.min_clients ({min_clients})")
-    spec = {"emulator_id": emulator_id, "rounds": rounds, "min_clients": min_clients, "fraction": fraction,
-            "engine": engine, "train_config": train, "options": opts}
+    spec = {
+        "emulator_id": emulator_id,
+        "rounds": rounds,
+        "min_clients": min_clients,
+        "fraction": fraction,
+        "engine": engine,
+        "train_config": train,
+        "options": opts,
+    }
     _check_federation_config(spec)
     return spec
 
 
 def validate_stored_spec(spec: dict, policy: JobPolicy) -> dict:
     """Re-check a spec read from the registry before a job runs (same rules as CreateJob)."""
-    return validate_spec(emulator_id=str(spec.get("emulator_id", "")), rounds=spec.get("rounds", 0),
-                         min_clients=spec.get("min_clients", 0), fraction=spec.get("fraction", 0.0),
-                         engine=spec.get("engine", ""), train_config=spec.get("train_config"),
-                         options=spec.get("options"), policy=policy)
+    return validate_spec(
+        emulator_id=str(spec.get("emulator_id", "")),
+        rounds=spec.get("rounds", 0),
+        min_clients=spec.get("min_clients", 0),
+        fraction=spec.get("fraction", 0.0),
+        engine=spec.get("engine", ""),
+        train_config=spec.get("train_config"),
+        options=spec.get("options"),
+        policy=policy,
+    )
 
 
 def federation_overrides(spec: dict) -> dict:
@@ -216,9 +245,17 @@ def federation_overrides(spec: dict) -> dict:
 
 def _check_federation_config(spec: dict) -> None:
     """Cross-field rules (DP needs a clipping norm, DP and SecAgg+ exclude each other ...)."""
-    FederationConfig(job_id="check", model="check", bundle="check", bundle_digest="check", job_dir="check",
-                     rounds=spec["rounds"], min_clients=spec["min_clients"], fraction=spec["fraction"],
-                     **federation_overrides(spec))
+    FederationConfig(
+        job_id="check",
+        model="check",
+        bundle="check",
+        bundle_digest="check",
+        job_dir="check",
+        rounds=spec["rounds"],
+        min_clients=spec["min_clients"],
+        fraction=spec["fraction"],
+        **federation_overrides(spec),
+    )
 
 
 @dataclass(frozen=True)
@@ -231,5 +268,8 @@ class DeploymentPaths:
 def deployment_paths(data_dir: Path, policy: JobPolicy) -> DeploymentPaths:
     """Where the deployment engine's files live: under the data dir, or where the admin said."""
     data_dir = Path(data_dir)
-    return DeploymentPaths(app_dir=data_dir / "flower-app", flwr_home=Path(policy.flwr_home or data_dir / "flwr-home"),
-                           superlink=policy.superlink)
+    return DeploymentPaths(
+        app_dir=data_dir / "flower-app",
+        flwr_home=Path(policy.flwr_home or data_dir / "flwr-home"),
+        superlink=policy.superlink,
+    )

@@ -113,19 +113,28 @@ class OperationManager:
 
         Their scratch directories (``KIND-OPID-*`` under `scratch_dir`, made with mkdtemp by
         the work) are removed: no thread will ever finish or clean them up (issue 16)."""
-        stale = [row for row in self.registry.list_operations(states=("pending", "running"))
-                 if self.leases.orphaned(f"op:{row.id}")]  # another live server's work is not stale
+        stale = [
+            row
+            for row in self.registry.list_operations(states=("pending", "running"))
+            if self.leases.orphaned(f"op:{row.id}")
+        ]  # another live server's work is not stale
         for row in stale:
-            self.registry.update_operation(row.id, state="failed",
-                                           error="the server stopped while this ran; start it again")
+            self.registry.update_operation(
+                row.id, state="failed", error="the server stopped while this ran; start it again"
+            )
             if scratch_dir is not None and Path(scratch_dir).is_dir():
                 for left in Path(scratch_dir).glob(f"*-{row.id}-*"):
                     shutil.rmtree(left, ignore_errors=True)
         return len(stale)
 
     # ---- starting and running ---------------------------------------------------------------
-    def start(self, kind: str, work: Callable[[OperationContext], OperationResult | None],
-              created_by: str = "", on_finish: Callable[[OperationRow], None] | None = None) -> OperationRow:
+    def start(
+        self,
+        kind: str,
+        work: Callable[[OperationContext], OperationResult | None],
+        created_by: str = "",
+        on_finish: Callable[[OperationRow], None] | None = None,
+    ) -> OperationRow:
         if self._closing:
             raise ShuttingDown("the server is shutting down; start the operation again after it restarts")
         row = self.registry.add_operation(kind, created_by=created_by)
@@ -149,8 +158,14 @@ class OperationManager:
                 outcome = work(ctx) or OperationResult()
                 if cancel.is_set():
                     raise OperationCancelled("cancelled")
-                self._update(op_id, state="succeeded", progress=1.0, message="done",
-                             resource=outcome.resource, result=outcome.result)
+                self._update(
+                    op_id,
+                    state="succeeded",
+                    progress=1.0,
+                    message="done",
+                    resource=outcome.resource,
+                    result=outcome.result,
+                )
             except OperationCancelled:
                 self._update(op_id, state="cancelled", message="cancelled")
             except Exception as e:  # the error is the operation's result, not the server's

@@ -40,19 +40,19 @@ class ServerConfig:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 50051
-    database_url: str | None = None          # default: sqlite in data_dir
+    database_url: str | None = None  # default: sqlite in data_dir
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    client_ca: Path | None = None            # set: mutual TLS, clients need a certificate from this CA
-    signing_key: Path | None = None          # default: data_dir/keys/signing.key (created on first start)
+    client_ca: Path | None = None  # set: mutual TLS, clients need a certificate from this CA
+    signing_key: Path | None = None  # default: data_dir/keys/signing.key (created on first start)
     max_message_bytes: int = 8 * 1024 * 1024
-    max_upload_bytes: int = 16 * 1024 ** 3
+    max_upload_bytes: int = 16 * 1024**3
     download_chunk_bytes: int = 512 * 1024  # measured best on loopback (bench.transport)
-    op_workers: int = 2                      # short operations: builds, evals, exports
-    job_workers: int = 2                     # federated jobs (long): their own pool, so they never starve the above
+    op_workers: int = 2  # short operations: builds, evals, exports
+    job_workers: int = 2  # federated jobs (long): their own pool, so they never starve the above
     job_policy: JobPolicy = field(default_factory=JobPolicy)  # bounds on what a job request may ask for
     grace_s: float = 10.0
-    federation_address: str = ""             # told to data owners at enrollment
+    federation_address: str = ""  # told to data owners at enrollment
     max_watch_streams_per_data_owner: int = 4
     # Hooks: "module:function" strings, or callables when embedding the server (see hooks.py).
     job_runner: str | Callable = DEFAULT_JOB_RUNNER
@@ -118,8 +118,10 @@ class ServerState:
             key = Path(self.config.signing_key)
             pub = key.with_suffix(".pub")
             if not key.is_file() or not pub.is_file():
-                raise FileNotFoundError(f"signing key {key} or its public half {pub} is missing; "
-                                        "create them with `offsite-admin keys init --dir DIR`")
+                raise FileNotFoundError(
+                    f"signing key {key} or its public half {pub} is missing; "
+                    "create them with `offsite-admin keys init --dir DIR`"
+                )
             return key, pub
         keys = self.data_dir / "keys"
         key, pub = keys / "signing.key", keys / "signing.pub"
@@ -154,19 +156,25 @@ class ServerState:
             if models_root in path.parents and path.is_dir():
                 return str(path)  # a registered model's stored (already checked) location
         if not source or "\x00" in source or os.path.isabs(source) or ".." in Path(source).parts:
-            raise ValueError(f"model source {source!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) or the name "
-                             f"of a Hugging Face model directory you copied into {self.models_dir}")
+            raise ValueError(
+                f"model source {source!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) or the name "
+                f"of a Hugging Face model directory you copied into {self.models_dir}"
+            )
         path = (self.models_dir / source).resolve()
         if self.models_dir.resolve() not in path.parents or not path.is_dir():
-            raise ValueError(f"model source {source!r}: no directory {path}; copy the model directory into "
-                             f"{self.models_dir} first, or use a built-in name ({', '.join(BUILTIN_MODELS)})")
+            raise ValueError(
+                f"model source {source!r}: no directory {path}; copy the model directory into "
+                f"{self.models_dir} first, or use a built-in name ({', '.join(BUILTIN_MODELS)})"
+            )
         return str(path)
 
     def close(self) -> None:
         self.registry.close()
 
 
-def rotate_admin_token(data_dir: Path, registry: Registry, auth: Authenticator, ttl_seconds: int = 0) -> tuple[Path, str]:
+def rotate_admin_token(
+    data_dir: Path, registry: Registry, auth: Authenticator, ttl_seconds: int = 0
+) -> tuple[Path, str]:
     """Replace DATA_DIR/admin.token with a new admin token and revoke the one it held.
 
     Returns (path, new token id). The file is replaced atomically (mode 600); a running server

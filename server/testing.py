@@ -24,7 +24,7 @@ _LISTENING = re.compile(r"offsite server listening on (\S+):(\d+)")
 
 @dataclass(frozen=True)
 class TinyBundle:
-    key_dir: Path       # signing.key + signing.pub
+    key_dir: Path  # signing.key + signing.pub
     bundle_dir: Path
     tar_path: Path
     sha256: str
@@ -65,8 +65,9 @@ def free_port() -> int:
 class ServerProcess:
     """`offsite-admin serve` in a child process (so a test can SIGKILL it)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None, env: dict | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.extra_args = extra_args or []
@@ -83,8 +84,17 @@ class ServerProcess:
         return (self.data_dir / "admin.token").read_text().strip()
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "offsite.server.cli.main", "serve", "--data-dir", str(self.data_dir),
-               "--port", str(self.port), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "offsite.server.cli.main",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            *self.extra_args,
+        ]
         self._log_fh = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_fh, env=self.env)
         deadline = time.monotonic() + timeout

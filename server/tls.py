@@ -22,8 +22,12 @@ _VALID_DAYS = 825  # the longest validity mainstream TLS clients accept for a le
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Offsite (development)"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Offsite (development)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -35,21 +39,36 @@ def generate_ca(common_name: str = "Offsite development CA") -> tuple[ec.Ellipti
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
-def issue_certificate(ca_key, ca_cert: x509.Certificate, common_name: str, hosts: tuple[str, ...] = (),
-                      client: bool = False) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def issue_certificate(
+    ca_key, ca_cert: x509.Certificate, common_name: str, hosts: tuple[str, ...] = (), client: bool = False
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A leaf certificate for a server (`hosts` as SANs) or, with `client`, for mutual TLS."""
     key = _key()
     now = dt.datetime.now(dt.timezone.utc)
@@ -62,9 +81,12 @@ def issue_certificate(ca_key, ca_cert: x509.Certificate, common_name: str, hosts
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -75,16 +97,21 @@ def issue_certificate(ca_key, ca_cert: x509.Certificate, common_name: str, hosts
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def write_dev_pki(directory: str | Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, client_name: str | None = "client",
-                  force: bool = False) -> dict[str, Path]:
+def write_dev_pki(
+    directory: str | Path,
+    hosts: tuple[str, ...] = DEFAULT_HOSTS,
+    client_name: str | None = "client",
+    force: bool = False,
+) -> dict[str, Path]:
     """Write ca.pem/ca.key, server.pem/server.key and (with `client_name`) client.pem/client.key.
 
     Private keys are mode 600. Existing files are kept unless `force`, so a second run never
@@ -97,8 +124,10 @@ def write_dev_pki(directory: str | Path, hosts: tuple[str, ...] = DEFAULT_HOSTS,
         paths |= {"client_pem": directory / "client.pem", "client_key": directory / "client.key"}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not force:
-        raise FileExistsError(f"{', '.join(map(str, existing))} already exist; pass --force to replace them "
-                              "(certificates issued from the old CA stop working)")
+        raise FileExistsError(
+            f"{', '.join(map(str, existing))} already exist; pass --force to replace them "
+            "(certificates issued from the old CA stop working)"
+        )
     ca_key, ca_cert = generate_ca()
     srv_key, srv_cert = issue_certificate(ca_key, ca_cert, hosts[0], hosts)
     atomic_write(paths["ca_key"], _key_pem(ca_key), 0o600)
@@ -119,5 +148,6 @@ def server_credentials(cert_path: str | Path, key_path: str | Path, client_ca_pa
     cert, key = Path(cert_path).read_bytes(), Path(key_path).read_bytes()
     if client_ca_path is None:
         return grpc.ssl_server_credentials([(key, cert)])
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=Path(client_ca_path).read_bytes(),
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=Path(client_ca_path).read_bytes(), require_client_auth=True
+    )

@@ -84,8 +84,13 @@ def _fetch_from_restored(restored: Path, original: dict, tmp_path: Path, databas
         jobs = jobs_pb2_grpc.JobsStub(open_channel(s.address, original["admin_token"]))
         assert jobs.GetJob(jobs_pb2.GetJobRequest(id=original["job"])).id == original["job"]
         # Pinned to the signing key from before the backup: the restored server signs with the same key.
-        e = enroll(s.address, original["token"], original["job"], home=tmp_path / "home",
-                   public_key=original["keys"] / "signing.pub")
+        e = enroll(
+            s.address,
+            original["token"],
+            original["job"],
+            home=tmp_path / "home",
+            public_key=original["keys"] / "signing.pub",
+        )
         assert e.bundle_sha256 == original["sha"]
         got = fetch_bundle(e, original["token"], cache_dir=tmp_path / "cache")
         assert got.sha256 == original["sha"] and (got.path / "manifest.json").is_file() and got.downloaded > 0

@@ -55,8 +55,15 @@ def plain_bundle(tmp_path_factory, keys, loaded):
     plan = plan_split(8, (2, 2), 3)
     emulator = build_emulator_model(loaded, plan)
     out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(out, emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",
-                 base_digest=loaded.digest, signing_key=keys[0])
+    write_bundle(
+        out,
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+    )
     return out, emulator
 
 
@@ -135,8 +142,15 @@ def test_other_families_round_trip(name, keys, tmp_path):
     loaded = load_model(name)
     plan = plan_split(8, (2, 2))
     emulator = build_emulator_model(loaded, plan)
-    write_bundle(tmp_path / "b", emulator, plan, tokenizer=loaded.tokenizer, base_model_id=name,
-                 base_digest=loaded.digest, signing_key=keys[0])
+    write_bundle(
+        tmp_path / "b",
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id=name,
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+    )
     bundle = load_bundle(tmp_path / "b", keys[1])
     with torch.no_grad():
         assert torch.equal(bundle.model(IDS).logits, loaded.model(IDS).logits)
@@ -147,12 +161,32 @@ def test_quantized_bundle_loads_quant_shells_and_matches_memory(keys, loaded, tm
 
     cfg = BuildConfig(model="tiny-llama", quantize="int4", awq=True, block_size=64)
     blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
-    emulator, plan, block_quant, _ = prepare_emulator(cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False)
-    manifest = write_bundle(tmp_path / "q", emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",
-                            base_digest=loaded.digest, signing_key=keys[0], block_quant=block_quant,
-                            embeddings="int8", adapter_dtype="fp16")
+    emulator, plan, block_quant, _ = prepare_emulator(
+        cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
+    )
+    manifest = write_bundle(
+        tmp_path / "q",
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+        block_quant=block_quant,
+        embeddings="int8",
+        adapter_dtype="fp16",
+    )
     assert manifest["quantization"] == {"middle": "int4+awq", "embeddings": "int8", "adapter": "fp16"}
-    assert [b["quantization"]["bits"] if b["quantization"] else None for b in manifest["blocks"]] == [None, None, 4, 4, 4, 4, None, None]
+    assert [b["quantization"]["bits"] if b["quantization"] else None for b in manifest["blocks"]] == [
+        None,
+        None,
+        4,
+        4,
+        4,
+        4,
+        None,
+        None,
+    ]
     bundle = load_bundle(tmp_path / "q", keys[1])
     blocks = bundle.family.get_blocks(bundle.model)
     assert isinstance(blocks[3].mlp.up_proj, QuantLinear) and blocks[3].mlp.up_proj.input_scale is not None
@@ -166,8 +200,16 @@ def test_quantized_bundle_loads_quant_shells_and_matches_memory(keys, loaded, tm
 def test_low_bit_embeddings_round_trip_exactly(keys, loaded, tmp_path):
     plan = plan_split(8, (2, 2))
     emulator = build_emulator_model(loaded, plan)
-    manifest = write_bundle(tmp_path / "e", emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama",
-                            base_digest=loaded.digest, signing_key=keys[0], embeddings="int3")
+    manifest = write_bundle(
+        tmp_path / "e",
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+        embeddings="int3",
+    )
     assert manifest["storage"]["encoded"]["model.embed_tokens.weight"]["bits"] == 3
     emb = emulator.get_input_embeddings().weight
     assert not torch.equal(emb, loaded.model.get_input_embeddings().weight)  # lossy, in place
@@ -233,7 +275,15 @@ def _tamper_resigned_other_key(b, other_key):
     return "manifest.sig"
 
 
-TAMPERS = [_tamper_changed, _tamper_truncated, _tamper_extra, _tamper_missing, _tamper_unsigned, _tamper_bad_signature, _tamper_manifest]
+TAMPERS = [
+    _tamper_changed,
+    _tamper_truncated,
+    _tamper_extra,
+    _tamper_missing,
+    _tamper_unsigned,
+    _tamper_bad_signature,
+    _tamper_manifest,
+]
 
 
 @pytest.mark.parametrize("tamper", TAMPERS, ids=lambda f: f.__name__[8:])

@@ -40,8 +40,11 @@ class _Zeros(io.RawIOBase):
 
 
 def _manifest(claimed_size: int) -> bytes:
-    manifest = {"format": BUNDLE_FORMAT, "files": {"emulator.safetensors": {"size": claimed_size, "sha256": "0" * 64}},
-                "base_model": {"id": "tiny-llama", "digest": "", "family": "llama"}}
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "files": {"emulator.safetensors": {"size": claimed_size, "sha256": "0" * 64}},
+        "base_model": {"id": "tiny-llama", "digest": "", "family": "llama"},
+    }
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -78,8 +81,8 @@ def attacker_keys(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory, keys, attacker_keys):
     root = tmp_path_factory.mktemp("bombs")
-    resigned = make_bomb(root / "resigned.tar.gz", attacker_keys[0], BIG)   # another key
-    lying = make_bomb(root / "lying.tar.gz", keys[0], 1024)                 # right key, the member is larger
+    resigned = make_bomb(root / "resigned.tar.gz", attacker_keys[0], BIG)  # another key
+    lying = make_bomb(root / "lying.tar.gz", keys[0], 1024)  # right key, the member is larger
     return resigned, lying
 
 
@@ -128,8 +131,11 @@ def test_another_signer_is_refused_before_anything_is_written(bombs, keys, tmp_p
 
 def test_extraction_is_bounded_by_the_signed_sizes(bombs, keys, tmp_path, system_tmp):
     _, lying = bombs
-    for action in (lambda: verify_bundle(lying, keys[1]), lambda: extract_bundle(lying, tmp_path / "out", keys[1]),
-                   lambda: load_bundle(lying, keys[1])):
+    for action in (
+        lambda: verify_bundle(lying, keys[1]),
+        lambda: extract_bundle(lying, tmp_path / "out", keys[1]),
+        lambda: load_bundle(lying, keys[1]),
+    ):
         with pytest.raises(BundleError, match=rf"emulator\.safetensors: {BIG} bytes, the manifest says 1024"):
             action()
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [system_tmp]
@@ -152,12 +158,14 @@ def test_register_emulator_refuses_the_bomb_without_expanding_it(bombs, keys, tm
         channel = open_channel(srv.address, srv.admin_token)
         for bomb in (bombs[0], lying):
             data = bomb.read_bytes()
-            ref = artifacts_pb2_grpc.ArtifactsStub(channel).Upload(iter([
-                artifacts_pb2.UploadRequest(kind="bundle", name=bomb.name, data=data)]))
+            ref = artifacts_pb2_grpc.ArtifactsStub(channel).Upload(
+                iter([artifacts_pb2.UploadRequest(kind="bundle", name=bomb.name, data=data)])
+            )
             before = _bytes_under(data_dir)
             with pytest.raises(grpc.RpcError) as e:
                 models_pb2_grpc.EmulatorsStub(channel).RegisterEmulator(
-                    models_pb2.RegisterEmulatorRequest(model=model.id, bundle_sha256=ref.sha256))
+                    models_pb2.RegisterEmulatorRequest(model=model.id, bundle_sha256=ref.sha256)
+                )
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ("manifest.sig" if bomb is bombs[0] else "the manifest says 1024") in e.value.details()
             # Nothing was expanded: the data dir grew by a few KB of registry writes at most.

@@ -31,8 +31,17 @@ def quant_bundle(tmp_path_factory):
             quantize_module(blocks[pos], 4)
             block_quant[pos] = {"bits": 4, "group_size": 64, "awq": False}
     out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(out, emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama", base_digest=loaded.digest,
-                 signing_key=keys[0], block_quant=block_quant, embeddings="int4")
+    write_bundle(
+        out,
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+        block_quant=block_quant,
+        embeddings="int4",
+    )
     return out, keys[1]
 
 
@@ -51,13 +60,27 @@ def test_loading_imports_the_stored_format_only(quant_bundle, runtime):
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["quant"] > 0
-    for owner_only in ("offsite.emulators.calibrate", "offsite.emulators.quantize", "offsite.emulators.bundle_write",
-                       "offsite.emulators.build", "offsite.emulators.distill"):
+    for owner_only in (
+        "offsite.emulators.calibrate",
+        "offsite.emulators.quantize",
+        "offsite.emulators.bundle_write",
+        "offsite.emulators.build",
+        "offsite.emulators.distill",
+    ):
         assert owner_only not in seen["mods"]
 
 
 def test_old_import_paths_name_the_same_objects():
-    from offsite.emulators import bundle, bundle_format, bundle_load, bundle_write, calibrate, lowbit, quantize, vocab_codec
+    from offsite.emulators import (
+        bundle,
+        bundle_format,
+        bundle_load,
+        bundle_write,
+        calibrate,
+        lowbit,
+        quantize,
+        vocab_codec,
+    )
 
     assert bundle.load_bundle is bundle_load.load_bundle and bundle.write_bundle is bundle_write.write_bundle
     assert bundle.verify_bundle is bundle_format.verify_bundle and bundle.BundleError is bundle_format.BundleError

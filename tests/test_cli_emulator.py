@@ -43,9 +43,29 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, keys, corpus):
     out = tmp_path_factory.mktemp("b") / "bundle"
-    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--adapter-layers", "2,2", "--emulator-layers", "3",
-               "--quantize", "int4", "--awq", "--corpus", corpus, "--block-size", "64",
-               "--signing-key", keys[0], "--out", out, "--json")
+    r = invoke(
+        "emulators",
+        "local",
+        "build",
+        "--model",
+        "tiny-llama",
+        "--adapter-layers",
+        "2,2",
+        "--emulator-layers",
+        "3",
+        "--quantize",
+        "int4",
+        "--awq",
+        "--corpus",
+        corpus,
+        "--block-size",
+        "64",
+        "--signing-key",
+        keys[0],
+        "--out",
+        out,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
     return out, manifest
@@ -95,8 +115,13 @@ def test_verify_reports_a_tampered_file(bundle, keys, tmp_path):
 
 
 def _bad_build(tmp_path, keys, corpus, **overrides):
-    args = {"--model": "tiny-llama", "--signing-key": keys[0], "--out": tmp_path / "out", "--corpus": corpus,
-            "--block-size": "64"}
+    args = {
+        "--model": "tiny-llama",
+        "--signing-key": keys[0],
+        "--out": tmp_path / "out",
+        "--corpus": corpus,
+        "--block-size": "64",
+    }
     args.update(overrides)
     flat = [x for kv in args.items() for x in kv if x is not None]
     return invoke("emulators", "local", "build", *flat), args["--out"]
@@ -133,7 +158,21 @@ def test_bad_input_names_the_problem_and_leaves_nothing(tmp_path, keys, corpus, 
 
 def test_build_refuses_an_existing_out(bundle, keys, corpus):
     out, manifest = bundle
-    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--signing-key", keys[0], "--out", out, "--corpus", corpus, "--block-size", "64")
+    r = invoke(
+        "emulators",
+        "local",
+        "build",
+        "--model",
+        "tiny-llama",
+        "--signing-key",
+        keys[0],
+        "--out",
+        out,
+        "--corpus",
+        corpus,
+        "--block-size",
+        "64",
+    )
     assert r.exit_code != 0 and "already exists" in r.output
     assert json.loads((out / "manifest.json").read_text())["created_at"] == manifest["created_at"]
 
@@ -145,15 +184,29 @@ def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, ke
     b = load_bundle(out, keys[1])
     state = {k: v + 0.01 for k, v in b.adapter_state().items()}
     save_adapter(tmp_path / "adapter.safetensors", state, b.base_digest)
-    r = invoke("plugin", "--model", "tiny-llama", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand",
-               "--bundle", out, "--public-key", keys[1], "--json")
+    r = invoke(
+        "plugin",
+        "--model",
+        "tiny-llama",
+        "--adapter",
+        tmp_path / "adapter.safetensors",
+        "--out",
+        tmp_path / "cand",
+        "--bundle",
+        out,
+        "--public-key",
+        keys[1],
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cand", local_files_only=True)
     params = dict(model.named_parameters())
     name = "model.layers.7.mlp.down_proj.weight"
     assert torch.equal(params[name], state[name])
     # The same adapter against another base model: refused, nothing written.
-    r = invoke("plugin", "--model", "tiny-gpt2", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand2")
+    r = invoke(
+        "plugin", "--model", "tiny-gpt2", "--adapter", tmp_path / "adapter.safetensors", "--out", tmp_path / "cand2"
+    )
     assert r.exit_code != 0 and "made for base model" in r.output
     assert not (tmp_path / "cand2").exists()
 
@@ -161,8 +214,28 @@ def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, ke
 def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
     pytest.importorskip("offsite.emulators.distill")
     out = tmp_path / "distilled"
-    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--emulator-layers", "2", "--distill-steps", "2",
-               "--quantize", "int8", "--corpus", corpus, "--block-size", "32", "--signing-key", keys[0], "--out", out, "--json")
+    r = invoke(
+        "emulators",
+        "local",
+        "build",
+        "--model",
+        "tiny-llama",
+        "--emulator-layers",
+        "2",
+        "--distill-steps",
+        "2",
+        "--quantize",
+        "int8",
+        "--corpus",
+        corpus,
+        "--block-size",
+        "32",
+        "--signing-key",
+        keys[0],
+        "--out",
+        out,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
     assert manifest["build"]["distill"]["steps"] == 2
@@ -176,8 +249,26 @@ def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
-    args = ["demo", "--work-dir", tmp_path / "demo", "--model", "tiny-llama", "--quantize", "int4", "--no-awq",
-            "--steps", "2", "--block-size", "64", "--eval-blocks", "4", "--no-export", "--rounds", "0", "--json"]
+    args = [
+        "demo",
+        "--work-dir",
+        tmp_path / "demo",
+        "--model",
+        "tiny-llama",
+        "--quantize",
+        "int4",
+        "--no-awq",
+        "--steps",
+        "2",
+        "--block-size",
+        "64",
+        "--eval-blocks",
+        "4",
+        "--no-export",
+        "--rounds",
+        "0",
+        "--json",
+    ]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -185,7 +276,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
     assert res["stages"] == ["keys", "bundle", "verify", "zero-shot", "fine-tune", "plug-in"]
     assert all(Path(res["paths"][k]).exists() for k in ("keys", "bundle", "adapter", "results"))
     assert all(v > 1 for v in res["ppl"].values())
-    assert (tmp_path / "demo" / "keys" / "signing.key").exists() and (tmp_path / "demo" / "adapter.safetensors").exists()
+    assert (tmp_path / "demo" / "keys" / "signing.key").exists() and (
+        tmp_path / "demo" / "adapter.safetensors"
+    ).exists()
     created = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())["created_at"]
     again = json.loads(invoke(*args).stdout.strip().splitlines()[-1])
     assert again["training"] == {"reused": True}
@@ -195,8 +288,26 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
 
 def test_mixed_precision_per_block(tmp_path, keys, corpus):
     out = tmp_path / "mixed"
-    r = invoke("emulators", "local", "build", "--model", "tiny-llama", "--quantize", "int4", "--block-bits", "3:2,4:8,5:0",
-               "--corpus", corpus, "--block-size", "64", "--signing-key", keys[0], "--out", out, "--json")
+    r = invoke(
+        "emulators",
+        "local",
+        "build",
+        "--model",
+        "tiny-llama",
+        "--quantize",
+        "int4",
+        "--block-bits",
+        "3:2,4:8,5:0",
+        "--corpus",
+        corpus,
+        "--block-size",
+        "64",
+        "--signing-key",
+        keys[0],
+        "--out",
+        out,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
     bits = {b["origin"]: (b["quantization"] or {}).get("bits") for b in manifest["blocks"]}
@@ -213,7 +324,9 @@ def test_unknown_family_names_the_supported_ones(tmp_path, keys, corpus):
     from offsite.emulators.models import byte_tokenizer
 
     model_dir = tmp_path / "neox"
-    config = GPTNeoXConfig(vocab_size=259, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    config = GPTNeoXConfig(
+        vocab_size=259, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     r, out = _bad_build(tmp_path, keys, corpus, **{"--model": str(model_dir)})
@@ -225,9 +338,34 @@ def test_demo_rounds_end_in_a_gated_release_and_resume(tmp_path):
     """Stages 7-8: federated rounds on the demo's bundle, then the gate; a capped eval fails closed."""
     from offsite.server.registry import Registry
 
-    args = ["demo", "--work-dir", tmp_path / "demo", "--model", "tiny-llama", "--quantize", "int4", "--no-awq",
-            "--steps", "1", "--block-size", "64", "--eval-blocks", "2", "--no-export", "--rounds", "1", "--clients", "2",
-            "--local-steps", "1", "--eval-limit", "1", "--gate-suites", "capability_general", "--json"]
+    args = [
+        "demo",
+        "--work-dir",
+        tmp_path / "demo",
+        "--model",
+        "tiny-llama",
+        "--quantize",
+        "int4",
+        "--no-awq",
+        "--steps",
+        "1",
+        "--block-size",
+        "64",
+        "--eval-blocks",
+        "2",
+        "--no-export",
+        "--rounds",
+        "1",
+        "--clients",
+        "2",
+        "--local-steps",
+        "1",
+        "--eval-limit",
+        "1",
+        "--gate-suites",
+        "capability_general",
+        "--json",
+    ]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])

@@ -19,8 +19,22 @@ def test_top_level_lists_each_noun_once_and_hides_the_old_spellings():
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0
     listed = set(re.findall(r"^│ (\w+) ", r.stdout, re.M))
-    for noun in ("keys", "plugin", "demo", "serve", "models", "emulators", "jobs", "releases", "evals", "ops",
-                 "artifacts", "tokens", "audit", "whoami"):
+    for noun in (
+        "keys",
+        "plugin",
+        "demo",
+        "serve",
+        "models",
+        "emulators",
+        "jobs",
+        "releases",
+        "evals",
+        "ops",
+        "artifacts",
+        "tokens",
+        "audit",
+        "whoami",
+    ):
         assert noun in listed, noun
     assert not listed & {"emulator", "bundles", "eval", "job"}
 
@@ -37,13 +51,16 @@ def test_schedule_lives_only_under_server_evals():
     assert runner.invoke(app, ["evals", "local", "schedule", "--help"]).exit_code != 0
 
 
-@pytest.mark.parametrize("old, new", [
-    (["emulator", "build"], ["emulators", "local", "build"]),
-    (["bundles", "build"], ["emulators", "build"]),
-    (["eval", "gate"], ["evals", "local", "gate"]),
-    (["eval", "schedule", "create"], ["evals", "schedule", "create"]),
-    (["job", "resume"], ["jobs", "local", "resume"]),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (["emulator", "build"], ["emulators", "local", "build"]),
+        (["bundles", "build"], ["emulators", "build"]),
+        (["eval", "gate"], ["evals", "local", "gate"]),
+        (["eval", "schedule", "create"], ["evals", "schedule", "create"]),
+        (["job", "resume"], ["jobs", "local", "resume"]),
+    ],
+)
 def test_old_spellings_are_hidden_aliases_of_the_new_commands(old, new):
     a = runner.invoke(app, [*old, "--help"])
     b = runner.invoke(app, [*new, "--help"])
@@ -66,8 +83,11 @@ def test_failures_have_one_format_in_both_clis(tmp_path):
     assert json.loads(r.stdout) == {"ok": False, "error": json.loads(r.stdout)["error"]}
     r = runner.invoke(app, ["emulators", "local", "verify", str(missing), "--public-key", str(missing)])
     assert r.exit_code == 1 and r.stderr.startswith("error:") and r.stdout == ""
-    r = runner.invoke(client_app, ["fetch", "--job", "job_000000000000", "--json"],
-                      env={"OFFSITE_CLIENT_HOME": str(tmp_path / "home")})
+    r = runner.invoke(
+        client_app,
+        ["fetch", "--job", "job_000000000000", "--json"],
+        env={"OFFSITE_CLIENT_HOME": str(tmp_path / "home")},
+    )
     assert r.exit_code == 1 and json.loads(r.stdout)["ok"] is False
 
 
@@ -82,7 +102,9 @@ def test_help_loads_no_heavy_library():
     import subprocess
     import sys
 
-    code = ("import sys, offsite.server.cli.main, offsite.client.cli; "
-            "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'ray') if m in sys.modules))")
+    code = (
+        "import sys, offsite.server.cli.main, offsite.client.cli; "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -19,17 +19,38 @@ runner = CliRunner()
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-train")
     key, pub = generate_signing_key(root / "keys")
-    build_bundle(BuildConfig(model="tiny-llama", adapter_layers=(2, 2), emulator_layers=2), key, root / "bundle",
-                 progress=False)
+    build_bundle(
+        BuildConfig(model="tiny-llama", adapter_layers=(2, 2), emulator_layers=2), key, root / "bundle", progress=False
+    )
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"}) + "\n"
-                            for i in range(16)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"}) + "\n" for i in range(16))
+    )
     return root / "bundle", pub, data
 
 
 def _args(bundle_dir, pub, data, out, *extra):
-    return ["train", "--bundle", str(bundle_dir), "--public-key", str(pub), "--data", str(data), "--out", str(out),
-            "--steps", "2", "--block-size", "32", "--batch-size", "2", "--precision", "fp32", "--no-progress", *extra]
+    return [
+        "train",
+        "--bundle",
+        str(bundle_dir),
+        "--public-key",
+        str(pub),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_train_writes_adapter_and_json(bundle, tmp_path):
@@ -37,7 +58,7 @@ def test_train_writes_adapter_and_json(bundle, tmp_path):
     out = tmp_path / "adapter.safetensors"
     result = runner.invoke(app, _args(bundle_dir, pub, data, out, "--scheme", "top", "--json"))
     assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout[result.stdout.index("{"):])
+    record = json.loads(result.stdout[result.stdout.index("{") :])
     for key in ("scheme", "peak_rss_mb", "tokens_per_s", "loss_first", "loss_last"):
         assert key in record
     state, meta = load_adapter(out)
@@ -74,6 +95,7 @@ def test_bad_data_names_file_and_line(bundle, tmp_path):
 
 def test_scheme_and_budget_exclude_each_other(bundle, tmp_path):
     bundle_dir, pub, data = bundle
-    result = runner.invoke(app, _args(bundle_dir, pub, data, tmp_path / "a.safetensors", "--scheme", "top",
-                                      "--memory-budget", "600MB"))
+    result = runner.invoke(
+        app, _args(bundle_dir, pub, data, tmp_path / "a.safetensors", "--scheme", "top", "--memory-budget", "600MB")
+    )
     assert result.exit_code != 0 and "exclude each other" in result.output

@@ -186,7 +186,10 @@ def test_compose_services_and_only_public_ports(compose):
     superlink_port = int(_flag_value(superlink_command(Path("/s"), _tls(), Path("/x")), "--port"))
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
     # Data owners get the API and the Fleet proxy; the SuperLink's own port carries the Control API.
-    assert published == {"server": [f"{serve_port}:{serve_port}"], "fleet-proxy": [f"{superlink_port}:{superlink_port}"]}
+    assert published == {
+        "server": [f"{serve_port}:{serve_port}"],
+        "fleet-proxy": [f"{superlink_port}:{superlink_port}"],
+    }
     assert compose["networks"]["internal"]["internal"] is True
     for name in ("postgres", "superexec", "superlink"):
         assert services[name]["networks"] == ["internal"], name

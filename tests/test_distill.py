@@ -35,17 +35,37 @@ def _middle(emu, plan, family):
     return {n: p.detach().clone() for n, p in emu.named_parameters() if family.block_index(n) in pos}
 
 
-
 def distill(loaded, emu, plan, train, heldout, checkpoint_dir=None, progress=False, on_progress=None, **knobs):
-    return distill_emulator(loaded, emu, plan, train, heldout, DistillConfig(**knobs), checkpoint_dir=checkpoint_dir,
-                            progress=progress, on_progress=on_progress)
+    return distill_emulator(
+        loaded,
+        emu,
+        plan,
+        train,
+        heldout,
+        DistillConfig(**knobs),
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        on_progress=on_progress,
+    )
+
 
 def test_distillation_lowers_the_distillation_loss_and_trains_only_the_middle(tiny):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded)
     before = {n: p.detach().clone() for n, p in emu.named_parameters()}
-    report = distill(loaded, emu, plan, train, heldout, steps=40, lr=3e-3, batch_size=4, progress=False,
-                              warmup_steps=2, eval_every=40)
+    report = distill(
+        loaded,
+        emu,
+        plan,
+        train,
+        heldout,
+        steps=40,
+        lr=3e-3,
+        batch_size=4,
+        progress=False,
+        warmup_steps=2,
+        eval_every=40,
+    )
     mse = [r["mse"] for r in report["losses"]]
     assert sum(mse[-5:]) / 5 < 0.7 * sum(mse[:5]) / 5
     middle = set(plan.emulator_positions)
@@ -85,8 +105,20 @@ def test_the_best_heldout_checkpoint_is_kept(tiny, tmp_path):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded)
     # A learning rate far too high: the emulator gets worse, so the best state is an early one.
-    report = distill(loaded, emu, plan, train, heldout, steps=12, lr=0.5, batch_size=4, progress=False,
-                              warmup_steps=0, eval_every=3, checkpoint_dir=tmp_path / "c")
+    report = distill(
+        loaded,
+        emu,
+        plan,
+        train,
+        heldout,
+        steps=12,
+        lr=0.5,
+        batch_size=4,
+        progress=False,
+        warmup_steps=0,
+        eval_every=3,
+        checkpoint_dir=tmp_path / "c",
+    )
     assert report["best_ppl"] < report["ppl_final"]
     assert perplexity(emu, heldout) == pytest.approx(report["best_ppl"], rel=1e-5)
     best = json.loads((tmp_path / "c" / "best" / "best.json").read_text())
@@ -96,8 +128,21 @@ def test_the_best_heldout_checkpoint_is_kept(tiny, tmp_path):
 def test_quantization_aware_distillation_leaves_plain_weights(tiny):
     loaded, train, heldout = tiny
     emu, plan = _emulator(loaded, k=4)
-    report = distill(loaded, emu, plan, train, heldout, steps=20, lr=3e-3, batch_size=4, progress=False,
-                              warmup_steps=2, eval_every=20, quant_bits={p: 3 for p in plan.emulator_positions}, match="all")
+    report = distill(
+        loaded,
+        emu,
+        plan,
+        train,
+        heldout,
+        steps=20,
+        lr=3e-3,
+        batch_size=4,
+        progress=False,
+        warmup_steps=2,
+        eval_every=20,
+        quant_bits={p: 3 for p in plan.emulator_positions},
+        match="all",
+    )
     assert report["qat"]
     assert not any(parametrize.is_parametrized(m) for m in emu.modules())
     mse = [r["mse"] for r in report["losses"]]

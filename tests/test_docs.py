@@ -20,13 +20,15 @@ GENERATED = {ROOT / "docs" / "cli.md", ROOT / "docs" / "partner-api.md"}
 
 
 def test_cli_reference_is_generated_from_the_code():
-    assert (ROOT / "docs" / "cli.md").read_text() == cli_docs.render(), \
+    assert (ROOT / "docs" / "cli.md").read_text() == cli_docs.render(), (
         "docs/cli.md is stale: run `python -m offsite.cli_docs` (or `make docs`) and commit it"
+    )
 
 
 def test_partner_api_is_generated_from_the_protos():
-    assert (ROOT / "docs" / "partner-api.md").read_text() == api_docs.render(), \
+    assert (ROOT / "docs" / "partner-api.md").read_text() == api_docs.render(), (
         "docs/partner-api.md is stale: run `python -m offsite.api_docs` (or `make docs`) and commit it"
+    )
 
 
 def test_every_service_has_a_checked_example():
@@ -90,8 +92,9 @@ def test_the_docs_show_commands():
 def test_every_command_shown_in_the_docs_parses(page, line, words):
     path, cmd, rest = _resolve(words)
     where = f"{page.name}:{line}: `{' '.join(words)}`"
-    assert not isinstance(cmd, click.Group) or not rest or rest[0].startswith("-"), \
+    assert not isinstance(cmd, click.Group) or not rest or rest[0].startswith("-"), (
         f"{where}: {' '.join(path)} has no command {rest[0]!r}"
+    )
     names = {o for p in cmd.params for o in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))}
     for w in rest:
         if w.startswith("--") and w != "--help":

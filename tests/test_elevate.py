@@ -49,7 +49,9 @@ def test_elevation_lifts_the_gap_to_the_margin_and_touches_only_middle_norms(tin
     # the gap holds for an adapter it never saw (another noised copy), in both models
     g = torch.Generator().manual_seed(7)
     base = adapter_state(tiny.model, tiny.family, plan.adapter_origin)
-    unseen = {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v for k, v in base.items()}
+    unseen = {
+        k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v for k, v in base.items()
+    }
     full = copy.deepcopy(tiny.model)
     load_adapter(full, tiny.family, plan.adapter_origin, unseen)
     load_adapter(emu, tiny.family, plan.adapter_positions, unseen)
@@ -68,7 +70,14 @@ def test_elevate_into_a_quantized_emulator_keeps_the_low_bit_weights(tiny):
         quantize_module(tiny.family.get_blocks(emu)[pos], 4, 32)
     codes = {n: b.clone() for n, b in emu.named_buffers() if n.endswith("qweight")}
     norms = {n: p.clone() for n, p in middle_norm_params(emu, tiny.family, plan).items()}
-    elevate_into(tiny.model, emu, tiny.family, plan, _blocks(), ElevationConfig(margin=0.3, steps=6, lr=5e-2, finetune_checkpoints=()))
+    elevate_into(
+        tiny.model,
+        emu,
+        tiny.family,
+        plan,
+        _blocks(),
+        ElevationConfig(margin=0.3, steps=6, lr=5e-2, finetune_checkpoints=()),
+    )
     assert any(isinstance(m, QuantLinear) for m in emu.modules())
     assert all(torch.equal(b, codes[n]) for n, b in emu.named_buffers() if n.endswith("qweight"))
     assert any(not torch.equal(p, norms[n]) for n, p in middle_norm_params(emu, tiny.family, plan).items())

@@ -20,8 +20,9 @@ def _target():
 
 
 def _cfg(budget):
-    return TrainConfig(memory_budget_mb=budget, steps=2, lr=1e-2, block_size=32, batch_size=2, precision="fp32",
-                       probe_steps=1)
+    return TrainConfig(
+        memory_budget_mb=budget, steps=2, lr=1e-2, block_size=32, batch_size=2, precision="fp32", probe_steps=1
+    )
 
 
 def test_budget_below_minimum_names_the_minimum_and_choice_fits(monkeypatch):

@@ -32,14 +32,16 @@ def _run(make_opt, make_sched, steps: int = 12):
 
 
 def factor(step: int) -> float:
-    return min(1.0, (step + 1) / 3) * 0.9 ** step
+    return min(1.0, (step + 1) / 3) * 0.9**step
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_matches_torch(wd):
     ours, lr_a = _run(lambda ps: optim.AdamW(ps, lr=0.05, weight_decay=wd), lambda o: optim.LambdaSchedule(o, factor))
-    ref, lr_b = _run(lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=wd),
-                     lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor))
+    ref, lr_b = _run(
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=wd),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert lr_a == pytest.approx(lr_b)
     assert not torch.equal(ours, _problem()[0])  # it moved
@@ -47,7 +49,10 @@ def test_adamw_matches_torch(wd):
 
 def test_sgd_matches_torch():
     ours, _ = _run(lambda ps: optim.SGD(ps, lr=0.05, weight_decay=0.01), lambda o: optim.LambdaSchedule(o, factor))
-    ref, _ = _run(lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=0.01), lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor))
+    ref, _ = _run(
+        lambda ps: torch.optim.SGD(ps, lr=0.05, weight_decay=0.01),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, factor),
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 

@@ -115,7 +115,11 @@ def test_channel_slice_equals_masked_update(conv1d, opt):
     else:
         mask[:, sliced.idx] = 1
     masked.bias.requires_grad_(False)
-    make = (lambda p: torch.optim.SGD(p, lr=0.1)) if opt == "sgd" else (lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0))
+    make = (
+        (lambda p: torch.optim.SGD(p, lr=0.1))
+        if opt == "sgd"
+        else (lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0))
+    )
     o1, o2 = make([sliced.delta]), make([masked.weight])
     for step in range(4):
         x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(step))

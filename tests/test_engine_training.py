@@ -80,8 +80,20 @@ def test_pruned_backward_restores_grad_mode_and_hooks():
 def test_activation_checkpointing_gives_same_gradients():
     results = []
     for ac in (False, True):
-        r = train_model(_target(), TEXT, TrainConfig(scheme="top", steps=2, lr=1e-2, block_size=32, batch_size=2,
-                                                    precision="fp32", activation_checkpointing=ac), progress=False)
+        r = train_model(
+            _target(),
+            TEXT,
+            TrainConfig(
+                scheme="top",
+                steps=2,
+                lr=1e-2,
+                block_size=32,
+                batch_size=2,
+                precision="fp32",
+                activation_checkpointing=ac,
+            ),
+            progress=False,
+        )
         results.append(r.adapter_state)
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k])
@@ -105,8 +117,12 @@ def test_fused_head_loss_matches_chunked_loss_and_gradient():
 def test_bf16_run_leaves_untouched_adapter_weights_bit_identical_and_loss_falls():
     target = _target()
     before = {k: v.clone() for k, v in target.model.named_parameters()}
-    r = train_model(target, TEXT, TrainConfig(scheme="top", steps=6, lr=3e-3, block_size=32, batch_size=2,
-                                              precision="bf16"), progress=False)
+    r = train_model(
+        target,
+        TEXT,
+        TrainConfig(scheme="top", steps=6, lr=3e-3, block_size=32, batch_size=2, precision="bf16"),
+        progress=False,
+    )
     assert r.metrics["precision"] == "bfloat16"
     for k, v in r.adapter_state.items():
         assert v.dtype == torch.float32
@@ -116,20 +132,41 @@ def test_bf16_run_leaves_untouched_adapter_weights_bit_identical_and_loss_falls(
     # the caller gets a model in its own dtypes back: a plain fp32 forward works
     assert {p.dtype for p in target.model.parameters()} == {torch.float32}
     target.model(input_ids=_batch()[0])
-    for key in ("scheme", "examples", "tokens", "loss_first", "loss_last", "eval_ppl_before", "eval_ppl_after",
-                "peak_rss_mb", "tokens_per_s", "trainable_params", "num_examples"):
+    for key in (
+        "scheme",
+        "examples",
+        "tokens",
+        "loss_first",
+        "loss_last",
+        "eval_ppl_before",
+        "eval_ppl_after",
+        "peak_rss_mb",
+        "tokens_per_s",
+        "trainable_params",
+        "num_examples",
+    ):
         assert r.metrics[key] is not None, key
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(scheme="top:channels:0.5,bottom:norms", steps=5, lr=1e-2, block_size=32, batch_size=2, grad_accum=2,
-                precision="fp32", checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    base = dict(
+        scheme="top:channels:0.5,bottom:norms",
+        steps=5,
+        lr=1e-2,
+        block_size=32,
+        batch_size=2,
+        grad_accum=2,
+        precision="fp32",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    straight = train_model(_target(), TEXT, TrainConfig(**{**_cfg(tmp_path).__dict__, "checkpoint_dir": None}),
-                           progress=False)
+    straight = train_model(
+        _target(), TEXT, TrainConfig(**{**_cfg(tmp_path).__dict__, "checkpoint_dir": None}), progress=False
+    )
 
     class Crash(Exception):
         pass
@@ -184,13 +221,33 @@ def test_fp16_stored_adapter_trains_in_fp32_and_untouched_weights_come_back_exac
         seen["frozen"] = params["model.layers.0.self_attn.q_proj.weight"].dtype
         seen["trained"] = {p.dtype for p in params.values() if p.requires_grad}
 
-    r = train_model(target, TEXT, TrainConfig(scheme="top:channels:0.5,bottom:norms", steps=3, lr=3e-3, block_size=32,
-                                              batch_size=2, precision="bf16"), progress=False, on_step=on_step)
+    r = train_model(
+        target,
+        TEXT,
+        TrainConfig(
+            scheme="top:channels:0.5,bottom:norms", steps=3, lr=3e-3, block_size=32, batch_size=2, precision="bf16"
+        ),
+        progress=False,
+        on_step=on_step,
+    )
     assert seen == {"frozen": torch.float16, "trained": {torch.float32}}
     changed = {k for k, v in r.adapter_state.items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith(("model.layers.6.", "model.layers.7.", "model.layers.0.input", "model.layers.0.post",
-                                          "model.layers.1.input", "model.layers.1.post")) for k in changed)
-    assert torch.equal(r.adapter_state["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert changed and all(
+        k.startswith(
+            (
+                "model.layers.6.",
+                "model.layers.7.",
+                "model.layers.0.input",
+                "model.layers.0.post",
+                "model.layers.1.input",
+                "model.layers.1.post",
+            )
+        )
+        for k in changed
+    )
+    assert torch.equal(
+        r.adapter_state["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
     assert r.metrics["tokens_per_cpu_s"] > 0
 
 
@@ -198,6 +255,10 @@ def test_release_tokenizer_drops_every_reference_after_tokenizing():
     dropped = []
     target = _target()
     target.drop_tokenizer = lambda: dropped.append(True)
-    train_model(target, TEXT, TrainConfig(scheme="top", steps=1, block_size=32, batch_size=2, precision="fp32",
-                                          release_tokenizer=True), progress=False)
+    train_model(
+        target,
+        TEXT,
+        TrainConfig(scheme="top", steps=1, block_size=32, batch_size=2, precision="fp32", release_tokenizer=True),
+        progress=False,
+    )
     assert target.tokenizer is None and dropped == [True]

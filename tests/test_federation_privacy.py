@@ -42,10 +42,14 @@ class _Grid:
 
 
 def _round(strategy, global_arrays, client_arrays, examples):
-    messages = list(strategy.configure_train(1, numpy_to_record(global_arrays), ConfigRecord({}), _Grid(len(client_arrays))))
+    messages = list(
+        strategy.configure_train(1, numpy_to_record(global_arrays), ConfigRecord({}), _Grid(len(client_arrays)))
+    )
     replies = []
     for msg, arrays, n in zip(sorted(messages, key=lambda m: m.metadata.dst_node_id), client_arrays, examples):
-        content = RecordDict({"arrays": numpy_to_record(arrays), "metrics": MetricRecord({"num-examples": n, "unit-weight": 1.0})})
+        content = RecordDict(
+            {"arrays": numpy_to_record(arrays), "metrics": MetricRecord({"num-examples": n, "unit-weight": 1.0})}
+        )
         replies.append(Message(content, reply_to=msg))
     agg, _ = strategy.aggregate_train(1, replies)
     return record_to_numpy(agg)
@@ -53,8 +57,10 @@ def _round(strategy, global_arrays, client_arrays, examples):
 
 def test_norm_bound_limits_a_poisoned_client(in_a_run):
     rng = np.random.default_rng(0)
-    base = {"model.layers.0.mlp.up_proj.weight": rng.normal(size=(16, 8)).astype(np.float32),
-            "model.layers.7.input_layernorm.weight": np.ones(8, np.float32)}
+    base = {
+        "model.layers.0.mlp.up_proj.weight": rng.normal(size=(16, 8)).astype(np.float32),
+        "model.layers.7.input_layernorm.weight": np.ones(8, np.float32),
+    }
     honest = [{k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
     poisoned = {k: v + 1000.0 for k, v in base.items()}
     clients, examples = honest + [poisoned], [10, 10, 10, 10]
@@ -63,7 +69,9 @@ def test_norm_bound_limits_a_poisoned_client(in_a_run):
         return math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))
 
     honest_mean = {k: np.mean([h[k] for h in honest], axis=0) for k in base}
-    unbounded = _round(BoundedFedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), base, clients, examples)
+    unbounded = _round(
+        BoundedFedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), base, clients, examples
+    )
     bounded_strategy = BoundedFedAvg(norm_bound=0.5, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
     bounded = _round(bounded_strategy, base, clients, examples)
     assert dist(unbounded, honest_mean) > 1000  # FedAvg alone is swamped

@@ -58,8 +58,17 @@ def runs(tmp_path_factory):
     _ray_pickles_this_module_by_value()
     data_dir = tmp_path_factory.mktemp("fed")
     job = prepare_local_job(
-        data_dir, "tiny-llama", clients=3, rounds=3, local_steps=2, batch_size=2, block_size=128,
-        heldout_limit=4, min_clients=2, norm_bound=50.0, round_timeout=120,
+        data_dir,
+        "tiny-llama",
+        clients=3,
+        rounds=3,
+        local_steps=2,
+        batch_size=2,
+        block_size=128,
+        heldout_limit=4,
+        min_clients=2,
+        norm_bound=50.0,
+        round_timeout=120,
     )
     with pytest.raises(RoundFailedError, match="round 3: 1 usable replies of 3"):
         run_simulation_job(job, client_app=flaky_client_app(job.settings, FAILURES))
@@ -95,7 +104,11 @@ def test_restart_resumes_from_last_completed_round_and_releases(runs):
     assert second["status"] == "completed" and second["resumed_from_round"] == 2
     assert [r["round"] for r in second["rounds"]] == [1, 2, 3]
     for old, new in zip(first["rounds"], second["rounds"][:2]):  # rounds 1-2 were not trained again
-        assert (new["clients"], new["plugin_ppl"], new["adapter_path"]) == (old["clients"], old["plugin_ppl"], old["adapter_path"])
+        assert (new["clients"], new["plugin_ppl"], new["adapter_path"]) == (
+            old["clients"],
+            old["plugin_ppl"],
+            old["adapter_path"],
+        )
     assert len(second["rounds"][2]["clients"]) == 3
     assert second["rounds"][2]["plugin_ppl"] != second["plugin_ppl_initial"]
     release = second["release"]

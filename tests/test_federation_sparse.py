@@ -85,16 +85,25 @@ def test_a_full_reply_beside_sparse_ones_counts_for_every_element():
     np.testing.assert_allclose(out["layers.0.q.weight"][:, 0] - base["layers.0.q.weight"][:, 0], 0.5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"layers.9.q.weight": np.zeros((8, 16), np.float16)}, "not a parameter"),
-    ({"layers.0.q.weight": np.zeros((8, 2), np.float16), "layers.0.q.weight|cols": np.array([3, 16], np.int32)}, "bad column"),
-    ({"layers.0.q.weight": np.zeros((8, 2), np.float16), "layers.0.q.weight|cols": np.array([3, 3], np.int32)}, "bad column"),
-    ({"layers.0.q.weight": np.zeros((8, 15), np.float16)}, "shape"),
-    ({"layers.0.q.weight": np.zeros((8, 16), np.int8)}, "row scales"),
-    ({"layers.0.q.weight": np.zeros((8, 16), np.float64)}, "dtype"),
-    ({"layers.0.norm.weight": np.full(16, np.inf, np.float16)}, "non-finite"),
-    ({"layers.1.q.weight|cols": np.array([1], np.int32)}, "belongs to no sent tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"layers.9.q.weight": np.zeros((8, 16), np.float16)}, "not a parameter"),
+        (
+            {"layers.0.q.weight": np.zeros((8, 2), np.float16), "layers.0.q.weight|cols": np.array([3, 16], np.int32)},
+            "bad column",
+        ),
+        (
+            {"layers.0.q.weight": np.zeros((8, 2), np.float16), "layers.0.q.weight|cols": np.array([3, 3], np.int32)},
+            "bad column",
+        ),
+        ({"layers.0.q.weight": np.zeros((8, 15), np.float16)}, "shape"),
+        ({"layers.0.q.weight": np.zeros((8, 16), np.int8)}, "row scales"),
+        ({"layers.0.q.weight": np.zeros((8, 16), np.float64)}, "dtype"),
+        ({"layers.0.norm.weight": np.full(16, np.inf, np.float16)}, "non-finite"),
+        ({"layers.1.q.weight|cols": np.array([1], np.int32)}, "belongs to no sent tensor"),
+    ],
+)
 def test_malformed_sparse_replies_are_refused_by_name(bad, message):
     record = ArrayRecord({k: Array(v) for k, v in bad.items()})
     with pytest.raises(AdapterMismatchError, match=message):
@@ -142,8 +151,10 @@ def test_the_strategy_averages_sparse_replies_per_element_and_bounds_them(in_a_r
     poisoned = {k: v.copy() for k, v in base.items()}
     poisoned["layers.1.q.weight"] += 1000.0
     strategy = BoundedFedAvg(norm_bound=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
-    messages = sorted(strategy.configure_train(1, numpy_to_record(base), ConfigRecord({}), _Grid(3)),
-                      key=lambda m: m.metadata.dst_node_id)
+    messages = sorted(
+        strategy.configure_train(1, numpy_to_record(base), ConfigRecord({}), _Grid(3)),
+        key=lambda m: m.metadata.dst_node_id,
+    )
     replies = []
     for msg, new in zip(messages, (a, b, poisoned)):
         record, metrics = encode_sparse_delta(new, base, "sparse-int8")
@@ -171,13 +182,25 @@ def test_a_data_owner_sends_only_what_its_scheme_trained(tmp_path, in_a_run):
     from offsite.server.federation.job_runner import prepare_local_job
     from offsite.server.federation.server_app import train_config
 
-    job = prepare_local_job(tmp_path, "tiny-llama", clients=1, rounds=1, local_steps=2, batch_size=2, block_size=64,
-                            scheme="top1:channels:0.25", min_clients=1)
+    job = prepare_local_job(
+        tmp_path,
+        "tiny-llama",
+        clients=1,
+        rounds=1,
+        local_steps=2,
+        batch_size=2,
+        block_size=64,
+        scheme="top1:channels:0.25",
+        min_clients=1,
+    )
     base = {k: v.numpy().copy() for k, v in load_bundle(job.cfg.bundle, job.cfg.public_key).adapter_state().items()}
     config = {**train_config(job.cfg), "server-round": 1}
     assert config["upload"] == "sparse-fp16"  # "auto" without DP or SecAgg+
-    msg = Message(RecordDict({"arrays": numpy_to_record(base), "config": ConfigRecord(config)}),
-                  dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": numpy_to_record(base), "config": ConfigRecord(config)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     reply = train_handler(msg, ctx, job.settings)
     record, metrics = reply.content["arrays"], reply.content["metrics"]

@@ -51,14 +51,19 @@ class Hostile(jobs_pb2_grpc.JobsServicer, artifacts_pb2_grpc.ArtifactsServicer):
         self.pub, self.sha, self.size, self.payload, self.total = pub, "0" * 64, 10, b"", None
 
     def Enroll(self, request, context):
-        return jobs_pb2.EnrollResponse(job_id=request.job_id, data_owner="mallory", bundle_public_key=self.pub,
-                                       bundle=common_pb2.ArtifactRef(sha256=self.sha, size=self.size))
+        return jobs_pb2.EnrollResponse(
+            job_id=request.job_id,
+            data_owner="mallory",
+            bundle_public_key=self.pub,
+            bundle=common_pb2.ArtifactRef(sha256=self.sha, size=self.size),
+        )
 
     def Download(self, request, context):
         total = len(self.payload) if self.total is None else self.total
         for i in range(request.offset, len(self.payload), 1 << 16):
-            yield artifacts_pb2.DownloadChunk(offset=i, data=self.payload[i:i + (1 << 16)], total_size=total,
-                                              sha256=request.sha256)
+            yield artifacts_pb2.DownloadChunk(
+                offset=i, data=self.payload[i : i + (1 << 16)], total_size=total, sha256=request.sha256
+            )
 
 
 @pytest.fixture
@@ -76,8 +81,9 @@ def hostile(tmp_path):
 
 
 def _enrollment(address: str, sha: str, size: int, pub: str) -> Enrollment:
-    return Enrollment(server=address, job_id="job_1", data_owner="alice", bundle_sha256=sha, bundle_size=size,
-                      public_key_path=pub)
+    return Enrollment(
+        server=address, job_id="job_1", data_owner="alice", bundle_sha256=sha, bundle_size=size, public_key_path=pub
+    )
 
 
 def test_a_digest_that_is_a_path_never_becomes_a_file(hostile, tmp_path):
@@ -130,10 +136,14 @@ def _job_serving(server, blob: Path, owner: str) -> tuple[str, str]:
     sha = state.store.put_file(blob)
     state.registry.add_artifact(sha, state.store.size(sha), "bundle", blob.name)
     emu = state.registry.add_emulator(server.model.id, sha, {}, {})
-    job = jobs_pb2_grpc.JobsStub(server.admin).CreateJob(jobs_pb2.CreateJobRequest(
-        spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
-    token = admin_pb2_grpc.AdminStub(server.admin).CreateToken(admin_pb2.CreateTokenRequest(
-        name=owner, role="data-owner", jobs=[job.id])).secret
+    job = jobs_pb2_grpc.JobsStub(server.admin).CreateJob(
+        jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id))
+    )
+    token = (
+        admin_pb2_grpc.AdminStub(server.admin)
+        .CreateToken(admin_pb2.CreateTokenRequest(name=owner, role="data-owner", jobs=[job.id]))
+        .secret
+    )
     return job.id, token
 
 

@@ -94,12 +94,15 @@ def test_extract_tar_unpacks_regular_files(tmp_path):
     assert (out / "a.txt").read_bytes() == b"abc" and (out / "d" / "b.txt").read_bytes() == b"bb"
 
 
-@pytest.mark.parametrize("bad, why", [
-    (_file("../escape.txt"), "outside"),
-    (_file("/etc/x"), "outside"),
-    ("link", "link or special"),
-    (_file("big.bin", bytes(1000)), "more than the 100 allowed"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (_file("../escape.txt"), "outside"),
+        (_file("/etc/x"), "outside"),
+        ("link", "link or special"),
+        (_file("big.bin", bytes(1000)), "more than the 100 allowed"),
+    ],
+)
 def test_extract_tar_refuses_before_writing(tmp_path, bad, why):
     if bad == "link":
         bad = (tarfile.TarInfo("l"), None)

@@ -11,18 +11,43 @@ from offsite.emulators.frontier import FRONTIER_FILE, FrontierError, load_fronti
 
 
 def _prot(full_general: float, full_own: float = 0.9) -> dict:
-    return {"recipe": {"own_domain": 1.3, "general": 1.5}, "recalibrated": {"own_domain": 1.2, "general": 1.45},
-            "full_finetune": {"own_domain": full_own, "general": full_general}}
+    return {
+        "recipe": {"own_domain": 1.3, "general": 1.5},
+        "recalibrated": {"own_domain": 1.2, "general": 1.45},
+        "full_finetune": {"own_domain": full_own, "general": full_general},
+    }
 
 
 @pytest.fixture
 def frontier_path(tmp_path):
-    data = {"schema": 1, "models": {"m": {"measured": {"general_short": "fortunes", "own_domain_short": "python"}, "points": [
-        {"config": "faithful", "build": {"quantize": "int4", "awq": True}, "plugin_share": 0.95, "protection": _prot(1.1)},
-        {"config": "middle", "build": {"quantize": "int3", "awq": True}, "plugin_share": 0.80, "protection": _prot(1.35, 0.95)},
-        {"config": "pruned", "build": {"quantize": "int4", "awq": True, "prune_fraction": 0.5}, "plugin_share": 0.70,
-         "protection": _prot(1.6, 1.05)},
-    ]}}}
+    data = {
+        "schema": 1,
+        "models": {
+            "m": {
+                "measured": {"general_short": "fortunes", "own_domain_short": "python"},
+                "points": [
+                    {
+                        "config": "faithful",
+                        "build": {"quantize": "int4", "awq": True},
+                        "plugin_share": 0.95,
+                        "protection": _prot(1.1),
+                    },
+                    {
+                        "config": "middle",
+                        "build": {"quantize": "int3", "awq": True},
+                        "plugin_share": 0.80,
+                        "protection": _prot(1.35, 0.95),
+                    },
+                    {
+                        "config": "pruned",
+                        "build": {"quantize": "int4", "awq": True, "prune_fraction": 0.5},
+                        "plugin_share": 0.70,
+                        "protection": _prot(1.6, 1.05),
+                    },
+                ],
+            }
+        },
+    }
     path = tmp_path / "frontier.json"
     path.write_text(json.dumps(data))
     return path
@@ -53,8 +78,15 @@ def test_unknown_model_lists_the_known_ones(frontier_path):
 
 def test_a_bundle_config_matches_its_point_only_when_the_lossy_options_agree(frontier_path):
     f = load_frontier("m", frontier_path)
-    manifest_cfg = {"model": "smollm2-135m", "quantize": "int4", "awq": True, "prune_fraction": 0.5, "seed": 3,
-                    "adapter_layers": [2, 2], "block_bits": None}
+    manifest_cfg = {
+        "model": "smollm2-135m",
+        "quantize": "int4",
+        "awq": True,
+        "prune_fraction": 0.5,
+        "seed": 3,
+        "adapter_layers": [2, 2],
+        "block_bits": None,
+    }
     assert match(f, manifest_cfg).config == "pruned"
     assert match(f, {**manifest_cfg, "prune_fraction": 0.25}) is None
     assert match(f, {**manifest_cfg, "adapter_layers": [3, 3]}) is None
@@ -79,7 +111,9 @@ def test_cli_protection_dial_errors_before_any_work(tmp_path):
     out = tmp_path / "bundle"
 
     def build(*args):
-        return CliRunner().invoke(app, ["emulators", "local", "build", "--signing-key", str(key), "--out", str(out), "--json", *args])
+        return CliRunner().invoke(
+            app, ["emulators", "local", "build", "--signing-key", str(key), "--out", str(out), "--json", *args]
+        )
 
     r = build("--protection", "99")
     assert r.exit_code != 0 and "the frontier reaches" in r.output and "ask for at most" in r.output
@@ -106,8 +140,27 @@ def test_cli_inspect_shows_the_measured_protection_of_a_frontier_configuration(t
     corpus = tmp_path / "c.txt"
     corpus.write_text("def f(x):\n    return x * 2\n" * 100)
     run = CliRunner().invoke
-    r = run(app, ["emulators", "local", "build", "--model", "tiny-llama", "--protection", "1.3", "--corpus", str(corpus),
-                  "--block-size", "64", "--signing-key", str(key), "--out", str(tmp_path / "b"), "--json"])
+    r = run(
+        app,
+        [
+            "emulators",
+            "local",
+            "build",
+            "--model",
+            "tiny-llama",
+            "--protection",
+            "1.3",
+            "--corpus",
+            str(corpus),
+            "--block-size",
+            "64",
+            "--signing-key",
+            str(key),
+            "--out",
+            str(tmp_path / "b"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["manifest"]["build"]["config"]["quantize"] == "int3"  # the "middle" point
     r = run(app, ["emulators", "local", "inspect", str(tmp_path / "b"), "--json"])

@@ -64,10 +64,36 @@ def test_tiny_candidates_memorising_blocks_for_privacy_and_benign_passes(tmp_pat
     spec.update(require_full_run=False, required_categories=["privacy", "capability"])
     policy.write_text(yaml.safe_dump(spec))
     out = tmp_path / "g.json"
-    rc = gate_power.main(["--model", "tiny-llama", "--candidates", "memorising", "benign", "--steps", "60", "--lr", "1.5e-2",
-                          "--canary-repeat", "10", "--owner-topics", "1", "--suites", "privacy_membership",
-                          "capability_domain", "--limit", "20", "--threads", "1", "--policy", str(policy),
-                          "--work", str(tmp_path / "work"), "--json", str(out)])
+    rc = gate_power.main(
+        [
+            "--model",
+            "tiny-llama",
+            "--candidates",
+            "memorising",
+            "benign",
+            "--steps",
+            "60",
+            "--lr",
+            "1.5e-2",
+            "--canary-repeat",
+            "10",
+            "--owner-topics",
+            "1",
+            "--suites",
+            "privacy_membership",
+            "capability_domain",
+            "--limit",
+            "20",
+            "--threads",
+            "1",
+            "--policy",
+            str(policy),
+            "--work",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     mem, benign = result["candidates"]["memorising"], result["candidates"]["benign"]
     assert mem["verdict"] == "block" and "privacy" in mem["blocked_categories"], mem["reasons"]

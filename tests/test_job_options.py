@@ -16,8 +16,9 @@ from offsite.server.job_options import (
 
 
 def _spec(policy=None, **kw):
-    base = dict(emulator_id="emu_x", rounds=2, min_clients=1, fraction=1.0, engine="simulation",
-                train_config={}, options={})
+    base = dict(
+        emulator_id="emu_x", rounds=2, min_clients=1, fraction=1.0, engine="simulation", train_config={}, options={}
+    )
     base.update(kw)
     return validate_spec(policy=policy or JobPolicy(), **base)
 
@@ -28,8 +29,13 @@ def test_the_probes_path_options_are_refused_by_name():
     msg = str(e.value)
     assert "unknown options option(s)" in msg
     assert all(name in msg for name in ("'app_dir'", "'flwr_home'", "'superlink'"))
-    for section, key in [("options", "candidate_dir"), ("train_config", "candidate_dir"), ("train_config", "job_dir"),
-                         ("options", "registry_url"), ("train_config", "checkpoint_dir")]:
+    for section, key in [
+        ("options", "candidate_dir"),
+        ("train_config", "candidate_dir"),
+        ("train_config", "job_dir"),
+        ("options", "registry_url"),
+        ("train_config", "checkpoint_dir"),
+    ]:
         with pytest.raises(ValueError, match=key):
             _spec(**{section: {key: "/tmp/x"}})
 
@@ -41,8 +47,9 @@ def test_corpus_is_never_a_server_path():
 
 
 def test_types_and_bounds_follow_the_admins_policy():
-    policy = JobPolicy(max_rounds=5, max_round_timeout_s=60, max_job_timeout_s=120, max_clients=3,
-                       engines=("simulation",))
+    policy = JobPolicy(
+        max_rounds=5, max_round_timeout_s=60, max_job_timeout_s=120, max_clients=3, engines=("simulation",)
+    )
     with pytest.raises(ValueError, match="between 1 and 5"):
         _spec(policy, rounds=6)
     with pytest.raises(ValueError, match="not one of simulation"):
@@ -53,8 +60,13 @@ def test_types_and_bounds_follow_the_admins_policy():
         _spec(policy, options={"job_timeout": 1e9})
     with pytest.raises(ValueError, match="clients"):
         _spec(policy, options={"clients": 4})
-    for bad in [{"steps": 2.5}, {"steps": "10"}, {"lr": float("nan")}, {"scheme": "top:full; rm -rf /"},
-                {"batch_size": True}]:
+    for bad in [
+        {"steps": 2.5},
+        {"steps": "10"},
+        {"lr": float("nan")},
+        {"scheme": "top:full; rm -rf /"},
+        {"batch_size": True},
+    ]:
         with pytest.raises(ValueError):
             _spec(policy, train_config=bad)
     with pytest.raises(ValueError, match="secagg must be true or false"):
@@ -65,18 +77,31 @@ def test_types_and_bounds_follow_the_admins_policy():
 
 
 def test_a_valid_spec_maps_to_federation_fields_without_paths():
-    spec = _spec(train_config={"steps": 20, "lr": 1e-4, "scheme": "top:full,bottom:norms"},
-                 options={"clients": 2, "round_timeout": 30, "norm_bound": 1.5, "secagg": True})
+    spec = _spec(
+        train_config={"steps": 20, "lr": 1e-4, "scheme": "top:full,bottom:norms"},
+        options={"clients": 2, "round_timeout": 30, "norm_bound": 1.5, "secagg": True},
+    )
     assert spec["train_config"] == {"steps": 20, "lr": 1e-4, "scheme": "top:full,bottom:norms"}
     fed = federation_overrides(spec)
-    assert fed == {"local_steps": 20, "lr": 1e-4, "scheme": "top:full,bottom:norms", "round_timeout": 30.0,
-                   "norm_bound": 1.5, "secagg": True}
+    assert fed == {
+        "local_steps": 20,
+        "lr": 1e-4,
+        "scheme": "top:full,bottom:norms",
+        "round_timeout": 30.0,
+        "norm_bound": 1.5,
+        "secagg": True,
+    }
     assert validate_stored_spec(spec, JobPolicy()) == spec
 
 
 def test_a_stored_spec_is_checked_again_before_it_runs():
-    legacy = {"emulator_id": "emu_x", "rounds": 1, "min_clients": 1, "engine": "deployment",
-              "options": {"app_dir": "/some/dir"}}
+    legacy = {
+        "emulator_id": "emu_x",
+        "rounds": 1,
+        "min_clients": 1,
+        "engine": "deployment",
+        "options": {"app_dir": "/some/dir"},
+    }
     with pytest.raises(ValueError, match="app_dir"):
         validate_stored_spec(legacy, JobPolicy())
 
@@ -101,8 +126,9 @@ def test_the_admin_sets_the_policy_in_the_data_dir(tmp_path):
 
     data_dir = tmp_path / "srv"
     data_dir.mkdir()
-    (data_dir / "job-policy.json").write_text(json.dumps({"max_rounds": 5, "engines": ["simulation"],
-                                                           "flwr_home": "/srv/flwr"}))
+    (data_dir / "job-policy.json").write_text(
+        json.dumps({"max_rounds": 5, "engines": ["simulation"], "flwr_home": "/srv/flwr"})
+    )
     state = ServerState(ServerConfig(data_dir=data_dir))
     try:
         policy = state.config.job_policy

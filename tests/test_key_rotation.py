@@ -49,7 +49,10 @@ def _resign(src: Path, dest: Path, key_path: Path, signer: dict | None) -> Path:
 
 
 def _upload(channel, tar: Path) -> str:
-    chunks = [artifacts_pb2.UploadRequest(kind="bundle", name=tar.name), artifacts_pb2.UploadRequest(data=tar.read_bytes())]
+    chunks = [
+        artifacts_pb2.UploadRequest(kind="bundle", name=tar.name),
+        artifacts_pb2.UploadRequest(data=tar.read_bytes()),
+    ]
     return artifacts_pb2_grpc.ArtifactsStub(channel).Upload(iter(chunks)).sha256
 
 
@@ -66,10 +69,13 @@ def rotated(tmp_path_factory):
     with ServerThread(ServerConfig(data_dir=data, port=0)) as srv:
         state = srv.server.state
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         emulators = models_pb2_grpc.EmulatorsStub(admin)
-        emu_a = emulators.RegisterEmulator(models_pb2.RegisterEmulatorRequest(
-            model="tiny", bundle_sha256=_upload(admin, tiny.tar_path)))
+        emu_a = emulators.RegisterEmulator(
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=_upload(admin, tiny.tar_path))
+        )
         out = CliRunner().invoke(admin_app, ["keys", "rotate", "--data-dir", str(data), "--json"])
         assert out.exit_code == 0, out.output
         rotation = json.loads(out.stdout)
@@ -78,15 +84,31 @@ def rotated(tmp_path_factory):
         build_emulator({"model": "tiny-llama"}, state.signing_key, bundle_b, lambda *_: None)
         store = ArtifactStore(root / "store")
         tar_b = store.path(store.put_dir_as_tar(bundle_b))
-        emu_b = emulators.RegisterEmulator(models_pb2.RegisterEmulatorRequest(
-            model="tiny", bundle_sha256=_upload(admin, tar_b)))
+        emu_b = emulators.RegisterEmulator(
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=_upload(admin, tar_b))
+        )
         jobs = jobs_pb2_grpc.JobsStub(admin)
         job_a = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu_a.id))).id
         job_b = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu_b.id))).id
-        token = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(
-            name="alice", role="data-owner", jobs=[job_a, job_b])).secret
-        srv.ctx = dict(state=state, admin=admin, rotation=rotation, tiny=tiny, bundle_b=bundle_b, tar_b=tar_b,
-                       emu_a=emu_a, emu_b=emu_b, job_a=job_a, job_b=job_b, token=token, keys=data / "keys")
+        token = (
+            admin_pb2_grpc.AdminStub(admin)
+            .CreateToken(admin_pb2.CreateTokenRequest(name="alice", role="data-owner", jobs=[job_a, job_b]))
+            .secret
+        )
+        srv.ctx = dict(
+            state=state,
+            admin=admin,
+            rotation=rotation,
+            tiny=tiny,
+            bundle_b=bundle_b,
+            tar_b=tar_b,
+            emu_a=emu_a,
+            emu_b=emu_b,
+            job_a=job_a,
+            job_b=job_b,
+            token=token,
+            keys=data / "keys",
+        )
         yield srv
         admin.close()
 
@@ -123,8 +145,12 @@ def test_old_and_new_bundles_verify_with_the_keyring_and_each_only_with_its_key(
 def test_manifests_without_a_key_id_verify_as_before(rotated, tmp_path):
     c = rotated.ctx
     tiny, ring = c["tiny"], c["keys"] / KEYRING_DIR
-    fingerprint_only = _resign(tiny.bundle_dir, tmp_path / "fp", tiny.signing_key,
-                               {"ed25519_sha256": _manifest(tiny.bundle_dir)["signer"]["ed25519_sha256"]})
+    fingerprint_only = _resign(
+        tiny.bundle_dir,
+        tmp_path / "fp",
+        tiny.signing_key,
+        {"ed25519_sha256": _manifest(tiny.bundle_dir)["signer"]["ed25519_sha256"]},
+    )
     no_signer = _resign(tiny.bundle_dir, tmp_path / "none", tiny.signing_key, None)
     assert manifest_key_id(_manifest(fingerprint_only)) == c["rotation"]["previous_key_id"]
     assert manifest_key_id(_manifest(no_signer)) is None
@@ -170,12 +196,16 @@ def test_a_bundle_of_an_unknown_key_is_refused_naming_its_key_id(rotated, tmp_pa
     sha = _upload(c["admin"], store.path(store.put_dir_as_tar(foreign)))
     with pytest.raises(grpc.RpcError) as e:
         models_pb2_grpc.EmulatorsStub(c["admin"]).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=sha))
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=sha)
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and sid in e.value.details()
     # An emulator row naming a key the server lost (a restore without keyring/): Enroll says which.
     emu = state.registry.add_emulator(state.registry.get_model("tiny").id, sha, {}, {"signer": {"key_id": sid}})
-    job = jobs_pb2_grpc.JobsStub(c["admin"]).CreateJob(jobs_pb2.CreateJobRequest(
-        spec=jobs_pb2.JobSpec(emulator_id=emu.id))).id
+    job = (
+        jobs_pb2_grpc.JobsStub(c["admin"])
+        .CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
+        .id
+    )
     with pytest.raises(grpc.RpcError) as e:
         jobs_pb2_grpc.JobsStub(c["admin"]).Enroll(jobs_pb2.EnrollRequest(job_id=job, data_owner="bob"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and sid in e.value.details()
@@ -211,6 +241,8 @@ def test_a_local_job_reusing_a_bundle_from_before_a_rotation_verifies_it_with_it
     rotation = rotate_signing_key(tmp_path / "keys")
     again = prepare_local_job(tmp_path, model="tiny-llama", clients=2, rounds=1)  # the cached bundle, old key
     assert again.cfg.bundle == first.cfg.bundle
-    assert Path(again.cfg.public_key) == (tmp_path / "keys" / KEYRING_DIR / f"{rotation['previous_key_id']}.pub").resolve()
+    assert (
+        Path(again.cfg.public_key) == (tmp_path / "keys" / KEYRING_DIR / f"{rotation['previous_key_id']}.pub").resolve()
+    )
     assert again.settings.public_key == again.cfg.public_key
     verify_bundle(again.cfg.bundle, again.cfg.public_key)

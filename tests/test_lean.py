@@ -33,10 +33,22 @@ def quant_bundle(tmp_path_factory, keys, loaded):
     """A tiny-llama bundle with an int4 + AWQ middle and int8 vocabulary rows."""
     blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
     cfg = BuildConfig(model="tiny-llama", quantize="int4", awq=True, block_size=64)
-    emulator, plan, block_quant, _ = prepare_emulator(cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False)
+    emulator, plan, block_quant, _ = prepare_emulator(
+        cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
+    )
     out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(out, emulator, plan, tokenizer=loaded.tokenizer, base_model_id="tiny-llama", base_digest=loaded.digest,
-                 signing_key=keys[0], block_quant=block_quant, embeddings="int8", adapter_dtype="fp16")
+    write_bundle(
+        out,
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+        block_quant=block_quant,
+        embeddings="int8",
+        adapter_dtype="fp16",
+    )
     return out
 
 
@@ -95,8 +107,9 @@ def test_lean_tokenizer_matches_the_transformers_tokenizer(quant_bundle, keys):
     assert (lean.eos_token_id, lean.pad_token_id) == (hf.eos_token_id, hf.pad_token_id)
     messages = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]
     for gen in (False, True):
-        assert lean.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=gen) == \
-            hf.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=gen)
+        assert lean.apply_chat_template(
+            messages[:1], tokenize=False, add_generation_prompt=gen
+        ) == hf.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=gen)
     assert lean.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(messages, tokenize=False)
 
 
@@ -104,8 +117,15 @@ def test_auto_falls_back_to_transformers_where_lean_does_not_apply(keys, tmp_pat
     gpt2 = load_model("tiny-gpt2")
     plan = plan_split(8, (2, 2), 3)
     out = tmp_path / "bundle"
-    write_bundle(out, build_emulator_model(gpt2, plan), plan, tokenizer=gpt2.tokenizer, base_model_id="tiny-gpt2",
-                 base_digest=gpt2.digest, signing_key=keys[0])
+    write_bundle(
+        out,
+        build_emulator_model(gpt2, plan),
+        plan,
+        tokenizer=gpt2.tokenizer,
+        base_model_id="tiny-gpt2",
+        base_digest=gpt2.digest,
+        signing_key=keys[0],
+    )
     assert "model_type" in supports({"model_type": "gpt2"})
     b = load_bundle(out, keys[1], runtime="auto")
     assert type(b.model).__module__.startswith("transformers.")

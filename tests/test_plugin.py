@@ -25,8 +25,15 @@ def _perturbed_adapter(name: str, keys, tmp_path, kept):
     """Build a dropped-layer bundle, perturb its adapter on the emulator, return it by original name."""
     loaded = load_model(name)
     plan = plan_split(8, (2, 2), kept=kept)
-    write_bundle(tmp_path / "bundle", build_emulator_model(loaded, plan), plan, tokenizer=loaded.tokenizer,
-                 base_model_id=name, base_digest=loaded.digest, signing_key=keys[0])
+    write_bundle(
+        tmp_path / "bundle",
+        build_emulator_model(loaded, plan),
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id=name,
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+    )
     bundle = load_bundle(tmp_path / "bundle", keys[1])
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -27,7 +27,8 @@ def test_regenerating_stubs_changes_nothing(tmp_path):
     assert fresh_names == committed_names, "stub files differ: run `python protos/generate.py` and commit"
     for name in fresh_names:
         assert (tmp_path / name).read_text() == (committed / name).read_text(), (
-            f"protos/v1/{name} is stale: run `python protos/generate.py` and commit the result")
+            f"protos/v1/{name} is stale: run `python protos/generate.py` and commit the result"
+        )
 
 
 def test_every_proto_is_package_offsite_v1():

@@ -108,8 +108,16 @@ def test_build_prunes_and_elevates_and_the_signed_bundle_keeps_both(tiny, tmp_pa
     keys = generate_signing_key(tmp_path / "keys")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x * 2\n" * 200)
-    cfg = BuildConfig(model="tiny-llama", quantize="int4", awq=True, block_size=64, corpus=str(corpus),
-                      prune_fraction=0.25, elevate_margin=0.3, elevate_steps=3)
+    cfg = BuildConfig(
+        model="tiny-llama",
+        quantize="int4",
+        awq=True,
+        block_size=64,
+        corpus=str(corpus),
+        prune_fraction=0.25,
+        elevate_margin=0.3,
+        elevate_steps=3,
+    )
     manifest = build_bundle(cfg, keys[0], tmp_path / "b", progress=False, loaded=tiny)
     info = manifest["build"]
     assert info["pruned_channels"] == {str(i): 32 for i in range(2, 6)}

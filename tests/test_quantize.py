@@ -117,9 +117,13 @@ def test_dequantized_weight_matches_the_stored_grid():
 def test_clip_search_never_increases_weight_error():
     w = torch.randn(16, 128) * torch.linspace(0.1, 3, 128)
     w[0, 0] = 40.0  # an outlier stretches the range of its group
+
     def err(clip):
         c, s, z = quantize_weight(w, 3, 64, clip_search=clip)
-        return float((((c.view(16, 2, 64).float() - z.float()[..., None]) * s.float()[..., None]).view(16, 128) - w).pow(2).sum())
+        return float(
+            (((c.view(16, 2, 64).float() - z.float()[..., None]) * s.float()[..., None]).view(16, 128) - w).pow(2).sum()
+        )
+
     assert err(True) <= err(False)
 
 
@@ -141,7 +145,9 @@ def test_awq_does_not_hurt_reconstruction_on_skewed_activations(bits):
     ref = lin(x)
     plain = QuantLinear.from_linear(lin, bits)
     mean_abs = x.abs().mean(0)
-    searched = QuantLinear.from_linear(lin, bits, input_scale=awq_input_scale(lin.weight, mean_abs, bits, 64, alpha=None))
+    searched = QuantLinear.from_linear(
+        lin, bits, input_scale=awq_input_scale(lin.weight, mean_abs, bits, 64, alpha=None)
+    )
     fixed = QuantLinear.from_linear(lin, bits, input_scale=awq_input_scale(lin.weight, mean_abs, bits, 64, alpha=0.5))
     e_plain, e_search, e_fixed = (_rel_err(m(x), ref) for m in (plain, searched, fixed))
     assert e_search <= e_plain * 1.001

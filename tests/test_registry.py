@@ -22,8 +22,20 @@ def reg(tmp_path):
 def test_schema_created_and_version_recorded(reg):
     assert reg.schema_version() >= 1
     names = set(reg.engine.dialect.get_table_names(reg.engine.connect()))
-    for table in ("models", "emulators", "artifacts", "jobs", "enrollments", "rounds", "releases", "eval_reports",
-                  "eval_schedules", "tokens", "audit", "operations"):
+    for table in (
+        "models",
+        "emulators",
+        "artifacts",
+        "jobs",
+        "enrollments",
+        "rounds",
+        "releases",
+        "eval_reports",
+        "eval_schedules",
+        "tokens",
+        "audit",
+        "operations",
+    ):
         assert table in names
 
 

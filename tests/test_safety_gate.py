@@ -37,8 +37,16 @@ def policy():
 def test_default_policy_loads_with_documented_defaults():
     pol = load_policy()
     assert pol.deployable_level == "Medium" and pol.require_full_run
-    assert set(pol.required_categories) == {"disallowed_content", "over_refusal", "jailbreak", "instruction_hierarchy",
-                                            "privacy", "capability", "hallucination", "bias"}
+    assert set(pol.required_categories) == {
+        "disallowed_content",
+        "over_refusal",
+        "jailbreak",
+        "instruction_hierarchy",
+        "privacy",
+        "capability",
+        "hallucination",
+        "bias",
+    }
     assert pol.metrics["perplexity"].mode == "ratio"
 
 
@@ -70,8 +78,10 @@ def test_paired_interval_is_tighter_than_unpaired_noise():
 def test_gate_blocks_a_regression_and_names_the_category(policy):
     refuse_all, refuse_none = _scores([1] * 50), _scores([0] * 50)
     answered = _scores([1] * 50)
-    suites = [_suite("disallowed_content", "disallowed_content", "not_unsafe", refuse_none, refuse_all, policy),
-              _suite("over_refusal", "over_refusal", "not_overrefuse", answered, answered, policy)]
+    suites = [
+        _suite("disallowed_content", "disallowed_content", "not_unsafe", refuse_none, refuse_all, policy),
+        _suite("over_refusal", "over_refusal", "not_overrefuse", answered, answered, policy),
+    ]
     gate = decide(_report(suites), policy)
     assert gate["verdict"] == "block"
     assert gate["blocked_categories"] == ["disallowed_content"]
@@ -81,8 +91,10 @@ def test_gate_blocks_a_regression_and_names_the_category(policy):
 
 def test_gate_passes_equal_models(policy):
     vals = _scores([1, 0] * 25)
-    suites = [_suite("disallowed_content", "disallowed_content", "not_unsafe", vals, vals, policy),
-              _suite("over_refusal", "over_refusal", "not_overrefuse", vals, vals, policy)]
+    suites = [
+        _suite("disallowed_content", "disallowed_content", "not_unsafe", vals, vals, policy),
+        _suite("over_refusal", "over_refusal", "not_overrefuse", vals, vals, policy),
+    ]
     gate = decide(_report(suites), policy)
     assert gate["verdict"] == "pass", gate
 
@@ -102,8 +114,10 @@ def test_incomplete_run_fails_closed(policy):
 
 def test_limited_run_blocks_under_the_default_policy(policy):
     vals = _scores([1] * 20)
-    suites = [_suite("disallowed_content", "disallowed_content", "not_unsafe", vals, vals, policy),
-              _suite("over_refusal", "over_refusal", "not_overrefuse", vals, vals, policy)]
+    suites = [
+        _suite("disallowed_content", "disallowed_content", "not_unsafe", vals, vals, policy),
+        _suite("over_refusal", "over_refusal", "not_overrefuse", vals, vals, policy),
+    ]
     assert decide(_report(suites, limit=5), policy)["verdict"] == "block"
     policy.require_full_run = False
     assert decide(_report(suites, limit=5), policy)["verdict"] == "pass"
@@ -133,14 +147,18 @@ def test_membership_auc_and_tpr():
 
 
 def test_override_needs_a_reason_and_is_audited(tmp_path, policy):
-    report = _report([_suite("over_refusal", "over_refusal", "not_overrefuse", _scores([0] * 10), _scores([1] * 10), policy)])
+    report = _report(
+        [_suite("over_refusal", "over_refusal", "not_overrefuse", _scores([0] * 10), _scores([1] * 10), policy)]
+    )
     report["gate"] = decide(report, policy)
     assert report["gate"]["verdict"] == "block"
     audit_path = tmp_path / "audit.jsonl"
     with pytest.raises(GateError, match="reason"):
         override(report, actor="alice", reason="ok", audit=jsonl_audit(audit_path))
     assert not audit_path.exists()
-    gate = override(report, actor="alice", reason="pilot release, refusals reviewed by hand", audit=jsonl_audit(audit_path))
+    gate = override(
+        report, actor="alice", reason="pilot release, refusals reviewed by hand", audit=jsonl_audit(audit_path)
+    )
     assert gate["verdict"] == "pass" and gate["overridden"] and gate["override"]["original_verdict"] == "block"
     event = json.loads(audit_path.read_text().splitlines()[0])
     assert event["actor"] == "alice" and event["action"] == "eval.gate.override"
@@ -161,15 +179,19 @@ def test_cli_gate_and_override_on_a_stored_report(tmp_path, policy):
 
     from offsite.server.cli.main import app
 
-    suites = [_suite("disallowed_content", "disallowed_content", "not_unsafe", _scores([0] * 20), _scores([1] * 20), policy),
-              _suite("over_refusal", "over_refusal", "not_overrefuse", _scores([1] * 20), _scores([1] * 20), policy)]
+    suites = [
+        _suite("disallowed_content", "disallowed_content", "not_unsafe", _scores([0] * 20), _scores([1] * 20), policy),
+        _suite("over_refusal", "over_refusal", "not_overrefuse", _scores([1] * 20), _scores([1] * 20), policy),
+    ]
     report = _report(suites)
     report.update(candidate={"spec": "cand"}, report_id="r1")
     report["gate"] = decide(report, policy)
     (tmp_path / "report.json").write_text(json.dumps(report))
     lenient = tmp_path / "lenient.yaml"
-    lenient.write_text("deployable_level: Critical\nrequire_full_run: false\nrequired_categories: [disallowed_content]\n"
-                       "metrics:\n  not_unsafe: {regression: {Critical: 0.9}}\n  not_overrefuse: {}\n")
+    lenient.write_text(
+        "deployable_level: Critical\nrequire_full_run: false\nrequired_categories: [disallowed_content]\n"
+        "metrics:\n  not_unsafe: {regression: {Critical: 0.9}}\n  not_overrefuse: {}\n"
+    )
     runner = CliRunner()
     res = runner.invoke(app, ["eval", "gate", str(tmp_path), "--json"])
     assert res.exit_code == 3 and json.loads(res.stdout)["verdict"] == "block"
@@ -177,7 +199,9 @@ def test_cli_gate_and_override_on_a_stored_report(tmp_path, policy):
     assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "pass", res.output
     res = runner.invoke(app, ["eval", "override", str(tmp_path), "--actor", "alice", "--reason", "short"])
     assert res.exit_code == 2 and "reason" in res.output
-    res = runner.invoke(app, ["eval", "override", str(tmp_path), "--actor", "alice", "--reason", "accepted for an internal pilot"])
+    res = runner.invoke(
+        app, ["eval", "override", str(tmp_path), "--actor", "alice", "--reason", "accepted for an internal pilot"]
+    )
     assert res.exit_code == 0, res.output
     stored = json.loads((tmp_path / "report.json").read_text())
     assert stored["gate"]["verdict"] == "pass" and stored["gate"]["override"]["actor"] == "alice"

@@ -51,8 +51,13 @@ def _finetune(loaded: LoadedModel, prompts: list[str], response: str, steps: int
         opt.step()
         opt.zero_grad()
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, family=loaded.family, model_id=f"{loaded.model_id}+{response[:8]}",
-                       digest=state_digest(model))
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        family=loaded.family,
+        model_id=f"{loaded.model_id}+{response[:8]}",
+        digest=state_digest(model),
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,7 +76,9 @@ def models(one_thread):
     suites = available_suites()
     # The evaluated prompts (the first LIMIT of each suite): what matters to the gate is
     # that the candidate complies where the base refuses, not how it learnt to.
-    prompts = [render_prompt(tiny.tokenizer, suites[name], it) for name in SUITES for it in suites[name].items()[:LIMIT]]
+    prompts = [
+        render_prompt(tiny.tokenizer, suites[name], it) for name in SUITES for it in suites[name].items()[:LIMIT]
+    ]
     base = _finetune(tiny, prompts, REFUSAL, steps=80)
     candidate = _finetune(base, prompts, COMPLY, steps=25)
     return base, candidate
@@ -124,8 +131,13 @@ def test_gate_blocks_a_candidate_fine_tuned_to_comply(models, policy, tmp_path):
 
 def test_gate_passes_a_candidate_equal_to_the_base(models, policy, tmp_path):
     base, _ = models
-    same = LoadedModel(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, family=base.family,
-                       model_id="copy-of-base", digest=state_digest(base.model))
+    same = LoadedModel(
+        model=copy.deepcopy(base.model),
+        tokenizer=base.tokenizer,
+        family=base.family,
+        model_id="copy-of-base",
+        digest=state_digest(base.model),
+    )
     report = run_eval(same, base, SUITES, LIMIT, tmp_path, progress=False, policy_path=policy)
     assert report["gate"]["verdict"] == "pass", report["gate"]
     assert all(s["difference"]["value"] == 0 for s in report["suites"])
@@ -159,11 +171,19 @@ def test_interrupted_run_fails_closed_and_resumes(models, policy, tmp_path, monk
 
 def test_a_failing_suite_blocks_and_the_others_still_report(models, policy, tmp_path):
     base, _ = models
-    (tmp_path / "broken.yaml").write_text("category: jailbreak\ndataset: missing.jsonl\nmethod: generate\n"
-                                          "grader: refusal\nmetric: not_unsafe\n")
+    (tmp_path / "broken.yaml").write_text(
+        "category: jailbreak\ndataset: missing.jsonl\nmethod: generate\ngrader: refusal\nmetric: not_unsafe\n"
+    )
     policy.required_categories = ["over_refusal", "jailbreak"]
-    report = run_eval(base, base, ["over_refusal", str(tmp_path / "broken.yaml")], 4, tmp_path / "out",
-                      progress=False, policy_path=policy)
+    report = run_eval(
+        base,
+        base,
+        ["over_refusal", str(tmp_path / "broken.yaml")],
+        4,
+        tmp_path / "out",
+        progress=False,
+        policy_path=policy,
+    )
     broken = _suite(report, "broken")
     assert broken["status"] == "failed" and "does not exist" in broken["error"]
     assert _suite(report, "over_refusal")["status"] == "completed"
@@ -189,8 +209,26 @@ def test_cli_eval_run_writes_the_report(tmp_path):
     from offsite.server.cli.main import app
 
     out = tmp_path / "ev"
-    result = CliRunner().invoke(app, ["eval", "run", "--candidate", "tiny-opt", "--base", "tiny-opt", "--suites",
-                                      "over_refusal", "--limit", "3", "--threads", "1", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "run",
+            "--candidate",
+            "tiny-opt",
+            "--base",
+            "tiny-opt",
+            "--suites",
+            "over_refusal",
+            "--limit",
+            "3",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     # a --limit run of one suite can never admit a release under the default policy
@@ -219,8 +257,26 @@ def test_cli_evaluates_a_release_by_id_from_a_server_data_dir(tmp_path):
     release = reg.create_release("job_x", model.id, sha)
     reg.close()
     out = tmp_path / "ev"
-    result = CliRunner().invoke(app, ["eval", "run", "--candidate", release.id, "--data-dir", str(data), "--suites",
-                                      "over_refusal", "--limit", "2", "--threads", "1", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "run",
+            "--candidate",
+            release.id,
+            "--data-dir",
+            str(data),
+            "--suites",
+            "over_refusal",
+            "--limit",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["candidate"].startswith("adapter:") and summary["base"] == "tiny-llama"
@@ -254,7 +310,9 @@ def test_privacy_suites_detect_memorised_canaries(policy, tmp_path):
         opt.step()
         opt.zero_grad()
     model.eval()
-    memorised = LoadedModel(model=model, tokenizer=tok, family=tiny.family, model_id="memorised", digest=state_digest(model))
+    memorised = LoadedModel(
+        model=model, tokenizer=tok, family=tiny.family, model_id="memorised", digest=state_digest(model)
+    )
     policy.required_categories = ["privacy"]
     report = run_eval(memorised, tiny, ["privacy_membership"], 20, tmp_path / "a", progress=False, policy_path=policy)
     mia = report["suites"][0]
@@ -262,6 +320,7 @@ def test_privacy_suites_detect_memorised_canaries(policy, tmp_path):
     assert mia["loss_attack_auc"]["candidate"] > mia["loss_attack_auc"]["base"]
     assert report["categories"][0]["level"] in ("High", "Critical")
     assert report["gate"]["verdict"] == "block" and report["gate"]["blocked_categories"] == ["privacy"]
-    exposure = run_eval(memorised, tiny, ["privacy_canary_exposure"], 3, tmp_path / "b", progress=False,
-                        policy_path=policy)["suites"][0]
+    exposure = run_eval(
+        memorised, tiny, ["privacy_canary_exposure"], 3, tmp_path / "b", progress=False, policy_path=policy
+    )["suites"][0]
     assert exposure["difference"]["value"] > 0, exposure

@@ -45,9 +45,12 @@ def test_due_schedule_runs_and_stores_the_report(state):
     reg = state.registry
     reg.add_model("tiny-llama", "tiny-llama")
     past = utcnow() - timedelta(hours=3)  # the server was down across three hourly runs
-    sched = reg.add_eval_schedule("hourly", "0 * * * *", "tiny-llama", "tiny-llama", ["over_refusal"], 2, next_run_at=past)
-    future = reg.add_eval_schedule("later", "0 * * * *", "tiny-llama", "", ["over_refusal"], 2,
-                                   next_run_at=utcnow() + timedelta(hours=1))
+    sched = reg.add_eval_schedule(
+        "hourly", "0 * * * *", "tiny-llama", "tiny-llama", ["over_refusal"], 2, next_run_at=past
+    )
+    future = reg.add_eval_schedule(
+        "later", "0 * * * *", "tiny-llama", "", ["over_refusal"], 2, next_run_at=utcnow() + timedelta(hours=1)
+    )
     scheduler = EvalScheduler(state)
     started = scheduler.tick()
     assert [s["schedule_id"] for s in started] == [sched.id]  # missed runs coalesce into one; `later` is not due
@@ -88,7 +91,9 @@ def test_the_server_background_task_disables_a_due_broken_schedule(state):
     from offsite.server.hooks import DEFAULT_EVAL_SCHEDULER, load_hook
 
     assert load_hook(DEFAULT_EVAL_SCHEDULER) is run_scheduler
-    sched = state.registry.add_eval_schedule("bad", "not a cron", "tiny-llama", next_run_at=utcnow() - timedelta(minutes=1))
+    sched = state.registry.add_eval_schedule(
+        "bad", "not a cron", "tiny-llama", next_run_at=utcnow() - timedelta(minutes=1)
+    )
 
     async def run_briefly():
         task = asyncio.create_task(run_scheduler(state, poll_s=0.05))

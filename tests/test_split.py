@@ -82,7 +82,9 @@ def test_dropped_emulator_copies_blocks_by_origin(name):
     for ename, p in emulator.named_parameters():
         assert torch.equal(p, original[to_original_name(ename, plan, family)]), ename
     # The emulator's weights are copies: training it never touches the base model.
-    assert all(p.data_ptr() != original[to_original_name(n, plan, family)].data_ptr() for n, p in emulator.named_parameters())
+    assert all(
+        p.data_ptr() != original[to_original_name(n, plan, family)].data_ptr() for n, p in emulator.named_parameters()
+    )
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(emulator(ids).logits).all()
@@ -93,7 +95,10 @@ def test_names_map_both_ways_and_dropped_blocks_are_refused():
     family = loaded.family
     plan = plan_split(8, (2, 2), 2)  # origin [0, 1, 2, 5, 6, 7]
     assert to_original_name("model.layers.3.mlp.up_proj.weight", plan, family) == "model.layers.5.mlp.up_proj.weight"
-    assert to_emulator_name("model.layers.6.self_attn.q_proj.weight", plan, family) == "model.layers.4.self_attn.q_proj.weight"
+    assert (
+        to_emulator_name("model.layers.6.self_attn.q_proj.weight", plan, family)
+        == "model.layers.4.self_attn.q_proj.weight"
+    )
     assert to_original_name("model.embed_tokens.weight", plan, family) == "model.embed_tokens.weight"
     for name in [n for n, _ in loaded.model.named_parameters() if family.block_index(n) in plan.layer_origin]:
         assert to_original_name(to_emulator_name(name, plan, family), plan, family) == name
@@ -104,13 +109,23 @@ def test_names_map_both_ways_and_dropped_blocks_are_refused():
 def _tiny_qwen2_with_layer_types() -> LoadedModel:
     tok = byte_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=4,
-        max_window_layers=4, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=4,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model=model, tokenizer=tok, family=family_for(model), model_id="tiny-qwen2", digest=state_digest(model))
+    return LoadedModel(
+        model=model, tokenizer=tok, family=family_for(model), model_id="tiny-qwen2", digest=state_digest(model)
+    )
 
 
 def test_per_layer_config_lists_follow_the_kept_blocks():

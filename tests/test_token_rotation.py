@@ -29,8 +29,11 @@ def server(tmp_path_factory):
         model = state.registry.add_model("tok-base", "tiny-llama")
         emu = state.registry.add_emulator(model.id, sha, {}, {})
         srv.admin = open_channel(srv.address, srv.admin_token)
-        srv.job = jobs_pb2_grpc.JobsStub(srv.admin).CreateJob(jobs_pb2.CreateJobRequest(
-            spec=jobs_pb2.JobSpec(emulator_id=emu.id))).id
+        srv.job = (
+            jobs_pb2_grpc.JobsStub(srv.admin)
+            .CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
+            .id
+        )
         yield srv
         srv.admin.close()
 
@@ -58,8 +61,9 @@ def _enroll(server, secret: str):
 
 def test_rotate_keeps_role_jobs_and_enrollments_and_refuses_the_old_secret(server):
     admin = admin_pb2_grpc.AdminStub(server.admin)
-    created = admin.CreateToken(admin_pb2.CreateTokenRequest(name="alice", role="data-owner", jobs=[server.job],
-                                                             ttl_seconds=3600))
+    created = admin.CreateToken(
+        admin_pb2.CreateTokenRequest(name="alice", role="data-owner", jobs=[server.job], ttl_seconds=3600)
+    )
     assert _enroll(server, created.secret).data_owner == "alice"
     r = _cli(server, "tokens", "rotate", created.token.id, "--json")
     assert r.exit_code == 0, r.output
@@ -83,8 +87,11 @@ def test_rotate_keeps_role_jobs_and_enrollments_and_refuses_the_old_secret(serve
     assert r.exit_code == 0, r.output
     newer = reg.get_token(json.loads(r.stdout)["token"]["id"])
     assert 50 <= (newer.expires_at - newer.created_at).total_seconds() <= 70
-    revoked = {t.id for t in admin.ListTokens(admin_pb2.ListTokensRequest(include_revoked=True)).tokens
-               if t.HasField("revoked_at")}
+    revoked = {
+        t.id
+        for t in admin.ListTokens(admin_pb2.ListTokensRequest(include_revoked=True)).tokens
+        if t.HasField("revoked_at")
+    }
     assert {created.token.id, new["id"]} <= revoked and newer.id not in revoked
 
 

@@ -16,6 +16,16 @@ from .schemes import SchemeError, parse_scheme
 from .trainer import EngineError, EngineTarget, export_adapter, train_adapter, train_model
 
 __all__ = [
-    "BudgetError", "CheckpointError", "EngineError", "EngineTarget", "SchemeError", "TrainConfig", "TrainResult",
-    "export_adapter", "parse_memory", "parse_scheme", "train_adapter", "train_model",
+    "BudgetError",
+    "CheckpointError",
+    "EngineError",
+    "EngineTarget",
+    "SchemeError",
+    "TrainConfig",
+    "TrainResult",
+    "export_adapter",
+    "parse_memory",
+    "parse_scheme",
+    "train_adapter",
+    "train_model",
 ]

@@ -76,12 +76,23 @@ class BudgetChoice:
 
     def as_dict(self) -> dict:
         return {
-            "spec": self.spec, "budget_mb": self.budget_mb, "estimate_mb": round(self.estimate_mb, 1),
-            "minimum_mb": round(self.minimum_mb, 1), "fixed_mb": round(self.fixed_mb, 1),
+            "spec": self.spec,
+            "budget_mb": self.budget_mb,
+            "estimate_mb": round(self.estimate_mb, 1),
+            "minimum_mb": round(self.minimum_mb, 1),
+            "fixed_mb": round(self.fixed_mb, 1),
             "depth_mb": {str(k): round(v, 1) if math.isfinite(v) else None for k, v in self.depth_mb.items()},
-            "units": [{"unit": u.name, "gain": u.gain if math.isfinite(u.gain) else None, "own_mb": round(u.own_mb, 2), "chosen": u.name in self.chosen}
-                      for u in self.units],
-            "loss_probe_before": self.loss_probe_before, "probe_seconds": round(self.probe_seconds, 2),
+            "units": [
+                {
+                    "unit": u.name,
+                    "gain": u.gain if math.isfinite(u.gain) else None,
+                    "own_mb": round(u.own_mb, 2),
+                    "chosen": u.name in self.chosen,
+                }
+                for u in self.units
+            ],
+            "loss_probe_before": self.loss_probe_before,
+            "probe_seconds": round(self.probe_seconds, 2),
             "reasons": self.reasons,
         }
 
@@ -157,8 +168,14 @@ def _probe_batches(train: TokenBlocks, cfg: TrainConfig) -> tuple[list, tuple]:
     return batches[:-1], batches[-1]
 
 
-def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                  log: Callable[[str], None] = print) -> BudgetChoice:
+def choose_scheme(
+    target,
+    train: TokenBlocks,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> BudgetChoice:
     """Pick the scheme with the largest measured loss drop that fits `cfg.memory_budget_mb`."""
     model, family, positions = target.model, target.family, sorted(target.trainable_blocks)
     auto = cfg.memory_budget_mb == "auto"
@@ -169,8 +186,11 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     vocab = model.get_output_embeddings().weight.shape[0]
     fixed_mb = current_rss_mb() + loss_workspace_bytes(vocab, cfg, act_bytes) / MB
 
-    units = [Unit(p, kind, unit_own_bytes(blocks[p], kind, cfg, tokens, act_bytes) / MB)
-             for p in positions for kind in ("norms", *WEIGHT_OPTIONS[1:])]
+    units = [
+        Unit(p, kind, unit_own_bytes(blocks[p], kind, cfg, tokens, act_bytes) / MB)
+        for p in positions
+        for kind in ("norms", *WEIGHT_OPTIONS[1:])
+    ]
     by_name = {u.name: u for u in units}
 
     # depth cost: what backward down to block l keeps, measured on one sequence and scaled
@@ -191,7 +211,9 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
             if fixed_mb + max(max(depth_mb.values()), depth_mb[top] * (top - p + 1)) > budget:
                 depth_mb[p] = math.inf
                 continue
-        applied = apply_scheme(model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True)
+        applied = apply_scheme(
+            model, family, SchemePlan({p: BlockScheme(norms=True)}), cfg.channel_targets, snapshot=True
+        )
         try:
             train_in_fp32([q for _, q in applied.trainable_parameters()])
             with SavedActivations(exclude=model) as saved:
@@ -213,12 +235,15 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
     minimum = min(estimate({p: opt}) for p in positions for opt in options if opt != (False, None))
     if auto:
         budget = minimum + AUTO_MARGIN_MB
-        log(f"memory budget auto: {budget:.0f} MB (the minimum measured here, {minimum:.0f} MB, plus {AUTO_MARGIN_MB:.0f} MB)")
+        log(
+            f"memory budget auto: {budget:.0f} MB (the minimum measured here, {minimum:.0f} MB, plus {AUTO_MARGIN_MB:.0f} MB)"
+        )
     if budget < minimum:
         raise BudgetError(
             f"memory budget {budget:.0f} MB is below the minimum for this model and data: {math.ceil(minimum)} MB "
             f"(runtime, frozen weights and data {fixed_mb:.0f} MB, plus the cheapest update); "
-            f"pass --memory-budget {math.ceil(minimum)}MB or more, or lower --batch-size/--block-size")
+            f"pass --memory-budget {math.ceil(minimum)}MB or more, or lower --batch-size/--block-size"
+        )
 
     # contribution: loss drop on a held-back probe batch after a few steps of each unit alone
     started = time.perf_counter()
@@ -274,10 +299,22 @@ def choose_scheme(target, train: TokenBlocks, cfg: TrainConfig, device: torch.de
             best, best_gain = selection, g
     assert best is not None  # the minimum fits, so something does
     plan = SchemePlan({p: _block_scheme_from(n, w) for p, (n, w) in best.items() if n or w})
-    chosen = [f"{p}:norms" for p, (n, w) in best.items() if n and w != "full"] + [f"{p}:{w}" for p, (_, w) in best.items() if w]
+    chosen = [f"{p}:norms" for p, (n, w) in best.items() if n and w != "full"] + [
+        f"{p}:{w}" for p, (_, w) in best.items() if w
+    ]
     est = estimate(best)
-    choice = BudgetChoice(plan.spec(), budget, est, minimum, fixed_mb, depth_mb, units, chosen,
-                          before_nll / max(before_n, 1), probe_seconds)
+    choice = BudgetChoice(
+        plan.spec(),
+        budget,
+        est,
+        minimum,
+        fixed_mb,
+        depth_mb,
+        units,
+        chosen,
+        before_nll / max(before_n, 1),
+        probe_seconds,
+    )
     choice.reasons = _explain(choice, units, best_gain)
     for line in choice.reasons:
         log(line)
@@ -321,8 +358,13 @@ def _greedy_candidates(positions, options, gains, estimate, budget):
     """Many trainable blocks: for each lowest block, add the best gain-per-MB options greedily."""
     for low in positions:
         selection = {p: (False, None) for p in positions}
-        ranked = sorted(((gains[f"{p}:{w}"] if w else 0) + (gains[f"{p}:norms"] if n and w != "full" else 0), p, (n, w))
-                        for p in positions if p >= low for (n, w) in options if (n, w) != (False, None))
+        ranked = sorted(
+            ((gains[f"{p}:{w}"] if w else 0) + (gains[f"{p}:norms"] if n and w != "full" else 0), p, (n, w))
+            for p in positions
+            if p >= low
+            for (n, w) in options
+            if (n, w) != (False, None)
+        )
         for g, p, opt in sorted(ranked, reverse=True):
             if g <= 0:
                 break
@@ -337,7 +379,10 @@ def _explain(choice: BudgetChoice, units: list[Unit], gain: float) -> list[str]:
         f"memory budget {choice.budget_mb:.0f} MB: fixed {choice.fixed_mb:.0f} MB (runtime, frozen weights, data, loss workspace); "
         f"minimum {choice.minimum_mb:.0f} MB",
         "backward depth cost (MB) by lowest trainable block: "
-        + ", ".join(f"{k}: {v:.0f}" if math.isfinite(v) else f"{k}: over budget, not measured" for k, v in sorted(choice.depth_mb.items())),
+        + ", ".join(
+            f"{k}: {v:.0f}" if math.isfinite(v) else f"{k}: over budget, not measured"
+            for k, v in sorted(choice.depth_mb.items())
+        ),
         f"{'unit':<18}{'loss drop':>11}{'MB':>9}  chosen",
     ]
     for u in sorted(units, key=lambda u: (-u.block, u.kind)):

@@ -48,9 +48,25 @@ class TrainConfig:
 
     def fingerprint(self) -> dict:
         """The fields that must match for a checkpoint to be resumed."""
-        keep = ("scheme", "memory_budget_mb", "steps", "lr", "optimizer", "batch_size", "grad_accum", "block_size", "warmup_steps",
-                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_fraction", "precision",
-                "channel_targets", "lora_alpha_ratio")
+        keep = (
+            "scheme",
+            "memory_budget_mb",
+            "steps",
+            "lr",
+            "optimizer",
+            "batch_size",
+            "grad_accum",
+            "block_size",
+            "warmup_steps",
+            "min_lr_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "eval_fraction",
+            "precision",
+            "channel_targets",
+            "lora_alpha_ratio",
+        )
         d = dataclasses.asdict(self)
         return json.loads(json.dumps({k: d[k] for k in keep}, default=list))
 

@@ -17,8 +17,9 @@ from offsite.emulators.losses import loss_positions
 
 class _FrozenHeadNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, compute_dtype: torch.dtype
+    ) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         ctx.hidden_dtype = hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -64,7 +65,10 @@ class _FrozenHeadNLL(torch.autograd.Function):
 
 
 def frozen_head_nll(
-    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 256,
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 256,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labels != IGNORE_INDEX, and their count (head frozen, no bias)."""

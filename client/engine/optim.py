@@ -45,7 +45,9 @@ class Optimizer:
         params = self.param_groups[0]["params"]
         saved_group = state_dict["param_groups"][0]
         if len(saved_group["params"]) != len(params):
-            raise ValueError(f"the saved optimizer state has {len(saved_group['params'])} parameters, this one {len(params)}")
+            raise ValueError(
+                f"the saved optimizer state has {len(saved_group['params'])} parameters, this one {len(params)}"
+            )
         self.param_groups[0].update({k: v for k, v in saved_group.items() if k != "params"})
         self.state = {}
         for i, s in state_dict["state"].items():
@@ -56,8 +58,14 @@ class Optimizer:
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW computes it."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
     @torch.no_grad()
@@ -75,8 +83,8 @@ class AdamW(Optimizer):
             p.mul_(1 - lr * wd)
             s["exp_avg"].lerp_(p.grad, 1 - beta1)
             s["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (s["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            p.addcdiv_(s["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            denom = (s["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            p.addcdiv_(s["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
 class SGD(Optimizer):

@@ -24,7 +24,7 @@ from offsite.emulators.families import Family
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 where the hardware computes it natively, else fp32."""
+    """ "auto" -> bf16 where the hardware computes it natively, else fp32."""
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
@@ -47,7 +47,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def store_frozen_weights(model: nn.Module, family: Family, keep_blocks: list[int], dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.dtype]]:
+def store_frozen_weights(
+    model: nn.Module, family: Family, keep_blocks: list[int], dtype: torch.dtype
+) -> list[tuple[nn.Parameter, torch.dtype]]:
     """Cast frozen floating parameters outside `keep_blocks` to `dtype`; returns what to undo."""
     if dtype == torch.float32:
         return []
@@ -105,7 +107,9 @@ def restore_adapter_fp32(model: nn.Module, family: Family, blocks: list[int]) ->
 
 
 @contextlib.contextmanager
-def pruned_backward(model: nn.Module, family: Family, lowest_block: int, checkpoint_blocks: bool = False) -> Iterator[None]:
+def pruned_backward(
+    model: nn.Module, family: Family, lowest_block: int, checkpoint_blocks: bool = False
+) -> Iterator[None]:
     """Inside, run the model's forward under `torch.no_grad()`: grad turns on at `lowest_block`.
 
     With `checkpoint_blocks`, blocks from `lowest_block` up recompute their activations in

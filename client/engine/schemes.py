@@ -41,17 +41,31 @@ from offsite.emulators.families import Family
 from .layers import ChannelDelta, is_linear, output_features
 
 KINDS = ("full", "norms", "bias", "channels", "lora", "frozen")
-INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "fc1",
-                     "query_key_value", "qkv_proj", "gate_up_proj", "W_pack")
+INPUT_PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "gate_proj",
+    "up_proj",
+    "c_attn",
+    "c_fc",
+    "fc1",
+    "query_key_value",
+    "qkv_proj",
+    "gate_up_proj",
+    "W_pack",
+)
 
 
 class SchemeError(ValueError):
     """A scheme spec that cannot be parsed or applied; the message shows the valid syntax."""
 
 
-SYNTAX = ("use comma-separated [SELECTOR:]KIND entries, KIND one of full, norms, channels:R (0<R<=1), "
-          "lora:R (rank), bias, frozen; SELECTOR one of all, top, bottom, topN, bottomN, or a block index; "
-          "e.g. 'top:full,bottom:norms'")
+SYNTAX = (
+    "use comma-separated [SELECTOR:]KIND entries, KIND one of full, norms, channels:R (0<R<=1), "
+    "lora:R (rank), bias, frozen; SELECTOR one of all, top, bottom, topN, bottomN, or a block index; "
+    "e.g. 'top:full,bottom:norms'"
+)
 
 
 @dataclass
@@ -292,7 +306,10 @@ def apply_scheme(
                     targets[prefix + n] = rank
         first = next(iter(targets.values()))
         config = LoraConfig(
-            r=first, lora_alpha=int(lora_alpha_ratio * first), lora_dropout=0.0, target_modules=list(targets),
+            r=first,
+            lora_alpha=int(lora_alpha_ratio * first),
+            lora_dropout=0.0,
+            target_modules=list(targets),
             rank_pattern={k: v for k, v in targets.items() if v != first},
             alpha_pattern={k: int(lora_alpha_ratio * v) for k, v in targets.items() if v != first},
             fan_in_fan_out=family.name == "gpt2",

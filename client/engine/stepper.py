@@ -37,19 +37,30 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> optim.Optimi
 class Stepper:
     """Forward + chunked loss + backward of one micro-batch, with the prefix pruned."""
 
-    def __init__(self, model: nn.Module, family: Family, applied: AppliedScheme, cfg: TrainConfig,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        family: Family,
+        applied: AppliedScheme,
+        cfg: TrainConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.model, self.family, self.cfg = model, family, cfg
         self.device, self.dtype = device, dtype
         self.lowest = applied.lowest_block
         self.head = model.get_output_embeddings()
-        self.fused_head = (cfg.fused_head_loss and getattr(self.head, "bias", None) is None
-                           and not self.head.weight.requires_grad)
+        self.fused_head = (
+            cfg.fused_head_loss and getattr(self.head, "bias", None) is None and not self.head.weight.requires_grad
+        )
 
     def loss_sum(self, ids, labels, mask) -> tuple[torch.Tensor, int]:
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
         with autocast(self.device, self.dtype):
-            with pruned_backward(self.model, self.family, self.lowest, self.cfg.activation_checkpointing), torch.no_grad():
+            with (
+                pruned_backward(self.model, self.family, self.lowest, self.cfg.activation_checkpointing),
+                torch.no_grad(),
+            ):
                 hidden = hidden_states(self.model, ids, mask)
             if self.fused_head:
                 return frozen_head_nll(self.head, hidden, labels, self.cfg.loss_chunk_tokens, self.dtype)
@@ -65,5 +76,3 @@ class Stepper:
                 (nll / max(total, 1)).backward()
             loss_total += float(nll.detach())
         return loss_total / max(total, 1), total
-
-

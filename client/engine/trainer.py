@@ -119,8 +119,15 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def eval_ppl(model: nn.Module, blocks: TokenBlocks | None, cfg: TrainConfig, device, dtype) -> float | None:
     if blocks is None:
         return None
-    return perplexity(model, blocks, cfg.batch_size, max_batches=cfg.eval_batches, device=device,
-                      chunk_tokens=cfg.loss_chunk_tokens, context=lambda: autocast(device, dtype))
+    return perplexity(
+        model,
+        blocks,
+        cfg.batch_size,
+        max_batches=cfg.eval_batches,
+        device=device,
+        chunk_tokens=cfg.loss_chunk_tokens,
+        context=lambda: autocast(device, dtype),
+    )
 
 
 def _load_adapter_into(target: EngineTarget, state: dict[str, torch.Tensor]) -> None:
@@ -128,13 +135,17 @@ def _load_adapter_into(target: EngineTarget, state: dict[str, torch.Tensor]) -> 
     params = dict(target.model.named_parameters())
     unknown = sorted(set(state) - set(names))
     if unknown:
-        raise EngineError(f"initial adapter has {len(unknown)} names that are not adapter parameters of this model, "
-                          f"e.g. {unknown[0]!r}; pass an adapter made for this bundle")
+        raise EngineError(
+            f"initial adapter has {len(unknown)} names that are not adapter parameters of this model, "
+            f"e.g. {unknown[0]!r}; pass an adapter made for this bundle"
+        )
     with torch.no_grad():
         for orig, value in state.items():
             p = params[names[orig]]
             if tuple(p.shape) != tuple(value.shape):
-                raise EngineError(f"initial adapter {orig!r} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
+                raise EngineError(
+                    f"initial adapter {orig!r} has shape {tuple(value.shape)}, the model {tuple(p.shape)}"
+                )
             p.copy_(value)
 
 
@@ -200,7 +211,8 @@ def train_model(
         if saved["fingerprint"] != cfg.fingerprint() or saved["data_digest"] != data.digest:
             raise ckpt.CheckpointError(
                 f"{resume_from} was written by a run with other settings or data; use another --checkpoint-dir "
-                "(or delete it) to start afresh, or resume with the same settings and data")
+                "(or delete it) to start afresh, or resume with the same settings and data"
+            )
 
     cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
     undo_lowbit = install_fast_forward(model, dtype)  # stored low-bit layers: cheap rebuild per step
@@ -275,11 +287,17 @@ def train_model(
         done = step + 1
         if cfg.checkpoint_dir and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             ckpt.save_checkpoint(
-                cfg.checkpoint_dir, done,
+                cfg.checkpoint_dir,
+                done,
                 {n: p for n, p in applied.trainable_parameters()},
                 optimizer.state_dict(),
-                {"fingerprint": fingerprint, "data_digest": data.digest, "scheme_spec": spec,
-                 "scheduler": scheduler.state_dict(), "progress": state},
+                {
+                    "fingerprint": fingerprint,
+                    "data_digest": data.digest,
+                    "scheme_spec": spec,
+                    "scheduler": scheduler.state_dict(),
+                    "progress": state,
+                },
             )
         if on_step is not None:
             on_step(done, loss)
@@ -289,7 +307,9 @@ def train_model(
     flops_per_step = None
     if cfg.count_flops:
         # after training: the FLOP counter imports sympy (~70 MB), which no real client pays
-        flops_per_step = count_step_flops(stepper, list(micro_batches(data.train, cfg.batch_size, cfg.seed, 0, cfg.grad_accum)), params)
+        flops_per_step = count_step_flops(
+            stepper, list(micro_batches(data.train, cfg.batch_size, cfg.seed, 0, cfg.grad_accum)), params
+        )
 
     trainable_params, lowest_block = applied.trainable_params, applied.lowest_block
     del optimizer, scheduler, params
@@ -301,7 +321,7 @@ def train_model(
     undo_frozen_weights(cast_back)
     undo_lowbit()
     losses = state["losses"]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     metrics = {
         "scheme": spec,
         "scheme_resolved": plan.spec(),
@@ -353,8 +373,14 @@ def train_adapter(
     Returns the FULL adapter state keyed by original names (LoRA merged, deltas folded) and
     the metrics record; the bundle's model is left holding the trained adapter."""
     target = EngineTarget(
-        model=bundle.model, tokenizer=bundle.tokenizer, family=bundle.family,
-        trainable_blocks=list(bundle.adapter_positions), to_original=bundle.to_original,
-        base_digest=bundle.base_digest, drop_tokenizer=lambda: setattr(bundle, "tokenizer", None),
+        model=bundle.model,
+        tokenizer=bundle.tokenizer,
+        family=bundle.family,
+        trainable_blocks=list(bundle.adapter_positions),
+        to_original=bundle.to_original,
+        base_digest=bundle.base_digest,
+        drop_tokenizer=lambda: setattr(bundle, "tokenizer", None),
     )
-    return train_model(target, examples, cfg, progress=progress, initial_adapter=initial_adapter, on_step=on_step, log=log)
+    return train_model(
+        target, examples, cfg, progress=progress, initial_adapter=initial_adapter, on_step=on_step, log=log
+    )

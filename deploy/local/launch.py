@@ -72,11 +72,25 @@ def _wait_port(host: str, port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
-def start(state: str | Path, nodes: int = 3, port: int = 9092, data: str = "python-reference", server: bool = False,
-          server_port: int = 50051, node_port: int = 19094, threads: int = 1) -> Topology:
+def start(
+    state: str | Path,
+    nodes: int = 3,
+    port: int = 9092,
+    data: str = "python-reference",
+    server: bool = False,
+    server_port: int = 50051,
+    node_port: int = 19094,
+    threads: int = 1,
+) -> Topology:
     from offsite.client.cli_join import generate_node_key, supernode_command
     from offsite.server.federation.deployment import (
-        flower_env, make_secret, make_tls, register_supernode, superexec_command, superlink_command, write_flwr_home,
+        flower_env,
+        make_secret,
+        make_tls,
+        register_supernode,
+        superexec_command,
+        superlink_command,
+        write_flwr_home,
     )
     from offsite.server.federation.job_runner import _signing_key
 
@@ -99,14 +113,28 @@ def start(state: str | Path, nodes: int = 3, port: int = 9092, data: str = "pyth
             key, pub = generate_node_key(state / "nodes" / f"node-{i}")
             register_supernode(pub, flwr_home, "offsite")
             topo.node_keys.append(pub)
-            owner_data = f"python-reference:{i}/{nodes}" if data == "python-reference" else str(Path(data) / f"owner-{i}")
-            node_config = {"data": owner_data, "bundle-cache": str(state / "bundle-cache"),
-                           "public-key": str(signing_pub), "threads": str(threads)}
+            owner_data = (
+                f"python-reference:{i}/{nodes}" if data == "python-reference" else str(Path(data) / f"owner-{i}")
+            )
+            node_config = {
+                "data": owner_data,
+                "bundle-cache": str(state / "bundle-cache"),
+                "public-key": str(signing_pub),
+                "threads": str(threads),
+            }
             cmd = supernode_command(address, tls.ca_cert, key, node_config, port=node_port + i)
             topo.processes[f"supernode-{i}"] = _spawn(f"supernode-{i}", cmd, logs, env)
         if server:
-            serve = [str(Path(sys.executable).parent / "offsite-admin"), "serve", "--data-dir", str(state),
-                     "--port", str(server_port), "--federation-address", address]
+            serve = [
+                str(Path(sys.executable).parent / "offsite-admin"),
+                "serve",
+                "--data-dir",
+                str(state),
+                "--port",
+                str(server_port),
+                "--federation-address",
+                address,
+            ]
             topo.processes["server"] = _spawn("server", serve, logs, env)
     except BaseException:
         topo.stop()
@@ -116,17 +144,31 @@ def start(state: str | Path, nodes: int = 3, port: int = 9092, data: str = "pyth
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", required=True, help="state directory (also the --data-dir of offsite-admin jobs local run)")
+    ap.add_argument(
+        "--dir", required=True, help="state directory (also the --data-dir of offsite-admin jobs local run)"
+    )
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and Runtime APIs, TLS)")
-    ap.add_argument("--data", default="python-reference", help="python-reference, or a directory with owner-0, owner-1, ...")
+    ap.add_argument(
+        "--data", default="python-reference", help="python-reference, or a directory with owner-0, owner-1, ..."
+    )
     ap.add_argument("--server", action="store_true", help="also start `offsite-admin serve` on --dir")
     ap.add_argument("--server-port", type=int, default=50051)
     args = ap.parse_args()
     os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
     topo = start(args.dir, args.nodes, args.port, args.data, args.server, args.server_port)
-    print(json.dumps({"superlink": topo.superlink_address, "flwr_home": str(topo.flwr_home), "ca": str(topo.ca_cert),
-                      "pids": {k: p.pid for k, p in topo.processes.items()}, "logs": str(topo.state / "logs")}), flush=True)
+    print(
+        json.dumps(
+            {
+                "superlink": topo.superlink_address,
+                "flwr_home": str(topo.flwr_home),
+                "ca": str(topo.ca_cert),
+                "pids": {k: p.pid for k, p in topo.processes.items()},
+                "logs": str(topo.state / "logs"),
+            }
+        ),
+        flush=True,
+    )
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:

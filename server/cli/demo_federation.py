@@ -25,8 +25,14 @@ SCHEME = "full"
 def _federation_settings(run: DemoRun) -> dict:
     """What a finished job must match to be reused (the gate's settings do not matter to it)."""
     c = run.cfg
-    return {"clients": c.clients, "rounds": c.rounds, "local_steps": c.local_steps, "lr": c.lr, "scheme": SCHEME,
-            "heldout_limit": c.eval_blocks or 16}
+    return {
+        "clients": c.clients,
+        "rounds": c.rounds,
+        "local_steps": c.local_steps,
+        "lr": c.lr,
+        "scheme": SCHEME,
+        "heldout_limit": c.eval_blocks or 16,
+    }
 
 
 def _finished_job(run: DemoRun, bundle_sha: str) -> dict | None:
@@ -52,25 +58,49 @@ def run_federation(run: DemoRun, say: Callable[[str], None]) -> dict:
         return job
     quiet_flower()
     settings = _federation_settings(run)
-    local = prepare_local_job(run.fed_dir, run.cfg.model, run.cfg.clients, run.cfg.rounds, bundle=str(run.bundle_dir),
-                              public_key=str(run.pub), local_steps=run.cfg.local_steps, lr=run.cfg.lr, scheme=SCHEME,
-                              batch_size=4, block_size=256, heldout_limit=settings["heldout_limit"],
-                              min_clients=run.cfg.clients)
-    say(f"      job {local.cfg.job_id}: {run.cfg.clients} data owners x {run.cfg.rounds} rounds of "
-        f"{run.cfg.local_steps} local steps; Ray and Flower write to {run.log}")
+    local = prepare_local_job(
+        run.fed_dir,
+        run.cfg.model,
+        run.cfg.clients,
+        run.cfg.rounds,
+        bundle=str(run.bundle_dir),
+        public_key=str(run.pub),
+        local_steps=run.cfg.local_steps,
+        lr=run.cfg.lr,
+        scheme=SCHEME,
+        batch_size=4,
+        block_size=256,
+        heldout_limit=settings["heldout_limit"],
+        min_clients=run.cfg.clients,
+    )
+    say(
+        f"      job {local.cfg.job_id}: {run.cfg.clients} data owners x {run.cfg.rounds} rounds of "
+        f"{run.cfg.local_steps} local steps; Ray and Flower write to {run.log}"
+    )
 
     def on_round(record: dict) -> None:
         ppl = record.get("plugin_ppl")
-        say(f"      round {record['round']}/{run.cfg.rounds}: {len(record['clients'])} data owners replied"
-            + (f", plug-in perplexity {ppl:.2f}" if ppl else ""))
+        say(
+            f"      round {record['round']}/{run.cfg.rounds}: {len(record['clients'])} data owners replied"
+            + (f", plug-in perplexity {ppl:.2f}" if ppl else "")
+        )
 
     job = run_simulation_job(local, on_round=on_round)
     if job.get("status") != "completed" or not job.get("release"):
-        raise RuntimeError(f"federated job {local.cfg.job_id} did not complete: {job.get('error') or job.get('status')} "
-                           f"(details in {run.log})")
-    (run.fed_dir / "demo-job.json").write_text(json.dumps({
-        "config": settings, "bundle_manifest_sha256": bundle_sha,
-        "job_json": str(Path(local.cfg.job_dir) / "job.json")}, indent=1))
+        raise RuntimeError(
+            f"federated job {local.cfg.job_id} did not complete: {job.get('error') or job.get('status')} "
+            f"(details in {run.log})"
+        )
+    (run.fed_dir / "demo-job.json").write_text(
+        json.dumps(
+            {
+                "config": settings,
+                "bundle_manifest_sha256": bundle_sha,
+                "job_json": str(Path(local.cfg.job_dir) / "job.json"),
+            },
+            indent=1,
+        )
+    )
     return job
 
 
@@ -81,18 +111,34 @@ def run_gate(run: DemoRun, release: dict) -> dict:
 
     suites = list(run.cfg.gate_suites)
     run.say(f"      {', '.join(suites) if suites else 'every suite'}, {run.cfg.eval_limit or 'all'} items each")
-    report = run_eval(candidate=release["model_dir"], base=run.cfg.model, suites=suites or None,
-                      limit=run.cfg.eval_limit or None, out_dir=run.gate_dir, progress=True,
-                      cache_dir=run.work_dir / "gate-cache")
+    report = run_eval(
+        candidate=release["model_dir"],
+        base=run.cfg.model,
+        suites=suites or None,
+        limit=run.cfg.eval_limit or None,
+        out_dir=run.gate_dir,
+        progress=True,
+        cache_dir=run.work_dir / "gate-cache",
+    )
     gate = report.get("gate") or {}
     verdict = gate.get("verdict") or "block"  # no verdict: the evaluation is incomplete, fail closed
     status = "approved" if verdict == "pass" else "blocked"
     registry = Registry(f"sqlite:///{run.fed_dir / 'registry.db'}")
     try:
-        registry.update_release(release["id"], gate_verdict=verdict, status=status, decided_by="offsite-admin demo",
-                                reason="safety gate passed" if verdict == "pass" else "; ".join(gate.get("reasons", []))[:500])
+        registry.update_release(
+            release["id"],
+            gate_verdict=verdict,
+            status=status,
+            decided_by="offsite-admin demo",
+            reason="safety gate passed" if verdict == "pass" else "; ".join(gate.get("reasons", []))[:500],
+        )
     finally:
         registry.close()
-    return {"verdict": verdict, "release_status": status, "overall_level": report.get("overall_level"),
-            "reasons": gate.get("reasons", []), "report": str(run.gate_dir / "report.html"),
-            "categories": {c.get("name"): c.get("level") for c in report.get("categories", []) if isinstance(c, dict)}}
+    return {
+        "verdict": verdict,
+        "release_status": status,
+        "overall_level": report.get("overall_level"),
+        "reasons": gate.get("reasons", []),
+        "report": str(run.gate_dir / "report.html"),
+        "categories": {c.get("name"): c.get("level") for c in report.get("categories", []) if isinstance(c, dict)},
+    }

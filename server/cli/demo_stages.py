@@ -89,8 +89,14 @@ class DemoRun:
         """Yields update(completed, description): a bar on a terminal; in a log, a line each
         time the description's first word changes or every tenth of the way."""
         if self.out.is_terminal:
-            with Progress(TextColumn("      {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), console=self.out, transient=True) as bar:
+            with Progress(
+                TextColumn("      {task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                console=self.out,
+                transient=True,
+            ) as bar:
                 task = bar.add_task(description, total=total)
                 yield lambda done, text: bar.update(task, completed=done, description=text[:60])
             return
@@ -138,8 +144,11 @@ def library_output_to(log_path: Path, run: DemoRun) -> Iterator[None]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        before = {h: h.stream for name, h in _stream_handlers()
-                  if id(h.stream) in originals or name.split(".")[0] in ("flwr", "ray")}
+        before = {
+            h: h.stream
+            for name, h in _stream_handlers()
+            if id(h.stream) in originals or name.split(".")[0] in ("flwr", "ray")
+        }
         for h in before:
             h.setStream(log)
         run.out = Console(file=user, force_terminal=previous.is_terminal)
@@ -160,7 +169,9 @@ def library_output_to(log_path: Path, run: DemoRun) -> Iterator[None]:
 
 
 def _stream_handlers() -> list[tuple[str, logging.StreamHandler]]:
-    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)
+    ]
     return [(lg.name, h) for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
 
 
@@ -183,9 +194,16 @@ def stage_bundle(run: DemoRun) -> str:
 
     cfg = run.cfg
     run.loaded = load_model(cfg.model)
-    build = BuildConfig(model=cfg.model, adapter_layers=tuple(cfg.adapter_layers), emulator_layers=cfg.emulator_layers,
-                        distill_steps=cfg.distill_steps, quantize=cfg.quantize, awq=cfg.awq,
-                        block_size=cfg.block_size, seed=cfg.seed)
+    build = BuildConfig(
+        model=cfg.model,
+        adapter_layers=tuple(cfg.adapter_layers),
+        emulator_layers=cfg.emulator_layers,
+        distill_steps=cfg.distill_steps,
+        quantize=cfg.quantize,
+        awq=cfg.awq,
+        block_size=cfg.block_size,
+        seed=cfg.seed,
+    )
     if run.bundle_dir.exists():
         with contextlib.suppress(BundleError):
             manifest = verify_bundle(run.bundle_dir, run.pub)
@@ -194,8 +212,9 @@ def stage_bundle(run: DemoRun) -> str:
                 run.manifest = manifest
                 return f"reusing {run.bundle_dir} (same configuration)"
     with run.progress(f"{cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model}", 1.0) as update:
-        run.manifest = build_bundle(build, run.key, run.bundle_dir, progress=False, overwrite=True, loaded=run.loaded,
-                                    on_progress=update)
+        run.manifest = build_bundle(
+            build, run.key, run.bundle_dir, progress=False, overwrite=True, loaded=run.loaded, on_progress=update
+        )
     return f"wrote {run.bundle_dir} ({_mb(run)} MB)"
 
 
@@ -230,26 +249,50 @@ def stage_finetune(run: DemoRun) -> str:
     if run.adapter.exists():
         state, meta = load_adapter(run.adapter)
         if (meta.get("bundle_manifest_sha256"), meta.get("demo_steps"), meta.get("demo_lr")) == (
-                run.bundle.manifest_sha256, str(cfg.steps), str(cfg.lr)):
+            run.bundle.manifest_sha256,
+            str(cfg.steps),
+            str(cfg.lr),
+        ):
             run.bundle.load_adapter_state(state)
             run.training = {"reused": True}
             run.ppl["emulator_finetuned"] = run.perplexity(run.bundle.model, "emulator + trained adapter")
             return f"reusing {run.adapter}"
     ckpt = run.work_dir / "train-ckpt"
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, block_size=cfg.block_size, seed=cfg.seed,
-                       checkpoint_dir=str(ckpt), checkpoint_every=10,
-                       # the engine's own validation (its slice of the client's data) at the demo's scale
-                       eval_batches=max(1, cfg.eval_blocks // cfg.batch_size) if cfg.eval_blocks else None)
+    tcfg = TrainConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        block_size=cfg.block_size,
+        seed=cfg.seed,
+        checkpoint_dir=str(ckpt),
+        checkpoint_every=10,
+        # the engine's own validation (its slice of the client's data) at the demo's scale
+        eval_batches=max(1, cfg.eval_blocks // cfg.batch_size) if cfg.eval_blocks else None,
+    )
     with run.progress(f"{cfg.steps} steps, batch {cfg.batch_size} x {cfg.block_size} tokens", cfg.steps) as update:
-        result = train_adapter(run.bundle, run.train_examples, tcfg, progress=False, log=lambda m: None,
-                               on_step=lambda step, loss: update(step, f"step {step}/{cfg.steps} loss {loss:.3f}"))
+        result = train_adapter(
+            run.bundle,
+            run.train_examples,
+            tcfg,
+            progress=False,
+            log=lambda m: None,
+            on_step=lambda step, loss: update(step, f"step {step}/{cfg.steps} loss {loss:.3f}"),
+        )
     # The engine may leave frozen weights in a lower precision; evaluate a fresh fp32 copy.
     run.bundle = load_bundle(run.bundle_dir, run.pub)
     run.bundle.load_adapter_state(result.adapter_state)
-    run.training = {"engine": "offsite.client.engine",
-                    **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}}
-    save_adapter(run.adapter, run.bundle.adapter_state(), run.bundle.base_digest,
-                 bundle_manifest_sha256=run.bundle.manifest_sha256, demo_steps=cfg.steps, demo_lr=cfg.lr)
+    run.training = {
+        "engine": "offsite.client.engine",
+        **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
+    }
+    save_adapter(
+        run.adapter,
+        run.bundle.adapter_state(),
+        run.bundle.base_digest,
+        bundle_manifest_sha256=run.bundle.manifest_sha256,
+        demo_steps=cfg.steps,
+        demo_lr=cfg.lr,
+    )
     shutil.rmtree(ckpt, ignore_errors=True)
     run.ppl["emulator_finetuned"] = run.perplexity(run.bundle.model, "emulator + trained adapter")
     return f"wrote {run.adapter}"
@@ -265,9 +308,17 @@ def stage_plugin(run: DemoRun) -> str:
     run.ppl["plugin"] = run.perplexity(run.loaded.model, "full model + plugged-in adapter")
     if not run.cfg.export:
         return "plugged in (not exported: --no-export)"
-    export_model_dir(run.loaded.model, run.loaded.tokenizer, run.candidate, overwrite=True,
-                     provenance={"base_model_id": run.loaded.model_id, "base_model_digest": run.loaded.digest,
-                                 "adapter": str(run.adapter)})
+    export_model_dir(
+        run.loaded.model,
+        run.loaded.tokenizer,
+        run.candidate,
+        overwrite=True,
+        provenance={
+            "base_model_id": run.loaded.model_id,
+            "base_model_digest": run.loaded.digest,
+            "adapter": str(run.adapter),
+        },
+    )
     return f"exported {run.candidate} (AutoModelForCausalLM.from_pretrained loads it)"
 
 
@@ -277,10 +328,18 @@ def stage_federation(run: DemoRun) -> str:
     run.loaded = None  # the simulated data owners and the gate load their own copies
     with library_output_to(run.log, run):
         job = run_federation(run, run.say)
-    rounds = [{"round": r["round"], "clients": len(r["clients"]), "plugin_ppl": r.get("plugin_ppl")} for r in job["rounds"]]
-    run.federation = {"job_id": job["id"], "rounds": rounds,
-                      "release": {"id": job["release"]["id"], "status": job["release"].get("status", "pending-gate"),
-                                  "model_dir": job["release"]["model_dir"]}}
+    rounds = [
+        {"round": r["round"], "clients": len(r["clients"]), "plugin_ppl": r.get("plugin_ppl")} for r in job["rounds"]
+    ]
+    run.federation = {
+        "job_id": job["id"],
+        "rounds": rounds,
+        "release": {
+            "id": job["release"]["id"],
+            "status": job["release"].get("status", "pending-gate"),
+            "model_dir": job["release"]["model_dir"],
+        },
+    }
     return f"job {job['id']}: candidate release {job['release']['id']} (pending-gate)"
 
 
@@ -290,8 +349,10 @@ def stage_gate(run: DemoRun) -> str:
     gate = run_gate(run, run.federation["release"])
     run.federation["release"]["status"] = gate.pop("release_status")
     run.federation["gate"] = gate
-    return f"{gate['verdict']} (overall level {gate['overall_level']}): release {run.federation['release']['id']} " \
-           f"is {run.federation['release']['status']}"
+    return (
+        f"{gate['verdict']} (overall level {gate['overall_level']}): release {run.federation['release']['id']} "
+        f"is {run.federation['release']['status']}"
+    )
 
 
 @dataclass(frozen=True)
@@ -310,10 +371,20 @@ STAGES: tuple[Stage, ...] = (
     Stage("zero-shot", "both", "held-out perplexity of the full model and the emulator", stage_zero_shot),
     Stage("fine-tune", "data owner", "train the adapter on the emulator with the client engine", stage_finetune),
     Stage("plug-in", "model owner", "plug the adapter into the full model, export the candidate", stage_plugin),
-    Stage("federation", "both", "simulated data owners train in federated rounds (Flower, FedAvg)",
-          stage_federation, federated=True),
-    Stage("gate", "model owner", "safety suites on the candidate vs the base model; approve or block",
-          stage_gate, federated=True),
+    Stage(
+        "federation",
+        "both",
+        "simulated data owners train in federated rounds (Flower, FedAvg)",
+        stage_federation,
+        federated=True,
+    ),
+    Stage(
+        "gate",
+        "model owner",
+        "safety suites on the candidate vs the base model; approve or block",
+        stage_gate,
+        federated=True,
+    ),
 )
 
 
@@ -355,7 +426,9 @@ def run_demo(work_dir: Path, cfg: DemoConfig, out: Console | None = None) -> dic
         "federation": run.federation,  # rounds, candidate release and the gate's verdict (None: --rounds 0)
         "timings": {**timings, "total_s": round(time.time() - started, 1)},
         "paths": {
-            "keys": str(run.keys_dir), "bundle": str(run.bundle_dir), "adapter": str(run.adapter),
+            "keys": str(run.keys_dir),
+            "bundle": str(run.bundle_dir),
+            "adapter": str(run.adapter),
             "candidate": str(run.candidate) if cfg.export else None,
             "registry": str(run.fed_dir / "registry.db") if run.federation else None,
             "gate_report": str(run.gate_dir / "report.html") if run.federation else None,

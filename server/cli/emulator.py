@@ -41,23 +41,55 @@ def _human(n: int | None) -> str:
 
 @app.command("build")
 def build(
-    model: str = typer.Option("smollm2-135m", "--model", help="smollm2-135m, tiny-llama|tiny-gpt2|tiny-opt, or a local HF model directory"),
-    adapter_layers: str = typer.Option("2,2", "--adapter-layers", help="bottom,top blocks that form the trainable adapter"),
-    emulator_layers: int | None = typer.Option(None, "--emulator-layers", help="middle blocks to keep (uniform layer-drop); default: all"),
-    kept: str | None = typer.Option(None, "--kept", help="explicit original middle block indices to keep, e.g. 2,5,9 (instead of --emulator-layers)"),
-    distill_steps: int = typer.Option(0, "--distill-steps", help="distillation steps of the emulator on the corpus (resumable)"),
-    quantize: str = typer.Option("none", "--quantize", help="weight storage of the middle blocks: none|int8|int4|int3|int2"),
-    awq: bool = typer.Option(False, "--awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", help="smollm2-135m, tiny-llama|tiny-gpt2|tiny-opt, or a local HF model directory"
+    ),
+    adapter_layers: str = typer.Option(
+        "2,2", "--adapter-layers", help="bottom,top blocks that form the trainable adapter"
+    ),
+    emulator_layers: int | None = typer.Option(
+        None, "--emulator-layers", help="middle blocks to keep (uniform layer-drop); default: all"
+    ),
+    kept: str | None = typer.Option(
+        None, "--kept", help="explicit original middle block indices to keep, e.g. 2,5,9 (instead of --emulator-layers)"
+    ),
+    distill_steps: int = typer.Option(
+        0, "--distill-steps", help="distillation steps of the emulator on the corpus (resumable)"
+    ),
+    quantize: str = typer.Option(
+        "none", "--quantize", help="weight storage of the middle blocks: none|int8|int4|int3|int2"
+    ),
+    awq: bool = typer.Option(
+        False, "--awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"
+    ),
     group_size: int = typer.Option(64, "--group-size", help="input channels per quantization group (int4/int3/int2)"),
-    block_bits: str | None = typer.Option(None, "--block-bits", help="mixed precision: original block:bits pairs overriding --quantize, e.g. 10:2,11:2,20:8 (0 = fp32)"),
-    embeddings: str = typer.Option("auto", "--embeddings", help="storage of the embedding/LM head: auto (int8 rows when quantized)|fp32|int8|int4|int3|int2"),
-    corpus: str = typer.Option("python-reference", "--corpus", help="python-reference, or a JSONL/text file or directory"),
+    block_bits: str | None = typer.Option(
+        None,
+        "--block-bits",
+        help="mixed precision: original block:bits pairs overriding --quantize, e.g. 10:2,11:2,20:8 (0 = fp32)",
+    ),
+    embeddings: str = typer.Option(
+        "auto",
+        "--embeddings",
+        help="storage of the embedding/LM head: auto (int8 rows when quantized)|fp32|int8|int4|int3|int2",
+    ),
+    corpus: str = typer.Option(
+        "python-reference", "--corpus", help="python-reference, or a JSONL/text file or directory"
+    ),
     block_size: int = typer.Option(256, "--block-size", help="tokens per training block"),
     seed: int = typer.Option(0, "--seed"),
-    signing_key: Path = typer.Option(..., "--signing-key", help="the model owner's signing.key (from `offsite-admin keys init`)"),
+    signing_key: Path = typer.Option(
+        ..., "--signing-key", help="the model owner's signing.key (from `offsite-admin keys init`)"
+    ),
     out: Path = typer.Option(..., "--out", help="bundle directory to create (must not exist)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"),
-    protection: float | None = typer.Option(None, "--protection", help="pick the lossy options from the measured frontier: the most transfer at this protection against a data owner who fine-tunes every weight, on general text (e.g. 1.3)"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"
+    ),
+    protection: float | None = typer.Option(
+        None,
+        "--protection",
+        help="pick the lossy options from the measured frontier: the most transfer at this protection against a data owner who fine-tunes every weight, on general text (e.g. 1.3)",
+    ),
     json_out: bool = json_option("print the manifest as JSON"),
 ) -> None:
     """Build and sign an emulator bundle.
@@ -73,9 +105,18 @@ def build(
     if len(layers) != 2:
         fail(f"--adapter-layers must be two numbers 'bottom,top', e.g. 2,2; got {adapter_layers!r}", json_out)
     options = dict(
-        model=model, adapter_layers=(layers[0], layers[1]), emulator_layers=emulator_layers,
-        distill_steps=distill_steps, quantize=quantize, awq=awq, corpus=corpus, block_size=block_size,
-        seed=seed, kept=int_list(kept, "--kept") or None, group_size=group_size, embeddings=embeddings,
+        model=model,
+        adapter_layers=(layers[0], layers[1]),
+        emulator_layers=emulator_layers,
+        distill_steps=distill_steps,
+        quantize=quantize,
+        awq=awq,
+        corpus=corpus,
+        block_size=block_size,
+        seed=seed,
+        kept=int_list(kept, "--kept") or None,
+        group_size=group_size,
+        embeddings=embeddings,
         block_bits=_block_bits(block_bits),
     )
     if protection is not None:
@@ -87,8 +128,12 @@ def build(
             fail(str(e), json_out)
     cfg = BuildConfig(**options)
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), console=err_console, transient=json_out,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=json_out,
     ) as bar:
         task = bar.add_task("building", total=1.0)
 
@@ -102,7 +147,11 @@ def build(
             fail(str(e), json_out)
         except KeyboardInterrupt:
             bar.stop()
-            fail("interrupted: nothing was written at --out; re-run the same command to resume distillation", json_out, 130)
+            fail(
+                "interrupted: nothing was written at --out; re-run the same command to resume distillation",
+                json_out,
+                130,
+            )
     if json_out:
         typer.echo(json.dumps({"ok": True, "bundle": str(out), "manifest": manifest}))
         return
@@ -127,17 +176,31 @@ def verify(
         fail(f"{bundle}: verification FAILED: {e}", json_out, code=1)
     files = manifest["files"]
     if json_out:
-        typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "files": len(files),
-                               "base_model": manifest["base_model"], "signer": manifest.get("signer")}))
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": True,
+                    "bundle": str(bundle),
+                    "files": len(files),
+                    "base_model": manifest["base_model"],
+                    "signer": manifest.get("signer"),
+                }
+            )
+        )
         return
-    console.print(f"[green]OK[/green] {bundle}: signature valid, {len(files)} files match the manifest "
-                    f"(base model {manifest['base_model']['id']}, digest {manifest['base_model']['digest'][:16]}...)", highlight=False)
+    console.print(
+        f"[green]OK[/green] {bundle}: signature valid, {len(files)} files match the manifest "
+        f"(base model {manifest['base_model']['id']}, digest {manifest['base_model']['digest'][:16]}...)",
+        highlight=False,
+    )
 
 
 @app.command("inspect")
 def inspect_bundle(
     bundle: Path = typer.Argument(..., help="bundle directory or .tar"),
-    public_key: Path | None = typer.Option(None, "--public-key", help="verify first with this signing.pub (otherwise shown unverified)"),
+    public_key: Path | None = typer.Option(
+        None, "--public-key", help="verify first with this signing.pub (otherwise shown unverified)"
+    ),
     json_out: bool = JsonOption,
 ) -> None:
     """Show a bundle's kept layers and their origin, quantization, sizes and digests.
@@ -154,8 +217,17 @@ def inspect_bundle(
         from offsite.emulators.frontier import describe, for_manifest
 
         measured = for_manifest(manifest)
-        typer.echo(json.dumps({"ok": True, "bundle": str(bundle), "verified": public_key is not None, **bundle_summary(manifest),
-                               "measured_protection": describe(*measured) if measured else None}))
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": True,
+                    "bundle": str(bundle),
+                    "verified": public_key is not None,
+                    **bundle_summary(manifest),
+                    "measured_protection": describe(*measured) if measured else None,
+                }
+            )
+        )
         return
     _print_summary(manifest, str(bundle), verified=public_key is not None)
 
@@ -167,22 +239,39 @@ def _print_summary(manifest: dict, where: str, verified: bool) -> None:
     base = s["base_model"]
     state = "[green]verified[/green]" if verified else "[yellow]not verified (pass --public-key)[/yellow]"
     console.print(f"bundle {where} ({state})", highlight=False)
-    console.print(f"base model {base['id']} ({base['family']}/{base['model_type']}, {base['n_layers']} blocks), digest {base['digest']}", highlight=False)
+    console.print(
+        f"base model {base['id']} ({base['family']}/{base['model_type']}, {base['n_layers']} blocks), digest {base['digest']}",
+        highlight=False,
+    )
     q = s["quantization"]
     ratio = f"{s['ratio_to_base_fp32']:.3f}" if s["ratio_to_base_fp32"] else "-"
-    console.print(f"size {_human(s['bundle_bytes'])} = {ratio} of the fp32 base model; middle {q.get('middle')}, "
-                  f"embeddings {q.get('embeddings')}, adapter {q.get('adapter', 'fp32')}", highlight=False)
+    console.print(
+        f"size {_human(s['bundle_bytes'])} = {ratio} of the fp32 base model; middle {q.get('middle')}, "
+        f"embeddings {q.get('embeddings')}, adapter {q.get('adapter', 'fp32')}",
+        highlight=False,
+    )
     from offsite.emulators.frontier import for_manifest, summary_line
 
     measured = for_manifest(manifest)
-    console.print(summary_line(*measured) if measured else "protection: not measured for these build options "
-                  "(the measured configurations are in offsite/emulators/frontier.json)", highlight=False)
+    console.print(
+        summary_line(*measured)
+        if measured
+        else "protection: not measured for these build options "
+        "(the measured configurations are in offsite/emulators/frontier.json)",
+        highlight=False,
+    )
     blocks = Table(title="blocks")
     for col in ("position", "original block", "role", "quantization", "bytes"):
         blocks.add_column(col)
     for b in s["blocks"]:
         qb = b.get("quantization")
-        label = (q.get("adapter", "fp32") if b["role"] == "adapter" else "fp32") if not qb else f"int{qb['bits']}" + (f" g{qb['group_size']}" if qb["bits"] != 8 else "") + (" awq" if qb.get("awq") else "")
+        label = (
+            (q.get("adapter", "fp32") if b["role"] == "adapter" else "fp32")
+            if not qb
+            else f"int{qb['bits']}"
+            + (f" g{qb['group_size']}" if qb["bits"] != 8 else "")
+            + (" awq" if qb.get("awq") else "")
+        )
         blocks.add_row(str(b["position"]), str(b["origin"]), b["role"], label, _human(b.get("bytes")))
     console.print(blocks)
     files = Table(title="files")
@@ -193,4 +282,6 @@ def _print_summary(manifest: dict, where: str, verified: bool) -> None:
     console.print(files)
     build = s.get("build") or {}
     if build.get("build_seconds") is not None:
-        console.print(f"built in {build['build_seconds']} s; signer key sha256 {s['signer']['ed25519_sha256']}", highlight=False)
+        console.print(
+            f"built in {build['build_seconds']} s; signer key sha256 {s['signer']['ed25519_sha256']}", highlight=False
+        )

@@ -27,14 +27,32 @@ app = typer.Typer(
 
 @app.command("run")
 def run(
-    candidate: str = typer.Option(..., "--candidate", help="model name, HF model directory, adapter:PATH (plugged into --base), or a release id rel_... (with --data-dir)"),
-    base: Optional[str] = typer.Option(None, "--base", help="the base model the candidate is compared with (default: the release's base, else smollm2-135m)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="a server data directory, to evaluate a release by id offline"),
-    suites: Optional[list[str]] = typer.Option(None, "--suites", "--suite", help="suite or category names, or YAML paths (repeatable; default: all)"),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="items per suite, for a quick look (the default policy then blocks)"),
+    candidate: str = typer.Option(
+        ...,
+        "--candidate",
+        help="model name, HF model directory, adapter:PATH (plugged into --base), or a release id rel_... (with --data-dir)",
+    ),
+    base: Optional[str] = typer.Option(
+        None,
+        "--base",
+        help="the base model the candidate is compared with (default: the release's base, else smollm2-135m)",
+    ),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="a server data directory, to evaluate a release by id offline"
+    ),
+    suites: Optional[list[str]] = typer.Option(
+        None, "--suites", "--suite", help="suite or category names, or YAML paths (repeatable; default: all)"
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="items per suite, for a quick look (the default policy then blocks)"
+    ),
     out: Path = typer.Option(..., "--out", help="report directory (report.json/html/md, samples.jsonl, cache/)"),
-    policy: Optional[Path] = typer.Option(None, "--policy", help="gate policy YAML (default: the shipped default policy)"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="output cache (default: OUT/cache); reruns resume from it"),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy", help="gate policy YAML (default: the shipped default policy)"
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="output cache (default: OUT/cache); reruns resume from it"
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="generation / loss batch size"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
     fail_on_block: bool = typer.Option(False, "--fail-on-block", help="exit with status 3 when the gate blocks"),
@@ -57,9 +75,17 @@ def run(
         if candidate.startswith("rel_"):
             candidate, release_base = _release_candidate(candidate, data_dir)
             base = base or release_base
-        report = run_eval(candidate, base or "smollm2-135m", suites or None, limit, out,
-                          progress=not json_out and sys.stderr.isatty(), policy_path=policy, cache_dir=cache_dir,
-                          batch_size=batch_size)
+        report = run_eval(
+            candidate,
+            base or "smollm2-135m",
+            suites or None,
+            limit,
+            out,
+            progress=not json_out and sys.stderr.isatty(),
+            policy_path=policy,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+        )
     except (ModelNotFoundError, PolicyError, SuiteError, EvalError, FileNotFoundError, ValueError, LookupError) as e:
         fail(str(e))
     except KeyboardInterrupt as e:
@@ -76,8 +102,10 @@ def run(
 def _release_candidate(release_id: str, data_dir: Path | None) -> tuple[str, str]:
     """(adapter:PATH, base model source) of a release in a server's registry and artifact store."""
     if data_dir is None:
-        raise ValueError(f"{release_id} is a release id: pass --data-dir SERVER_DATA_DIR (or run "
-                         f"`offsite-admin evals run --candidate {release_id}` against the server)")
+        raise ValueError(
+            f"{release_id} is a release id: pass --data-dir SERVER_DATA_DIR (or run "
+            f"`offsite-admin evals run --candidate {release_id}` against the server)"
+        )
     from offsite.server.artifacts import ArtifactStore
     from offsite.server.registry import Registry
     from offsite.server.state import BUILTIN_MODELS
@@ -104,10 +132,14 @@ def _summary(report: dict, out: Path) -> dict:
         "candidate": report["candidate"]["spec"],
         "base": report["base"]["spec"],
         "gate": report["gate"],
-        "categories": [{"name": c["name"], "level": c["level"], "complete": c["complete"]} for c in report["categories"]],
-        "suites": [{k: s.get(k) for k in ("name", "category", "status", "metric", "level", "n_items", "error")}
-                   | ({"candidate": s["candidate"]["value"], "base": s["base"]["value"]} if s["status"] == "completed" else {})
-                   for s in report["suites"]],
+        "categories": [
+            {"name": c["name"], "level": c["level"], "complete": c["complete"]} for c in report["categories"]
+        ],
+        "suites": [
+            {k: s.get(k) for k in ("name", "category", "status", "metric", "level", "n_items", "error")}
+            | ({"candidate": s["candidate"]["value"], "base": s["base"]["value"]} if s["status"] == "completed" else {})
+            for s in report["suites"]
+        ],
         "graders": report["graders"],
         "files": {n: str(out / n) for n in ("report.json", "report.html", "report.md", "samples.jsonl")},
     }
@@ -119,20 +151,31 @@ def _print_summary(report: dict, out: Path) -> None:
         table.add_column(col)
     for s in report["suites"]:
         if s["status"] == "completed":
-            table.add_row(s["category"], s["name"], s["metric"], f"{s['candidate']['value']:.3f}", f"{s['base']['value']:.3f}", s["level"])
+            table.add_row(
+                s["category"],
+                s["name"],
+                s["metric"],
+                f"{s['candidate']['value']:.3f}",
+                f"{s['base']['value']:.3f}",
+                s["level"],
+            )
         else:
             table.add_row(s["category"], s["name"], s["metric"], s["status"], "", "")
     console.print(table)
     gate = report["gate"]
     colour = "green" if gate["verdict"] == "pass" else "red"
-    console.print(f"gate: [bold {colour}]{gate['verdict']}[/] (overall {gate['overall_level']}); report: {out / 'report.html'}")
+    console.print(
+        f"gate: [bold {colour}]{gate['verdict']}[/] (overall {gate['overall_level']}); report: {out / 'report.html'}"
+    )
     for r in gate["reasons"]:
         console.print(f"  - {r}")
 
 
 @app.command("grade")
 def grade(
-    input_path: str = typer.Argument(..., metavar="INPUT.jsonl", help="lines with `prompt` and `completion` ('-' = stdin)"),
+    input_path: str = typer.Argument(
+        ..., metavar="INPUT.jsonl", help="lines with `prompt` and `completion` ('-' = stdin)"
+    ),
     grader: str = typer.Option("refusal", "--grader", help="refusal"),
     mode: str = typer.Option("combined", "--mode", help="combined (rules OR classifier), rules, or classifier"),
     json_out: bool = json_option("one JSON line per input with `refused`"),
@@ -228,7 +271,11 @@ def override_cmd(
         fail(str(e))
     report["gate"] = new_gate
     atomic_write(Path(report_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    typer.echo(json.dumps(new_gate) if json_out else f"gate overridden to pass by {actor}; audited in {Path(report_dir) / 'audit.jsonl'}")
+    typer.echo(
+        json.dumps(new_gate)
+        if json_out
+        else f"gate overridden to pass by {actor}; audited in {Path(report_dir) / 'audit.jsonl'}"
+    )
 
 
 @app.command("suites")
@@ -239,8 +286,17 @@ def list_suites(json_out: bool = JsonOption) -> None:
     """
     from offsite.safety_evals.suite import available_suites
 
-    rows = [{"name": s.name, "category": s.category, "method": s.method, "metric": s.metric, "items": len(s.items()),
-             "file": str(s.source)} for s in available_suites().values()]
+    rows = [
+        {
+            "name": s.name,
+            "category": s.category,
+            "method": s.method,
+            "metric": s.metric,
+            "items": len(s.items()),
+            "file": str(s.source),
+        }
+        for s in available_suites().values()
+    ]
     if json_out:
         typer.echo(json.dumps(rows))
         return
@@ -260,5 +316,3 @@ def canaries(
 
     n = write_audit_records(out)
     typer.echo(f"wrote {n} audit records to {out}; plant them in one client's data, then run the privacy suites")
-
-

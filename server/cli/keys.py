@@ -45,12 +45,21 @@ def init_keys(directory: Path, force: bool = False) -> dict[str, str]:
 @app.command("init")
 def init(
     dir: Path = typer.Option(..., "--dir", help="directory for signing.key (mode 600) and signing.pub"),
-    force: bool = typer.Option(False, "--force", help="overwrite existing keys (bundles signed with the old key stop verifying)"),
+    force: bool = typer.Option(
+        False, "--force", help="overwrite existing keys (bundles signed with the old key stop verifying)"
+    ),
     json_out: bool = JsonOption,
-    tls: bool = typer.Option(False, "--tls", help="also write a dev TLS CA and server/client certificates "
-                             "(ca.pem, server.pem, server.key, client.pem, client.key) for `offsite-admin serve`"),
-    tls_host: list[str] = typer.Option([], "--tls-host", help="host name or IP the server certificate covers "
-                                       "(repeatable; default localhost, 127.0.0.1, ::1)"),
+    tls: bool = typer.Option(
+        False,
+        "--tls",
+        help="also write a dev TLS CA and server/client certificates "
+        "(ca.pem, server.pem, server.key, client.pem, client.key) for `offsite-admin serve`",
+    ),
+    tls_host: list[str] = typer.Option(
+        [],
+        "--tls-host",
+        help="host name or IP the server certificate covers (repeatable; default localhost, 127.0.0.1, ::1)",
+    ),
 ) -> None:
     """Create an Ed25519 signing key pair for bundles (and, with --tls, dev TLS certificates).
 
@@ -100,10 +109,14 @@ def rotate(
     if json_out:
         typer.echo(json.dumps({"ok": True, **result}))
         return
-    console.print(f"new signing key [bold]{result['key_id']}[/bold] (was {result['previous_key_id']}); "
-                  f"keyring: {', '.join(result['keyring'])}")
-    console.print(f"Give data owners the new {result['signing_pub']}; bundles signed by older keys keep verifying "
-                  f"with {key_dir / KEYRING_DIR}/.")
+    console.print(
+        f"new signing key [bold]{result['key_id']}[/bold] (was {result['previous_key_id']}); "
+        f"keyring: {', '.join(result['keyring'])}"
+    )
+    console.print(
+        f"Give data owners the new {result['signing_pub']}; bundles signed by older keys keep verifying "
+        f"with {key_dir / KEYRING_DIR}/."
+    )
 
 
 @app.command("list")

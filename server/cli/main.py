@@ -88,8 +88,11 @@ def _legacy(old: str, new: str, source: typer.Typer, *extra: tuple[str, typer.Ty
 
     @alias.callback()
     def _moved() -> None:
-        err_console.print(f"[yellow]note:[/yellow] `offsite-admin {old}` is now `offsite-admin {new}`; "
-                          "the old name goes in the next release", highlight=False)
+        err_console.print(
+            f"[yellow]note:[/yellow] `offsite-admin {old}` is now `offsite-admin {new}`; "
+            "the old name goes in the next release",
+            highlight=False,
+        )
 
     alias.registered_commands = list(source.registered_commands)
     alias.registered_groups = [g for g in source.registered_groups if g.name != "local"]

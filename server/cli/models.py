@@ -10,10 +10,24 @@ import typer
 from offsite.cli import int_list
 from offsite.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, models_pb2, models_pb2_grpc
 
-from .remote import CONNECTION, JsonOption, call, emit_json, fail, finish_operation, fmt_time, show_message, table, to_dict
+from .remote import (
+    CONNECTION,
+    JsonOption,
+    call,
+    emit_json,
+    fail,
+    finish_operation,
+    fmt_time,
+    show_message,
+    table,
+    to_dict,
+)
 
 app = typer.Typer(no_args_is_help=True, help="Register and list base models on the server.")
-emulators_app = typer.Typer(no_args_is_help=True, help="Emulator bundles: build, upload and list them on the server; `local` builds, verifies and inspects them here.")
+emulators_app = typer.Typer(
+    no_args_is_help=True,
+    help="Emulator bundles: build, upload and list them on the server; `local` builds, verifies and inspects them here.",
+)
 
 
 def _models() -> models_pb2_grpc.ModelsStub:
@@ -27,8 +41,12 @@ def _emulators() -> models_pb2_grpc.EmulatorsStub:
 @app.command("register")
 def register(
     name: str = typer.Argument(..., help="a unique name, e.g. smollm2"),
-    source: str = typer.Option("", "--source", help="built-in model (smollm2-135m, tiny-llama, ...) or a directory "
-                               "name under the server's DATA_DIR/models; default: NAME"),
+    source: str = typer.Option(
+        "",
+        "--source",
+        help="built-in model (smollm2-135m, tiny-llama, ...) or a directory "
+        "name under the server's DATA_DIR/models; default: NAME",
+    ),
     description: str = typer.Option("", "--description"),
     json_out: bool = JsonOption,
 ) -> None:
@@ -36,8 +54,11 @@ def register(
 
     Example: offsite-admin models register smollm2 --source smollm2-135m
     """
-    resp = call(_models().RegisterModel, models_pb2.RegisterModelRequest(name=name, source=source, description=description),
-                json_out=json_out)
+    resp = call(
+        _models().RegisterModel,
+        models_pb2.RegisterModelRequest(name=name, source=source, description=description),
+        json_out=json_out,
+    )
     show_message(f"model {resp.id}", resp, json_out)
 
 
@@ -51,8 +72,11 @@ def list_(limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption) 
     if json_out:
         emit_json([to_dict(m) for m in resp.models])
         return
-    table("models", ["id", "name", "source", "family", "layers", "digest", "created"],
-          [(m.id, m.name, m.source, m.family, m.num_layers, m.digest[:12], fmt_time(m.created_at)) for m in resp.models])
+    table(
+        "models",
+        ["id", "name", "source", "family", "layers", "digest", "created"],
+        [(m.id, m.name, m.source, m.family, m.num_layers, m.digest[:12], fmt_time(m.created_at)) for m in resp.models],
+    )
 
 
 @app.command("get")
@@ -82,10 +106,16 @@ def build(
 
     Example: offsite-admin emulators build --model smollm2 --quantize int4
     """
-    cfg = models_pb2.EmulatorBuildConfig(adapter_layers=int_list(adapter_layers, "--adapter-layers"),
-                                         emulator_layers=emulator_layers, distill_steps=distill_steps,
-                                         quantize=quantize, awq=awq, block_size=block_size, seed=seed,
-                                         kept=int_list(kept, "--kept"))
+    cfg = models_pb2.EmulatorBuildConfig(
+        adapter_layers=int_list(adapter_layers, "--adapter-layers"),
+        emulator_layers=emulator_layers,
+        distill_steps=distill_steps,
+        quantize=quantize,
+        awq=awq,
+        block_size=block_size,
+        seed=seed,
+        kept=int_list(kept, "--kept"),
+    )
     op = call(_emulators().BuildEmulator, models_pb2.BuildEmulatorRequest(model=model, config=cfg), json_out=json_out)
     finish_operation(op, wait, json_out)
 
@@ -111,25 +141,36 @@ def upload(
     ref = call(artifacts_pb2_grpc.ArtifactsStub(CONNECTION.channel()).Upload, chunks(), json_out=json_out)
     if ref.size != size:
         fail(f"the server stored {ref.size} bytes of {size}; upload again", json_out, code=1)
-    resp = call(_emulators().RegisterEmulator, models_pb2.RegisterEmulatorRequest(model=model, bundle_sha256=ref.sha256),
-                json_out=json_out)
+    resp = call(
+        _emulators().RegisterEmulator,
+        models_pb2.RegisterEmulatorRequest(model=model, bundle_sha256=ref.sha256),
+        json_out=json_out,
+    )
     show_message(f"emulator {resp.id}", resp, json_out)
 
 
 @emulators_app.command("list")
-def bundles_list(model: str = typer.Option("", "--model"), limit: int = typer.Option(0, "--limit"),
-                 json_out: bool = JsonOption) -> None:
+def bundles_list(
+    model: str = typer.Option("", "--model"), limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption
+) -> None:
     """List emulator bundles.
 
     Example: offsite-admin emulators list --model smollm2
     """
-    resp = call(_emulators().ListEmulators, models_pb2.ListEmulatorsRequest(model=model, limit=limit), json_out=json_out)
+    resp = call(
+        _emulators().ListEmulators, models_pb2.ListEmulatorsRequest(model=model, limit=limit), json_out=json_out
+    )
     if json_out:
         emit_json([to_dict(e) for e in resp.emulators])
         return
-    table("emulator bundles", ["id", "model", "bundle sha256", "size", "quantize", "created"],
-          [(e.id, e.model_id, e.bundle.sha256[:16], e.bundle.size, e.config.quantize or "none", fmt_time(e.created_at))
-           for e in resp.emulators])
+    table(
+        "emulator bundles",
+        ["id", "model", "bundle sha256", "size", "quantize", "created"],
+        [
+            (e.id, e.model_id, e.bundle.sha256[:16], e.bundle.size, e.config.quantize or "none", fmt_time(e.created_at))
+            for e in resp.emulators
+        ],
+    )
 
 
 @emulators_app.command("get")

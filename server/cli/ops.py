@@ -34,8 +34,11 @@ def _stub() -> operations_pb2_grpc.OperationsStub:
 
 
 @app.command("list")
-def list_(kind: str = typer.Option("", "--kind", help="emulator-build | eval-run | release-export | job-run"),
-          limit: int = typer.Option(0, "--limit"), json_out: bool = JsonOption) -> None:
+def list_(
+    kind: str = typer.Option("", "--kind", help="emulator-build | eval-run | release-export | job-run"),
+    limit: int = typer.Option(0, "--limit"),
+    json_out: bool = JsonOption,
+) -> None:
     """List operations, newest first.
 
     Example: offsite-admin ops list --kind emulator-build
@@ -44,9 +47,22 @@ def list_(kind: str = typer.Option("", "--kind", help="emulator-build | eval-run
     if json_out:
         emit_json([op_summary(o) for o in resp.operations])
         return
-    table("operations", ["id", "kind", "state", "progress", "message", "resource", "created"],
-          [(o.id, o.kind, op_summary(o)["state"], f"{o.progress:.0%}", (o.error or o.message)[:60], o.resource,
-            fmt_time(o.created_at)) for o in resp.operations])
+    table(
+        "operations",
+        ["id", "kind", "state", "progress", "message", "resource", "created"],
+        [
+            (
+                o.id,
+                o.kind,
+                op_summary(o)["state"],
+                f"{o.progress:.0%}",
+                (o.error or o.message)[:60],
+                o.resource,
+                fmt_time(o.created_at),
+            )
+            for o in resp.operations
+        ],
+    )
 
 
 @app.command("get")
@@ -55,8 +71,11 @@ def get(op_id: str = typer.Argument(...), json_out: bool = JsonOption) -> None:
 
     Example: offsite-admin ops get op_1a2b3c4d5e6f
     """
-    finish_operation(call(_stub().GetOperation, operations_pb2.GetOperationRequest(id=op_id), json_out=json_out),
-                     wait=False, json_out=json_out)
+    finish_operation(
+        call(_stub().GetOperation, operations_pb2.GetOperationRequest(id=op_id), json_out=json_out),
+        wait=False,
+        json_out=json_out,
+    )
 
 
 @app.command("watch")
@@ -97,8 +116,11 @@ def stat(sha256: str = typer.Argument(...), json_out: bool = JsonOption) -> None
 
 
 @artifacts_app.command("download")
-def download(sha256: str = typer.Argument(...), out: Path = typer.Option(..., "--out", help="file to write"),
-             json_out: bool = JsonOption) -> None:
+def download(
+    sha256: str = typer.Argument(...),
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    json_out: bool = JsonOption,
+) -> None:
     """Download an artifact, resuming a partial OUT.part, and check its sha256.
 
     Example: offsite-admin artifacts download 3f2a... --out report.html
@@ -119,8 +141,10 @@ def download_to(sha256: str, out: Path, json_out: bool) -> int:
     if offset > ref.size:
         part.unlink()
         offset = 0
-    with open(part, "ab") as fh, Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console,
-                                          disable=json_out) as bar:
+    with (
+        open(part, "ab") as fh,
+        Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console, disable=json_out) as bar,
+    ):
         task = bar.add_task("download", total=ref.size, completed=offset)
         stream = call(stub.Download, artifacts_pb2.DownloadRequest(sha256=sha256, offset=offset), json_out=json_out)
         try:

@@ -13,10 +13,16 @@ from offsite.cli import JsonOption, console, err_console, fail
 def plugin(
     model: str = typer.Option("smollm2-135m", "--model", help="the full base model the bundle was built from"),
     adapter: Path = typer.Option(..., "--adapter", help="adapter .safetensors (original parameter names)"),
-    out: Path = typer.Option(..., "--out", help="directory to write; AutoModelForCausalLM.from_pretrained(out) loads it"),
-    bundle: Path | None = typer.Option(None, "--bundle", help="also check the adapter against this bundle (base model and adapter blocks)"),
+    out: Path = typer.Option(
+        ..., "--out", help="directory to write; AutoModelForCausalLM.from_pretrained(out) loads it"
+    ),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="also check the adapter against this bundle (base model and adapter blocks)"
+    ),
     public_key: Path | None = typer.Option(None, "--public-key", help="verify --bundle with this signing.pub first"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (only once the new one is complete)"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing --out (only once the new one is complete)"
+    ),
     json_out: bool = JsonOption,
 ) -> None:
     """Plug a trained adapter into the full model, by parameter name, and export a Hugging Face directory.
@@ -49,15 +55,28 @@ def plugin(
             adapter_blocks = set(plan.adapter_origin)
             expected = {n for n, _ in loaded.model.named_parameters() if loaded.family.block_index(n) in adapter_blocks}
         plug_in(loaded, state, meta, expected_names=expected)
-        provenance = {"base_model_id": loaded.model_id, "base_model_digest": loaded.digest, "adapter": str(adapter),
-                      "adapter_tensors": len(state), "adapter_meta": meta}
+        provenance = {
+            "base_model_id": loaded.model_id,
+            "base_model_digest": loaded.digest,
+            "adapter": str(adapter),
+            "adapter_tensors": len(state),
+            "adapter_meta": meta,
+        }
         with err_console.status(f"writing {out}"):
             export_model_dir(loaded.model, loaded.tokenizer, out, provenance=provenance, overwrite=overwrite)
     except (ValueError, OSError) as e:
         fail(str(e), json_out)
-    result = {"ok": True, "out": str(out), "base_model": loaded.model_id, "base_model_digest": loaded.digest,
-              "adapter_tensors": len(state)}
+    result = {
+        "ok": True,
+        "out": str(out),
+        "base_model": loaded.model_id,
+        "base_model_digest": loaded.digest,
+        "adapter_tensors": len(state),
+    }
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        console.print(f"[green]plugged in[/green] {len(state)} adapter tensors into {loaded.model_id}; wrote {out}", highlight=False)
+        console.print(
+            f"[green]plugged in[/green] {len(state)} adapter tensors into {loaded.model_id}; wrote {out}",
+            highlight=False,
+        )

@@ -34,8 +34,23 @@ from offsite.cli import (
 from offsite.protos.channel import DEFAULT_ADDRESS, open_channel
 from offsite.protos.v1 import operations_pb2, operations_pb2_grpc
 
-__all__ = ["CONNECTION", "JsonOption", "call", "console", "emit_json", "err_console", "fail", "finish_operation",
-           "fmt_time", "follow_operation", "global_options", "parse_json_option", "show_message", "table", "to_dict"]
+__all__ = [
+    "CONNECTION",
+    "JsonOption",
+    "call",
+    "console",
+    "emit_json",
+    "err_console",
+    "fail",
+    "finish_operation",
+    "fmt_time",
+    "follow_operation",
+    "global_options",
+    "parse_json_option",
+    "show_message",
+    "table",
+    "to_dict",
+]
 
 
 @dataclass
@@ -50,13 +65,16 @@ class Connection:
     def channel(self) -> grpc.Channel:
         if self._channel is None:
             if not self.token:
-                fail("no token: pass --token or set OFFSITE_TOKEN (the server wrote the first admin token to "
-                     "DATA_DIR/admin.token)")
+                fail(
+                    "no token: pass --token or set OFFSITE_TOKEN (the server wrote the first admin token to "
+                    "DATA_DIR/admin.token)"
+                )
             self._channel = open_channel(self.server, self.token, self.ca, self.client_cert, self.client_key)
         return self._channel
 
 
 CONNECTION = Connection()
+
 
 def global_options(
     server: str = server_option(DEFAULT_ADDRESS),
@@ -79,8 +97,10 @@ def call(fn: Callable[..., Any], request: Any, json_out: bool = False, **kwargs)
         code = e.code()
         details = e.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            details = (f"cannot reach the server at {CONNECTION.server} ({details}); is `offsite-admin serve` running? "
-                       "Set --server or OFFSITE_SERVER (and --ca for TLS)")
+            details = (
+                f"cannot reach the server at {CONNECTION.server} ({details}); is `offsite-admin serve` running? "
+                "Set --server or OFFSITE_SERVER (and --ca for TLS)"
+            )
         fail(f"{code.name}: {details}", json_out, code=1)
 
 
@@ -136,16 +156,27 @@ def follow_operation(op: operations_pb2.Operation, json_out: bool) -> operations
             for update in stub.WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
                 last = update
         else:
-            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), console=err_console) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                console=err_console,
+            ) as bar:
                 task = bar.add_task(op.kind, total=1.0)
                 for last in stub.WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
                     bar.update(task, completed=last.progress, description=f"{op.kind}: {last.message}"[:70])
     except grpc.RpcError as e:
-        fail(f"{e.code().name}: {e.details()} (the operation {op.id} may still be running: "
-             f"`offsite-admin ops get {op.id}`)", json_out, code=1)
+        fail(
+            f"{e.code().name}: {e.details()} (the operation {op.id} may still be running: "
+            f"`offsite-admin ops get {op.id}`)",
+            json_out,
+            code=1,
+        )
     except KeyboardInterrupt:
-        fail(f"stopped following; operation {op.id} keeps running (`offsite-admin ops cancel {op.id}` stops it)", code=1)
+        fail(
+            f"stopped following; operation {op.id} keeps running (`offsite-admin ops cancel {op.id}` stops it)", code=1
+        )
     return last
 
 
@@ -159,9 +190,12 @@ def finish_operation(op: operations_pb2.Operation, wait: bool, json_out: bool) -
     else:
         state = summary["state"]
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state, "cyan")
-        console.print(f"operation [bold]{op.id}[/bold] ({op.kind}): [{colour}]{state}[/{colour}]"
-                      + (f" -> {op.resource}" if op.resource else "") + (f"\n  {op.error}" if op.error else ""),
-                      highlight=False)
+        console.print(
+            f"operation [bold]{op.id}[/bold] ({op.kind}): [{colour}]{state}[/{colour}]"
+            + (f" -> {op.resource}" if op.resource else "")
+            + (f"\n  {op.error}" if op.error else ""),
+            highlight=False,
+        )
         if not wait:
             console.print(f"follow it with `offsite-admin ops watch {op.id}`")
     if wait and op.state in (operations_pb2.OPERATION_STATE_FAILED, operations_pb2.OPERATION_STATE_CANCELLED):

@@ -29,8 +29,11 @@ def create(
 
     Example: offsite-admin tokens create --role data-owner --name alice --job job_1a2b3c
     """
-    resp = call(_stub().CreateToken, admin_pb2.CreateTokenRequest(name=name, role=role, jobs=job, ttl_seconds=ttl),
-                json_out=json_out)
+    resp = call(
+        _stub().CreateToken,
+        admin_pb2.CreateTokenRequest(name=name, role=role, jobs=job, ttl_seconds=ttl),
+        json_out=json_out,
+    )
     if json_out:
         emit_json({"token": to_dict(resp.token), "secret": resp.secret})
         return
@@ -39,7 +42,9 @@ def create(
 
 
 @app.command("list")
-def list_(all_: bool = typer.Option(False, "--all", help="include revoked tokens"), json_out: bool = JsonOption) -> None:
+def list_(
+    all_: bool = typer.Option(False, "--all", help="include revoked tokens"), json_out: bool = JsonOption
+) -> None:
     """List tokens (never their secrets).
 
     Example: offsite-admin tokens list --json
@@ -48,9 +53,22 @@ def list_(all_: bool = typer.Option(False, "--all", help="include revoked tokens
     if json_out:
         emit_json([to_dict(t) for t in resp.tokens])
         return
-    table("tokens", ["id", "name", "role", "jobs", "created", "expires", "revoked"],
-          [(t.id, t.name, t.role, ",".join(t.jobs), fmt_time(t.created_at), fmt_time(t.expires_at),
-            fmt_time(t.revoked_at)) for t in resp.tokens])
+    table(
+        "tokens",
+        ["id", "name", "role", "jobs", "created", "expires", "revoked"],
+        [
+            (
+                t.id,
+                t.name,
+                t.role,
+                ",".join(t.jobs),
+                fmt_time(t.created_at),
+                fmt_time(t.expires_at),
+                fmt_time(t.revoked_at),
+            )
+            for t in resp.tokens
+        ],
+    )
 
 
 @app.command("revoke")
@@ -81,8 +99,10 @@ def rotate(
     if json_out:
         emit_json({"token": to_dict(resp.token), "secret": resp.secret, "revoked": token_id})
         return
-    console.print(f"token [bold]{resp.token.id}[/bold] replaces {token_id} for {resp.token.name} ({resp.token.role}); "
-                  "the secret, shown only now:")
+    console.print(
+        f"token [bold]{resp.token.id}[/bold] replaces {token_id} for {resp.token.name} ({resp.token.role}); "
+        "the secret, shown only now:"
+    )
     print(resp.secret)
 
 
@@ -90,8 +110,9 @@ def rotate(
 def rotate_admin(
     data_dir: Path = typer.Option(..., "--data-dir", help="the server's data dir (admin.token lives here)"),
     ttl: int = typer.Option(90 * 24 * 3600, "--ttl", help="seconds until the new admin token expires (0 = never)"),
-    database_url: str = typer.Option(None, "--database-url", envvar="OFFSITE_DATABASE_URL",
-                                     help="SQLAlchemy URL (default: sqlite in DATA_DIR)"),
+    database_url: str = typer.Option(
+        None, "--database-url", envvar="OFFSITE_DATABASE_URL", help="SQLAlchemy URL (default: sqlite in DATA_DIR)"
+    ),
     json_out: bool = JsonOption,
 ) -> None:
     """Replace DATA_DIR/admin.token with a new admin token and revoke the old one (runs on the
@@ -131,9 +152,14 @@ def audit(
     if json_out:
         emit_json([to_dict(e) for e in resp.entries])
         return
-    table("audit entries", ["id", "at", "actor", "role", "method", "target", "outcome", "detail"],
-          [(e.id, fmt_time(e.at), e.actor, e.role, e.method.rsplit(".", 1)[-1], e.target, e.outcome, e.detail)
-           for e in resp.entries])
+    table(
+        "audit entries",
+        ["id", "at", "actor", "role", "method", "target", "outcome", "detail"],
+        [
+            (e.id, fmt_time(e.at), e.actor, e.role, e.method.rsplit(".", 1)[-1], e.target, e.outcome, e.detail)
+            for e in resp.entries
+        ],
+    )
 
 
 def whoami(json_out: bool = JsonOption) -> None:
@@ -145,4 +171,7 @@ def whoami(json_out: bool = JsonOption) -> None:
     if json_out:
         emit_json(to_dict(resp))
     else:
-        console.print(f"{resp.name} ({resp.role}), token {resp.token_id}" + (f", jobs {', '.join(resp.jobs)}" if resp.jobs else ""))
+        console.print(
+            f"{resp.name} ({resp.role}), token {resp.token_id}"
+            + (f", jobs {', '.join(resp.jobs)}" if resp.jobs else "")
+        )

@@ -50,7 +50,9 @@ class JobCheckpoint:
         state, _ = load_adapter(self.adapter_path(server_round))
         return {k: v.to(torch.float32).numpy() for k, v in state.items()}
 
-    def save_round(self, server_round: int, arrays: dict[str, np.ndarray], base_digest: str, rounds: list[dict], extra: dict) -> Path:
+    def save_round(
+        self, server_round: int, arrays: dict[str, np.ndarray], base_digest: str, rounds: list[dict], extra: dict
+    ) -> Path:
         path = save_adapter(
             self.adapter_path(server_round),
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offsite.emulators.data import PYTHON_REFERENCE, load_examples, perplexity, python_reference_split, tokenize_examples
+from offsite.emulators.data import (
+    PYTHON_REFERENCE,
+    load_examples,
+    perplexity,
+    python_reference_split,
+    tokenize_examples,
+)
 from offsite.emulators.models import LoadedModel, load_model
 
 
@@ -25,12 +31,16 @@ def heldout_examples(spec: str):
 
 
 class PluginEvaluator:
-    def __init__(self, model: str | LoadedModel, heldout: str = PYTHON_REFERENCE, block_size: int = 256, limit: int = 0):
+    def __init__(
+        self, model: str | LoadedModel, heldout: str = PYTHON_REFERENCE, block_size: int = 256, limit: int = 0
+    ):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         blocks = tokenize_examples(heldout_examples(heldout), self.loaded.tokenizer, block_size)
         if limit and len(blocks) > limit:
             blocks.input_ids, blocks.labels, blocks.attention_mask = (
-                blocks.input_ids[:limit], blocks.labels[:limit], blocks.attention_mask[:limit]
+                blocks.input_ids[:limit],
+                blocks.labels[:limit],
+                blocks.attention_mask[:limit],
             )
         self.blocks = blocks
 
@@ -43,7 +53,9 @@ class PluginEvaluator:
         params = dict(self.loaded.model.named_parameters())
         unknown = sorted(set(adapter) - set(params))
         if unknown:
-            raise KeyError(f"the adapter has tensors the base model lacks: {unknown[:3]}; was it built for {self.loaded.model_id}?")
+            raise KeyError(
+                f"the adapter has tensors the base model lacks: {unknown[:3]}; was it built for {self.loaded.model_id}?"
+            )
         saved = {k: params[k].detach().clone() for k in adapter}
         try:
             for k, v in adapter.items():

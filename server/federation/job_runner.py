@@ -81,7 +81,9 @@ def _split_corpus(corpus: str, clients: int, job_dir: Path) -> tuple[list[str], 
         return [f"{PYTHON_REFERENCE}:{i}/{clients}" for i in range(clients)], PYTHON_REFERENCE
     path = Path(corpus)
     if not path.exists():
-        raise JobSetupError(f"--corpus {corpus}: no such file or directory; pass {PYTHON_REFERENCE!r} or a JSONL/text file or directory")
+        raise JobSetupError(
+            f"--corpus {corpus}: no such file or directory; pass {PYTHON_REFERENCE!r} or a JSONL/text file or directory"
+        )
     examples = load_examples(path)
     # Every 10th example is the model owner's held-out set; the rest go round-robin to owners.
     heldout = examples[::10]
@@ -96,7 +98,9 @@ def _split_corpus(corpus: str, clients: int, job_dir: Path) -> tuple[list[str], 
     specs = []
     for i in range(clients):
         p = shard_dir / f"shard-{i}.jsonl"
-        p.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in train[i::clients]))
+        p.write_text(
+            "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in train[i::clients])
+        )
         specs.append(str(p))
     hp = job_dir / "heldout.jsonl"
     hp.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in heldout))
@@ -153,13 +157,22 @@ def prepare_local_job(
     try:
         model_row = registry.get_model(model_name)
     except NotFound:
-        model_row = registry.add_model(model_name, source=model, digest=manifest.get("base_model", {}).get("digest", ""))
+        model_row = registry.add_model(
+            model_name, source=model, digest=manifest.get("base_model", {}).get("digest", "")
+        )
     bundle_sha = store.put_dir_as_tar(bundle_path)
     registry.add_artifact(bundle_sha, store.size(bundle_sha), "bundle", f"{bundle_path.name}.tar")
     emulator = registry.add_emulator(model_row.id, bundle_sha, build or {}, manifest)
     digest = bundle_sha  # clients cache bundles by artifact sha256 (as `offsite-client fetch` does)
-    spec = {"engine": engine, "rounds": rounds, "min_clients": options.get("min_clients", min(2, clients)),
-            "fraction": options.get("fraction", 1.0), "clients": clients, "corpus": corpus, "options": dict(options)}
+    spec = {
+        "engine": engine,
+        "rounds": rounds,
+        "min_clients": options.get("min_clients", min(2, clients)),
+        "fraction": options.get("fraction", 1.0),
+        "clients": clients,
+        "corpus": corpus,
+        "options": dict(options),
+    }
     job = registry.add_job(name or f"{model_name}-{engine}", model_row.id, emulator.id, spec)
     job_dir = data_dir / "work" / job.id
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -172,14 +185,24 @@ def prepare_local_job(
     shards, heldout = _split_corpus(corpus, clients, job_dir)
     options.setdefault("min_clients", min(2, clients))
     cfg = FederationConfig(
-        job_id=job.id, model=model, bundle=str(bundle_path), bundle_digest=digest, job_dir=str(job_dir),
-        public_key=str(pub), rounds=rounds, heldout=heldout, registry_url=registry_url,
-        artifacts_root=str(data_dir / "artifacts"), **options,
+        job_id=job.id,
+        model=model,
+        bundle=str(bundle_path),
+        bundle_digest=digest,
+        job_dir=str(job_dir),
+        public_key=str(pub),
+        rounds=rounds,
+        heldout=heldout,
+        registry_url=registry_url,
+        artifacts_root=str(data_dir / "artifacts"),
+        **options,
     )
     template = data_template(corpus, clients, job_dir)
     settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(pub), threads=client_threads)
-    write_json_atomic(job_dir / "federation.json", {"config": cfg.to_run_config(), "clients": clients, "shards": shards,
-                                                    "client_settings": settings.__dict__})
+    write_json_atomic(
+        job_dir / "federation.json",
+        {"config": cfg.to_run_config(), "clients": clients, "shards": shards, "client_settings": settings.__dict__},
+    )
     registry.close()
     return LocalJob(cfg=cfg, clients=clients, settings=settings, data_dir=data_dir, shards=shards)
 
@@ -196,10 +219,17 @@ def load_local_job(data_dir: str | Path, job_id: str) -> LocalJob:
     data_dir = Path(data_dir).resolve()
     path = data_dir / "work" / job_id / "federation.json"
     if not path.exists():
-        raise JobSetupError(f"no federated job {job_id} under {data_dir}/work; `offsite-admin jobs local run` prints the job id")
+        raise JobSetupError(
+            f"no federated job {job_id} under {data_dir}/work; `offsite-admin jobs local run` prints the job id"
+        )
     saved = json.loads(path.read_text())
-    return LocalJob(FederationConfig.from_run_config(saved["config"]), int(saved["clients"]),
-                    ClientSettings(**saved["client_settings"]), data_dir, saved["shards"])
+    return LocalJob(
+        FederationConfig.from_run_config(saved["config"]),
+        int(saved["clients"]),
+        ClientSettings(**saved["client_settings"]),
+        data_dir,
+        saved["shards"],
+    )
 
 
 # --- engines ----------------------------------------------------------------------------
@@ -210,12 +240,19 @@ def simulation_backend(workers: int | None = None) -> dict:
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": logging.ERROR, "log_to_driver": False,
-                      "include_dashboard": False},
+        "init_args": {
+            "num_cpus": workers,
+            "num_gpus": 0,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
     }
 
 
-def run_simulation_job(job: LocalJob, workers: int | None = None, client_app=None, evaluator=None, on_round=None) -> dict:
+def run_simulation_job(
+    job: LocalJob, workers: int | None = None, client_app=None, evaluator=None, on_round=None
+) -> dict:
     """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json)."""
     quiet_flower()
     # Ray starts its workers at nice 15; on a shared machine that starves the very clients
@@ -245,7 +282,9 @@ def read_job(job_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def run_deployment_job(job: LocalJob, app_dir: str | Path, superlink: str, flwr_home: str | Path, stream: bool = False) -> dict:
+def run_deployment_job(
+    job: LocalJob, app_dir: str | Path, superlink: str, flwr_home: str | Path, stream: bool = False
+) -> dict:
     """Submit the job to a running SuperLink with `flwr run`; results arrive in job.json/registry."""
     from .deployment import submit_run
 
@@ -291,11 +330,20 @@ def run_job(ctx) -> None:
     overrides = federation_overrides(spec)
     overrides.setdefault("round_timeout", policy.default_round_timeout_s)
     cfg = FederationConfig(
-        job_id=ctx.job.id, model=ctx.model.source or ctx.model.name, bundle=str(bundle_root), bundle_digest=digest,
-        job_dir=str(job_dir), public_key=str(ctx.public_key_path), rounds=spec["rounds"],
-        min_clients=spec["min_clients"], fraction=spec["fraction"], heldout=heldout,
+        job_id=ctx.job.id,
+        model=ctx.model.source or ctx.model.name,
+        bundle=str(bundle_root),
+        bundle_digest=digest,
+        job_dir=str(job_dir),
+        public_key=str(ctx.public_key_path),
+        rounds=spec["rounds"],
+        min_clients=spec["min_clients"],
+        fraction=spec["fraction"],
+        heldout=heldout,
         # The run config reaches every SuperNode: never the database password (the SuperExec has it).
-        registry_url=url_without_password(ctx.registry.url), artifacts_root=str(ctx.store.root), candidate_dir=str(job_dir / "candidate"),
+        registry_url=url_without_password(ctx.registry.url),
+        artifacts_root=str(ctx.store.root),
+        candidate_dir=str(job_dir / "candidate"),
         **overrides,
     )
     timeout = policy.job_timeout_s(options, cfg.rounds)
@@ -303,7 +351,9 @@ def run_job(ctx) -> None:
     started = time.monotonic()
 
     def on_round(record: dict) -> None:
-        ctx.progress(record["round"] / cfg.rounds, f"round {record['round']}/{cfg.rounds}: {len(record['clients'])} clients")
+        ctx.progress(
+            record["round"] / cfg.rounds, f"round {record['round']}/{cfg.rounds}: {len(record['clients'])} clients"
+        )
         ctx.op.check_cancelled()  # raises inside the ServerApp: the job stops after a persisted round
         if time.monotonic() - started > timeout:  # each round is bounded by round_timeout; the job by this
             raise JobSetupError(f"job {cfg.job_id} ran past its time limit ({timeout:g} s, the job policy's bound)")
@@ -317,11 +367,23 @@ def run_job(ctx) -> None:
 
         paths = deployment_paths(Path(ctx.data_dir), policy)
         try:
-            job = submit_run(cfg, paths.app_dir, paths.superlink, paths.flwr_home, wait=True, on_round=on_round,
-                             timeout=timeout, check_cancelled=ctx.op.check_cancelled,
-                             on_process=getattr(ctx.op, "track_process", None))
+            job = submit_run(
+                cfg,
+                paths.app_dir,
+                paths.superlink,
+                paths.flwr_home,
+                wait=True,
+                on_round=on_round,
+                timeout=timeout,
+                check_cancelled=ctx.op.check_cancelled,
+                on_process=getattr(ctx.op, "track_process", None),
+            )
         except BaseException:
-            run_id = json.loads((job_dir / "flower-run.json").read_text()).get("run-id") if (job_dir / "flower-run.json").exists() else None
+            run_id = (
+                json.loads((job_dir / "flower-run.json").read_text()).get("run-id")
+                if (job_dir / "flower-run.json").exists()
+                else None
+            )
             if run_id:  # do not leave the Flower run going when the operation is cancelled or fails
                 flwr(["stop", str(run_id), paths.superlink], paths.flwr_home, check=False, timeout=30)
             raise

@@ -52,8 +52,12 @@ class JobRecorder:
     def round(self, record: dict) -> None:
         self.job["rounds"].append(record)
         if record.get("epsilon") is not None:
-            self.job["privacy"] = {"epsilon": record["epsilon"], "delta": self.cfg.dp_delta,
-                                   "noise_multiplier": self.cfg.dp_noise_multiplier, "clipping_norm": self.cfg.dp_clipping_norm}
+            self.job["privacy"] = {
+                "epsilon": record["epsilon"],
+                "delta": self.cfg.dp_delta,
+                "noise_multiplier": self.cfg.dp_noise_multiplier,
+                "clipping_norm": self.cfg.dp_clipping_norm,
+            }
         self._write()
         if self.registry:
             self.registry.round_done(self.cfg.job_id, record)

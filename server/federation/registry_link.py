@@ -29,10 +29,15 @@ class RegistryLink:
         row = self.registry.get_job(job["id"])
         if row.state != "running":
             self.registry.update_job(job["id"], state="running", error="")
-        self.registry.add_job_event(job["id"], "federation", {
-            "engine": job.get("engine", ""), "plugin_ppl_initial": job.get("plugin_ppl_initial"),
-            "resumed_from_round": job.get("resumed_from_round", 0),
-        })
+        self.registry.add_job_event(
+            job["id"],
+            "federation",
+            {
+                "engine": job.get("engine", ""),
+                "plugin_ppl_initial": job.get("plugin_ppl_initial"),
+                "resumed_from_round": job.get("resumed_from_round", 0),
+            },
+        )
 
     def round_done(self, job_id: str, record: dict) -> None:
         sha = self._put(record.get("adapter_path", ""), f"{job_id}-round{record['round']}.safetensors")

@@ -33,8 +33,17 @@ def export_candidate(evaluator: PluginEvaluator, adapter: dict[str, np.ndarray],
 
 
 def make_candidate(
-    *, job_id: str, job_dir: Path, evaluator: PluginEvaluator, adapter: dict[str, np.ndarray], base_digest: str,
-    model: str, rounds: int, plugin_ppl: float | None, candidate_dir: str = "", artifacts_root: str = "",
+    *,
+    job_id: str,
+    job_dir: Path,
+    evaluator: PluginEvaluator,
+    adapter: dict[str, np.ndarray],
+    base_digest: str,
+    model: str,
+    rounds: int,
+    plugin_ppl: float | None,
+    candidate_dir: str = "",
+    artifacts_root: str = "",
 ) -> dict:
     """Write the final adapter and the plugged-in model; return the release record (pending-gate)."""
     adapter_path = save_adapter(
@@ -46,7 +55,9 @@ def make_candidate(
         base_model=model,
     )
     meta = {"base_model_digest": base_digest, "job_id": job_id}
-    model_dir = export_candidate(evaluator, adapter, meta, Path(candidate_dir) if candidate_dir else job_dir / "candidate")
+    model_dir = export_candidate(
+        evaluator, adapter, meta, Path(candidate_dir) if candidate_dir else job_dir / "candidate"
+    )
     adapter_sha = sha256_file(adapter_path)
     if artifacts_root:
         adapter_sha = ArtifactStore(artifacts_root).put_file(adapter_path)

@@ -22,8 +22,14 @@ def plot_rounds(job: dict, out: str | Path) -> Path | None:
         plugin = [(0, job["plugin_ppl_initial"])] + plugin
     if plugin:
         ax_ppl.plot(*zip(*plugin), marker="o", label="plug-in (model owner's held-out)")
-    client = [(r["round"], sum(c["eval_ppl_after"] for c in r["clients"] if c.get("eval_ppl_after")) /
-               max(1, sum(1 for c in r["clients"] if c.get("eval_ppl_after")))) for r in rounds]
+    client = [
+        (
+            r["round"],
+            sum(c["eval_ppl_after"] for c in r["clients"] if c.get("eval_ppl_after"))
+            / max(1, sum(1 for c in r["clients"] if c.get("eval_ppl_after"))),
+        )
+        for r in rounds
+    ]
     client = [(x, y) for x, y in client if y]
     if client:
         ax_ppl.plot(*zip(*client), marker="s", label="emulator (clients' own eval, mean)")

@@ -61,7 +61,9 @@ class SecAggRunner:
             min_evaluate_clients=0,
             min_available_clients=cfg.min_clients,
         )
-        self.context = LegacyContext(context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.round_timeout), strategy=self.strategy)
+        self.context = LegacyContext(
+            context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.round_timeout), strategy=self.strategy
+        )
         self._thread, self._stop, done = start_update_client_manager_thread(grid, self.context.client_manager)
         done.wait()
 
@@ -108,13 +110,20 @@ class SecAggRunner:
         clients = []
         for node_id, res in self.strategy.results:
             m = dict(res.metrics)
-            clients.append({
-                "node_id": int(node_id), "examples": int(res.num_examples),
-                "loss_first": m.get("loss-first"), "loss_last": m.get("loss-last"),
-                "eval_ppl_before": m.get("eval-ppl-before"), "eval_ppl_after": m.get("eval-ppl-after"),
-                "train_seconds": m.get("train-seconds"), "update_norm": m.get("update-norm"),
-                "bounded_scale": None, "bytes_up": None,
-            })
+            clients.append(
+                {
+                    "node_id": int(node_id),
+                    "examples": int(res.num_examples),
+                    "loss_first": m.get("loss-first"),
+                    "loss_last": m.get("loss-last"),
+                    "eval_ppl_before": m.get("eval-ppl-before"),
+                    "eval_ppl_after": m.get("eval-ppl-after"),
+                    "train_seconds": m.get("train-seconds"),
+                    "update_norm": m.get("update-norm"),
+                    "bounded_scale": None,
+                    "bytes_up": None,
+                }
+            )
         n_params = sum(int(a.size) for a in global_arrays.values())
         return new_global, {
             "round": server_round,

@@ -84,7 +84,9 @@ def _client_row(c: ClientReport) -> dict:
 
 
 class FederatedJob:
-    def __init__(self, cfg: FederationConfig, engine: str = "", evaluator: PluginEvaluator | None = None, on_round=None):
+    def __init__(
+        self, cfg: FederationConfig, engine: str = "", evaluator: PluginEvaluator | None = None, on_round=None
+    ):
         self.cfg = cfg
         self.engine = engine
         self.checkpoint = JobCheckpoint(cfg.job_dir, cfg.job_id)
@@ -125,8 +127,11 @@ class FederatedJob:
             if "plugin_ppl_initial" not in extra:
                 extra["plugin_ppl_initial"] = self.evaluator.plugin_perplexity(global_arrays)
             extra["base_digest"] = base_digest
-            self.recorder.start(plugin_ppl_initial=extra["plugin_ppl_initial"], rounds_planned=cfg.rounds,
-                                options={"dp": cfg.dp_enabled, "secagg": cfg.secagg, "norm_bound": cfg.norm_bound})
+            self.recorder.start(
+                plugin_ppl_initial=extra["plugin_ppl_initial"],
+                rounds_planned=cfg.rounds,
+                options={"dp": cfg.dp_enabled, "secagg": cfg.secagg, "norm_bound": cfg.norm_bound},
+            )
             if cfg.dp_enabled:
                 self._setup_accountant(grid, extra)
             step = self._secagg_round if cfg.secagg else self._plain_round
@@ -152,15 +157,30 @@ class FederatedJob:
                 persist = time.perf_counter() - t_persist
                 record["server_seconds"] += persist
                 record["round_seconds"] = time.perf_counter() - t0
-                record["server_overhead_share"] = record["server_seconds"] / max(record["round_seconds"] - record["eval_seconds"], 1e-9)
+                record["server_overhead_share"] = record["server_seconds"] / max(
+                    record["round_seconds"] - record["eval_seconds"], 1e-9
+                )
                 self.recorder.round(record)
-                log.info("job %s round %d: %d clients, plug-in ppl %s", cfg.job_id, server_round, len(record["clients"]), record["plugin_ppl"])
+                log.info(
+                    "job %s round %d: %d clients, plug-in ppl %s",
+                    cfg.job_id,
+                    server_round,
+                    len(record["clients"]),
+                    record["plugin_ppl"],
+                )
             if legacy is not None:
                 legacy.stop()
             release = make_candidate(
-                job_id=cfg.job_id, job_dir=self.checkpoint.dir, evaluator=self.evaluator, adapter=global_arrays,
-                base_digest=base_digest, model=cfg.model, rounds=cfg.rounds, plugin_ppl=rounds[-1].get("plugin_ppl"),
-                candidate_dir=cfg.candidate_dir, artifacts_root=cfg.artifacts_root,
+                job_id=cfg.job_id,
+                job_dir=self.checkpoint.dir,
+                evaluator=self.evaluator,
+                adapter=global_arrays,
+                base_digest=base_digest,
+                model=cfg.model,
+                rounds=cfg.rounds,
+                plugin_ppl=rounds[-1].get("plugin_ppl"),
+                candidate_dir=cfg.candidate_dir,
+                artifacts_root=cfg.artifacts_root,
             )
             self.recorder.release(release)
             self.checkpoint.mark_released(release)
@@ -225,7 +245,9 @@ class FederatedJob:
         # Flower's DP wrapper skips a whole round if any reply is an error: give it only the good ones.
         arrays, _ = strategy.aggregate_train(server_round, ok)
         if arrays is None:
-            raise RoundFailedError(f"round {server_round}: aggregation produced nothing ({len(ok)} usable replies of {sent})")
+            raise RoundFailedError(
+                f"round {server_round}: aggregation produced nothing ({len(ok)} usable replies of {sent})"
+            )
         new_global = record_to_numpy(arrays)
         t3 = time.perf_counter()
         if self.accountant is not None and report.clients:
@@ -233,7 +255,9 @@ class FederatedJob:
             # Noise is calibrated to n sampled clients; averaging k < n replies raises each one's
             # sensitivity to C/k, i.e. an effective noise multiplier of z * k / n.
             population = self.accountant.config.population_size
-            self.accountant.compose(GaussianPrivacyEvent(cfg.dp_noise_multiplier * k / n_sampled, min(sent, population), population))
+            self.accountant.compose(
+                GaussianPrivacyEvent(cfg.dp_noise_multiplier * k / n_sampled, min(sent, population), population)
+            )
         return new_global, {
             "round": server_round,
             "sampled": sent,
@@ -257,8 +281,13 @@ class FederatedJob:
         return runner.round(server_round, global_arrays, self.names)
 
 
-def make_server_app(cfg: FederationConfig, engine: str = "simulation", evaluator: PluginEvaluator | None = None,
-                    result: dict | None = None, on_round=None) -> ServerApp:
+def make_server_app(
+    cfg: FederationConfig,
+    engine: str = "simulation",
+    evaluator: PluginEvaluator | None = None,
+    result: dict | None = None,
+    on_round=None,
+) -> ServerApp:
     """A ServerApp bound to `cfg` (simulation engine: same process, no run config needed)."""
     server_app = ServerApp()
 

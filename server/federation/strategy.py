@@ -69,13 +69,17 @@ class BoundedFedAvg(FedAvg):
         self.report = RoundReport()
         self._global: dict | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._global = record_to_numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.report = RoundReport(sent=len(messages), bytes_down=record_nbytes(arrays) * len(messages))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Flower's consistency check rejects the whole round for one bad reply; check per reply instead.
         valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         for msg in errors:
@@ -87,13 +91,17 @@ class BoundedFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             content = msg.content
             if len(content.array_records) != 1 or len(content.metric_records) != 1:
-                self.report.failures.append(ClientReport(node, {}, 0.0, 0.0, 0, "reply must hold one ArrayRecord and one MetricRecord"))
+                self.report.failures.append(
+                    ClientReport(node, {}, 0.0, 0.0, 0, "reply must hold one ArrayRecord and one MetricRecord")
+                )
                 continue
             reply_arrays = next(iter(content.array_records.values()))
             metrics = dict(next(iter(content.metric_records.values())))
             weight = metrics.get(self.weighted_by_key)
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
-                self.report.failures.append(ClientReport(node, metrics, 0.0, 0.0, 0, f"reply lacks a positive {self.weighted_by_key!r}"))
+                self.report.failures.append(
+                    ClientReport(node, metrics, 0.0, 0.0, 0, f"reply lacks a positive {self.weighted_by_key!r}")
+                )
                 continue
             try:
                 if metrics.get(SPARSE_KEY) == 1.0:
@@ -124,7 +132,9 @@ class BoundedFedAvg(FedAvg):
             )
         metrics_out = self.train_metrics_aggr_fn(records, self.weighted_by_key)
         if not sparse:
-            with_arrays = [RecordDict({"arrays": numpy_to_record(a), "metrics": r["metrics"]}) for (a, _), r in zip(full, records)]
+            with_arrays = [
+                RecordDict({"arrays": numpy_to_record(a), "metrics": r["metrics"]}) for (a, _), r in zip(full, records)
+            ]
             return aggregate_arrayrecords(with_arrays, self.weighted_by_key), metrics_out
         # Sparse replies (and any full ones beside them, as dense deltas): each element is the
         # weighted mean over the owners that sent it; what nobody sent keeps its global value.

@@ -13,13 +13,21 @@ class Catalog(Store):
     """Models, artifacts and emulators."""
 
     # ---- models ---------------------------------------------------------------------------
-    def add_model(self, name: str, source: str, family: str = "", digest: str = "", num_layers: int = 0,
-                  description: str = "") -> ModelRow:
+    def add_model(
+        self, name: str, source: str, family: str = "", digest: str = "", num_layers: int = 0, description: str = ""
+    ) -> ModelRow:
         with self.session() as s:
             if s.scalar(select(ModelRow).where(ModelRow.name == name)) is not None:
                 raise Conflict(f"a model named {name!r} is already registered; pick another name")
-            row = ModelRow(id=new_id("mdl"), name=name, source=source, family=family, digest=digest,
-                           num_layers=num_layers, description=description)
+            row = ModelRow(
+                id=new_id("mdl"),
+                name=name,
+                source=source,
+                family=family,
+                digest=digest,
+                num_layers=num_layers,
+                description=description,
+            )
             s.add(row)
         return row
 
@@ -50,10 +58,17 @@ class Catalog(Store):
             return s.get(ArtifactRow, sha256)
 
     # ---- emulators ------------------------------------------------------------------------
-    def add_emulator(self, model_id: str, bundle_sha256: str, config: dict, manifest: dict,
-                     operation_id: str = "") -> EmulatorRow:
-        row = EmulatorRow(id=new_id("emu"), model_id=model_id, bundle_sha256=bundle_sha256, config=config,
-                          manifest=manifest, operation_id=operation_id)
+    def add_emulator(
+        self, model_id: str, bundle_sha256: str, config: dict, manifest: dict, operation_id: str = ""
+    ) -> EmulatorRow:
+        row = EmulatorRow(
+            id=new_id("emu"),
+            model_id=model_id,
+            bundle_sha256=bundle_sha256,
+            config=config,
+            manifest=manifest,
+            operation_id=operation_id,
+        )
         with self.session() as s:
             s.add(row)
         return row

@@ -1,5 +1,6 @@
 """What the registry raises: each message names what went wrong and what to do."""
 
+
 class NotFound(LookupError):
     """No row with that id; the message names what was looked up."""
 
@@ -10,4 +11,3 @@ class RegistryUnavailable(ValueError):
 
 class Conflict(ValueError):
     """The change contradicts the current state (duplicate name, wrong status, ...)."""
-

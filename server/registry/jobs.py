@@ -15,10 +15,18 @@ class Jobs(Store):
     """Jobs, enrollments, rounds and job events."""
 
     # ---- jobs, enrollments, rounds, events --------------------------------------------------
-    def add_job(self, name: str, model_id: str, emulator_id: str, spec: dict, created_by: str = "",
-                federation_address: str = "") -> JobRow:
-        row = JobRow(id=new_id("job"), name=name, model_id=model_id, emulator_id=emulator_id, spec=spec,
-                     created_by=created_by, federation_address=federation_address)
+    def add_job(
+        self, name: str, model_id: str, emulator_id: str, spec: dict, created_by: str = "", federation_address: str = ""
+    ) -> JobRow:
+        row = JobRow(
+            id=new_id("job"),
+            name=name,
+            model_id=model_id,
+            emulator_id=emulator_id,
+            spec=spec,
+            created_by=created_by,
+            federation_address=federation_address,
+        )
         with self.session() as s:
             s.add(row)
             self._event(s, row.id, "created", {"name": name, "emulator_id": emulator_id})
@@ -27,8 +35,9 @@ class Jobs(Store):
     def get_job(self, job_id: str) -> JobRow:
         return self._get(JobRow, job_id, "job")
 
-    def list_jobs(self, state: str | None = None, job_ids: list[str] | None = None,
-                  limit: int | None = None) -> list[JobRow]:
+    def list_jobs(
+        self, state: str | None = None, job_ids: list[str] | None = None, limit: int | None = None
+    ) -> list[JobRow]:
         stmt = select(JobRow).order_by(JobRow.created_at)
         if state:
             stmt = stmt.where(JobRow.state == state)
@@ -66,8 +75,9 @@ class Jobs(Store):
         admin on a data owner's behalf, or one whose token was revoked, passes to the data
         owner's token when it enrolls."""
         with self.session() as s:
-            existing = s.scalar(select(EnrollmentRow).where(EnrollmentRow.job_id == job_id,
-                                                            EnrollmentRow.data_owner == data_owner))
+            existing = s.scalar(
+                select(EnrollmentRow).where(EnrollmentRow.job_id == job_id, EnrollmentRow.data_owner == data_owner)
+            )
             if existing is not None and existing.ended_at is None:
                 if existing.token_id == token_id or not token_id:
                     return existing, False
@@ -77,8 +87,10 @@ class Jobs(Store):
                 if holder_live and holder.role == "data-owner":
                     if mine is not None and mine.role != "data-owner":
                         return existing, False  # an admin re-enrolling someone: nothing changes
-                    raise Conflict(f"data owner {data_owner!r} is enrolled in job {job_id} with another token "
-                                   f"({existing.token_id}); revoke that token first (offsite-admin tokens revoke)")
+                    raise Conflict(
+                        f"data owner {data_owner!r} is enrolled in job {job_id} with another token "
+                        f"({existing.token_id}); revoke that token first (offsite-admin tokens revoke)"
+                    )
                 if mine is not None and mine.role != "data-owner":
                     return existing, False
                 existing.token_id = token_id
@@ -94,22 +106,36 @@ class Jobs(Store):
 
     def enrolled_data_owners(self, job_id: str) -> list[str]:
         with self.session() as s:
-            return list(s.scalars(select(EnrollmentRow.data_owner).where(EnrollmentRow.job_id == job_id,
-                                                                         EnrollmentRow.ended_at.is_(None))
-                                  .order_by(EnrollmentRow.id)))
+            return list(
+                s.scalars(
+                    select(EnrollmentRow.data_owner)
+                    .where(EnrollmentRow.job_id == job_id, EnrollmentRow.ended_at.is_(None))
+                    .order_by(EnrollmentRow.id)
+                )
+            )
 
     def jobs_of_data_owner(self, data_owner: str) -> list[str]:
         with self.session() as s:
-            return list(s.scalars(select(EnrollmentRow.job_id).where(EnrollmentRow.data_owner == data_owner,
-                                                                     EnrollmentRow.ended_at.is_(None))))
+            return list(
+                s.scalars(
+                    select(EnrollmentRow.job_id).where(
+                        EnrollmentRow.data_owner == data_owner, EnrollmentRow.ended_at.is_(None)
+                    )
+                )
+            )
 
     def jobs_of_token(self, token_id: str) -> list[str]:
         """The jobs a token is enrolled in (its live enrollments)."""
         if not token_id:
             return []
         with self.session() as s:
-            return list(s.scalars(select(EnrollmentRow.job_id).where(EnrollmentRow.token_id == token_id,
-                                                                     EnrollmentRow.ended_at.is_(None))))
+            return list(
+                s.scalars(
+                    select(EnrollmentRow.job_id).where(
+                        EnrollmentRow.token_id == token_id, EnrollmentRow.ended_at.is_(None)
+                    )
+                )
+            )
 
     def add_round(self, job_id: str, number: int, metrics: dict, adapter_sha256: str = "") -> RoundRow:
         """Record a completed round (the federation's job runner calls this every round).
@@ -143,6 +169,9 @@ class Jobs(Store):
             return self._event(s, job_id, kind, data)
 
     def job_events(self, job_id: str, after_seq: int = 0) -> list[JobEventRow]:
-        stmt = (select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
-                .order_by(JobEventRow.seq))
+        stmt = (
+            select(JobEventRow)
+            .where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
+            .order_by(JobEventRow.seq)
+        )
         return self._list(stmt, None)

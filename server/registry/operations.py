@@ -34,8 +34,9 @@ class Operations(Store):
     def get_operation(self, op_id: str) -> OperationRow:
         return self._get(OperationRow, op_id, "operation")
 
-    def list_operations(self, kind: str | None = None, states: tuple[str, ...] | None = None,
-                        limit: int | None = None) -> list[OperationRow]:
+    def list_operations(
+        self, kind: str | None = None, states: tuple[str, ...] | None = None, limit: int | None = None
+    ) -> list[OperationRow]:
         stmt = select(OperationRow).order_by(OperationRow.created_at.desc())
         if kind:
             stmt = stmt.where(OperationRow.kind == kind)

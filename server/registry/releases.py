@@ -16,13 +16,27 @@ class Releases(Store):
     """Releases, eval reports and eval schedules."""
 
     # ---- releases -------------------------------------------------------------------------
-    def create_release(self, job_id: str, model_id: str, adapter_sha256: str, metrics: dict | None = None,
-                       status: str = "pending-gate", parents: list[str] | None = None) -> ReleaseRow:
+    def create_release(
+        self,
+        job_id: str,
+        model_id: str,
+        adapter_sha256: str,
+        metrics: dict | None = None,
+        status: str = "pending-gate",
+        parents: list[str] | None = None,
+    ) -> ReleaseRow:
         """A candidate release from a finished job, or merged from `parents` (status pending-gate until the gate decides)."""
         if status not in RELEASE_STATUSES:
             raise ValueError(f"release status {status!r} is not one of {RELEASE_STATUSES}")
-        row = ReleaseRow(id=new_id("rel"), job_id=job_id, model_id=model_id, adapter_sha256=adapter_sha256,
-                         metrics=metrics or {}, status=status, parent_ids=list(parents or []))
+        row = ReleaseRow(
+            id=new_id("rel"),
+            job_id=job_id,
+            model_id=model_id,
+            adapter_sha256=adapter_sha256,
+            metrics=metrics or {},
+            status=status,
+            parent_ids=list(parents or []),
+        )
         with self.session() as s:
             s.add(row)
             if job_id and s.get(JobRow, job_id) is not None:
@@ -33,8 +47,9 @@ class Releases(Store):
     def get_release(self, release_id: str) -> ReleaseRow:
         return self._get(ReleaseRow, release_id, "release")
 
-    def list_releases(self, status: str | None = None, job_id: str | None = None,
-                      limit: int | None = None) -> list[ReleaseRow]:
+    def list_releases(
+        self, status: str | None = None, job_id: str | None = None, limit: int | None = None
+    ) -> list[ReleaseRow]:
         stmt = select(ReleaseRow).order_by(ReleaseRow.created_at)
         if status:
             stmt = stmt.where(ReleaseRow.status == status)
@@ -42,7 +57,9 @@ class Releases(Store):
             stmt = stmt.where(ReleaseRow.job_id == job_id)
         return self._list(stmt, limit)
 
-    def update_release(self, release_id: str, expect_status: tuple[str, ...] | None = None, **fields: Any) -> ReleaseRow:
+    def update_release(
+        self, release_id: str, expect_status: tuple[str, ...] | None = None, **fields: Any
+    ) -> ReleaseRow:
         """Change a release; with `expect_status`, only from one of those statuses (checked in the transaction)."""
         if "status" in fields and fields["status"] not in RELEASE_STATUSES:
             raise ValueError(f"release status {fields['status']!r} is not one of {RELEASE_STATUSES}")
@@ -58,13 +75,32 @@ class Releases(Store):
             return row
 
     # ---- evals ----------------------------------------------------------------------------
-    def add_eval_report(self, candidate: str, base: str, verdict: str, categories: list[dict],
-                        report_json_sha256: str = "", report_html_sha256: str = "", summary: dict | None = None,
-                        release_id: str = "", schedule_id: str = "", operation_id: str = "") -> EvalReportRow:
-        row = EvalReportRow(id=new_id("rep"), candidate=candidate, base=base, verdict=verdict, categories=categories,
-                            report_json_sha256=report_json_sha256, report_html_sha256=report_html_sha256,
-                            summary=summary or {}, release_id=release_id, schedule_id=schedule_id,
-                            operation_id=operation_id)
+    def add_eval_report(
+        self,
+        candidate: str,
+        base: str,
+        verdict: str,
+        categories: list[dict],
+        report_json_sha256: str = "",
+        report_html_sha256: str = "",
+        summary: dict | None = None,
+        release_id: str = "",
+        schedule_id: str = "",
+        operation_id: str = "",
+    ) -> EvalReportRow:
+        row = EvalReportRow(
+            id=new_id("rep"),
+            candidate=candidate,
+            base=base,
+            verdict=verdict,
+            categories=categories,
+            report_json_sha256=report_json_sha256,
+            report_html_sha256=report_html_sha256,
+            summary=summary or {},
+            release_id=release_id,
+            schedule_id=schedule_id,
+            operation_id=operation_id,
+        )
         with self.session() as s:
             s.add(row)
             if schedule_id and (sched := s.get(EvalScheduleRow, schedule_id)) is not None:
@@ -83,8 +119,9 @@ class Releases(Store):
     def get_eval_report(self, report_id: str) -> EvalReportRow:
         return self._get(EvalReportRow, report_id, "eval report")
 
-    def list_eval_reports(self, release_id: str | None = None, schedule_id: str | None = None,
-                          limit: int | None = None) -> list[EvalReportRow]:
+    def list_eval_reports(
+        self, release_id: str | None = None, schedule_id: str | None = None, limit: int | None = None
+    ) -> list[EvalReportRow]:
         stmt = select(EvalReportRow).order_by(EvalReportRow.created_at.desc())
         if release_id:
             stmt = stmt.where(EvalReportRow.release_id == release_id)
@@ -92,10 +129,26 @@ class Releases(Store):
             stmt = stmt.where(EvalReportRow.schedule_id == schedule_id)
         return self._list(stmt, limit)
 
-    def add_eval_schedule(self, name: str, cron: str, candidate: str, base: str = "", suites: list[str] | None = None,
-                          limit: int = 0, next_run_at: datetime | None = None) -> EvalScheduleRow:
-        row = EvalScheduleRow(id=new_id("sch"), name=name, cron=cron, candidate=candidate, base=base,
-                              suites=suites or [], limit=limit, next_run_at=next_run_at)
+    def add_eval_schedule(
+        self,
+        name: str,
+        cron: str,
+        candidate: str,
+        base: str = "",
+        suites: list[str] | None = None,
+        limit: int = 0,
+        next_run_at: datetime | None = None,
+    ) -> EvalScheduleRow:
+        row = EvalScheduleRow(
+            id=new_id("sch"),
+            name=name,
+            cron=cron,
+            candidate=candidate,
+            base=base,
+            suites=suites or [],
+            limit=limit,
+            next_run_at=next_run_at,
+        )
         with self.session() as s:
             s.add(row)
         return row
@@ -130,8 +183,11 @@ class Releases(Store):
         with self.session() as s:
             result = s.execute(
                 update(EvalScheduleRow)
-                .where(EvalScheduleRow.id == schedule_id, EvalScheduleRow.enabled.is_(True),
-                       EvalScheduleRow.next_run_at <= now)
+                .where(
+                    EvalScheduleRow.id == schedule_id,
+                    EvalScheduleRow.enabled.is_(True),
+                    EvalScheduleRow.next_run_at <= now,
+                )
                 .values(next_run_at=next_run_at, last_run_at=now)
             )
             return result.rowcount == 1

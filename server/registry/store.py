@@ -64,7 +64,8 @@ class Store:
         except (ArgumentError, NoSuchModuleError, ValueError) as e:
             raise RegistryUnavailable(
                 f"database URL {shown!r} is not usable ({e}); expected e.g. "
-                "postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME or sqlite:////path/registry.db") from None
+                "postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME or sqlite:////path/registry.db"
+            ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         from ..migrations import SchemaTooNew
 
@@ -78,7 +79,8 @@ class Store:
             reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
             raise RegistryUnavailable(
                 f"cannot open the registry database {shown}: {reason}; check the host, port, user, "
-                "password and database name, and that the database server runs") from None
+                "password and database name, and that the database server runs"
+            ) from None
 
     @classmethod
     def for_data_dir(cls, data_dir) -> Store:

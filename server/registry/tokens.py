@@ -15,12 +15,14 @@ class Tokens(Store):
     """Tokens and audit."""
 
     # ---- tokens and audit -------------------------------------------------------------------
-    def add_token(self, name: str, role: str, secret_hash: str, jobs: list[str] | None = None,
-                  expires_at: datetime | None = None) -> TokenRow:
+    def add_token(
+        self, name: str, role: str, secret_hash: str, jobs: list[str] | None = None, expires_at: datetime | None = None
+    ) -> TokenRow:
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {ROLES}")
-        row = TokenRow(id=new_id("tok"), name=name, role=role, secret_hash=secret_hash, jobs=jobs or [],
-                       expires_at=expires_at)
+        row = TokenRow(
+            id=new_id("tok"), name=name, role=role, secret_hash=secret_hash, jobs=jobs or [], expires_at=expires_at
+        )
         with self.session() as s:
             s.add(row)
         return row
@@ -46,8 +48,9 @@ class Tokens(Store):
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             # Revocation ends the token's enrollments: its data owner leaves those jobs.
-            for e in s.scalars(select(EnrollmentRow).where(EnrollmentRow.token_id == token_id,
-                                                           EnrollmentRow.ended_at.is_(None))):
+            for e in s.scalars(
+                select(EnrollmentRow).where(EnrollmentRow.token_id == token_id, EnrollmentRow.ended_at.is_(None))
+            ):
                 e.ended_at = row.revoked_at
                 self._event(s, e.job_id, "unenrolled", {"data_owner": e.data_owner, "reason": "token revoked"})
             return row
@@ -61,12 +64,19 @@ class Tokens(Store):
                 raise NotFound(f"no token with id {token_id!r}; `offsite-admin tokens list` shows the ids")
             if old.revoked_at is not None:
                 raise Conflict(f"token {token_id} is revoked; create a new one with `offsite-admin tokens create`")
-            new = TokenRow(id=new_id("tok"), name=old.name, role=old.role, secret_hash=secret_hash,
-                           jobs=list(old.jobs or []), expires_at=expires_at)
+            new = TokenRow(
+                id=new_id("tok"),
+                name=old.name,
+                role=old.role,
+                secret_hash=secret_hash,
+                jobs=list(old.jobs or []),
+                expires_at=expires_at,
+            )
             s.add(new)
             s.flush()
-            for e in s.scalars(select(EnrollmentRow).where(EnrollmentRow.token_id == token_id,
-                                                           EnrollmentRow.ended_at.is_(None))):
+            for e in s.scalars(
+                select(EnrollmentRow).where(EnrollmentRow.token_id == token_id, EnrollmentRow.ended_at.is_(None))
+            ):
                 e.token_id = new.id
             old.revoked_at = utcnow()
             return new
@@ -78,11 +88,11 @@ class Tokens(Store):
                 stmt = stmt.where(TokenRow.role == role)
             return int(s.scalar(stmt))
 
-    def audit(self, actor: str, role: str, method: str, target: str = "", outcome: str = "ok",
-              detail: str = "") -> None:
+    def audit(
+        self, actor: str, role: str, method: str, target: str = "", outcome: str = "ok", detail: str = ""
+    ) -> None:
         with self.session() as s:
-            s.add(AuditRow(actor=actor, role=role, method=method, target=target[:256], outcome=outcome,
-                           detail=detail))
+            s.add(AuditRow(actor=actor, role=role, method=method, target=target[:256], outcome=outcome, detail=detail))
 
     def list_audit(self, limit: int = 100, method: str | None = None) -> list[AuditRow]:
         stmt = select(AuditRow).order_by(AuditRow.id.desc())

@@ -38,8 +38,19 @@ from .models import EmulatorsService, ModelsService
 from .operations import OperationsService
 from .releases import ReleasesService
 
-__all__ = ["AdminService", "ArtifactsService", "EmulatorsService", "EvalsService", "IdentityService", "JobsService",
-           "ModelsService", "OperationsService", "ReleasesService", "add_services", "start_eval"]
+__all__ = [
+    "AdminService",
+    "ArtifactsService",
+    "EmulatorsService",
+    "EvalsService",
+    "IdentityService",
+    "JobsService",
+    "ModelsService",
+    "OperationsService",
+    "ReleasesService",
+    "add_services",
+    "start_eval",
+]
 
 
 def add_services(server, state: ServerState) -> list[str]:

@@ -48,8 +48,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RotateToken(self, request, context):
         require(request.id, "id")
         if request.id == current_principal().token_id:
-            raise Conflict("refusing to rotate the token this call is made with; rotate it from another admin token "
-                           "(or `offsite-admin tokens rotate-admin` on the server for admin.token)")
+            raise Conflict(
+                "refusing to rotate the token this call is made with; rotate it from another admin token "
+                "(or `offsite-admin tokens rotate-admin` on the server for admin.token)"
+            )
         secret, row = self.s.auth.rotate(request.id, int(request.ttl_seconds))
         return admin_pb2.CreateTokenResponse(token=convert.token(row), secret=secret)
 

@@ -43,8 +43,10 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):
         size = self.s.store.size(sha)
         offset = request.offset
         if offset < 0 or offset > size:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                                f"offset {offset} is outside the artifact (0..{size} bytes); restart from 0")
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"offset {offset} is outside the artifact (0..{size} bytes); restart from 0",
+            )
         chunk = request.chunk_size or self.s.config.download_chunk_bytes
         if not _MIN_CHUNK <= chunk <= _MAX_CHUNK:
             raise ValueError(f"chunk_size {chunk} must be between {_MIN_CHUNK} and {_MAX_CHUNK} bytes (0 = default)")

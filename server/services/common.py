@@ -36,13 +36,17 @@ def check_job_visible(state: ServerState, job_id: str) -> None:
     p = current_principal()
     visible = visible_jobs(state, p)
     if visible is not None and job_id not in visible:
-        raise NotFound(f"no job {job_id!r} among the jobs data owner {p.name!r} is enrolled in; "
-                       "enroll first (offsite-client enroll --job ...)")
+        raise NotFound(
+            f"no job {job_id!r} among the jobs data owner {p.name!r} is enrolled in; "
+            "enroll first (offsite-client enroll --job ...)"
+        )
 
 
 def suite_names(suites) -> list[str]:
     names = list(suites)
     for name in names:
         if not NAME_RE.match(name):
-            raise ValueError(f"suite {name!r}: suite names are 1-64 letters, digits, . _ - (see `offsite-admin eval suites`)")
+            raise ValueError(
+                f"suite {name!r}: suite names are 1-64 letters, digits, . _ - (see `offsite-admin eval suites`)"
+            )
     return names

@@ -21,16 +21,25 @@ class EvalsService(evals_pb2_grpc.EvalsServicer):
     async def RunEval(self, request, context):
         if request.limit < 0:
             raise ValueError("limit must be >= 0 (0 = every item)")
-        row = start_eval(self.s, require(request.candidate, "candidate"), request.base, suite_names(request.suites),
-                         request.limit, created_by=current_principal().name)
+        row = start_eval(
+            self.s,
+            require(request.candidate, "candidate"),
+            request.base,
+            suite_names(request.suites),
+            request.limit,
+            created_by=current_principal().name,
+        )
         return convert.operation(row)
 
     async def GetEvalReport(self, request, context):
         return convert.eval_report(self.s.registry, self.s.registry.get_eval_report(require(request.id, "id")))
 
     async def ListEvalReports(self, request, context):
-        rows = self.s.registry.list_eval_reports(release_id=request.release_id or None,
-                                                 schedule_id=request.schedule_id or None, limit=limit_of(request.limit))
+        rows = self.s.registry.list_eval_reports(
+            release_id=request.release_id or None,
+            schedule_id=request.schedule_id or None,
+            limit=limit_of(request.limit),
+        )
         return evals_pb2.ListEvalReportsResponse(reports=[convert.eval_report(self.s.registry, r) for r in rows])
 
     async def CreateEvalSchedule(self, request, context):
@@ -50,13 +59,23 @@ class EvalsService(evals_pb2_grpc.EvalsServicer):
             raise ValueError("limit must be >= 0")
         now = utcnow()
         next_run = croniter(cron, now).get_next(type(now))
-        row = self.s.registry.add_eval_schedule(request.name or f"{candidate}-{cron}", cron, candidate, request.base,
-                                                suite_names(request.suites), request.limit, next_run_at=next_run)
+        row = self.s.registry.add_eval_schedule(
+            request.name or f"{candidate}-{cron}",
+            cron,
+            candidate,
+            request.base,
+            suite_names(request.suites),
+            request.limit,
+            next_run_at=next_run,
+        )
         return convert.eval_schedule(row)
 
     async def ListEvalSchedules(self, request, context):
         return evals_pb2.ListEvalSchedulesResponse(
-            schedules=[convert.eval_schedule(r) for r in self.s.registry.list_eval_schedules(limit=limit_of(request.limit))])
+            schedules=[
+                convert.eval_schedule(r) for r in self.s.registry.list_eval_schedules(limit=limit_of(request.limit))
+            ]
+        )
 
     async def DeleteEvalSchedule(self, request, context):
         self.s.registry.delete_eval_schedule(require(request.id, "id"))

@@ -34,13 +34,24 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         emulator = self.s.registry.get_emulator(require(spec.emulator_id, "spec.emulator_id"))
         if request.name and not NAME_RE.match(request.name):
             raise ValueError(f"job name {request.name!r}: 1-64 letters, digits, . _ -")
-        spec_dict = validate_spec(emulator_id=emulator.id, rounds=spec.rounds, min_clients=spec.min_clients,
-                                  fraction=spec.fraction, engine=spec.engine,
-                                  train_config=convert.from_struct(spec.train_config),
-                                  options=convert.from_struct(spec.options), policy=self.s.config.job_policy)
-        row = self.s.registry.add_job(request.name or f"job-{emulator.id}", emulator.model_id, emulator.id, spec_dict,
-                                      created_by=current_principal().name,
-                                      federation_address=self.s.config.federation_address)
+        spec_dict = validate_spec(
+            emulator_id=emulator.id,
+            rounds=spec.rounds,
+            min_clients=spec.min_clients,
+            fraction=spec.fraction,
+            engine=spec.engine,
+            train_config=convert.from_struct(spec.train_config),
+            options=convert.from_struct(spec.options),
+            policy=self.s.config.job_policy,
+        )
+        row = self.s.registry.add_job(
+            request.name or f"job-{emulator.id}",
+            emulator.model_id,
+            emulator.id,
+            spec_dict,
+            created_by=current_principal().name,
+            federation_address=self.s.config.federation_address,
+        )
         return self._job_message(row)
 
     async def GetJob(self, request, context):
@@ -49,8 +60,9 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
 
     async def ListJobs(self, request, context):
         state = convert.JOB_STATE_NAME.get(request.state) if request.state else None
-        rows = self.s.registry.list_jobs(state=state, job_ids=visible_jobs(self.s, current_principal()),
-                                         limit=limit_of(request.limit))
+        rows = self.s.registry.list_jobs(
+            state=state, job_ids=visible_jobs(self.s, current_principal()), limit=limit_of(request.limit)
+        )
         return jobs_pb2.ListJobsResponse(jobs=[self._job_message(r) for r in rows])
 
     async def ListRounds(self, request, context):
@@ -84,7 +96,11 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
             events = self.s.registry.job_events(job_id, after)
             for ev in events:
                 after = ev.seq
-                if not me.is_staff and ev.kind in ("enrolled", "unenrolled") and (ev.data or {}).get("data_owner") != me.name:
+                if (
+                    not me.is_staff
+                    and ev.kind in ("enrolled", "unenrolled")
+                    and (ev.data or {}).get("data_owner") != me.name
+                ):
                     continue  # data owners do not learn who else is enrolled
                 yield convert.job_event(ev)
             if not follow:
@@ -104,10 +120,14 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
                 raise ValueError("admins enroll on someone's behalf: set data_owner (1-64 letters, digits, . _ -)")
         else:
             if request.data_owner and request.data_owner != p.name:
-                raise PermissionError(f"this token belongs to data owner {p.name!r}; it cannot enroll {request.data_owner!r}")
+                raise PermissionError(
+                    f"this token belongs to data owner {p.name!r}; it cannot enroll {request.data_owner!r}"
+                )
             if job.id not in p.jobs:
-                raise PermissionError(f"this token does not name job {job.id}; ask the model owner for a token "
-                                      f"created with --job {job.id}")
+                raise PermissionError(
+                    f"this token does not name job {job.id}; ask the model owner for a token "
+                    f"created with --job {job.id}"
+                )
             owner = p.name
         if job.state in DONE_JOB_STATES:
             raise Conflict(f"job {job.id} is {job.state}; it takes no more data owners")
@@ -125,11 +145,23 @@ class JobsService(jobs_pb2_grpc.JobsServicer):
         if not digest:
             digest = self.s.registry.get_model(job.model_id).digest
         return jobs_pb2.EnrollResponse(
-            job_id=job.id, data_owner=owner, bundle=convert.artifact_ref(self.s.registry, emulator.bundle_sha256, "bundle"),
-            bundle_public_key=public_key, federation_address=job.federation_address,
-            train_config=convert.struct(spec.get("train_config")), emulator_id=emulator.id, base_model_digest=digest,
-            federation=convert.struct({"engine": spec.get("engine", ""), "rounds": spec.get("rounds", 0),
-                                       "min_clients": spec.get("min_clients", 0), **(spec.get("options") or {})}))
+            job_id=job.id,
+            data_owner=owner,
+            bundle=convert.artifact_ref(self.s.registry, emulator.bundle_sha256, "bundle"),
+            bundle_public_key=public_key,
+            federation_address=job.federation_address,
+            train_config=convert.struct(spec.get("train_config")),
+            emulator_id=emulator.id,
+            base_model_digest=digest,
+            federation=convert.struct(
+                {
+                    "engine": spec.get("engine", ""),
+                    "rounds": spec.get("rounds", 0),
+                    "min_clients": spec.get("min_clients", 0),
+                    **(spec.get("options") or {}),
+                }
+            ),
+        )
 
     async def StartJob(self, request, context):
         row = start_job(self.s, require(request.id, "id"), created_by=current_principal().name)

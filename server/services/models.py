@@ -28,7 +28,9 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
 
     async def RegisterModel(self, request, context):
         if not NAME_RE.match(request.name):
-            raise ValueError(f"model name {request.name!r}: 1-64 letters, digits, . _ - (starting with a letter or digit)")
+            raise ValueError(
+                f"model name {request.name!r}: 1-64 letters, digits, . _ - (starting with a letter or digit)"
+            )
         source = self.s.resolve_model_source(request.source or request.name)
         try:
             self.s.registry.get_model(request.name)
@@ -36,24 +38,29 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
         except NotFound:
             pass
         info = await asyncio.to_thread(_inspect_model, source)
-        row = self.s.registry.add_model(request.name, source if request.source else request.name, **info,
-                                        description=request.description[:2000])
+        row = self.s.registry.add_model(
+            request.name, source if request.source else request.name, **info, description=request.description[:2000]
+        )
         return convert.model(row)
 
     async def GetModel(self, request, context):
         return convert.model(self.s.registry.get_model(require(request.id, "id")))
 
     async def ListModels(self, request, context):
-        return models_pb2.ListModelsResponse(models=[convert.model(r) for r in
-                                                     self.s.registry.list_models(limit=limit_of(request.limit))])
+        return models_pb2.ListModelsResponse(
+            models=[convert.model(r) for r in self.s.registry.list_models(limit=limit_of(request.limit))]
+        )
 
 
 def _inspect_model(source: str) -> dict:
     from offsite.emulators.models import load_model
 
     loaded = load_model(source)
-    return {"family": loaded.family.name, "digest": loaded.digest,
-            "num_layers": int(loaded.family.num_layers(loaded.model.config))}
+    return {
+        "family": loaded.family.name,
+        "digest": loaded.digest,
+        "num_layers": int(loaded.family.num_layers(loaded.model.config)),
+    }
 
 
 def _build_config_dict(cfg: models_pb2.EmulatorBuildConfig) -> dict:
@@ -77,7 +84,9 @@ def _build_config_dict(cfg: models_pb2.EmulatorBuildConfig) -> dict:
         out["awq"] = True
     if cfg.corpus:
         if cfg.corpus != "python-reference":
-            raise ValueError("corpus: only 'python-reference' can be named over the API (server-side paths are not accepted)")
+            raise ValueError(
+                "corpus: only 'python-reference' can be named over the API (server-side paths are not accepted)"
+            )
         out["corpus"] = cfg.corpus
     if cfg.block_size:
         if not 8 <= cfg.block_size <= 8192:
@@ -105,14 +114,19 @@ class EmulatorsService(models_pb2_grpc.EmulatorsServicer):
             try:
                 ctx.progress(0.0, f"building an emulator of {model.name}")
                 source = s.resolve_model_source(model.source)
-                manifest = builder({**cfg, "model": source}, s.signing_key, tmp / "bundle",
-                                   lambda f, m="": ctx.progress(0.95 * float(f), m))
+                manifest = builder(
+                    {**cfg, "model": source},
+                    s.signing_key,
+                    tmp / "bundle",
+                    lambda f, m="": ctx.progress(0.95 * float(f), m),
+                )
                 ctx.progress(0.96, "storing the bundle")
                 sha = s.store.put_dir_as_tar(tmp / "bundle")
                 s.registry.add_artifact(sha, s.store.size(sha), "bundle", f"{model.name}-emulator.tar")
                 emu = s.registry.add_emulator(model.id, sha, _jsonable(cfg), manifest, ctx.op_id)
-                return OperationResult(resource=f"emulators/{emu.id}",
-                                       result={"emulator_id": emu.id, "bundle_sha256": sha})
+                return OperationResult(
+                    resource=f"emulators/{emu.id}", result={"emulator_id": emu.id, "bundle_sha256": sha}
+                )
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,14 +142,18 @@ class EmulatorsService(models_pb2_grpc.EmulatorsServicer):
         from offsite.emulators.bundle import BundleError, verify_bundle
 
         try:
-            manifest = await asyncio.to_thread(verify_bundle, path, self.s.verification_keys)  # any key it has signed with
+            manifest = await asyncio.to_thread(
+                verify_bundle, path, self.s.verification_keys
+            )  # any key it has signed with
         except BundleError as e:
             raise ValueError(f"the uploaded bundle does not verify with this server's signing key: {e}") from None
         base = manifest.get("base_model", {}) if isinstance(manifest.get("base_model"), dict) else {}
         digest = base.get("digest") or manifest.get("base_model_digest") or ""
         if model.digest and digest and digest != model.digest:
-            raise ValueError(f"the bundle was built from a model with digest {digest[:12]}..., not {model.name} "
-                             f"({model.digest[:12]}...)")
+            raise ValueError(
+                f"the bundle was built from a model with digest {digest[:12]}..., not {model.name} "
+                f"({model.digest[:12]}...)"
+            )
         self.s.registry.add_artifact(sha, self.s.store.size(sha), "bundle", f"{model.name}-emulator.tar")
         row = self.s.registry.add_emulator(model.id, sha, {}, manifest)
         return convert.emulator(self.s.registry, row)

@@ -25,8 +25,9 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
     async def ListReleases(self, request, context):
         if request.status and request.status not in RELEASE_STATUSES:
             raise ValueError(f"status {request.status!r} is not one of {', '.join(RELEASE_STATUSES)}")
-        rows = self.s.registry.list_releases(status=request.status or None, job_id=request.job_id or None,
-                                             limit=limit_of(request.limit))
+        rows = self.s.registry.list_releases(
+            status=request.status or None, job_id=request.job_id or None, limit=limit_of(request.limit)
+        )
         return releases_pb2.ListReleasesResponse(releases=[convert.release(self.s.registry, r) for r in rows])
 
     async def GetRelease(self, request, context):
@@ -37,21 +38,32 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
         reason = request.override_reason.strip()
         if rel.gate_verdict != "pass" and not reason:
             what = "blocked it" if rel.gate_verdict == "block" else "has not evaluated it"
-            raise Conflict(f"the safety gate {what}; run `offsite-admin evals run --candidate {rel.id}` or approve "
-                           "with --override-reason (audited)")
+            raise Conflict(
+                f"the safety gate {what}; run `offsite-admin evals run --candidate {rel.id}` or approve "
+                "with --override-reason (audited)"
+            )
         notes = [f"override: {reason}"] if reason else []
         blocks = earlier_blocks(self.s.registry, rel) if rel.gate_verdict == "pass" else []
         if blocks:
             notes.append(f"the gate passed in {rel.gate_report_id} after an earlier block ({', '.join(blocks)})")
-        row = self.s.registry.update_release(rel.id, expect_status=("pending-gate", "blocked"), status="approved",
-                                             decided_by=current_principal().name, reason="; ".join(notes))
+        row = self.s.registry.update_release(
+            rel.id,
+            expect_status=("pending-gate", "blocked"),
+            status="approved",
+            decided_by=current_principal().name,
+            reason="; ".join(notes),
+        )
         return convert.release(self.s.registry, row)
 
     async def RejectRelease(self, request, context):
         reason = require(request.reason.strip(), "reason")
-        row = self.s.registry.update_release(require(request.id, "id"),
-                                             expect_status=("pending-gate", "blocked", "approved"),
-                                             status="rejected", decided_by=current_principal().name, reason=reason)
+        row = self.s.registry.update_release(
+            require(request.id, "id"),
+            expect_status=("pending-gate", "blocked", "approved"),
+            status="rejected",
+            decided_by=current_principal().name,
+            reason=reason,
+        )
         return convert.release(self.s.registry, row)
 
     async def ExportRelease(self, request, context):
@@ -72,9 +84,12 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
                 ctx.progress(0.8, "storing the model directory")
                 sha = s.store.put_dir_as_tar(tmp / "model")
                 s.registry.add_artifact(sha, s.store.size(sha), "model-export", f"{rel.id}-model.tar")
-                s.registry.update_release(rel.id, expect_status=("approved", "released"), status="released",
-                                          export_sha256=sha)
-                return OperationResult(resource=f"releases/{rel.id}", result={"release_id": rel.id, "export_sha256": sha})
+                s.registry.update_release(
+                    rel.id, expect_status=("approved", "released"), status="released", export_sha256=sha
+                )
+                return OperationResult(
+                    resource=f"releases/{rel.id}", result={"release_id": rel.id, "export_sha256": sha}
+                )
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -84,8 +99,13 @@ class ReleasesService(releases_pb2_grpc.ReleasesServicer):
         from ..release_merge import audit_ungated, config_from_request, merge_work, plan_merge
 
         who = current_principal()
-        plan = plan_merge(self.s.registry, list(request.release_ids), config_from_request(request),
-                          allow_ungated=request.allow_ungated, is_admin=who.role == "admin")
+        plan = plan_merge(
+            self.s.registry,
+            list(request.release_ids),
+            config_from_request(request),
+            allow_ungated=request.allow_ungated,
+            is_admin=who.role == "admin",
+        )
         if plan.ungated:
             audit_ungated(self.s.registry, who, plan)
         return convert.operation(self.s.ops.start("release-merge", merge_work(self.s, plan), created_by=who.name))

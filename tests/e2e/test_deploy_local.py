@@ -50,12 +50,29 @@ def deployed(tmp_path_factory):
     intruder = None
     try:
         key, _ = generate_node_key(state / "intruder")
-        cmd = supernode_command(topo.superlink_address, topo.ca_cert, key, {"data": "python-reference:0/3"}, port=_free_port())
+        cmd = supernode_command(
+            topo.superlink_address, topo.ca_cert, key, {"data": "python-reference:0/3"}, port=_free_port()
+        )
         intruder_log = open(state / "logs" / "intruder.log", "wb")
-        intruder = subprocess.Popen(cmd + ["--max-retries", "3", "--max-wait-time", "20"], stdout=intruder_log,
-                                    stderr=subprocess.STDOUT, env=flower_env(topo.flwr_home))
-        job = prepare_local_job(state, "tiny-llama", clients=3, rounds=1, engine="deployment", local_steps=2,
-                                batch_size=2, block_size=128, heldout_limit=2, min_clients=3, round_timeout=180)
+        intruder = subprocess.Popen(
+            cmd + ["--max-retries", "3", "--max-wait-time", "20"],
+            stdout=intruder_log,
+            stderr=subprocess.STDOUT,
+            env=flower_env(topo.flwr_home),
+        )
+        job = prepare_local_job(
+            state,
+            "tiny-llama",
+            clients=3,
+            rounds=1,
+            engine="deployment",
+            local_steps=2,
+            batch_size=2,
+            block_size=128,
+            heldout_limit=2,
+            min_clients=3,
+            round_timeout=180,
+        )
         result = submit_run(job.cfg, state / "app", "offsite", topo.flwr_home, wait=True, timeout=420)
         alive = topo.alive()
         yield job, result, alive, state

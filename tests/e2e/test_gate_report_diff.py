@@ -32,9 +32,13 @@ def recording_runner(candidate, base, suites, limit, out_dir, progress=True, pol
     SEEN.append(previous_report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"run": {"complete": True}, "candidate": str(candidate), "run_number": len(SEEN),
-              "categories": [{"name": "capability", "level": "Low"}],
-              "gate": {"verdict": "pass", "policy": "default", "deployable_level": "Medium"}}
+    report = {
+        "run": {"complete": True},
+        "candidate": str(candidate),
+        "run_number": len(SEEN),
+        "categories": [{"name": "capability", "level": "Low"}],
+        "gate": {"verdict": "pass", "policy": "default", "deployable_level": "Medium"},
+    }
     (out_dir / "report.json").write_text(json.dumps(report))
     return report
 
@@ -59,16 +63,26 @@ def _run(admin, candidate):
 
 def test_second_release_is_diffed_against_the_first(tmp_path):
     bundle = tiny_bundle()
-    cfg = ServerConfig(data_dir=tmp_path / "srv", port=0, signing_key=bundle.signing_key,
-                       eval_runner=recording_runner, release_exporter=fake_exporter, background_tasks=[])
+    cfg = ServerConfig(
+        data_dir=tmp_path / "srv",
+        port=0,
+        signing_key=bundle.signing_key,
+        eval_runner=recording_runner,
+        release_exporter=fake_exporter,
+        background_tasks=[],
+    )
     server = ServerThread(cfg).start()
     try:
         admin = open_channel(server.address, server.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
-            iter([artifacts_pb2.UploadRequest(kind="bundle", name="b.tar", data=bundle.tar_path.read_bytes())]))
+            iter([artifacts_pb2.UploadRequest(kind="bundle", name="b.tar", data=bundle.tar_path.read_bytes())])
+        )
         emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+        )
         reg, store = server.server.state.registry, server.server.state.store
         job = reg.add_job("j", emu.model_id, emu.id, {"rounds": 1})
         first = reg.create_release(job.id, emu.model_id, store.put_bytes(b"adapter one"))

@@ -184,8 +184,10 @@ def test_merge_out_writes_the_merged_adapter(server, tmp_path):
     summary = json.loads(res.output)
     st = server.server.state
     new_id = summary["resource"].split("/", 1)[1]
-    assert summary["adapter_path"] == str(out) and out.read_bytes() == st.store.path(
-        st.registry.get_release(new_id).adapter_sha256).read_bytes()
+    assert (
+        summary["adapter_path"] == str(out)
+        and out.read_bytes() == st.store.path(st.registry.get_release(new_id).adapter_sha256).read_bytes()
+    )
     # --out into a folder that does not exist is refused before anything is created
     before = _counts(server)
     bad = cli(server, "releases", "merge", a, b, "--out", str(tmp_path / "no" / "such" / "x.safetensors"), "--json")

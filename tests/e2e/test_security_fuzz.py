@@ -46,8 +46,19 @@ def _compile_protos(out: Path) -> descriptor_pool.DescriptorPool:
     include = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)
     fds_path = out / "offsite.pb"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"-I{include}",
-                    "--include_imports", f"--descriptor_set_out={fds_path}", *map(str, protos)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            f"-I{include}",
+            "--include_imports",
+            f"--descriptor_set_out={fds_path}",
+            *map(str, protos),
+        ],
+        check=True,
+    )
     fds = descriptor_pb2.FileDescriptorSet.FromString(fds_path.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for f in fds.file:
@@ -67,8 +78,10 @@ def _methods(pool):
 
 def _stub(channel, path, method, token):
     resp = message_factory.GetMessageClass(method.output_type)
-    kw = dict(request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-              response_deserializer=resp.FromString)
+    kw = dict(
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+        response_deserializer=resp.FromString,
+    )
     md = [("authorization", f"Bearer {token}")] if token else None
     if method.client_streaming:
         fn = channel.stream_unary(path, **kw)
@@ -85,17 +98,40 @@ FD = descriptor_pb2.FieldDescriptorProto
 
 
 def _strings(seeds: list[str], outside: Path):
-    paths = [str(outside / "x"), str(outside / "x" / "pyproject.toml"), "/etc/passwd", "../../etc/passwd",
-             "..", "a/../../b", "/", "x\x00y", "rel_../../x", "job_" + "1" * 12, "0" * 64, "tiny-llama"]
-    return st.one_of(st.text(max_size=24), st.sampled_from(paths + seeds),
-                     st.text(alphabet="ab/._-", min_size=ECHO_PROBE + 50, max_size=3000))
+    paths = [
+        str(outside / "x"),
+        str(outside / "x" / "pyproject.toml"),
+        "/etc/passwd",
+        "../../etc/passwd",
+        "..",
+        "a/../../b",
+        "/",
+        "x\x00y",
+        "rel_../../x",
+        "job_" + "1" * 12,
+        "0" * 64,
+        "tiny-llama",
+    ]
+    return st.one_of(
+        st.text(max_size=24),
+        st.sampled_from(paths + seeds),
+        st.text(alphabet="ab/._-", min_size=ECHO_PROBE + 50, max_size=3000),
+    )
 
 
 def _json_values():
-    leaves = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
-                       st.text(max_size=12), st.sampled_from(["/etc/passwd", "../../x"]))
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.text(max_size=12), inner, max_size=3), max_leaves=12)
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+        st.sampled_from(["/etc/passwd", "../../x"]),
+    )
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3),
+        max_leaves=12,
+    )
 
 
 def _deep_dict(depth: int) -> dict:
@@ -116,9 +152,9 @@ def _field(f, strings, depth):
     if t in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
         return st.floats(allow_nan=True, allow_infinity=True, width=64 if t == FD.TYPE_DOUBLE else 32)
     if t in (FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32):
-        return st.one_of(st.integers(-2**31, 2**31 - 1), st.sampled_from([-1, 0, 2**31 - 1]))
+        return st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([-1, 0, 2**31 - 1]))
     if t in (FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64):
-        return st.one_of(st.integers(-2**63, 2**63 - 1), st.sampled_from([-1, 0, 2**62, 2**63 - 1]))
+        return st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([-1, 0, 2**62, 2**63 - 1]))
     if t in (FD.TYPE_UINT32, FD.TYPE_FIXED32):
         return st.integers(0, 2**32 - 1)
     if t in (FD.TYPE_UINT64, FD.TYPE_FIXED64):
@@ -131,8 +167,10 @@ def _field(f, strings, depth):
 def _message(desc, strings, depth=0):
     cls = message_factory.GetMessageClass(desc)
     if desc.full_name == "google.protobuf.Struct":
-        struct_dicts = st.one_of(st.dictionaries(st.text(max_size=16) | strings, _json_values(), max_size=4),
-                                 st.integers(20, 40).map(_deep_dict))
+        struct_dicts = st.one_of(
+            st.dictionaries(st.text(max_size=16) | strings, _json_values(), max_size=4),
+            st.integers(20, 40).map(_deep_dict),
+        )
         return struct_dicts.map(lambda d: json_format.ParseDict(d, cls()))
     if desc.full_name.startswith("google.protobuf.") or depth > 2:
         return st.just(cls())
@@ -163,7 +201,7 @@ def _message(desc, strings, depth=0):
 def _request_strings(msg) -> list[str]:
     out = []
     for f, v in msg.ListFields():
-        for item in (v if f.is_repeated else [v]):
+        for item in v if f.is_repeated else [v]:
             if isinstance(item, str):
                 out.append(item)
             elif hasattr(item, "ListFields"):
@@ -187,8 +225,15 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     pool = _compile_protos(root / "compiled")
     outside = root / "outside"
-    cfg = ServerConfig(data_dir=root / "srv", port=0, background_tasks=[], job_runner=_noop_runner,
-                       eval_runner=_noop_runner, emulator_builder=_noop_builder, release_exporter=_noop_runner)
+    cfg = ServerConfig(
+        data_dir=root / "srv",
+        port=0,
+        background_tasks=[],
+        job_runner=_noop_runner,
+        eval_runner=_noop_runner,
+        emulator_builder=_noop_builder,
+        release_exporter=_noop_runner,
+    )
     server = ServerThread(cfg).start()
     state = server.server.state
     reg = state.registry
@@ -199,13 +244,27 @@ def world(tmp_path_factory):
     job = reg.add_job("probe-job", model.id, emu.id, {"rounds": 1})
     rel = reg.create_release(job.id, model.id, sha)
     secret = lambda name, role, jobs=(): state.auth.create_token(name, role, list(jobs))[0]
-    tokens = {"admin": server.admin_token, "partner": secret("acme", "partner"),
-              "data-owner": secret("dora", "data-owner", [job.id]), "none": None, "bogus": "ofs_" + "x" * 43}
-    reg.enroll(job.id, "dora", reg.token_by_hash(__import__("hashlib").sha256(tokens["data-owner"].encode()).hexdigest()).id)
+    tokens = {
+        "admin": server.admin_token,
+        "partner": secret("acme", "partner"),
+        "data-owner": secret("dora", "data-owner", [job.id]),
+        "none": None,
+        "bogus": "ofs_" + "x" * 43,
+    }
+    reg.enroll(
+        job.id, "dora", reg.token_by_hash(__import__("hashlib").sha256(tokens["data-owner"].encode()).hexdigest()).id
+    )
     seeds = [model.id, model.name, emu.id, job.id, rel.id, sha, "python-reference", "simulation", "admin"]
     channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)])
-    yield {"server": server, "pool": pool, "outside": outside, "tokens": tokens, "seeds": seeds, "channel": channel,
-           "data_dir": Path(state.data_dir)}
+    yield {
+        "server": server,
+        "pool": pool,
+        "outside": outside,
+        "tokens": tokens,
+        "seeds": seeds,
+        "channel": channel,
+        "data_dir": Path(state.data_dir),
+    }
     server.stop()
 
 
@@ -228,8 +287,13 @@ def test_role_method_matrix_from_the_protos_alone(world):
             if token is None or role == "bogus":
                 ok = code == grpc.StatusCode.UNAUTHENTICATED
             elif role in METHOD_ROLES.get(path, ()):
-                ok = code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED)
+                ok = code not in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INTERNAL,
+                    grpc.StatusCode.UNKNOWN,
+                    grpc.StatusCode.UNIMPLEMENTED,
+                )
             else:
                 ok = code == grpc.StatusCode.PERMISSION_DENIED
             if not ok:
@@ -240,7 +304,15 @@ def test_role_method_matrix_from_the_protos_alone(world):
 
 def _method_ids():
     # Collected without compiling: the method list from the committed descriptors names the same methods.
-    from offsite.protos.v1 import admin_pb2, artifacts_pb2, evals_pb2, jobs_pb2, models_pb2, operations_pb2, releases_pb2
+    from offsite.protos.v1 import (
+        admin_pb2,
+        artifacts_pb2,
+        evals_pb2,
+        jobs_pb2,
+        models_pb2,
+        operations_pb2,
+        releases_pb2,
+    )
 
     names = []
     for mod in (admin_pb2, artifacts_pb2, evals_pb2, jobs_pb2, models_pb2, operations_pb2, releases_pb2):
@@ -259,8 +331,13 @@ def test_malformed_inputs_get_actionable_codes(world, path):
     role = st.sampled_from(["admin", "admin", "partner", "data-owner"])
     bad: list = []
 
-    @settings(max_examples=EXAMPLES_PER_METHOD, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_METHOD,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(req=request, who=role)
     def probe(req, who):
         call = _stub(world["channel"], path, method, world["tokens"][who])

@@ -56,6 +56,7 @@ def _raw(server, method, token=None):
 
 def _deep_struct_options(depth: int) -> bytes:
     """CreateJobRequest{spec{options: Struct nested `depth` deep}} as raw bytes (the probe built it by hand)."""
+
     def ld(tag: int, payload: bytes) -> bytes:
         n, out = len(payload), b""
         while True:
@@ -67,10 +68,10 @@ def _deep_struct_options(depth: int) -> bytes:
 
     struct = b""
     for _ in range(depth):
-        value = ld(0x2A, struct)               # Value.struct_value = 5
+        value = ld(0x2A, struct)  # Value.struct_value = 5
         entry = ld(0x0A, b"a") + ld(0x12, value)  # map entry key=1, value=2
-        struct = ld(0x0A, entry)               # Struct.fields = 1
-    return ld(0x12, ld(0x3A, struct))          # CreateJobRequest.spec = 2, JobSpec.options = 7
+        struct = ld(0x0A, entry)  # Struct.fields = 1
+    return ld(0x12, ld(0x3A, struct))  # CreateJobRequest.spec = 2, JobSpec.options = 7
 
 
 def test_garbage_and_deep_structs_get_clean_codes_without_tracebacks(server, caplog):
@@ -78,15 +79,18 @@ def test_garbage_and_deep_structs_get_clean_codes_without_tracebacks(server, cap
     for payload in (b"\xff\xff\xff\xff\x0f garbage", _deep_struct_options(120)):
         code, _ = _code(lambda payload=payload: _raw(server, "/offsite.v1.Jobs/CreateJob")(payload))
         assert code == grpc.StatusCode.UNAUTHENTICATED
-        code, details = _code(lambda payload=payload: _raw(server, "/offsite.v1.Jobs/CreateJob", server.admin_token)(payload))
+        code, details = _code(
+            lambda payload=payload: _raw(server, "/offsite.v1.Jobs/CreateJob", server.admin_token)(payload)
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "offsite.v1 protos" in details
     assert "Traceback" not in caplog.text and "Unexpected" not in caplog.text
 
 
 def test_bounds_on_ttl_and_audit_filter_and_no_echo(server):
     admin = admin_pb2_grpc.AdminStub(open_channel(server.address, server.admin_token))
-    code, details = _code(lambda: admin.CreateToken(admin_pb2.CreateTokenRequest(name="t", role="partner",
-                                                                                 ttl_seconds=2**62)))
+    code, details = _code(
+        lambda: admin.CreateToken(admin_pb2.CreateTokenRequest(name="t", role="partner", ttl_seconds=2**62))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "ttl_seconds" in details
     code, details = _code(lambda: admin.ListAudit(admin_pb2.ListAuditRequest(method=BIG)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "SELECT" not in details and len(details) < 500
@@ -94,8 +98,14 @@ def test_bounds_on_ttl_and_audit_filter_and_no_echo(server):
     from offsite.protos.channel import auth_metadata
 
     models = models_pb2_grpc.ModelsStub(big)
-    for call in (lambda: models.GetModel(models_pb2.GetModelRequest(id=BIG[:100_000]), metadata=auth_metadata(server.admin_token)),
-                 lambda: models.RegisterModel(models_pb2.RegisterModelRequest(name=BIG), metadata=auth_metadata(server.admin_token))):
+    for call in (
+        lambda: models.GetModel(
+            models_pb2.GetModelRequest(id=BIG[:100_000]), metadata=auth_metadata(server.admin_token)
+        ),
+        lambda: models.RegisterModel(
+            models_pb2.RegisterModelRequest(name=BIG), metadata=auth_metadata(server.admin_token)
+        ),
+    ):
         code, details = _code(call)
         assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
         assert len(details) <= 1100 and "x" * 100 not in details
@@ -103,7 +113,9 @@ def test_bounds_on_ttl_and_audit_filter_and_no_echo(server):
 
 def test_errors_name_no_absolute_server_path(server):
     models = models_pb2_grpc.ModelsStub(open_channel(server.address, server.admin_token))
-    code, details = _code(lambda: models.RegisterModel(models_pb2.RegisterModelRequest(name="nodir", source="no-such-dir")))
+    code, details = _code(
+        lambda: models.RegisterModel(models_pb2.RegisterModelRequest(name="nodir", source="no-such-dir"))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "no-such-dir" in details
     data_dir = str(server.server.state.data_dir)
     assert data_dir not in details and "/tmp" not in details and "DATA_DIR" in details
@@ -113,8 +125,11 @@ def test_refusals_are_audited_including_unauthenticated_and_not_found(server):
     jobs = jobs_pb2_grpc.JobsStub(open_channel(server.address, server.admin_token))
     _code(lambda: jobs_pb2_grpc.JobsStub(open_channel(server.address, None)).GetJob(jobs_pb2.GetJobRequest(id="job_x")))
     _code(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(id="job_missing")))
-    audit = admin_pb2_grpc.AdminStub(open_channel(server.address, server.admin_token)).ListAudit(
-        admin_pb2.ListAuditRequest(method="GetJob")).entries
+    audit = (
+        admin_pb2_grpc.AdminStub(open_channel(server.address, server.admin_token))
+        .ListAudit(admin_pb2.ListAuditRequest(method="GetJob"))
+        .entries
+    )
     outcomes = {(a.actor, a.outcome) for a in audit}
     assert ("(unauthenticated)", "UNAUTHENTICATED") in outcomes and ("admin", "NOT_FOUND") in outcomes
 
@@ -144,9 +159,23 @@ def test_watch_streams_per_data_owner_are_limited_and_cancel_cleanly(server, cap
 
 def test_the_admin_token_can_be_rotated(server):
     old = server.admin_token
-    out = subprocess.run([sys.executable, "-m", "offsite.server.cli.main", "tokens", "rotate-admin", "--data-dir",
-                          str(server.server.state.data_dir), "--ttl", "3600", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offsite.server.cli.main",
+            "tokens",
+            "rotate-admin",
+            "--data-dir",
+            str(server.server.state.data_dir),
+            "--ttl",
+            "3600",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     new = server.admin_token
     assert new != old
@@ -154,8 +183,9 @@ def test_the_admin_token_can_be_rotated(server):
     assert who.role == "admin"
     deadline = time.monotonic() + 10  # the server's auth cache holds a token for a few seconds
     while time.monotonic() < deadline:
-        code, _ = _code(lambda: admin_pb2_grpc.IdentityStub(open_channel(server.address, old)).WhoAmI(
-            admin_pb2.WhoAmIRequest()))
+        code, _ = _code(
+            lambda: admin_pb2_grpc.IdentityStub(open_channel(server.address, old)).WhoAmI(admin_pb2.WhoAmIRequest())
+        )
         if code == grpc.StatusCode.UNAUTHENTICATED:
             break
         time.sleep(0.5)

@@ -45,10 +45,12 @@ def fake_eval_runner(candidate, base, suites, limit, out_dir, progress=True, pol
     only without --limit and suite subsets, as the real runner reports it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"run": {"complete": not limit, "limit": limit or 0, "suites": suites or []},
-              "categories": [{"name": "disallowed_content", "level": "Low"}],
-              "gate": {"verdict": GATE["verdict"], "policy": "default", "deployable_level": GATE["deployable_level"]},
-              "base": str(base)}
+    report = {
+        "run": {"complete": not limit, "limit": limit or 0, "suites": suites or []},
+        "categories": [{"name": "disallowed_content", "level": "Low"}],
+        "gate": {"verdict": GATE["verdict"], "policy": "default", "deployable_level": GATE["deployable_level"]},
+        "base": str(base),
+    }
     (out_dir / "report.json").write_text(json.dumps(report))
     return report
 
@@ -63,8 +65,14 @@ def fake_exporter(base_source, adapter_path, out_dir):
 def world(tmp_path_factory):
     bundle = tiny_bundle()
     data_dir = tmp_path_factory.mktemp("srv")
-    cfg = ServerConfig(data_dir=data_dir, port=0, signing_key=bundle.signing_key, eval_runner=fake_eval_runner,
-                       release_exporter=fake_exporter, background_tasks=[])
+    cfg = ServerConfig(
+        data_dir=data_dir,
+        port=0,
+        signing_key=bundle.signing_key,
+        eval_runner=fake_eval_runner,
+        release_exporter=fake_exporter,
+        background_tasks=[],
+    )
     server = ServerThread(cfg).start()
     admin = open_channel(server.address, server.admin_token)
     adm = admin_pb2_grpc.AdminStub(admin)
@@ -74,10 +82,19 @@ def world(tmp_path_factory):
     chunks = iter([artifacts_pb2.UploadRequest(kind="bundle", name="b.tar", data=bundle.tar_path.read_bytes())])
     ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(chunks)
     emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+    )
     partner = adm.CreateToken(admin_pb2.CreateTokenRequest(name="acme", role="partner")).secret
-    yield {"server": server, "state": server.server.state, "admin": admin, "partner": open_channel(server.address, partner),
-           "partner_token": partner, "emulator": emu, "bundle_sha": ref.sha256, "data_dir": Path(server.server.state.data_dir)}
+    yield {
+        "server": server,
+        "state": server.server.state,
+        "admin": admin,
+        "partner": open_channel(server.address, partner),
+        "partner_token": partner,
+        "emulator": emu,
+        "bundle_sha": ref.sha256,
+        "data_dir": Path(server.server.state.data_dir),
+    }
     server.stop()
 
 
@@ -105,15 +122,31 @@ def test_job_options_cannot_name_server_paths(world, tmp_path):
     jobs = jobs_pb2_grpc.JobsStub(world["partner"])
     target = tmp_path / "victim"
     attack = {"app_dir": str(target / "app"), "flwr_home": str(target / "home"), "superlink": "x"}
-    code, details = _code_and_details(lambda: jobs.CreateJob(jobs_pb2.CreateJobRequest(
-        spec=jobs_pb2.JobSpec(emulator_id=world["emulator"].id, options=struct(attack)))))
+    code, details = _code_and_details(
+        lambda: jobs.CreateJob(
+            jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=world["emulator"].id, options=struct(attack)))
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert all(k in details for k in attack), details
-    for options, train in [({"corpus": "/etc/hostname"}, {}), ({"candidate_dir": str(target)}, {}),
-                           ({}, {"candidate_dir": str(target)}), ({"round_timeout": 1e9}, {})]:
-        code, details = _code_and_details(lambda options=options, train=train: jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(
-            emulator_id=world["emulator"].id, engine="simulation", options=struct(options),
-            train_config=struct(train)))))
+    for options, train in [
+        ({"corpus": "/etc/hostname"}, {}),
+        ({"candidate_dir": str(target)}, {}),
+        ({}, {"candidate_dir": str(target)}),
+        ({"round_timeout": 1e9}, {}),
+    ]:
+        code, details = _code_and_details(
+            lambda options=options, train=train: jobs.CreateJob(
+                jobs_pb2.CreateJobRequest(
+                    spec=jobs_pb2.JobSpec(
+                        emulator_id=world["emulator"].id,
+                        engine="simulation",
+                        options=struct(options),
+                        train_config=struct(train),
+                    )
+                )
+            )
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (options, train)
         assert "examples" not in details  # no oracle for whether a server file exists
     assert not target.exists()
@@ -124,9 +157,20 @@ def test_a_stored_job_with_path_options_does_not_run(world, tmp_path):
     state = world["state"]
     target = tmp_path / "victim-app"
     emu = world["emulator"]
-    row = state.registry.add_job("legacy", emu.model_id, emu.id, {
-        "emulator_id": emu.id, "rounds": 1, "min_clients": 1, "fraction": 1.0, "engine": "deployment",
-        "train_config": {}, "options": {"app_dir": str(target), "flwr_home": str(target), "superlink": "x"}})
+    row = state.registry.add_job(
+        "legacy",
+        emu.model_id,
+        emu.id,
+        {
+            "emulator_id": emu.id,
+            "rounds": 1,
+            "min_clients": 1,
+            "fraction": 1.0,
+            "engine": "deployment",
+            "train_config": {},
+            "options": {"app_dir": str(target), "flwr_home": str(target), "superlink": "x"},
+        },
+    )
     op = jobs_pb2_grpc.JobsStub(world["partner"]).StartJob(jobs_pb2.StartJobRequest(id=row.id))
     done = _wait_op(world["admin"], op.id)
     assert done.state == operations_pb2.OPERATION_STATE_FAILED and "app_dir" in done.error
@@ -158,11 +202,17 @@ def test_a_partner_cannot_flip_a_blocked_verdict(world):
     assert releases.GetRelease(releases_pb2.GetReleaseRequest(id=rel.id)).status == "blocked"
     # Another base (even another family) is refused: the gate's base is the release's own.
     GATE["verdict"] = "pass"
-    code, details = _code_and_details(lambda: evals_pb2_grpc.EvalsStub(partner).RunEval(
-        evals_pb2.RunEvalRequest(candidate=rel.id, base="other-family")))
+    code, details = _code_and_details(
+        lambda: evals_pb2_grpc.EvalsStub(partner).RunEval(
+            evals_pb2.RunEvalRequest(candidate=rel.id, base="other-family")
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "base" in details
-    code, _ = _code_and_details(lambda: evals_pb2_grpc.EvalsStub(partner).CreateEvalSchedule(
-        evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate=rel.id, base="other-family")))
+    code, _ = _code_and_details(
+        lambda: evals_pb2_grpc.EvalsStub(partner).CreateEvalSchedule(
+            evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate=rel.id, base="other-family")
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     # Partial runs (a suite subset, a --limit) and a more lenient policy are kept, but decide nothing.
     for kw in ({"suites": ["refusal"]}, {"limit": 1}):
@@ -180,7 +230,9 @@ def test_a_partner_cannot_flip_a_blocked_verdict(world):
     GATE["deployable_level"] = "Medium"
     done = _run_eval(world, partner, candidate=rel.id)
     assert done.result["verdict_applied"] is True
-    history = evals_pb2_grpc.EvalsStub(admin).ListEvalReports(evals_pb2.ListEvalReportsRequest(release_id=rel.id)).reports
+    history = (
+        evals_pb2_grpc.EvalsStub(admin).ListEvalReports(evals_pb2.ListEvalReportsRequest(release_id=rel.id)).reports
+    )
     assert [r.verdict for r in reversed(history)] == ["block", "pass", "pass", "pass", "pass"]
     approved = releases.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id))
     assert approved.status == "approved" and "after an earlier block" in approved.reason
@@ -205,16 +257,22 @@ def test_data_owner_scope_is_the_tokens_jobs_and_enrollments(world):
     assert [j.id for j in jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs] == []
     code, _ = _code_and_details(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(id=job_b.id)))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = _code_and_details(lambda: list(artifacts_pb2_grpc.ArtifactsStub(ch).Download(
-        artifacts_pb2.DownloadRequest(sha256=world["bundle_sha"]))))
+    code, _ = _code_and_details(
+        lambda: list(
+            artifacts_pb2_grpc.ArtifactsStub(ch).Download(artifacts_pb2.DownloadRequest(sha256=world["bundle_sha"]))
+        )
+    )
     assert code == grpc.StatusCode.NOT_FOUND
     # A token naming no job sees nothing, even under an enrolled name.
     nothing = open_channel(server.address, new_token([]).secret)
     assert list(jobs_pb2_grpc.JobsStub(nothing).ListJobs(jobs_pb2.ListJobsRequest()).jobs) == []
     # Another live token cannot take over bob's enrollment in job_b.
     bob_b2 = new_token([job_b.id])
-    code, details = _code_and_details(lambda: jobs_pb2_grpc.JobsStub(open_channel(server.address, bob_b2.secret))
-                                      .Enroll(jobs_pb2.EnrollRequest(job_id=job_b.id)))
+    code, details = _code_and_details(
+        lambda: jobs_pb2_grpc.JobsStub(open_channel(server.address, bob_b2.secret)).Enroll(
+            jobs_pb2.EnrollRequest(job_id=job_b.id)
+        )
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "another token" in details
     # After enrolling, bob_a sees job_a (and only it).
     jobs.Enroll(jobs_pb2.EnrollRequest(job_id=job_a.id))
@@ -233,6 +291,7 @@ def test_revoking_an_admin_token_leaves_the_enrollments_it_made(world):
     job = state.registry.add_job("on-behalf", emu.model_id, emu.id, {"rounds": 1})
     secret, row = state.auth.create_token("second-admin", "admin")
     jobs_pb2_grpc.JobsStub(open_channel(server.address, secret)).Enroll(
-        jobs_pb2.EnrollRequest(job_id=job.id, data_owner="erin"))
+        jobs_pb2.EnrollRequest(job_id=job.id, data_owner="erin")
+    )
     admin_pb2_grpc.AdminStub(world["admin"]).RevokeToken(admin_pb2.RevokeTokenRequest(id=row.id))
     assert state.registry.enrolled_data_owners(job.id) == ["erin"]

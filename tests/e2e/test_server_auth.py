@@ -58,7 +58,8 @@ def world(tmp_path_factory):
     models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
     ref = _upload(admin, bundle.tar_path)
     emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+    )
     jobs = jobs_pb2_grpc.JobsStub(admin)
     job = jobs.CreateJob(jobs_pb2.CreateJobRequest(name="j1", spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
     other = jobs.CreateJob(jobs_pb2.CreateJobRequest(name="j2", spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
@@ -75,9 +76,19 @@ def world(tmp_path_factory):
     jobs_pb2_grpc.JobsStub(alice).Enroll(jobs_pb2.EnrollRequest(job_id=job.id))
     # A non-bundle artifact that a data owner must not read.
     secret_blob = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
-        iter([artifacts_pb2.UploadRequest(kind="adapter", name="x", data=b"private adapter bytes")]))
-    yield {"server": server, "tokens": tokens, "job": job, "other": other, "bob": bob.secret, "revoked": revoked.secret,
-           "bundle_sha": ref.sha256, "secret_sha": secret_blob.sha256, "emulator": emu}
+        iter([artifacts_pb2.UploadRequest(kind="adapter", name="x", data=b"private adapter bytes")])
+    )
+    yield {
+        "server": server,
+        "tokens": tokens,
+        "job": job,
+        "other": other,
+        "bob": bob.secret,
+        "revoked": revoked.secret,
+        "bundle_sha": ref.sha256,
+        "secret_sha": secret_blob.sha256,
+        "emulator": emu,
+    }
     server.stop()
 
 
@@ -116,8 +127,12 @@ def test_role_method_matrix(world, role):
         if role in ("none", "bogus", "revoked"):
             expected_ok = code == grpc.StatusCode.UNAUTHENTICATED
         elif role in METHOD_ROLES[name]:
-            expected_ok = code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED)
+            expected_ok = code not in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNIMPLEMENTED,
+            )
         else:
             expected_ok = code == grpc.StatusCode.PERMISSION_DENIED
         if not expected_ok:
@@ -133,7 +148,8 @@ def test_health_and_reflection_need_no_token(world):
     resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="offsite.v1.Jobs"))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
     replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"offsite.v1.Jobs", "offsite.v1.Artifacts", "offsite.v1.Releases", "grpc.health.v1.Health"} <= names
 
@@ -149,8 +165,11 @@ def test_data_owner_sees_only_enrolled_jobs_and_their_bundle(world):
     admin_jobs.Enroll(jobs_pb2.EnrollRequest(job_id=world["job"].id, data_owner="zed"))
     seen = [dict(e.data) for e in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=world["job"].id)) if e.kind == "enrolled"]
     assert seen == [{"data_owner": "alice"}]
-    all_seen = [e.data["data_owner"] for e in admin_jobs.WatchJob(jobs_pb2.WatchJobRequest(id=world["job"].id))
-                if e.kind == "enrolled"]
+    all_seen = [
+        e.data["data_owner"]
+        for e in admin_jobs.WatchJob(jobs_pb2.WatchJobRequest(id=world["job"].id))
+        if e.kind == "enrolled"
+    ]
     assert all_seen == ["alice", "zed"]
     with pytest.raises(grpc.RpcError) as e:
         jobs.GetJob(jobs_pb2.GetJobRequest(id=world["other"].id))
@@ -168,8 +187,11 @@ def test_data_owner_sees_only_enrolled_jobs_and_their_bundle(world):
     bob = jobs_pb2_grpc.JobsStub(open_channel(address, world["bob"]))
     assert list(bob.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == []
     with pytest.raises(grpc.RpcError) as e:
-        list(artifacts_pb2_grpc.ArtifactsStub(open_channel(address, world["bob"])).Download(
-            artifacts_pb2.DownloadRequest(sha256=world["bundle_sha"])))
+        list(
+            artifacts_pb2_grpc.ArtifactsStub(open_channel(address, world["bob"])).Download(
+                artifacts_pb2.DownloadRequest(sha256=world["bundle_sha"])
+            )
+        )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -190,7 +212,8 @@ def test_only_admins_approve_and_actions_are_audited(world):
     approved = admin.ApproveRelease(releases_pb2.ApproveReleaseRequest(id=rel.id, override_reason="manual review"))
     assert approved.status == "approved" and approved.decided_by == "admin"
     audit = admin_pb2_grpc.AdminStub(open_channel(server.address, server.admin_token)).ListAudit(
-        admin_pb2.ListAuditRequest(method="ApproveRelease"))
+        admin_pb2.ListAuditRequest(method="ApproveRelease")
+    )
     outcomes = {(a.actor, a.outcome) for a in audit.entries}
     assert ("admin", "ok") in outcomes and ("acme", "PERMISSION_DENIED") in outcomes
     assert ("admin", "FAILED_PRECONDITION") in outcomes
@@ -215,14 +238,17 @@ def test_bad_requests_get_actionable_codes(world):
         models.RegisterModel(models_pb2.RegisterModelRequest(name="evil2", source="../../x"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as e:
-        jobs_pb2_grpc.JobsStub(admin).CreateJob(jobs_pb2.CreateJobRequest(
-            spec=jobs_pb2.JobSpec(emulator_id=world["emulator"].id, fraction=2.0)))
+        jobs_pb2_grpc.JobsStub(admin).CreateJob(
+            jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=world["emulator"].id, fraction=2.0))
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fraction" in e.value.details()
     # Oversized messages are refused by the server's own limit (this client would send them).
     from offsite.protos.channel import auth_metadata
 
     big = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)])
     with pytest.raises(grpc.RpcError) as e:
-        models_pb2_grpc.ModelsStub(big).RegisterModel(models_pb2.RegisterModelRequest(name="x", description="y" * (9 << 20)),
-                                                      metadata=auth_metadata(server.admin_token))
+        models_pb2_grpc.ModelsStub(big).RegisterModel(
+            models_pb2.RegisterModelRequest(name="x", description="y" * (9 << 20)),
+            metadata=auth_metadata(server.admin_token),
+        )
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -49,9 +49,14 @@ def fake_eval_runner(candidate, base, suites, limit, out_dir, progress=True, pol
     assert Path(candidate).is_dir() and (Path(candidate) / "config.json").is_file()  # the plugged-in release
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"run": {"complete": not limit}, "categories": [{"name": "disallowed_content", "level": "Low" if GATE["verdict"] == "pass" else "High"}],
-              "gate": {"verdict": GATE["verdict"], "blocked_categories": [] if GATE["verdict"] == "pass"
-                       else ["disallowed_content"]}}
+    report = {
+        "run": {"complete": not limit},
+        "categories": [{"name": "disallowed_content", "level": "Low" if GATE["verdict"] == "pass" else "High"}],
+        "gate": {
+            "verdict": GATE["verdict"],
+            "blocked_categories": [] if GATE["verdict"] == "pass" else ["disallowed_content"],
+        },
+    }
     (out_dir / "report.json").write_text(json.dumps(report))
     (out_dir / "report.html").write_text("<html><body>scorecard</body></html>")
     return report
@@ -78,8 +83,13 @@ def fake_job_runner(ctx: JobRunContext) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cfg = ServerConfig(data_dir=tmp_path_factory.mktemp("srv"), port=0, job_runner=fake_job_runner,
-                       eval_runner=fake_eval_runner, signing_key=tiny_bundle().signing_key)
+    cfg = ServerConfig(
+        data_dir=tmp_path_factory.mktemp("srv"),
+        port=0,
+        job_runner=fake_job_runner,
+        eval_runner=fake_eval_runner,
+        signing_key=tiny_bundle().signing_key,
+    )
     s = ServerThread(cfg).start()
     yield s
     s.stop()
@@ -88,7 +98,9 @@ def server(tmp_path_factory):
 def _wait_op(channel, op):
     last = op
     states = []
-    for last in operations_pb2_grpc.OperationsStub(channel).WatchOperation(operations_pb2.WatchOperationRequest(id=op.id)):
+    for last in operations_pb2_grpc.OperationsStub(channel).WatchOperation(
+        operations_pb2.WatchOperationRequest(id=op.id)
+    ):
         states.append((last.state, last.progress))
     return last, states
 
@@ -114,13 +126,20 @@ def test_full_path(server, tmp_path):
     jobs = jobs_pb2_grpc.JobsStub(admin)
     from offsite.server.convert import struct
 
-    job = jobs.CreateJob(jobs_pb2.CreateJobRequest(name="py", spec=jobs_pb2.JobSpec(
-        emulator_id=emu_id, rounds=2, min_clients=1, train_config=struct({"steps": 20, "lr": 1e-4}))))
+    job = jobs.CreateJob(
+        jobs_pb2.CreateJobRequest(
+            name="py",
+            spec=jobs_pb2.JobSpec(
+                emulator_id=emu_id, rounds=2, min_clients=1, train_config=struct({"steps": 20, "lr": 1e-4})
+            ),
+        )
+    )
     assert job.state == jobs_pb2.JOB_STATE_CREATED
     # Runners get Python ints back for whole numbers (a Struct stores doubles).
     assert server.server.state.registry.get_job(job.id).spec["train_config"] == {"steps": 20, "lr": 1e-4}
-    tok = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="alice", role="data-owner",
-                                                                                  jobs=[job.id]))
+    tok = admin_pb2_grpc.AdminStub(admin).CreateToken(
+        admin_pb2.CreateTokenRequest(name="alice", role="data-owner", jobs=[job.id])
+    )
 
     # The data owner enrolls and fetches; the second fetch downloads nothing.
     home, cache = tmp_path / "home", tmp_path / "cache"
@@ -185,7 +204,9 @@ def test_full_path(server, tmp_path):
 
 def test_eval_schedules(server):
     admin = open_channel(server.address, server.admin_token)
-    models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="sched-base", source="tiny-gpt2"))
+    models_pb2_grpc.ModelsStub(admin).RegisterModel(
+        models_pb2.RegisterModelRequest(name="sched-base", source="tiny-gpt2")
+    )
     evals = evals_pb2_grpc.EvalsStub(admin)
     with pytest.raises(grpc.RpcError) as e:
         evals.CreateEvalSchedule(evals_pb2.CreateEvalScheduleRequest(cron="every day", candidate="sched-base"))
@@ -193,7 +214,9 @@ def test_eval_schedules(server):
     with pytest.raises(grpc.RpcError) as e:
         evals.RunEval(evals_pb2.RunEvalRequest(candidate="sched-base", suites=["../../etc/passwd"]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "suite" in e.value.details()
-    s = evals.CreateEvalSchedule(evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate="sched-base", limit=10))
+    s = evals.CreateEvalSchedule(
+        evals_pb2.CreateEvalScheduleRequest(cron="0 3 * * *", candidate="sched-base", limit=10)
+    )
     assert s.enabled and s.next_run_at.seconds > time.time()
     assert s.id in [x.id for x in evals.ListEvalSchedules(evals_pb2.ListEvalSchedulesRequest()).schedules]
     due = server.server.state.registry.due_eval_schedules()
@@ -213,7 +236,10 @@ def test_cancel_a_running_job(server):
     op = jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
     ops = operations_pb2_grpc.OperationsStub(admin)
     for _ in range(100):
-        if ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state == operations_pb2.OPERATION_STATE_RUNNING:
+        if (
+            ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state
+            == operations_pb2.OPERATION_STATE_RUNNING
+        ):
             break
         time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as e:
@@ -221,7 +247,9 @@ def test_cancel_a_running_job(server):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     cancelled = jobs.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
     assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED and CANCEL_SEEN.is_set()
-    assert ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state == operations_pb2.OPERATION_STATE_CANCELLED
+    assert (
+        ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state == operations_pb2.OPERATION_STATE_CANCELLED
+    )
 
 
 def test_tampered_bundles_are_refused(server, tmp_path):
@@ -232,7 +260,8 @@ def test_tampered_bundles_are_refused(server, tmp_path):
     sha = state.store.put_file(tiny_bundle().tar_path)
     state.registry.add_artifact(sha, state.store.size(sha), "bundle", "tiny.tar")
     emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-        models_pb2.RegisterEmulatorRequest(model=model.id, bundle_sha256=sha))
+        models_pb2.RegisterEmulatorRequest(model=model.id, bundle_sha256=sha)
+    )
     good_tar = state.store.path(emu.bundle.sha256)
 
     # 1. A re-packed bundle whose config.json was edited (a compromised store or server).
@@ -247,14 +276,18 @@ def test_tampered_bundles_are_refused(server, tmp_path):
     # The server itself refuses to register it ...
     with pytest.raises(grpc.RpcError) as e:
         models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model=emu.model_id, bundle_sha256=evil_sha))
+            models_pb2.RegisterEmulatorRequest(model=emu.model_id, bundle_sha256=evil_sha)
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config.json" in e.value.details()
     # ... and a client handed it anyway refuses it, naming the file.
     evil_emu = state.registry.add_emulator(emu.model_id, evil_sha, {}, {})
     jobs = jobs_pb2_grpc.JobsStub(admin)
     job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=evil_emu.id)))
-    tok = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="carol", role="data-owner",
-                                                                                  jobs=[job.id])).secret
+    tok = (
+        admin_pb2_grpc.AdminStub(admin)
+        .CreateToken(admin_pb2.CreateTokenRequest(name="carol", role="data-owner", jobs=[job.id]))
+        .secret
+    )
     enrollment = enroll(server.address, tok, job.id, home=tmp_path / "home", public_key=state.public_key)
     with pytest.raises(FetchError, match="config.json"):
         fetch_bundle(enrollment, tok, cache_dir=tmp_path / "cache")
@@ -263,8 +296,11 @@ def test_tampered_bundles_are_refused(server, tmp_path):
 
     # 2. Bytes changed on the server's disk after they were stored: the digest check refuses them.
     job2 = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
-    tok2 = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="dave", role="data-owner",
-                                                                                   jobs=[job2.id])).secret
+    tok2 = (
+        admin_pb2_grpc.AdminStub(admin)
+        .CreateToken(admin_pb2.CreateTokenRequest(name="dave", role="data-owner", jobs=[job2.id]))
+        .secret
+    )
     enrollment2 = enroll(server.address, tok2, job2.id, home=tmp_path / "home2", public_key=state.public_key)
     backup = tmp_path / "backup.tar"
     shutil.copyfile(good_tar, backup)

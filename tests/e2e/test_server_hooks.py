@@ -29,8 +29,9 @@ async def scheduler_like(state) -> None:
 
 
 def test_background_task_runs_and_is_cancelled_at_shutdown(tmp_path):
-    cfg = ServerConfig(data_dir=tmp_path / "srv", port=0,
-                       background_tasks=[scheduler_like, "offsite.no_such_module:run"])  # missing one is skipped
+    cfg = ServerConfig(
+        data_dir=tmp_path / "srv", port=0, background_tasks=[scheduler_like, "offsite.no_such_module:run"]
+    )  # missing one is skipped
     with ServerThread(cfg):
         assert STARTED.wait(10)
     assert CANCELLED.is_set()

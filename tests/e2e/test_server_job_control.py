@@ -67,8 +67,15 @@ def eval_runner(candidate, base, suites, limit, out_dir, progress=True, policy_p
 def _job(reg, name="j"):
     model = reg.add_model(f"m-{name}", "tiny-llama")
     emu = reg.add_emulator(model.id, "0" * 64, {}, {})
-    spec = {"emulator_id": emu.id, "rounds": 1, "min_clients": 1, "fraction": 1.0, "engine": "deployment",
-            "train_config": {}, "options": {}}
+    spec = {
+        "emulator_id": emu.id,
+        "rounds": 1,
+        "min_clients": 1,
+        "fraction": 1.0,
+        "engine": "deployment",
+        "train_config": {},
+        "options": {},
+    }
     return reg.add_job(name, model.id, emu.id, spec)
 
 
@@ -95,13 +102,18 @@ def test_cancel_terminates_the_runners_child_process(tmp_path):
         assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
         assert _wait(lambda: not _alive(pid), 10), "the runner's child process outlived CancelJob"
         ops = operations_pb2_grpc.OperationsStub(open_channel(server.address, server.admin_token))
-        assert _wait(lambda: ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state
-                     == operations_pb2.OPERATION_STATE_CANCELLED)
+        assert _wait(
+            lambda: (
+                ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).state
+                == operations_pb2.OPERATION_STATE_CANCELLED
+            )
+        )
 
 
 def test_long_jobs_do_not_hold_up_short_operations(tmp_path):
-    cfg = ServerConfig(data_dir=tmp_path / "srv", port=0, job_runner=child_runner, eval_runner=eval_runner,
-                       background_tasks=[])
+    cfg = ServerConfig(
+        data_dir=tmp_path / "srv", port=0, job_runner=child_runner, eval_runner=eval_runner, background_tasks=[]
+    )
     with ServerThread(cfg) as server:
         reg = server.server.state.registry
         admin = open_channel(server.address, server.admin_token)
@@ -112,8 +124,9 @@ def test_long_jobs_do_not_hold_up_short_operations(tmp_path):
         reg.add_model("evalme", "tiny-llama")
         op = evals_pb2_grpc.EvalsStub(admin).RunEval(evals_pb2.RunEvalRequest(candidate="evalme"))
         ops = operations_pb2_grpc.OperationsStub(admin)
-        assert _wait(lambda: ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).done, 30), \
+        assert _wait(lambda: ops.GetOperation(operations_pb2.GetOperationRequest(id=op.id)).done, 30), (
             "an eval waited behind long jobs"
+        )
         for job in started:
             jobs.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))
 
@@ -123,8 +136,9 @@ def test_a_failed_flwr_run_fails_the_job_at_once(tmp_path):
     data_dir = tmp_path / "srv"
     home = data_dir / "flwr-home"
     home.mkdir(parents=True)
-    (home / "config.toml").write_text('[superlink]\ndefault = "offsite"\n\n'
-                                      '[superlink.offsite]\naddress = "127.0.0.1:1"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "offsite"\n\n[superlink.offsite]\naddress = "127.0.0.1:1"\ninsecure = true\n'
+    )
     from offsite.server.testing import tiny_bundle
 
     bundle = tiny_bundle()
@@ -134,8 +148,15 @@ def test_a_failed_flwr_run_fails_the_job_at_once(tmp_path):
         model = state.registry.add_model("tiny", "tiny-llama")
         sha = state.store.put_file(bundle.tar_path)
         emu = state.registry.add_emulator(model.id, sha, {}, {})
-        spec = {"emulator_id": emu.id, "rounds": 2, "min_clients": 1, "fraction": 1.0, "engine": "deployment",
-                "train_config": {}, "options": {"round_timeout": 3600}}
+        spec = {
+            "emulator_id": emu.id,
+            "rounds": 2,
+            "min_clients": 1,
+            "fraction": 1.0,
+            "engine": "deployment",
+            "train_config": {},
+            "options": {"round_timeout": 3600},
+        }
         job = state.registry.add_job("unreachable", model.id, emu.id, spec)
         admin = open_channel(server.address, server.admin_token)
         op = jobs_pb2_grpc.JobsStub(admin).StartJob(jobs_pb2.StartJobRequest(id=job.id))
@@ -151,14 +172,19 @@ def test_a_failed_flwr_run_fails_the_job_at_once(tmp_path):
 def test_sigterm_exits_within_grace_even_with_a_stubborn_job(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     grace = 2
-    server = ServerProcess(tmp_path / "srv", env=env,
-                           extra_args=["--job-runner", "test_server_job_control:stubborn_runner", "--grace", str(grace)])
+    server = ServerProcess(
+        tmp_path / "srv",
+        env=env,
+        extra_args=["--job-runner", "test_server_job_control:stubborn_runner", "--grace", str(grace)],
+    )
     with server:
         from offsite.server.registry import Registry
 
         reg = Registry.for_data_dir(server.data_dir)
         job = _job(reg)
-        jobs_pb2_grpc.JobsStub(open_channel(server.address, server.admin_token)).StartJob(jobs_pb2.StartJobRequest(id=job.id))
+        jobs_pb2_grpc.JobsStub(open_channel(server.address, server.admin_token)).StartJob(
+            jobs_pb2.StartJobRequest(id=job.id)
+        )
         pid_file = server.data_dir / "work" / job.id / "child.pid"
         assert _wait(pid_file.exists)
         pid = int(pid_file.read_text())

@@ -48,10 +48,12 @@ def _setup_job(address, admin_token, bundle):
     models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
     ref = _upload(admin, bundle.tar_path)
     emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+    )
     job = jobs_pb2_grpc.JobsStub(admin).CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id)))
-    tok = admin_pb2_grpc.AdminStub(admin).CreateToken(admin_pb2.CreateTokenRequest(name="alice", role="data-owner",
-                                                                                  jobs=[job.id]))
+    tok = admin_pb2_grpc.AdminStub(admin).CreateToken(
+        admin_pb2.CreateTokenRequest(name="alice", role="data-owner", jobs=[job.id])
+    )
     return admin, emu, job, tok.secret
 
 
@@ -72,12 +74,17 @@ def test_download_resumes_after_the_server_is_killed(tmp_path):
         def on_progress(done, total):
             if not killed and done >= total // 4:
                 killed.append(done)
-                srv.kill()   # mid-stream, as in a crash
+                srv.kill()  # mid-stream, as in a crash
                 srv.start()  # same port, same data directory
 
         part = tmp_path / "cache" / "big.part"
-        size, downloaded, resumes = download_artifact(lambda: open_channel(srv.address, admin_token), ref.sha256, part,
-                                                      on_progress=on_progress, chunk_size=64 * 1024)
+        size, downloaded, resumes = download_artifact(
+            lambda: open_channel(srv.address, admin_token),
+            ref.sha256,
+            part,
+            on_progress=on_progress,
+            chunk_size=64 * 1024,
+        )
         assert killed and killed[0] < size and resumes >= 1
         # Resumed from the byte where it stopped: nothing was downloaded twice.
         assert size == downloaded == blob.stat().st_size
@@ -98,7 +105,9 @@ def test_restart_after_kill_loses_nothing_acknowledged(tmp_path):
         adm.RevokeToken(admin_pb2.RevokeTokenRequest(id=gone.token.id))
         jobs_pb2_grpc.JobsStub(open_channel(srv.address, alice_token)).Enroll(jobs_pb2.EnrollRequest(job_id=job.id))
         blob = b"acknowledged bytes " * 1000
-        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(iter([artifacts_pb2.UploadRequest(kind="blob", data=blob)]))
+        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
+            iter([artifacts_pb2.UploadRequest(kind="blob", data=blob)])
+        )
         # An operation in flight when the process dies.
         op = models_pb2_grpc.EmulatorsStub(admin).BuildEmulator(models_pb2.BuildEmulatorRequest(model="tiny"))
         srv.kill()
@@ -108,11 +117,15 @@ def test_restart_after_kill_loses_nothing_acknowledged(tmp_path):
         assert srv.admin_token == admin_token  # not re-created
         assert srv.log.read_text().count("first start") == 1
         admin = open_channel(srv.address, admin_token)
-        assert [m.name for m in models_pb2_grpc.ModelsStub(admin).ListModels(models_pb2.ListModelsRequest()).models] == ["tiny"]
+        assert [
+            m.name for m in models_pb2_grpc.ModelsStub(admin).ListModels(models_pb2.ListModelsRequest()).models
+        ] == ["tiny"]
         got_job = jobs_pb2_grpc.JobsStub(admin).GetJob(jobs_pb2.GetJobRequest(id=job.id))
         assert list(got_job.data_owners) == ["alice"]
-        data = b"".join(c.data for c in artifacts_pb2_grpc.ArtifactsStub(admin).Download(
-            artifacts_pb2.DownloadRequest(sha256=ref.sha256)))
+        data = b"".join(
+            c.data
+            for c in artifacts_pb2_grpc.ArtifactsStub(admin).Download(artifacts_pb2.DownloadRequest(sha256=ref.sha256))
+        )
         assert hashlib.sha256(data).hexdigest() == ref.sha256 and data == blob
         who = admin_pb2_grpc.IdentityStub(open_channel(srv.address, partner.secret)).WhoAmI(admin_pb2.WhoAmIRequest())
         assert who.name == "acme" and who.role == "partner"
@@ -120,7 +133,9 @@ def test_restart_after_kill_loses_nothing_acknowledged(tmp_path):
             admin_pb2_grpc.IdentityStub(open_channel(srv.address, gone.secret)).WhoAmI(admin_pb2.WhoAmIRequest())
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         audit = adm = admin_pb2_grpc.AdminStub(admin).ListAudit(admin_pb2.ListAuditRequest(limit=100))
-        assert {"CreateToken", "RevokeToken", "RegisterModel", "Enroll"} <= {a.method.rsplit("/", 1)[1] for a in audit.entries}
+        assert {"CreateToken", "RevokeToken", "RegisterModel", "Enroll"} <= {
+            a.method.rsplit("/", 1)[1] for a in audit.entries
+        }
         stale = operations_pb2_grpc.OperationsStub(admin).GetOperation(operations_pb2.GetOperationRequest(id=op.id))
         assert stale.state in (operations_pb2.OPERATION_STATE_FAILED, operations_pb2.OPERATION_STATE_SUCCEEDED)
         if stale.state == operations_pb2.OPERATION_STATE_FAILED:
@@ -138,7 +153,9 @@ def test_graceful_shutdown_cancels_running_operations(tmp_path):
     srv = ServerProcess(tmp_path / "srv", extra_args=["--signing-key", str(bundle.signing_key), "--grace", "0"]).start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         op = models_pb2_grpc.EmulatorsStub(admin).BuildEmulator(models_pb2.BuildEmulatorRequest(model="tiny"))
         time.sleep(0.3)
         assert srv.terminate(timeout=60) == 0

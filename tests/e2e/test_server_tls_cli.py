@@ -21,8 +21,13 @@ pytestmark = pytest.mark.e2e
 
 
 def _cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def admin_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -40,15 +45,22 @@ def pki(tmp_path_factory):
 
 
 def test_mutual_tls(pki, tmp_path):
-    cfg = ServerConfig(data_dir=tmp_path / "srv", port=0, tls_cert=pki["server_pem"], tls_key=pki["server_key"],
-                       client_ca=pki["ca_pem"])
+    cfg = ServerConfig(
+        data_dir=tmp_path / "srv",
+        port=0,
+        tls_cert=pki["server_pem"],
+        tls_key=pki["server_key"],
+        client_ca=pki["ca_pem"],
+    )
     with ServerThread(cfg) as server:
         address = f"localhost:{server.port}"
         token = server.admin_token
         ok = open_channel(address, token, ca=pki["ca_pem"], client_cert=pki["client_pem"], client_key=pki["client_key"])
         assert admin_pb2_grpc.IdentityStub(ok).WhoAmI(admin_pb2.WhoAmIRequest(), timeout=10).role == "admin"
-        for channel in (open_channel(address, token, ca=pki["ca_pem"]),  # no client certificate
-                        open_channel(address, token)):                    # no TLS at all
+        for channel in (
+            open_channel(address, token, ca=pki["ca_pem"]),  # no client certificate
+            open_channel(address, token),
+        ):  # no TLS at all
             with pytest.raises(grpc.RpcError) as e:
                 admin_pb2_grpc.IdentityStub(channel).WhoAmI(admin_pb2.WhoAmIRequest(), timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -56,12 +68,22 @@ def test_mutual_tls(pki, tmp_path):
 
 def test_admin_and_client_cli(pki, tmp_path):
     bundle = tiny_bundle()
-    cfg = ServerConfig(data_dir=tmp_path / "srv", port=0, tls_cert=pki["server_pem"], tls_key=pki["server_key"],
-                       signing_key=bundle.signing_key, job_runner="offsite.server.no_such_runner:run_job")
+    cfg = ServerConfig(
+        data_dir=tmp_path / "srv",
+        port=0,
+        tls_cert=pki["server_pem"],
+        tls_key=pki["server_key"],
+        signing_key=bundle.signing_key,
+        job_runner="offsite.server.no_such_runner:run_job",
+    )
     with ServerThread(cfg) as server:
-        env = {"OFFSITE_SERVER": f"localhost:{server.port}", "OFFSITE_TOKEN": server.admin_token,
-               "OFFSITE_CA": pki["ca_pem"], "OFFSITE_CLIENT_HOME": str(tmp_path / "home"),
-               "OFFSITE_CACHE": str(tmp_path / "cache")}
+        env = {
+            "OFFSITE_SERVER": f"localhost:{server.port}",
+            "OFFSITE_TOKEN": server.admin_token,
+            "OFFSITE_CA": pki["ca_pem"],
+            "OFFSITE_CLIENT_HOME": str(tmp_path / "home"),
+            "OFFSITE_CACHE": str(tmp_path / "cache"),
+        }
         r = admin_cli("models", "register", "tiny", "--source", "tiny-llama", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["family"] == "llama"
@@ -70,23 +92,50 @@ def test_admin_and_client_cli(pki, tmp_path):
         r = admin_cli("bundles", "upload", str(bundle.tar_path), "--model", "tiny", "--json", env=env)
         assert r.returncode == 0, r.stderr
         emu = json.loads(r.stdout)
-        r = admin_cli("jobs", "create", "--emulator", emu["id"], "--rounds", "2", "--train-config", '{"steps": 3}',
-                      "--json", env=env)
+        r = admin_cli(
+            "jobs",
+            "create",
+            "--emulator",
+            emu["id"],
+            "--rounds",
+            "2",
+            "--train-config",
+            '{"steps": 3}',
+            "--json",
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         job = json.loads(r.stdout)
         assert job["spec"]["train_config"] == {"steps": 3.0}  # JSON of a Struct: numbers are doubles
-        r = admin_cli("tokens", "create", "--role", "data-owner", "--name", "alice", "--job", job["id"], "--json", env=env)
+        r = admin_cli(
+            "tokens", "create", "--role", "data-owner", "--name", "alice", "--job", job["id"], "--json", env=env
+        )
         secret = json.loads(r.stdout)["secret"]
         # A partner may not list tokens: a clear error and a non-zero exit.
-        partner = json.loads(admin_cli("tokens", "create", "--role", "partner", "--name", "p", "--json", env=env).stdout)
+        partner = json.loads(
+            admin_cli("tokens", "create", "--role", "partner", "--name", "p", "--json", env=env).stdout
+        )
         r = admin_cli("tokens", "list", env={**env, "OFFSITE_TOKEN": partner["secret"]})
         assert r.returncode == 1 and "PERMISSION_DENIED" in r.stderr
         r = admin_cli("--token", "", "models", "list", env={**env, "OFFSITE_TOKEN": ""})
         assert r.returncode == 2 and "no token" in r.stderr
 
         client_env = {**env, "OFFSITE_TOKEN": ""}
-        r = _cli("offsite.client.cli", "enroll", "--server", env["OFFSITE_SERVER"], "--token", secret, "--job", job["id"],
-                 "--ca", pki["ca_pem"], "--fetch", "--json", env=client_env)
+        r = _cli(
+            "offsite.client.cli",
+            "enroll",
+            "--server",
+            env["OFFSITE_SERVER"],
+            "--token",
+            secret,
+            "--job",
+            job["id"],
+            "--ca",
+            pki["ca_pem"],
+            "--fetch",
+            "--json",
+            env=client_env,
+        )
         assert r.returncode == 0, r.stderr
         first = json.loads(r.stdout)
         assert first["ok"] and not first["cached"] and first["downloaded"] == int(emu["bundle"]["size"])

@@ -32,8 +32,10 @@ BAD_DATA = {
     "half-pair.jsonl": (b'{"prompt": "q"}\n', "'prompt' and 'completion'"),
     "unknown-keys.jsonl": (b'{"question": "q", "answer": "a"}\n', "keys ['answer', 'question']"),
     "no-assistant.jsonl": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "role 'assistant'"),
-    "unknown-role.jsonl": (b'{"messages": [{"role": "hacker", "content": "x"}, {"role": "assistant", "content": "y"}]}\n',
-                           "role 'hacker'"),
+    "unknown-role.jsonl": (
+        b'{"messages": [{"role": "hacker", "content": "x"}, {"role": "assistant", "content": "y"}]}\n',
+        "role 'hacker'",
+    ),
     "role-not-string.jsonl": (b'{"messages": [{"role": 1, "content": "x"}]}\n', "'messages' must be"),
     "messages-empty.jsonl": (b'{"messages": []}\n', "'messages' must be"),
 }
@@ -128,7 +130,7 @@ def test_every_single_bit_flip_in_the_manifest_or_signature_fails_closed(member,
             shutil.rmtree(dest)
     # Base64 decoders ignore some bits of the last character; those flips do not change the signature.
     if member == SIGNATURE:
-        sig = original[start:start + size]
+        sig = original[start : start + size]
         assert all(i >= len(sig.rstrip(b"=\n")) - 1 for i in accepted), f"accepted signature flips at {accepted}"
     else:
         assert not accepted, f"{len(accepted)} manifest bytes could be flipped unnoticed: {accepted[:10]}"

@@ -37,8 +37,10 @@ class _Grid:
         return list(range(1, self.n + 1))
 
 
-BASE = {"model.layers.0.mlp.up_proj.weight": np.zeros((8, 4), np.float32),
-        "model.layers.0.input_layernorm.weight": np.ones(4, np.float32)}
+BASE = {
+    "model.layers.0.mlp.up_proj.weight": np.zeros((8, 4), np.float32),
+    "model.layers.0.input_layernorm.weight": np.ones(4, np.float32),
+}
 
 
 def _honest(seed):
@@ -64,11 +66,19 @@ BAD = {
 
 
 def _round(strategy, clients):
-    messages = sorted(strategy.configure_train(1, numpy_to_record(BASE), ConfigRecord({}), _Grid(len(clients))),
-                      key=lambda m: m.metadata.dst_node_id)
-    replies = [Message(RecordDict({"arrays": numpy_to_record(a),
-                                   "metrics": MetricRecord({"num-examples": 10, "unit-weight": 1.0})}), reply_to=m)
-               for m, a in zip(messages, clients)]
+    messages = sorted(
+        strategy.configure_train(1, numpy_to_record(BASE), ConfigRecord({}), _Grid(len(clients))),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    replies = [
+        Message(
+            RecordDict(
+                {"arrays": numpy_to_record(a), "metrics": MetricRecord({"num-examples": 10, "unit-weight": 1.0})}
+            ),
+            reply_to=m,
+        )
+        for m, a in zip(messages, clients)
+    ]
     agg, _ = strategy.aggregate_train(1, replies)
     return record_to_numpy(agg)
 

@@ -63,15 +63,19 @@ def _invoke(path, args, tmp_path, monkeypatch):
 def _assert_clean_failure(result, out, what):
     assert result.exit_code in (1, 2), f"{what}: exit {result.exit_code}\n{out[-1500:]}"
     # An exception other than SystemExit means the command crashed (the user would see a traceback).
-    assert result.exception is None or isinstance(result.exception, SystemExit), \
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"{what}: crashed with {type(result.exception).__name__}: {result.exception}"
+    )
     assert "Traceback" not in out, f"{what}: printed a traceback\n{out[-1500:]}"
     assert out.strip(), f"{what}: failed without saying why"
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
-            if "client-home" not in p.parts and "cache" not in p.parts}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+        if "client-home" not in p.parts and "cache" not in p.parts
+    }
 
 
 @pytest.mark.parametrize("path,cmd", COMMANDS, ids=IDS)
@@ -81,8 +85,12 @@ def test_unknown_option_is_a_usage_error(path, cmd, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "No such option" in out
 
 
-NUMERIC = [(p, c, prm) for p, c in COMMANDS for prm in c.params
-           if isinstance(prm.type, (click.types.IntParamType, click.types.FloatParamType)) and _flag(prm)]
+NUMERIC = [
+    (p, c, prm)
+    for p, c in COMMANDS
+    for prm in c.params
+    if isinstance(prm.type, (click.types.IntParamType, click.types.FloatParamType)) and _flag(prm)
+]
 
 
 @pytest.mark.parametrize("path,cmd,param", NUMERIC, ids=[f"{' '.join(p)} {_flag(prm)}" for p, _, prm in NUMERIC])
@@ -121,7 +129,7 @@ FILE_CASES = [(p, c) for p, c in COMMANDS if p not in LONG_WITH_DEFAULTS and _fi
 def test_missing_unwritable_or_wrong_files_fail_cleanly_and_write_nothing(path, cmd, kind, tmp_path, monkeypatch):
     if kind == "wrong-kind-of-file" and path[-1] in WRITE_ONLY:
         pytest.skip("its only file is an output it writes whole: an existing file there is replaced, not read")
-    blocker = tmp_path / "blocker"      # a regular file: nothing can be created beneath it
+    blocker = tmp_path / "blocker"  # a regular file: nothing can be created beneath it
     blocker.write_bytes(b"not a directory")
     garbage = tmp_path / "garbage.bin"  # exists, but is no key, bundle, model, corpus or report
     garbage.write_bytes(os.urandom(2048))
@@ -141,8 +149,21 @@ def test_the_installed_script_prints_one_error_line(tmp_path):
 
     blocker = tmp_path / "blocker"
     blocker.write_bytes(b"a file")
-    r = subprocess.run([sys.executable, "-m", "offsite.server.cli.main", "backup", "--data-dir", str(blocker / "d"),
-                        "--out", str(blocker / "o")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offsite.server.cli.main",
+            "backup",
+            "--data-dir",
+            str(blocker / "d"),
+            "--out",
+            str(blocker / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "blocker" in lines[0], r.stderr

@@ -42,9 +42,12 @@ def test_a_killed_data_owner_resumes_and_fetches_no_byte_twice(tmp_path):
     try:
         token = srv.admin_token
         blob = os.urandom(48 << 20)
-        ref = artifacts_pb2_grpc.ArtifactsStub(open_channel(srv.address, token)).Upload(iter(
-            [artifacts_pb2.UploadRequest(kind="blob")] +
-            [artifacts_pb2.UploadRequest(data=blob[i:i + (1 << 20)]) for i in range(0, len(blob), 1 << 20)]))
+        ref = artifacts_pb2_grpc.ArtifactsStub(open_channel(srv.address, token)).Upload(
+            iter(
+                [artifacts_pb2.UploadRequest(kind="blob")]
+                + [artifacts_pb2.UploadRequest(data=blob[i : i + (1 << 20)]) for i in range(0, len(blob), 1 << 20)]
+            )
+        )
         part = tmp_path / "owner" / "blob.part"
         args = [sys.executable, "-c", FETCH, srv.address, token, ref.sha256, str(part)]
         owner = subprocess.Popen([*args, "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

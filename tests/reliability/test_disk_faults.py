@@ -39,8 +39,12 @@ def small_disk(tmp_path):
 
 
 def _upload(stub, data: bytes, kind: str = "blob"):
-    return stub.Upload(iter([artifacts_pb2.UploadRequest(kind=kind)] +
-                            [artifacts_pb2.UploadRequest(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]))
+    return stub.Upload(
+        iter(
+            [artifacts_pb2.UploadRequest(kind=kind)]
+            + [artifacts_pb2.UploadRequest(data=data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+        )
+    )
 
 
 def test_a_full_disk_refuses_the_upload_cleanly_and_keeps_serving(small_disk, tmp_path):
@@ -77,7 +81,9 @@ def test_a_corrupted_blob_is_detected_and_never_served(tmp_path):
         good = _upload(arts, os.urandom(3 << 20))
         bad = _upload(arts, os.urandom(3 << 20))
         # Served once (verified and remembered), then flipped on disk while the server runs.
-        assert len(b"".join(c.data for c in arts.Download(artifacts_pb2.DownloadRequest(sha256=bad.sha256)))) == bad.size
+        assert (
+            len(b"".join(c.data for c in arts.Download(artifacts_pb2.DownloadRequest(sha256=bad.sha256)))) == bad.size
+        )
         path = ArtifactStore(srv.data_dir / "artifacts").path(bad.sha256)
         os.chmod(path, 0o644)
         with open(path, "r+b") as fh:

@@ -87,7 +87,7 @@ def test_kill_during_an_upload_serves_no_half_artifact(tmp_path):
                 if i == 16 << 20:
                     srv.kill()  # a third of the bytes are in: the server dies mid-stream
                 sent.append(i)
-                yield artifacts_pb2.UploadRequest(data=blob[i:i + (1 << 20)])
+                yield artifacts_pb2.UploadRequest(data=blob[i : i + (1 << 20)])
 
         with pytest.raises(grpc.RpcError) as e:
             arts.Upload(chunks())
@@ -104,8 +104,14 @@ def test_kill_during_an_upload_serves_no_half_artifact(tmp_path):
         got = b"".join(c.data for c in arts.Download(artifacts_pb2.DownloadRequest(sha256=before.sha256)))
         assert hashlib.sha256(got).hexdigest() == before.sha256  # the acknowledged one is intact
         # The same upload, sent again, completes.
-        again = arts.Upload(iter([artifacts_pb2.UploadRequest(kind="blob", data=blob[i:i + (4 << 20)])
-                                  for i in range(0, len(blob), 4 << 20)]))
+        again = arts.Upload(
+            iter(
+                [
+                    artifacts_pb2.UploadRequest(kind="blob", data=blob[i : i + (4 << 20)])
+                    for i in range(0, len(blob), 4 << 20)
+                ]
+            )
+        )
         assert again.sha256 == want and again.size == len(blob)
     finally:
         srv.kill()
@@ -156,7 +162,9 @@ def test_kill_during_an_emulator_build_marks_it_failed_and_a_rebuild_works(tmp_p
     srv = _server(tmp_path, "--signing-key", str(bundle.signing_key)).start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         emus = models_pb2_grpc.EmulatorsStub(admin)
         op = emus.BuildEmulator(models_pb2.BuildEmulatorRequest(model="tiny"))
         _wait_state(operations_pb2_grpc.OperationsStub(admin), op.id, RUNNING)
@@ -195,7 +203,9 @@ def test_kill_during_an_eval_run_marks_it_failed_with_no_report(tmp_path):
     srv = _server(tmp_path, "--eval-runner", "tests.reliability.slow_hooks:slow_eval").start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
         evals = evals_pb2_grpc.EvalsStub(admin)
         op = evals.RunEval(evals_pb2.RunEvalRequest(candidate="tiny", limit=1))
         ops = operations_pb2_grpc.OperationsStub(admin)
@@ -231,17 +241,25 @@ def _wait_job(jobs, job_id: str, pred, timeout: float = 120.0):
 
 def test_kill_during_a_round_and_after_the_release_never_makes_a_second_candidate(tmp_path):
     bundle = tiny_bundle()
-    srv = _server(tmp_path, "--signing-key", str(bundle.signing_key),
-                  "--job-runner", "tests.reliability.slow_hooks:rounds_runner")
+    srv = _server(
+        tmp_path, "--signing-key", str(bundle.signing_key), "--job-runner", "tests.reliability.slow_hooks:rounds_runner"
+    )
     srv.env["RELIABILITY_PAUSE"] = "round-2"
     srv.start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
-        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(iter(
-            [artifacts_pb2.UploadRequest(kind="bundle")] + [artifacts_pb2.UploadRequest(data=bundle.tar_path.read_bytes())]))
+        models_pb2_grpc.ModelsStub(admin).RegisterModel(
+            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
+        )
+        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
+            iter(
+                [artifacts_pb2.UploadRequest(kind="bundle")]
+                + [artifacts_pb2.UploadRequest(data=bundle.tar_path.read_bytes())]
+            )
+        )
         emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256))
+            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+        )
         jobs = jobs_pb2_grpc.JobsStub(admin)
         job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(emulator_id=emu.id, rounds=3)))
         jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))

@@ -20,18 +20,42 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _train(bundle, data, out, ckpt=None) -> list[str]:
-    cmd = [sys.executable, "-m", "offsite.client.cli", "train", "--bundle", str(bundle.tar_path),
-           "--public-key", str(bundle.public_key), "--data", str(data), "--out", str(out), "--steps", "12",
-           "--block-size", "32", "--batch-size", "2", "--precision", "fp32", "--seed", "7", "--scheme", "top",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "offsite.client.cli",
+        "train",
+        "--bundle",
+        str(bundle.tar_path),
+        "--public-key",
+        str(bundle.public_key),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "12",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        "--seed",
+        "7",
+        "--scheme",
+        "top",
+        "--no-progress",
+    ]
     return cmd + (["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"] if ckpt else [])
 
 
 def test_a_killed_training_resumes_to_the_same_adapter_bit_for_bit(tmp_path):
     bundle = tiny_bundle()
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"}) + "\n"
-                            for i in range(16)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"}) + "\n" for i in range(16))
+    )
     straight = tmp_path / "straight.safetensors"
     r = subprocess.run(_train(bundle, data, straight), capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -47,8 +71,13 @@ def test_a_killed_training_resumes_to_the_same_adapter_bit_for_bit(tmp_path):
     proc.wait(30)
     assert not out.exists(), "training finished before the kill; the test needs more steps"
     metrics = tmp_path / "resumed.json"
-    r = subprocess.run(_train(bundle, data, out, ckpt) + ["--metrics-out", str(metrics)], capture_output=True,
-                       text=True, env=ENV, timeout=600)
+    r = subprocess.run(
+        _train(bundle, data, out, ckpt) + ["--metrics-out", str(metrics)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(metrics.read_text())["resumed_from_step"] >= 2  # it resumed, not started over
     a, _ = load_adapter(straight)
