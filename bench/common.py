@@ -72,10 +72,23 @@ def train_blocks(
     Everything else is frozen (requires_grad False), so AdamW state exists only for the
     trained blocks. Returns {"losses": [...], "seconds": s, "s_per_step": s}.
     """
-    if positions is None:
-        params = dict(model.named_parameters())
-    else:
-        params = block_params(model, family, positions)
+    params = dict(model.named_parameters()) if positions is None else block_params(model, family, positions)
+    return train_parameters(model, params, train, steps, lr, batch_size, seed, warmup_steps, progress)
+
+
+def train_parameters(
+    model,
+    params: dict[str, torch.nn.Parameter],
+    train: TokenBlocks,
+    steps: int,
+    lr: float,
+    batch_size: int = 4,
+    seed: int = 0,
+    warmup_steps: int = 0,
+    progress: str | None = None,
+) -> dict:
+    """AdamW on `params`, everything else frozen; the batch order depends only on `seed`
+    (so every row and every data owner of a bench sees the same data)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():

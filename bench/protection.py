@@ -18,13 +18,11 @@ model). Higher protects more; 1.0 means the owner ends as well off as the produc
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
-from bench.common import blocks_state_by_original, block_params, heldout_ppl, plug_state, train_blocks
+from bench.common import blocks_state_by_original, block_params, heldout_ppl, plug_state, train_blocks, train_parameters
 from offsite.emulators.data import TokenBlocks
-from offsite.emulators.losses import causal_lm_nll
 
 ATTACKERS = ("recipe", "full_finetune", "recalibrated")  # the recipe first: its adapter makes the plug-in
 TEMPERATURE_PARAM = "offsite_log_temperature"
@@ -62,50 +60,6 @@ def attacker_params(model, family, adapter_positions: list[int], attacker: str) 
         add_logit_temperature(model, family)
         params.update(norm_params(model))
     return params
-
-
-def train_parameters(
-    model,
-    params: dict[str, torch.nn.Parameter],
-    train: TokenBlocks,
-    steps: int,
-    lr: float,
-    batch_size: int = 4,
-    seed: int = 0,
-    progress: str | None = None,
-) -> dict:
-    """AdamW on `params`, everything else frozen; the same batch order as
-    bench.common.train_blocks for the same seed (so the three owners see the same data)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    losses, t0, batches = [], time.perf_counter(), iter(())
-    for step in range(steps):
-        try:
-            ids, labels, mask = next(batches)
-        except StopIteration:
-            batches = train.batches(batch_size, generator=gen, shuffle=True)
-            ids, labels, mask = next(batches)
-        nll, n = causal_lm_nll(model, ids, labels, mask)
-        loss = nll / max(n, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress and (step % 10 == 0 or step == steps - 1):
-            print(
-                f"[{progress}] step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)",
-                flush=True,
-            )
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    seconds = time.perf_counter() - t0
-    return {"losses": losses, "seconds": seconds, "s_per_step": seconds / max(steps, 1)}
 
 
 def ppl_on(model, sets: dict[str, TokenBlocks]) -> dict[str, float]:
