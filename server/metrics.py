@@ -155,13 +155,14 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler, method: str):
         m = self.m
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            # One response either way: observe the call around the awaited handler.
+            inner = handler.unary_unary or handler.stream_unary
 
-            async def unary_unary(request, context):
+            async def one_response(request_or_iterator, context):
                 token, started, error = REQUEST_ID.set(_request_id(context)), time.perf_counter(), None
                 try:
-                    return await inner(request, context)
+                    return await inner(request_or_iterator, context)
                 except BaseException as e:
                     error = e
                     raise
@@ -169,8 +170,13 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
                     m._observe(method, context, started, error)
                     REQUEST_ID.reset(token)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return make(
+                one_response,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -196,25 +202,6 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                token, started, error = REQUEST_ID.set(_request_id(context)), time.perf_counter(), None
-                try:
-                    return await inner_su(request_iterator, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    m._observe(method, context, started, error)
-                    REQUEST_ID.reset(token)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
