@@ -45,6 +45,7 @@ class EmulatorConfig:
     prune_fraction: float = 0.0  # MLP channels zeroed per middle block, lowest Fisher score first (emulators.prune)
     elevate_margin: float | None = None  # loss elevation margin H in nats (emulators.elevate); None: off
     elevate_steps: int = 16
+    share_unique: int | None = None  # CRaSh layer sharing: distinct middle blocks kept (emulators.share); None: off
 
     @property
     def extra_step(self) -> str:
@@ -54,6 +55,8 @@ class EmulatorConfig:
             steps.append(f"prune {self.prune_fraction:.0%} MLP channels")
         if self.elevate_margin is not None:
             steps.append(f"elevate H={self.elevate_margin:g}")
+        if self.share_unique is not None:
+            steps.append(f"share: {self.share_unique} unique middle blocks")
         return ", ".join(steps)
 
     @property
@@ -82,6 +85,7 @@ _LATE_OPTIONS = {
     "prune_fraction": 0.0,
     "elevate_margin": None,
     "elevate_steps": 16,
+    "share_unique": None,
 }
 
 
@@ -118,10 +122,16 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     # are a fixed point of gradient descent), and loss elevation (undone by retraining norms?)
     EmulatorConfig("int4-awq-prune50", bits=4, awq=True, prune_fraction=0.5),
     EmulatorConfig("int4-awq-prune25", bits=4, awq=True, prune_fraction=0.25),
+    EmulatorConfig("int4-awq-prune35", bits=4, awq=True, prune_fraction=0.35),
     EmulatorConfig("int3-awq-prune25", bits=3, awq=True, prune_fraction=0.25),
     EmulatorConfig("int4-awq-elev0.2", bits=4, awq=True, elevate_margin=0.2),
+    EmulatorConfig("int4-awq-elev0.3", bits=4, awq=True, elevate_margin=0.3),
     EmulatorConfig("int4-awq-elev0.4", bits=4, awq=True, elevate_margin=0.4),
+    EmulatorConfig("int4-awq-elev0.5", bits=4, awq=True, elevate_margin=0.5),
     EmulatorConfig("int4-awq-elev0.6", bits=4, awq=True, elevate_margin=0.6),
+    # CRaSh layer sharing: 26 middle blocks computed, 17 or 13 of them distinct (depth unchanged)
+    EmulatorConfig("int4-awq-share17", bits=4, awq=True, share_unique=17),
+    EmulatorConfig("int4-awq-share13", bits=4, awq=True, share_unique=13),
 ]
 # Defined but not yet measured (too slow for the shared machine in the time available);
 # run with --configs NAME.
@@ -164,6 +174,12 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
 
         # before AWQ statistics and rounding: both then see the pruned block
         prune_emulator(emu, loaded.family, plan, train, cfg.prune_fraction)
+    shared: dict[int, int] = {}
+    if cfg.share_unique is not None:
+        from offsite.emulators.share import share_map
+
+        # clusters from the unquantized blocks' representations; copies made after rounding
+        shared = share_map(emu, loaded.family, plan, train, cfg.share_unique)
     if cfg.embed_bits:
         from offsite.emulators.quantize import fake_quantize
 
@@ -198,6 +214,11 @@ def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol,
         for suffix, lb in sorted(cfg.linear_bits.items()):
             quantize_module(blocks[pos], lb, cfg.group_size, skip=lambda name, s=suffix: not name.endswith(s), **common)
         quantize_module(blocks[pos], b, cfg.group_size, **common)
+    if shared:
+        from offsite.emulators.share import apply_sharing
+
+        apply_sharing(emu, loaded.family, shared)
+    emu.offsite_shared_blocks = shared  # emulator_bytes counts a repeated block once
     if cfg.elevate_margin is not None:
         from offsite.emulators.elevate import ElevationConfig, elevate_into
 
@@ -220,9 +241,10 @@ def emulator_bytes(emu, family, plan, cfg: EmulatorConfig) -> int:
 
     emb = emu.get_input_embeddings().weight
     adapter_prefixes = tuple(family.block_prefix(p) for p in plan.adapter_positions)
+    repeated = tuple(family.block_prefix(p) for p in getattr(emu, "offsite_shared_blocks", {}))
     seen, total = set(), 0
     for name, t in list(emu.named_parameters()) + list(emu.named_buffers()):
-        if id(t) in seen or not name or "rotary" in name:
+        if id(t) in seen or not name or "rotary" in name or (repeated and name.startswith(repeated)):
             continue
         seen.add(id(t))
         if t is emb:
@@ -261,4 +283,6 @@ def build_options(cfg: EmulatorConfig) -> dict | None:
     if cfg.elevate_margin is not None:
         out["elevate_margin"] = cfg.elevate_margin
         out["elevate_steps"] = cfg.elevate_steps
+    if cfg.share_unique is not None:
+        out["share_unique"] = cfg.share_unique
     return out

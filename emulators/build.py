@@ -72,8 +72,18 @@ class BuildConfig:
     prune_fraction: float = 0.0  # MLP channels zeroed per middle block, lowest gradient score first
     elevate_margin: float | None = None  # loss elevation margin H (nats/token) trained into the middle norms
     elevate_steps: int = 16
+    share_unique: int | None = None  # layer sharing (emulators.share): distinct middle blocks kept, depth unchanged
 
     def validate(self) -> None:
+        if self.share_unique is not None:
+            if self.share_unique < 1:
+                raise BuildError(
+                    f"--share {self.share_unique} must be >= 1: the number of distinct middle blocks to keep"
+                )
+            if self.elevate_margin is not None:
+                raise BuildError("--share and --elevate cannot be combined: elevation retrains each slot's norms apart")
+            if self.block_bits:
+                raise BuildError("--share needs one precision for the whole middle: drop --block-bits")
         if not 0.0 <= self.prune_fraction < 1.0:
             raise BuildError(
                 f"--prune {self.prune_fraction} must be in [0, 1): the share of each middle block's MLP channels to remove"
@@ -314,7 +324,9 @@ def prepare_emulator(
     report = on_progress or _stage_printer(progress)
     family = loaded.family
     plan = plan_split(family.num_layers(loaded.model.config), tuple(cfg.adapter_layers), cfg.emulator_layers, cfg.kept)
-    if corpus is None and (cfg.distill_steps or cfg.awq or cfg.prune_fraction or cfg.elevate_margin is not None):
+    if corpus is None and (
+        cfg.distill_steps or cfg.awq or cfg.prune_fraction or cfg.elevate_margin is not None or cfg.share_unique
+    ):
         corpus = load_corpus(cfg.corpus, loaded.tokenizer, cfg.block_size)
     report(0.12, f"building the emulator: blocks {plan.layer_origin} of {plan.n_layers}")
     torch.manual_seed(cfg.seed)
@@ -334,7 +346,20 @@ def prepare_emulator(
         report(0.74, f"pruning {cfg.prune_fraction:.0%} of each middle block's MLP channels (gradient-scored)")
         pruned = prune_emulator(emulator, family, plan, corpus.train, cfg.prune_fraction)
         info["pruned_channels"] = {str(plan.layer_origin[p]): len(v) for p, v in pruned.items()}
+    shared: dict[int, int] = {}
+    if cfg.share_unique is not None:
+        from .share import share_map
+
+        # clusters from the unrounded blocks' representations; the copies are made after rounding
+        report(0.75, f"clustering the middle into {cfg.share_unique} shared blocks (representation similarity)")
+        shared = share_map(emulator, family, plan, corpus.train, cfg.share_unique)
     block_quant = _quantize(cfg, emulator, plan, family, corpus, report)
+    if shared:
+        from .share import apply_sharing
+
+        apply_sharing(emulator, family, shared)
+        info["shared_blocks"] = {str(slot): src for slot, src in sorted(shared.items())}
+    emulator.offsite_shared_blocks = shared  # write_bundle stores each repeated block once
     if cfg.elevate_margin is not None:
         from .elevate import ElevationConfig, elevate_into
 
@@ -417,6 +442,7 @@ def build_bundle(
             base_digest=loaded.digest,
             signing_key=signing_key_path,
             block_quant=block_quant,
+            shared_blocks={int(k): v for k, v in info.get("shared_blocks", {}).items()},
             embeddings=embeddings,
             embedding_group_size=cfg.embedding_group_size,
             adapter_dtype=adapter_dtype,

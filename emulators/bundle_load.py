@@ -202,6 +202,7 @@ def _load_bundle(
     frozen = st_load(blobs.pop(EMULATOR_WEIGHTS))  # the bytes go as soon as they are tensors
     encoded = manifest.get("storage", {}).get("encoded", {})
     decode_vocab_matrices(frozen, encoded, vocab_dtype if use_lean else torch.float32)
+    _fill_shared_blocks(frozen, manifest, plan, family)
     adapter_bytes = blobs.pop(ADAPTER_WEIGHTS)
     adapter_meta = _safetensors_metadata(adapter_bytes)
     base_digest = manifest["base_model"]["digest"]
@@ -240,6 +241,21 @@ def _load_bundle(
         path=str(path),
         block_quant=block_quant,
     )
+
+
+def _fill_shared_blocks(frozen: dict[str, torch.Tensor], manifest: dict, plan: SplitPlan, family) -> None:
+    """Layer sharing: a middle block whose manifest entry `repeats` another is stored once,
+    under its source; give the slot the source's tensors (the same tensors: frozen)."""
+    repeats = {int(b["position"]): b["repeats"] for b in manifest["blocks"] if b.get("repeats") is not None}
+    middle = set(plan.emulator_positions)
+    for slot, src in sorted(repeats.items()):
+        if not isinstance(src, int) or slot not in middle or src not in middle or src == slot or src in repeats:
+            raise BundleError(f"manifest: block {slot} repeats {src!r}, which is not another stored middle block")
+        a, b = family.block_prefix(slot), family.block_prefix(src)
+        if any(n.startswith(a) for n in frozen):
+            raise BundleError(f"{EMULATOR_WEIGHTS}: block {slot} is a repeat of block {src} but is stored as well")
+        for n in [n for n in frozen if n.startswith(b)]:
+            frozen[a + n[len(b) :]] = frozen[n]
 
 
 def _load_tokenizer(files: dict[str, bytes], use_lean: bool):

@@ -77,6 +77,7 @@ def write_bundle(
     base_model_bytes: int | None = None,
     build_info: dict | None = None,
     overwrite: bool = False,
+    shared_blocks: dict[int, int] | None = None,
 ) -> dict:
     """Write and sign a bundle at `out_dir` atomically (`offsite.files.atomic_dir`).
 
@@ -84,7 +85,10 @@ def write_bundle(
     whose linears are already QuantLinear. With `embeddings` other than "fp32" the vocabulary
     matrices are stored encoded (see `encode_vocab_matrices`), and with `adapter_dtype="fp16"` the initial adapter is stored
     in fp16; in both cases the emulator's own copies are replaced by the stored values (in
-    place), so the model in memory equals the loaded one. Returns the manifest."""
+    place), so the model in memory equals the loaded one. `shared_blocks` maps a middle
+    slot to the middle position whose block it repeats (layer sharing, emulators.share):
+    the repeated slot's tensors are stored once, under the source, and the manifest's block
+    entry names the source (`repeats`). Returns the manifest."""
     out_dir = Path(out_dir)
     if embeddings not in EMBEDDING_STORAGE:
         raise BundleError(f"embeddings storage must be one of {', '.join(EMBEDDING_STORAGE)}, got {embeddings!r}")
@@ -101,6 +105,9 @@ def write_bundle(
         raise BundleError(
             f"the emulator has {family.num_layers(emulator.config)} blocks but the plan {len(plan.layer_origin)}"
         )
+    shared_blocks = {int(k): int(v) for k, v in (shared_blocks or {}).items()}
+    _check_shared(emulator, plan, family, shared_blocks)
+    repeated = tuple(family.block_prefix(p) for p in shared_blocks)
     _check_out(out_dir, overwrite)
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as staging:
@@ -131,6 +138,8 @@ def write_bundle(
             for name, tensor in emulator.state_dict().items():
                 if name in adapter_set:
                     continue  # travels in adapter.safetensors (block buffers, if any, stay here)
+                if repeated and name.startswith(repeated):
+                    continue  # a shared block: stored once, under the block it repeats
                 ptr = tensor.data_ptr()
                 if tensor.numel() and ptr in seen:
                     continue  # a tied weight (e.g. lm_head = embed_tokens): the model re-ties it on load
@@ -151,15 +160,16 @@ def write_bundle(
                 if plan.role(pos) == "adapter":  # as stored (fp16 halves it), not as trained
                     nbytes = nbytes * torch.tensor([], dtype=store).element_size() // 4
                 q = block_quant.get(pos)
-                blocks_meta.append(
-                    {
-                        "position": pos,
-                        "origin": origin,
-                        "role": plan.role(pos),
-                        "quantization": dict(q) if q else None,
-                        "bytes": nbytes,
-                    }
-                )
+                entry = {
+                    "position": pos,
+                    "origin": origin,
+                    "role": plan.role(pos),
+                    "quantization": dict(q) if q else None,
+                    "bytes": 0 if pos in shared_blocks else nbytes,
+                }
+                if pos in shared_blocks:
+                    entry["repeats"] = shared_blocks[pos]
+                blocks_meta.append(entry)
             files = {}
             for path in sorted(staging.rglob("*")):
                 if path.is_dir():
@@ -201,6 +211,23 @@ def write_bundle(
     except FileExistsError:
         raise BundleError(f"{out_dir} appeared while building; choose another --out or pass --overwrite") from None
     return manifest
+
+
+def _check_shared(emulator, plan: SplitPlan, family: Family, shared: dict[int, int]) -> None:
+    """A repeated slot and its source are middle blocks holding exactly the same tensors
+    (so storing the source once loses nothing), and a source repeats no other block."""
+    middle = set(plan.emulator_positions)
+    state = emulator.state_dict()
+    for slot, src in sorted(shared.items()):
+        if slot not in middle or src not in middle or slot == src or src in shared:
+            raise BundleError(
+                f"shared block {slot} -> {src}: both must be distinct middle positions {sorted(middle)} and the source must not repeat another"
+            )
+        a, b = family.block_prefix(slot), family.block_prefix(src)
+        mine = {n[len(a) :]: t for n, t in state.items() if n.startswith(a)}
+        theirs = {n[len(b) :]: t for n, t in state.items() if n.startswith(b)}
+        if mine.keys() != theirs.keys() or any(not torch.equal(t, theirs[n]) for n, t in mine.items()):
+            raise BundleError(f"block {slot} is listed as repeating block {src} but holds other tensors")
 
 
 def write_new(path: Path, data: bytes) -> None:

@@ -46,6 +46,7 @@ PROTECTION_KEYS = (
     "prune_fraction",
     "elevate_margin",
     "elevate_steps",
+    "share_unique",
 )
 
 
