@@ -149,3 +149,26 @@ def test_a_manifest_that_repeats_an_adapter_block_is_refused(tiny, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not another stored middle block"):
         _load_bundle(tmp_path / "b", None, None, check_signature=False)
+
+
+def test_cli_build_share_and_inspect_shows_the_repeats(tmp_path):
+    from typer.testing import CliRunner
+
+    from offsite.server.cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "keys"), "--json"], catch_exceptions=False)
+    key = json.loads(r.output)["signing_key"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    args = ["emulators", "local", "build", "--model", "tiny-llama", "--quantize", "int4", "--corpus", str(corpus)]
+    args += ["--block-size", "64", "--signing-key", key, "--share", "2", "--prune", "0.25"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    assert manifest["build"]["config"]["share_unique"] == 2 and manifest["build"]["config"]["prune_fraction"] == 0.25
+    assert sum("repeats" in b for b in manifest["blocks"]) == 2
+    r = runner.invoke(app, ["emulators", "local", "inspect", str(tmp_path / "b")], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.count("stored once") == 2, r.output
+    r = runner.invoke(app, [*args[:-2], "--share", "9", "--out", str(tmp_path / "c")], catch_exceptions=False)
+    assert r.exit_code != 0 and "between 1 and 4" in r.output and not (tmp_path / "c").exists()

@@ -85,6 +85,19 @@ def build(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"
     ),
+    prune: float = typer.Option(
+        0.0, "--prune", help="share of each middle block's MLP channels removed, gradient-scored (e.g. 0.25)"
+    ),
+    elevate: float | None = typer.Option(
+        None,
+        "--elevate",
+        help="loss elevation: train the middle norms so the emulator's loss sits H nats above (e.g. 0.3)",
+    ),
+    share: int | None = typer.Option(
+        None,
+        "--share",
+        help="layer sharing: keep this many distinct middle blocks, each repeated over its cluster (depth unchanged)",
+    ),
     protection: float | None = typer.Option(
         None,
         "--protection",
@@ -118,6 +131,9 @@ def build(
         group_size=group_size,
         embeddings=embeddings,
         block_bits=_block_bits(block_bits),
+        prune_fraction=prune,
+        elevate_margin=elevate,
+        share_unique=share,
     )
     if protection is not None:
         from offsite.emulators.frontier import FrontierError, dial_options
@@ -272,6 +288,8 @@ def _print_summary(manifest: dict, where: str, verified: bool) -> None:
             + (f" g{qb['group_size']}" if qb["bits"] != 8 else "")
             + (" awq" if qb.get("awq") else "")
         )
+        if b.get("repeats") is not None:
+            label += f" (repeats position {b['repeats']}, stored once)"
         blocks.add_row(str(b["position"]), str(b["origin"]), b["role"], label, _human(b.get("bytes")))
     console.print(blocks)
     files = Table(title="files")
