@@ -354,6 +354,12 @@ def main(
         "--rows-only",
         help="measure the configuration rows into the cache and stop (to run rows in parallel processes)",
     ),
+    summary_into: Path = typer.Option(
+        None,
+        "--summary-into",
+        help="also merge the named configuration's summary keys into this JSON, keeping its other keys "
+        "(bench/results/offsite_quality.json keeps the 30 x 4 recipe chart)",
+    ),
 ) -> None:
     """Example: python -m bench.offsite_quality --configs int3-awq,int4-awq --seeds 0,1,2 --json /tmp/q.json"""
     from bench.general_text import CORPUS_NAME, general_blocks
@@ -456,6 +462,9 @@ def main(
         "protection_recalibrated_general": nrow["protection_recalibrated_general"],
         "protection_full_finetune_general": nrow["protection_full_finetune_general"],
         "seeds": nrow["seeds"],
+        "plugin_share_sd": nrow["plugin_share_sd"],
+        "protection_full_finetune_sd": nrow["protection_full_finetune_sd"],
+        "protection_full_finetune_general_sd": nrow["protection_full_finetune_general_sd"],
         "heldout_sets": {
             "own_domain": f"python-reference held-out topics, first {len(heldout)} blocks",
             "general": f"{CORPUS_NAME}, {len(sets['general'])} blocks spread over the corpus",
@@ -481,11 +490,47 @@ def main(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(out, indent=1))
     print(f"wrote {json_out}")
+    command = " ".join(["python -m bench.offsite_quality", *sys.argv[1:]])
+    if summary_into:
+        merge_summary(summary_into, out, json_out, command)
+        print(f"merged the summary of {nrow['config']} into {summary_into}")
     if frontier:
-        write_frontier(
-            frontier, model, all_cfgs, rows, out, " ".join(["python -m bench.offsite_quality", *sys.argv[1:]])
-        )
+        write_frontier(frontier, model, all_cfgs, rows, out, command)
         print(f"wrote the frontier of {model} into {frontier}")
+
+
+SUMMARY_KEYS = (
+    "named_config",
+    "plugin_share",
+    "plugin_share_sd",
+    "protection",
+    "protection_recalibrated",
+    "protection_full_finetune",
+    "protection_full_finetune_sd",
+    "protection_general",
+    "protection_recalibrated_general",
+    "protection_full_finetune_general",
+    "protection_full_finetune_general_sd",
+    "seeds",
+)
+
+
+def merge_summary(path: Path, out: dict, results: Path, command: str) -> None:
+    """Write the named configuration's summary keys into `path`, which keeps its other keys
+    (the 30 x 4 recipe chart); `owners_protocol` says where these numbers come from."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update({k: out[k] for k in SUMMARY_KEYS})
+    data["owners_protocol"] = {
+        "note": f"the summary keys come from the three-owner run ({results}); 'tradeoff' is the 30 x 4 recipe-only chart",
+        "protocol": out["protocol"],
+        "owner_lr": out["owner_lr"],
+        "heldout_sets": out["heldout_sets"],
+        "adapter_ceiling_seeds": out["adapter_ceiling_seeds"],
+        "results": str(results),
+        "command": command,
+        "load_average": out["load_average"],
+    }
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_frontier(
@@ -513,6 +558,7 @@ def write_frontier(
             }
         )
     data["models"][model] = {
+        "named": out["named_config"],
         "points": points,
         "measured": {
             "protocol": {**out["protocol"], "owner_lr": out["owner_lr"]},

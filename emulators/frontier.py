@@ -71,6 +71,7 @@ class Frontier:
     model: str
     points: list[FrontierPoint]
     measured: dict  # protocol, held-out sets, command, date, machine load
+    named: str | None = None  # the named default configuration (the bench's --named)
 
     def point(self, name: str) -> FrontierPoint:
         for p in self.points:
@@ -101,7 +102,7 @@ def load_frontier(model: str = "smollm2-135m", path: str | Path | None = None) -
         FrontierPoint(p["config"], p["build"], p["plugin_share"], p["protection"], p.get("seeds", [0]))
         for p in entry["points"]
     ]
-    return Frontier(model, points, entry.get("measured", {}))
+    return Frontier(model, points, entry.get("measured", {}), entry.get("named"))
 
 
 def _check(owner: str, held_out: str) -> None:
@@ -156,6 +157,7 @@ def describe(frontier: Frontier, point: FrontierPoint) -> dict:
     m = frontier.measured
     return {
         "config": point.config,
+        "named_default": point.config == frontier.named,
         "plugin_share": point.plugin_share,
         "protection": point.protection,
         "seeds": point.seeds,
@@ -178,6 +180,18 @@ def summary_line(frontier: Frontier, point: FrontierPoint) -> str:
         f"full fine-tune {p['full_finetune']['own_domain']:.2f}x / {p['full_finetune']['general']:.2f}x "
         f"(measured on {frontier.measured.get('general_short', 'general text')} and {frontier.measured.get('own_domain_short', 'own-domain text')})"
     )
+
+
+def default_build_options(model: str = "smollm2-135m", path: str | Path | None = None) -> dict:
+    """The lossy build options of the model's named default configuration (the best
+    measured point at >= 1.3x against the strongest data owner), as BuildConfig fields."""
+    frontier = load_frontier(model, path)
+    if not frontier.named:
+        raise FrontierError(f"the measured frontier of {model} names no default configuration")
+    options = dict(frontier.point(frontier.named).build)
+    if options.get("block_bits"):
+        options["block_bits"] = {int(k): int(v) for k, v in options["block_bits"].items()}
+    return options
 
 
 def dial_options(model: str, min_protection: float, given: dict, path: str | Path | None = None) -> dict:

@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from offsite.emulators.frontier import FRONTIER_FILE, FrontierError, load_frontier, match, pick, summary_line
+from offsite.emulators.frontier import (
+    FRONTIER_FILE,
+    FrontierError,
+    default_build_options,
+    describe,
+    load_frontier,
+    match,
+    pick,
+    summary_line,
+)
 
 
 def _prot(full_general: float, full_own: float = 0.9) -> dict:
@@ -24,6 +33,7 @@ def frontier_path(tmp_path):
         "schema": 1,
         "models": {
             "m": {
+                "named": "middle",
                 "measured": {"general_short": "fortunes", "own_domain_short": "python"},
                 "points": [
                     {
@@ -94,9 +104,22 @@ def test_a_bundle_config_matches_its_point_only_when_the_lossy_options_agree(fro
     assert "80%" in line and "full fine-tune 0.95x / 1.35x" in line and "fortunes" in line
 
 
+def test_the_named_default_is_a_frontier_point_and_gives_its_build_options(frontier_path):
+    f = load_frontier("m", frontier_path)
+    assert default_build_options("m", frontier_path) == {"quantize": "int3", "awq": True}
+    assert describe(f, f.point("middle"))["named_default"] and not describe(f, f.point("pruned"))["named_default"]
+    data = json.loads(frontier_path.read_text())
+    data["models"]["m"]["named"] = None
+    frontier_path.write_text(json.dumps(data))
+    with pytest.raises(FrontierError, match="names no default"):
+        default_build_options("m", frontier_path)
+
+
 def test_the_shipped_frontier_covers_the_default_model():
     f = load_frontier("smollm2-135m", FRONTIER_FILE)
     assert f.points and all(0 < p.plugin_share <= 1.05 for p in f.points)
+    # the named default: the most transfer at >= 1.3x against the strongest owner on general text
+    assert f.named == pick(f, 1.3).config
     assert {"own_domain", "general"} <= set(f.points[0].protection["full_finetune"])
     assert f.measured["protocol"]["steps"] > 0 and "fortunes" in f.measured["general"]
 
