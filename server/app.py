@@ -45,6 +45,9 @@ class OffsiteServer:
         recovered = st.ops.recover(st.work_dir)
         if recovered:
             log.warning("%d operation(s) were left running by the previous process; marked failed", recovered)
+        swept = st.store.sweep_tmp()
+        if swept:
+            log.warning("removed %d temporary upload file(s) left by a killed server", swept)
         for job in st.registry.list_jobs(state="running"):
             if job.operation_id and not st.ops.leases.orphaned(f"op:{job.operation_id}"):
                 continue  # another live server sharing this registry runs it

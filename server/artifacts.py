@@ -4,15 +4,21 @@ A blob lives at ``ROOT/sha256/ab/abcdef...`` named by the sha256 of its bytes. W
 to a temporary file in ``ROOT/tmp`` (same file system), are fsynced, and renamed into
 place, so a crash never leaves a half artifact under its final name; a blob that is
 already present is not written again. Readers only ever see complete blobs.
+
+A writer holds an exclusive flock on its temp file while it writes; `sweep_tmp` (at server
+start) removes only temp files nobody holds and nobody has touched for a while, i.e. those
+of a killed process, never those of another live server sharing the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +26,14 @@ from offsite.files import fsync_dir
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COPY_CHUNK = 1 << 20
+TMP_IDLE_S = 300.0  # a temp file untouched this long and unlocked belongs to a dead writer
+
+
+def _locked_temp(directory: Path, prefix: str) -> tuple[int, str]:
+    """mkstemp, flocked until its descriptor is closed (so `sweep_tmp` leaves it alone)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd, tmp
 
 
 class ArtifactNotFound(LookupError):
@@ -90,7 +104,7 @@ class ArtifactStore:
 
     def put_stream(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
         """Store the concatenated chunks; returns (sha256, size)."""
-        fd, tmp = tempfile.mkstemp(prefix="put-", dir=self.tmp)
+        fd, tmp = _locked_temp(self.tmp, "put-")
         digest = hashlib.sha256()
         size = 0
         try:
@@ -130,7 +144,7 @@ class ArtifactStore:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} is not a directory")
-        fd, tmp = tempfile.mkstemp(prefix="tar-", dir=self.tmp)
+        fd, tmp = _locked_temp(self.tmp, "tar-")
         try:
             with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for path in sorted(directory.rglob("*")):
@@ -150,6 +164,26 @@ class ArtifactStore:
             return self.put_file(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def sweep_tmp(self, idle_s: float = TMP_IDLE_S) -> int:
+        """Remove temp files left by killed writers (unlocked, idle for `idle_s`); returns how many."""
+        removed, now = 0, time.time()
+        for p in self.tmp.iterdir():
+            try:
+                if not p.is_file() or p.is_symlink() or now - p.stat().st_mtime < idle_s:
+                    continue
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live writer holds it
+                p.unlink(missing_ok=True)
+                removed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
 
     def _commit(self, tmp: str, sha: str) -> None:
         final = self.path(sha)
@@ -180,7 +214,7 @@ class BlobWriter:
     def __init__(self, store: ArtifactStore, max_bytes: int | None = None) -> None:
         self._store = store
         self._max = max_bytes
-        fd, self._tmp = tempfile.mkstemp(prefix="upload-", dir=store.tmp)
+        fd, self._tmp = _locked_temp(store.tmp, "upload-")
         self._fh = os.fdopen(fd, "wb")
         self._digest = hashlib.sha256()
         self.size = 0

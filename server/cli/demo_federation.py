@@ -75,7 +75,8 @@ def run_federation(run: DemoRun, say: Callable[[str], None]) -> dict:
     )
     say(
         f"      job {local.cfg.job_id}: {run.cfg.clients} data owners x {run.cfg.rounds} rounds of "
-        f"{run.cfg.local_steps} local steps; Ray and Flower write to {run.log}"
+        f"{run.cfg.local_steps} local steps (`flwr run` on a local simulation SuperLink); "
+        f"Flower and Ray write to {run.log}"
     )
 
     def on_round(record: dict) -> None:
@@ -85,7 +86,7 @@ def run_federation(run: DemoRun, say: Callable[[str], None]) -> dict:
             + (f", plug-in perplexity {ppl:.2f}" if ppl else "")
         )
 
-    job = run_simulation_job(local, on_round=on_round)
+    job = run_simulation_job(local, on_round=on_round, log_path=run.log)
     if job.get("status") != "completed" or not job.get("release"):
         raise RuntimeError(
             f"federated job {local.cfg.job_id} did not complete: {job.get('error') or job.get('status')} "

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from offsite.cli import err_console, fail
 
-from ..hooks import DEFAULT_EVAL_RUNNER, DEFAULT_JOB_RUNNER
+from ..hooks import DEFAULT_EVAL_RUNNER, DEFAULT_JOB_RUNNER, DEFAULT_RELEASE_EXPORTER
 
 
 def serve(
@@ -36,6 +36,9 @@ def serve(
     ),
     job_runner: str = typer.Option(DEFAULT_JOB_RUNNER, "--job-runner", help="module:function that runs a job"),
     eval_runner: str = typer.Option(DEFAULT_EVAL_RUNNER, "--eval-runner", help="module:function that runs an eval"),
+    release_exporter: str = typer.Option(
+        DEFAULT_RELEASE_EXPORTER, "--release-exporter", help="module:function that writes a release's model directory"
+    ),
     grace: float = typer.Option(10.0, "--grace", help="seconds running operations get to finish at shutdown"),
     workers: int = typer.Option(2, "--workers", help="operations (builds, evals, jobs) run at once"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log more"),
@@ -78,6 +81,7 @@ def serve(
         federation_address=federation_address,
         job_runner=job_runner,
         eval_runner=eval_runner,
+        release_exporter=release_exporter,
         grace_s=grace,
         op_workers=workers,
         extra={"metrics_address": metrics_address} if metrics_address else {},

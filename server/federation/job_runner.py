@@ -4,7 +4,8 @@
   artifact store under --data-dir, a signed bundle (built once per model and options and
   reused), the job row, the corpus split into one shard per data owner, and a bundle
   cache that the clients read by digest.
-- `run_simulation_job`: Flower's Simulation Engine (Ray) with N virtual data owners.
+- `run_simulation_job`: Flower's Simulation Engine (Ray) with N virtual data owners, through
+  `flwr run` on a local simulation SuperLink (local_simulation).
 - `run_deployment_job`: `flwr run` against a running SuperLink (see deploy/local).
 - `run_job(ctx)`: the server's job-runner hook (`offsite.server.federation:run_job`).
 """
@@ -251,10 +252,40 @@ def simulation_backend(workers: int | None = None) -> dict:
 
 
 def run_simulation_job(
-    job: LocalJob, workers: int | None = None, client_app=None, evaluator=None, on_round=None
+    job: LocalJob,
+    workers: int | None = None,
+    client_app=None,
+    evaluator=None,
+    on_round=None,
+    log_path: str | Path | None = None,
+    **watch,
 ) -> dict:
-    """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json)."""
+    """Run all rounds with Flower's Simulation Engine; returns the job (as in job.json).
+
+    The engine runs as Flower 1.42 recommends: `flwr run` on a local simulation SuperLink
+    (local_simulation), in child processes whose output goes to `log_path` (default
+    JOB_DIR/flower-simulation/flower.log). `watch` passes timeout/check_cancelled/on_process
+    to the job.json watch. A test or bench that injects its own `client_app` or `evaluator`
+    (Python objects, which cannot travel to another process) gets the in-process engine."""
     quiet_flower()
+    if client_app is None and evaluator is None:
+        from .local_simulation import run_local_simulation
+        from .simulation_app import client_run_config
+
+        return run_local_simulation(
+            job.cfg,
+            job.clients,
+            client_run_config(job.settings),
+            workers=workers,
+            on_round=on_round,
+            log_path=log_path,
+            **watch,
+        )
+    return run_inprocess_simulation(job, workers, client_app, evaluator, on_round)
+
+
+def run_inprocess_simulation(job: LocalJob, workers=None, client_app=None, evaluator=None, on_round=None) -> dict:
+    """`flwr.simulation.run_simulation` in this process (deprecated by Flower; for injected apps)."""
     # Ray starts its workers at nice 15; on a shared machine that starves the very clients
     # the simulation is made of, while the ServerApp (driver) runs at normal priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -292,6 +323,17 @@ def run_deployment_job(
 
 
 # --- the server's hook --------------------------------------------------------------------
+
+
+def _database_password_env(url: str) -> dict:
+    """PGPASSWORD for the simulation's ServerApp process: its run config carries the URL without it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: nothing to pass
+        return {}
+    return {"PGPASSWORD": str(password)} if password else {}
 
 
 def run_job(ctx) -> None:
@@ -361,7 +403,16 @@ def run_job(ctx) -> None:
     if engine == "simulation":
         template = data_template(corpus, clients, job_dir)
         settings = ClientSettings(data=template, bundle_cache=str(cache), public_key=str(ctx.public_key_path))
-        job = run_simulation_job(LocalJob(cfg, clients, settings, Path(ctx.data_dir), shards), on_round=on_round)
+        # `flwr run` on a local simulation SuperLink owned by this job: a cancel or the time
+        # limit stops its process group at once, as `flwr stop` does for a deployment.
+        job = run_simulation_job(
+            LocalJob(cfg, clients, settings, Path(ctx.data_dir), shards),
+            on_round=on_round,
+            timeout=timeout,
+            check_cancelled=ctx.op.check_cancelled,
+            on_process=getattr(ctx.op, "track_process", None),
+            env=_database_password_env(ctx.registry.url),
+        )
     else:
         from .deployment import flwr, submit_run
 
