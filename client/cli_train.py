@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from offsite.cli import console, err_console, fail, json_option
+from offsite.files import is_disk_full
 
 
 def train(
@@ -117,7 +118,7 @@ def train(
     try:
         result = train_adapter(loaded, examples, cfg, progress=progress, initial_adapter=start, log=log)
     except (SchemeError, BudgetError, CheckpointError, EngineError, DataError, ValueError) as e:
-        fail(str(e), json_out)
+        fail(str(e), json_out, code=1 if is_disk_full(e) else 2)  # a full disk is a failure, not bad usage
     m = result.metrics
     try:
         save_adapter(

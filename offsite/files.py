@@ -38,6 +38,24 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk (ENOSPC/EDQUOT).
+
+    Libraries with their own I/O (safetensors' Rust writer) raise their own types whose
+    message carries the OS error, so the text is checked as well as errno."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(exc) for t in _DISK_FULL_TEXT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def atomic_write(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` atomically with permission bits `mode`."""
     path = Path(path)

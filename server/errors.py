@@ -8,10 +8,11 @@ failing inside gRPC with UNKNOWN and a traceback (:func:`_tolerant`).
 
 from __future__ import annotations
 
-import errno
 import re
 
 import grpc
+
+from offsite.files import is_disk_full
 
 from .artifacts import ArtifactCorrupt, ArtifactNotFound, InvalidDigest
 from .hooks import HookUnavailable
@@ -86,7 +87,7 @@ def _request_strings(request, depth: int = 0) -> list[str]:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code for an exception raised inside a service, or None if unexpected."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, (
             "the server's disk is full; nothing was stored (the model owner "
             "must free space under the data directory), then try again"

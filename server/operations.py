@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offsite.files import is_disk_full
+
 from .leases import Leases
 from .registry import OperationRow, Registry
 
@@ -170,7 +172,13 @@ class OperationManager:
                 self._update(op_id, state="cancelled", message="cancelled")
             except Exception as e:  # the error is the operation's result, not the server's
                 log.warning("operation %s failed: %s\n%s", op_id, e, traceback.format_exc())
-                self._update(op_id, state="failed", error=f"{type(e).__name__}: {e}"[:4000])
+                error = f"{type(e).__name__}: {e}"
+                if is_disk_full(e):
+                    error = (
+                        "the server's disk is full; nothing was stored (free space under the data "
+                        f"directory, then start it again): {error}"
+                    )
+                self._update(op_id, state="failed", error=error[:4000])
         with self._lock:
             self._cancel.pop(op_id, None)
             self._futures.pop(op_id, None)

@@ -9,7 +9,6 @@ disk included) leaves LATEST pointing at the previous, intact checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from offsite.files import atomic_dir, atomic_write, fsync_dir
+from offsite.files import atomic_dir, atomic_write, fsync_dir, is_disk_full
 
 
 class CheckpointError(RuntimeError):
@@ -70,10 +69,12 @@ def save_checkpoint(
         previous = latest_checkpoint(root)
         atomic_write(root / "LATEST", json.dumps({"step": step, "dir": final.name}))
         fsync_dir(root)
-    except OSError as e:
-        hint = "the disk is full; free space" if e.errno == errno.ENOSPC else "check the directory"
+    except Exception as e:  # an OSError, or safetensors' own error type carrying the OS error
+        if not (isinstance(e, OSError) or is_disk_full(e)):
+            raise
+        hint = "the disk is full; free space" if is_disk_full(e) else "check the directory"
         raise CheckpointError(
-            f"could not write checkpoint step {step} to {root} ({e.strerror or e}); {hint} and resume: "
+            f"could not write checkpoint step {step} to {root} ({getattr(e, 'strerror', None) or e}); {hint} and resume: "
             f"the previous checkpoint ({latest_checkpoint(root) or 'none'}) is intact"
         ) from e
     if previous is not None and previous != final:
