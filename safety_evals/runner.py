@@ -168,6 +168,7 @@ class Worker:
         todo.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
         self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
         self.tick(len(pairs) - len(todo))
+        todo = self._shared_context_losses(todo, max_tokens)
         for i in range(0, len(todo), self.batch_size):
             batch = todo[i : i + self.batch_size]
             t0 = time.perf_counter()
@@ -176,6 +177,42 @@ class Worker:
             self.cache.put_many({k: v for (k, _), v in zip(batch, vals)})
             self.tick(len(batch))
         return [self.cache.get(k) for k in keys]
+
+    def _shared_context_losses(self, todo: list, max_tokens: int) -> list:
+        """Score every group of >= 2 targets that share a context with that context run once
+        (prefix_losses); returns the pairs left for the row path (plain text, single targets,
+        or a context too long to keep whole, which the row path truncates per target)."""
+        from .prefix_losses import shared_context_nll
+
+        groups: dict[str, list] = {}
+        for kp in todo:
+            if kp[1][0]:
+                groups.setdefault(kp[1][0], []).append(kp)
+        rest, done = [], {}
+        shared = {c for c, g in groups.items() if len(g) >= 2}
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        for kp in todo:
+            if kp[1][0] not in shared:
+                rest.append(kp)
+        for context in sorted(shared, key=len):
+            group = groups[context]
+            c = self.tok(context, add_special_tokens=False)["input_ids"]
+            ts = [self.tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for _, (_, t) in group]
+            if not c or len(c) + max(len(t) for t in ts) > max_tokens:
+                rest.extend(group)
+                continue
+            t0 = time.perf_counter()
+            vals = shared_context_nll(self.model, c, ts, pad)
+            self.timing["model_s"] += time.perf_counter() - t0
+            done.update({k: v for (k, _), v in zip(group, vals)})
+            if len(done) >= self.batch_size:
+                self.cache.put_many(done)
+                self.tick(len(done))
+                done = {}
+        self.cache.put_many(done)
+        self.tick(len(done))
+        rest.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
+        return rest
 
     @torch.inference_mode()
     def _loss_batch(self, pairs: list[tuple[str, str]], max_tokens: int) -> list[dict]:
