@@ -238,6 +238,13 @@ class FederatedJob:
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         t2 = time.perf_counter()
         report = self._base.report
+        # Name the sampled nodes that did not answer in time (a slow or vanished data owner),
+        # so the round's record and a failed round's error say which.
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+            report.failures.append(
+                ClientReport(node, {}, 0.0, 0.0, 0, f"no reply within the round timeout ({cfg.round_timeout:g} s)")
+            )
         ok = [m for m in replies if not m.has_error()]
         for m in replies:
             if m.has_error():
@@ -262,8 +269,7 @@ class FederatedJob:
             "round": server_round,
             "sampled": sent,
             "clients": [_client_row(c) for c in report.clients],
-            "dropped": [{"node_id": int(f.node_id), "error": f.error[-500:]} for f in report.failures]
-            + [{"node_id": None, "error": "no reply before the round timeout"}] * max(0, sent - len(replies)),
+            "dropped": [{"node_id": int(f.node_id), "error": f.error[-500:]} for f in report.failures],
             "bytes_down": report.bytes_down,
             "bytes_up": sum(c.bytes_up for c in report.clients),
             "client_seconds": t2 - t1,
