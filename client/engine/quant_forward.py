@@ -1,21 +1,24 @@
 """The training forward of stored low-bit layers (`QuantLinear`), made cheap per step.
 
-A client's emulator keeps its middle blocks as packed 3/4-bit codes (`emulators.quantize`),
-and every forward rebuilds each weight from them. Measured on the shipped configuration
-(SmolLM2-135M, all 26 middle blocks at int3-AWQ, batch 4 x 256, bf16, one thread): the
-forward is 2.0 CPU-s of which the matmuls are ~84% and the rebuild ~16%; a cached bf16
-copy of every middle weight would cost 184 MB, more than the client's whole training
-margin, and torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) was 5x slower than a
-bf16 matmul here. So the weights stay packed, and this module makes the rebuild cheap:
+A client's emulator keeps its middle blocks as packed 3/4-bit codes (`emulators.quantize`).
+Two kernels run them (measured on the shipped configuration, SmolLM2-135M with all 26
+middle blocks at int3-AWQ, batch 4 x 256, one thread, AMD EPYC with AVX-512 VNNI):
 
-- 3-bit codes are read as one 24-bit word per 8 codes (three int32 ops instead of a
-  reduction), converted straight into the compute dtype, and dequantized in place;
-- scales, zero points and the AWQ reciprocal input scale are converted to the compute
-  dtype once per run, not once per call.
+- "dequant": every forward rebuilds the weight from the codes in the compute dtype and
+  runs a bf16 matmul (45 ms per block: 36 ms matmul, 9 ms rebuild). No memory beyond the
+  packed codes. The rebuild is bit-identical to `QuantLinear.dequantized_weight()`: 3-bit
+  codes are read as one 24-bit word per 8 codes, converted straight into the compute
+  dtype and dequantized in place; scales/zeros/the AWQ reciprocal are converted once.
+- "int8": the weight is rebuilt once, with the AWQ input scale folded in, and kept as int8
+  per output row (symmetric, fp32 row scale); each forward quantizes its input per token
+  (symmetric int8, scale = max|x| / 127) and runs `torch._int_mm` (int8 x int8 -> int32),
+  then scales rows and columns back, 128 tokens at a time (21 ms per block). q/k/v and gate/up read the same
+  input, which is quantized once. Costs 1 byte per weight (92 MB on the shipped emulator).
+  The backward needs only the input gradient (the weight is frozen): grad_out times the
+  cached weight rebuilt in the compute dtype, so autograd keeps no per-layer weight copy.
+  The error against "dequant" is measured in tests/test_engine_quant_forward.py.
 
-The rebuilt weight is bit-identical to `QuantLinear.dequantized_weight()` at the same
-compute dtype (tests/test_engine_quant_forward.py); the output differs only by multiplying with
-the reciprocal AWQ input scale instead of dividing by it.
+The budget (trainer.py) decides how many layers get the int8 kernel: the cache is memory.
 """
 
 from __future__ import annotations
@@ -27,10 +30,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _SHIFTS3 = torch.arange(8, dtype=torch.int32) * 3
+KERNELS = ("auto", "int8", "dequant")
+# Tokens per int8 matmul: the fp32/int32 temporaries of 128 rows stay under the engine's 1 MiB
+# mmap threshold (memory.set_malloc_policy), so they are reused from the heap instead of being
+# mapped and page-faulted afresh each call (whole-batch temporaries made the kernel slower than bf16).
+ROWS = 128
 
 
 def is_quant_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "QuantLinear"
+
+
+def quant_linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_quant_linear(m)]
+
+
+def int8_available() -> bool:
+    """torch's int8 x int8 matmul runs here (it is a private op: check, do not assume)."""
+    try:
+        a = torch.ones(17, 8, dtype=torch.int8)
+        return bool(torch._int_mm(a, torch.ones(8, 8, dtype=torch.int8))[0, 0] == 8)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def int8_cache_bytes(layer: nn.Module) -> int:
+    """Memory of one layer's int8 weight: a byte per weight plus an fp32 scale per row."""
+    return layer.out_features * (layer.in_features + 4)
 
 
 def unpack_codes_as(packed: torch.Tensor, bits: int, n_values: int, dtype: torch.dtype) -> torch.Tensor:
@@ -73,19 +99,121 @@ def _forward(layer: nn.Module, prepared: _Prepared, x: torch.Tensor) -> torch.Te
     return F.linear(x, w, bias)
 
 
-def install_fast_forward(model: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
-    """Give every QuantLinear of `model` the fast forward in `dtype`; returns the undo."""
+# --- the int8 kernel --------------------------------------------------------------------
+
+
+class Int8Weight:
+    """A frozen weight as int8 rows, W ~= codes * scale[:, None], in the layer's own input space.
+
+    The AWQ input scale is not folded into the weight: AWQ moved the input's outlier channels
+    into the weight, and folding them back would put them into the per-token input quantization
+    (a 10x larger error measured on the shipped emulator). The input is divided first."""
+
+    def __init__(self, layer: nn.Module, inv_input_scale: torch.Tensor | None):
+        w = dequantize(layer, _Prepared(layer, torch.float32))
+        self.scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        self.codes_t = torch.round(w.div_(self.scale[:, None])).clamp_(-127, 127).to(torch.int8).t()  # (in, out)
+        del w
+        self.inv_input_scale = inv_input_scale  # fp32 [in] or None; shared between layers that read one input
+        self.bias = None if layer.bias is None else layer.bias.float()
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this kernel multiplies by, in `dtype`, AWQ input scale included (for the input gradient)."""
+        w = self.codes_t.t().to(torch.float32) * self.scale[:, None]
+        if self.inv_input_scale is not None:
+            w *= self.inv_input_scale
+        return w.to(dtype)
+
+
+class _InputQuant:
+    """The last input quantized per token, reused while the same tensor comes back with the
+    same AWQ scale (q, k and v read one input; so do gate and up)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.q: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, inv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [tokens, in], fp32 scale [tokens, 1]) of `x` [..., in] divided by the AWQ scale."""
+        key = self.key
+        if key is None or key[0] is not x or key[1] != x._version or key[2] is not inv:
+            x2 = x.reshape(-1, x.shape[-1])
+            q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+            scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
+            for i in range(0, x2.shape[0], ROWS):
+                xf = x2[i : i + ROWS].to(torch.float32, copy=True)  # never the caller's fp32 tensor itself
+                if inv is not None:
+                    xf.mul_(inv)
+                s = torch.amax(xf.abs(), dim=-1, keepdim=True).div_(127.0).clamp_(min=1e-12)
+                q[i : i + ROWS] = xf.div_(s).round_()
+                scale[i : i + ROWS] = s
+            # holding `x` keeps its storage alive, so no other tensor can take its place
+            self.key, self.q, self.scale = (x, x._version, inv), q, scale
+        return self.q, self.scale
+
+    def clear(self) -> None:
+        self.key = self.q = self.scale = None
+
+
+_INPUTS = _InputQuant()
+
+
+def int8_linear_forward(w: Int8Weight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    q, a = _INPUTS(x, w.inv_input_scale)
+    out = torch.empty(q.shape[0], w.scale.shape[0], dtype=out_dtype, device=x.device)
+    for i in range(0, q.shape[0], ROWS):
+        y = torch._int_mm(q[i : i + ROWS], w.codes_t).float().mul_(a[i : i + ROWS]).mul_(w.scale)
+        if w.bias is not None:
+            y += w.bias
+        out[i : i + ROWS] = y
+    return out.view(*x.shape[:-1], -1)
+
+
+class _Int8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: Int8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.w, ctx.x_dtype = w, x.dtype
+        return int8_linear_forward(w, x, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype = grad.dtype if grad.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        gx = grad.to(dtype) @ ctx.w.weight(dtype)  # frozen weight: only the input gradient
+        return gx.to(ctx.x_dtype), None, None
+
+
+def _forward_int8(w: Int8Weight, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    out_dtype = dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Int8Linear.apply(x, w, out_dtype)
+    return int8_linear_forward(w, x, out_dtype)
+
+
+def install_fast_forward(model: nn.Module, dtype: torch.dtype, int8_layers: int = 0) -> Callable[[], None]:
+    """Give every QuantLinear of `model` a fast forward in `dtype`; returns the undo.
+
+    The first `int8_layers` of them (model order) get the int8 kernel, the rest "dequant"."""
     patched: list[nn.Module] = []
-    for module in model.modules():
-        if not is_quant_linear(module):
-            continue
-        prepared = _Prepared(module, dtype)
-        module.forward = lambda x, _m=module, _p=prepared: _forward(_m, _p, x)
+    shared: list[torch.Tensor] = []  # equal AWQ scales as one tensor, so their input is quantized once
+    for i, module in enumerate(quant_linears(model)):
+        if i < int8_layers:
+            inv = None if module.input_scale is None else 1.0 / module.input_scale.float()
+            if inv is not None:
+                inv = next((t for t in shared[-4:] if t.shape == inv.shape and torch.equal(t, inv)), inv)
+                if not shared or inv is not shared[-1]:
+                    shared.append(inv)
+            w = Int8Weight(module, inv)
+            module.forward = lambda x, _w=w: _forward_int8(_w, dtype, x)
+        else:
+            prepared = _Prepared(module, dtype)
+            module.forward = lambda x, _m=module, _p=prepared: _forward(_m, _p, x)
         patched.append(module)
 
     def undo() -> None:
         for module in patched:
             del module.forward  # the instance attribute goes: the class method is back
         patched.clear()
+        _INPUTS.clear()
 
     return undo

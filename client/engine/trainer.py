@@ -25,8 +25,8 @@ from offsite.emulators.losses import perplexity
 from . import checkpoint as ckpt
 from . import optim
 from .config import TrainConfig, TrainResult
-from .memory import current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
-from .quant_forward import install_fast_forward
+from .memory import MB, current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
+from .quant_forward import KERNELS, install_fast_forward, int8_available, int8_cache_bytes, quant_linears
 from .pruning import (
     autocast,
     resolve_precision,
@@ -214,8 +214,17 @@ def train_model(
                 "(or delete it) to start afresh, or resume with the same settings and data"
             )
 
+    if cfg.lowbit_kernel not in KERNELS:
+        raise EngineError(f"lowbit kernel must be one of {', '.join(KERNELS)}, got {cfg.lowbit_kernel!r}")
     cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
-    undo_lowbit = install_fast_forward(model, dtype)  # stored low-bit layers: cheap rebuild per step
+    lowbit = quant_linears(model)
+    # int8 everywhere when asked, or when no budget limits memory; with a budget, the scheme is
+    # chosen first (rebuild kernel) and the int8 cache takes what room the budget leaves
+    int8_layers = 0
+    if lowbit and int8_available() and cfg.lowbit_kernel != "dequant":
+        if cfg.lowbit_kernel == "int8" or cfg.memory_budget_mb is None:
+            int8_layers = len(lowbit)
+    undo_lowbit = install_fast_forward(model, dtype, int8_layers)
     if dtype != torch.float32:
         # the frozen adapter in fp16 where that is exact (bundles ship it so), before the
         # budget reads RSS: 2 bytes a weight less for everything that does not train
@@ -229,6 +238,21 @@ def train_model(
 
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
+        if lowbit and int8_layers == 0 and cfg.lowbit_kernel == "auto" and int8_available():
+            room = (choice.budget_mb - choice.estimate_mb) * MB
+            for layer in lowbit:
+                room -= int8_cache_bytes(layer)
+                if room < 0:
+                    break
+                int8_layers += 1
+            if int8_layers:
+                undo_lowbit()
+                undo_lowbit = install_fast_forward(model, dtype, int8_layers)
+            log(
+                f"low-bit kernel: int8 for {int8_layers} of {len(lowbit)} layers "
+                f"({sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB:.0f} MB of the budget's room), "
+                "the rest rebuilt each step"
+            )
     else:
         spec = cfg.scheme
     plan = parse_scheme(spec, target.trainable_blocks)
@@ -353,6 +377,9 @@ def train_model(
         "added_biases": applied.added_biases,
         "resumed_from_step": start,
         "flops_per_step": flops_per_step,
+        "lowbit_int8_layers": int8_layers,
+        "lowbit_layers": len(lowbit),
+        "lowbit_int8_cache_mb": sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB,
     }
     if choice is not None:
         metrics["budget"] = choice.as_dict()
