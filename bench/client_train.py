@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 MODES = ("full_ft", "lora_full", "offsite_full_adapter", "offsite_sparse")
-MMAP_THRESHOLD_BYTES = 1024 * 1024  # = offsite.client.engine.memory.MMAP_THRESHOLD_BYTES (no torch import here)
 THREADS = 2
 QUALITY_JSON = Path(__file__).parent / "results" / "offsite_quality.json"
 
@@ -130,10 +129,11 @@ def _plain_worker(mode: str, args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from offsite.client.engine.memory import reset_peak_rss
+    from offsite.client.engine.memory import FAST_MMAP_THRESHOLD_BYTES, reset_peak_rss, set_malloc_policy
     from offsite.client.engine.trainer import micro_batches
     from offsite.emulators.models import load_model
 
+    set_malloc_policy(FAST_MMAP_THRESHOLD_BYTES)  # the engine's fast-mode allocator rules (see _run_child)
     lm = load_model("smollm2-135m")
     model = lm.model
     examples, cfg, data = _data_and_cfg(lm.tokenizer, args)
@@ -213,6 +213,7 @@ def _offsite_worker(mode: str, args) -> dict:
     reset = reset_peak_rss()
     # as `offsite-client train` does: the tokenizer goes once the data is tokenized
     cfg = TrainConfig(**{**cfg.__dict__, "release_tokenizer": True})
+    cfg = TrainConfig(**{**cfg.__dict__, "lowbit_kernel": args.lowbit_kernel})
     if mode == "offsite_sparse":
         budget = args.budget_mb if args.budget_mb == "auto" else float(args.budget_mb)
         cfg = TrainConfig(**{**cfg.__dict__, "memory_budget_mb": budget, "probe_steps": 2})
@@ -237,6 +238,10 @@ def _offsite_worker(mode: str, args) -> dict:
         "eval_ppl_before",
         "eval_ppl_after",
         "lowest_trainable_block",
+        "lowbit_int8_layers",
+        "lowbit_layers",
+        "lowbit_int8_cache_mb",
+        "fast_mode",
     )
     out = {k: m[k] for k in keep}
     out.update(
@@ -298,11 +303,11 @@ def gemm_worker(args) -> None:
 
 
 def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
-    # Every mode under the allocator policy the engine sets for itself (memory.set_malloc_policy):
-    # the same rules for the baselines, and glibc's dynamic threshold cannot flatter or hurt one mode.
+    # No MALLOC_MMAP_THRESHOLD_ here: the engine sets its own allocator policy (1 MiB lean,
+    # 4 MiB with the int8 cache: memory.set_malloc_policy) and the baselines set the engine's
+    # fast one in _plain_worker, so glibc's dynamic threshold flatters or hurts no mode.
     env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
+        **{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"},
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_OFFLINE": "1",
     }
@@ -383,6 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--budget-mb", default="auto", help="memory budget of offsite_sparse: auto (default) or MB")
     p.add_argument(
+        "--lowbit-kernel",
+        default="auto",
+        choices=("auto", "int8", "dequant"),
+        help="the frozen low-bit middle's kernel (auto: int8 where the budget leaves room, all without a budget)",
+    )
+    p.add_argument(
         "--quantize", default=None, help="middle blocks of the emulator (default: the shipped configuration)"
     )
     p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (with --quantize)")
@@ -434,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
             str(pub),
             "--threads",
             str(args.threads),
+            "--lowbit-kernel",
+            args.lowbit_kernel,
         ]
         if args.quantize:
             common += ["--quantize", args.quantize] + (
@@ -496,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         "quality_named_config": quality_named_config(),
         "build_config": build_cfg.to_dict(),
         "budget": args.budget_mb,
+        "lowbit_kernel": args.lowbit_kernel,
         "gemm_gflops": gemm,
         "modes": modes,
         "failed": failed,

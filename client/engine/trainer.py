@@ -25,7 +25,15 @@ from offsite.emulators.losses import perplexity
 from . import checkpoint as ckpt
 from . import optim
 from .config import TrainConfig, TrainResult
-from .memory import MB, current_rss_mb, peak_rss_mb, release_free_memory, set_malloc_policy
+from .memory import (
+    FAST_MMAP_THRESHOLD_BYTES,
+    FAST_MODE_SLACK_MB,
+    MB,
+    current_rss_mb,
+    peak_rss_mb,
+    release_free_memory,
+    set_malloc_policy,
+)
 from .quant_forward import KERNELS, install_fast_forward, int8_available, int8_cache_bytes, quant_linears
 from .pruning import (
     autocast,
@@ -225,6 +233,7 @@ def train_model(
         if cfg.lowbit_kernel == "int8" or cfg.memory_budget_mb is None:
             int8_layers = len(lowbit)
     undo_lowbit = install_fast_forward(model, dtype, int8_layers)
+    fast = bool(lowbit) and int8_layers == len(lowbit)  # no budget: memory for speed
     if dtype != torch.float32:
         # the frozen adapter in fp16 where that is exact (bundles ship it so), before the
         # budget reads RSS: 2 bytes a weight less for everything that does not train
@@ -248,6 +257,7 @@ def train_model(
             if int8_layers:
                 undo_lowbit()
                 undo_lowbit = install_fast_forward(model, dtype, int8_layers)
+            fast = int8_layers == len(lowbit) and room >= FAST_MODE_SLACK_MB * MB
             log(
                 f"low-bit kernel: int8 for {int8_layers} of {len(lowbit)} layers "
                 f"({sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB:.0f} MB of the budget's room), "
@@ -255,6 +265,8 @@ def train_model(
             )
     else:
         spec = cfg.scheme
+    if fast:  # the whole int8 cache and room for the allocator to keep activations in its heap
+        set_malloc_policy(FAST_MMAP_THRESHOLD_BYTES)
     plan = parse_scheme(spec, target.trainable_blocks)
     applied = apply_scheme(model, family, plan, cfg.channel_targets, cfg.lora_alpha_ratio)
     params = [p for _, p in applied.trainable_parameters()]
@@ -378,6 +390,7 @@ def train_model(
         "resumed_from_step": start,
         "flops_per_step": flops_per_step,
         "lowbit_int8_layers": int8_layers,
+        "fast_mode": fast,
         "lowbit_layers": len(lowbit),
         "lowbit_int8_cache_mb": sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB,
     }
