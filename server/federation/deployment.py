@@ -314,6 +314,8 @@ def flwr(
         _kill_group(proc)
         raise
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, errs)
+    if check_cancelled is not None:  # killed by a cancel: the cancel is the outcome, not a failure
+        check_cancelled()
     if check and done.returncode != 0:
         raise DeploymentError(f"`flwr {' '.join(args[:1])}` failed ({done.returncode}): {(out + errs)[-2000:]}")
     return done

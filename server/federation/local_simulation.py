@@ -184,13 +184,13 @@ def run_local_simulation(
     with local_superlink(state, log_path, env, on_process) as link:
 
         def watch() -> None:
+            if check_cancelled is not None:  # first: a cancel also ends the SuperLink
+                check_cancelled()
             if link.process.poll() is not None:
                 raise DeploymentError(
                     f"the local simulation SuperLink exited ({link.process.returncode}) during job {cfg.job_id}: "
                     f"{_log_tail(link.log_path, 800)}"
                 )
-            if check_cancelled is not None:
-                check_cancelled()
 
         job = submit_run(
             cfg,

@@ -55,30 +55,56 @@ def _struct(d: dict) -> Struct:
     return s
 
 
+def _simulation_job(admin, bundle) -> jobs_pb2.Job:
+    """A 3-round simulation job of two virtual data owners on the tiny model."""
+    models_pb2_grpc.ModelsStub(admin).RegisterModel(models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama"))
+    ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
+        iter([artifacts_pb2.UploadRequest(kind="bundle", data=bundle.tar_path.read_bytes())])
+    )
+    emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
+        models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
+    )
+    spec = jobs_pb2.JobSpec(
+        emulator_id=emu.id,
+        rounds=3,
+        min_clients=2,
+        engine="simulation",
+        train_config=_struct({"local_steps": 1, "batch_size": 1, "block_size": 64}),
+        options=_struct({"clients": 2, "heldout_limit": 2, "round_timeout": 300}),
+    )
+    return jobs_pb2_grpc.JobsStub(admin).CreateJob(jobs_pb2.CreateJobRequest(spec=spec))
+
+
+def test_cancel_stops_a_simulation_job_and_its_processes_at_once(tmp_path):
+    """As for a deployment (`flwr stop`): CancelJob ends the run now, not after the round."""
+    bundle = tiny_bundle()
+    srv = _server(tmp_path, "--signing-key", str(bundle.signing_key)).start()
+    try:
+        admin = open_channel(srv.address, srv.admin_token)
+        job = _simulation_job(admin, bundle)
+        jobs = jobs_pb2_grpc.JobsStub(admin)
+        jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
+        deadline = time.monotonic() + 300
+        while not any(b"flwr-simulation" in p.encode() for p in processes_under(srv.data_dir)):
+            assert time.monotonic() < deadline, "the simulation never started"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        assert jobs.CancelJob(jobs_pb2.CancelJobRequest(id=job.id)).state == jobs_pb2.JOB_STATE_CANCELLED
+        while (left := processes_under(srv.data_dir)) and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        assert not left, f"CancelJob left the simulation running: {left}"
+        assert jobs.GetJob(jobs_pb2.GetJobRequest(id=job.id)).current_round == 0  # it did not finish a round first
+    finally:
+        srv.kill()
+
+
 def test_kill_mid_round_with_the_flower_runner_resumes_to_one_candidate(tmp_path):
     bundle = tiny_bundle()
     srv = _server(tmp_path, "--signing-key", str(bundle.signing_key)).start()
     try:
         admin = open_channel(srv.address, srv.admin_token)
-        models_pb2_grpc.ModelsStub(admin).RegisterModel(
-            models_pb2.RegisterModelRequest(name="tiny", source="tiny-llama")
-        )
-        ref = artifacts_pb2_grpc.ArtifactsStub(admin).Upload(
-            iter([artifacts_pb2.UploadRequest(kind="bundle", data=bundle.tar_path.read_bytes())])
-        )
-        emu = models_pb2_grpc.EmulatorsStub(admin).RegisterEmulator(
-            models_pb2.RegisterEmulatorRequest(model="tiny", bundle_sha256=ref.sha256)
-        )
         jobs = jobs_pb2_grpc.JobsStub(admin)
-        spec = jobs_pb2.JobSpec(
-            emulator_id=emu.id,
-            rounds=3,
-            min_clients=2,
-            engine="simulation",
-            train_config=_struct({"local_steps": 1, "batch_size": 1, "block_size": 64}),
-            options=_struct({"clients": 2, "heldout_limit": 2, "round_timeout": 300}),
-        )
-        job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec))
+        job = _simulation_job(admin, bundle)
         jobs.StartJob(jobs_pb2.StartJobRequest(id=job.id))
         _wait_job(jobs, job.id, lambda j: j.current_round >= 1 or j.state == jobs_pb2.JOB_STATE_FAILED, timeout=600)
         assert jobs.GetJob(jobs_pb2.GetJobRequest(id=job.id)).current_round == 1, "round 2 ended before the kill"
