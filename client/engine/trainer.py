@@ -248,7 +248,9 @@ def train_model(
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
         if lowbit and int8_layers == 0 and cfg.lowbit_kernel == "auto" and int8_available():
-            room = (choice.budget_mb - choice.estimate_mb) * MB
+            # the estimate leaves out the step's transient buffers (measured 35-55 MB over it on the
+            # shipped emulator), so the cache only takes room beyond that slack
+            room = (choice.budget_mb - choice.estimate_mb - FAST_MODE_SLACK_MB) * MB
             for layer in lowbit:
                 room -= int8_cache_bytes(layer)
                 if room < 0:
@@ -257,7 +259,7 @@ def train_model(
             if int8_layers:
                 undo_lowbit()
                 undo_lowbit = install_fast_forward(model, dtype, int8_layers)
-            fast = int8_layers == len(lowbit) and room >= FAST_MODE_SLACK_MB * MB
+            fast = int8_layers == len(lowbit) and room >= FAST_MODE_SLACK_MB * MB  # and the allocator's slack
             log(
                 f"low-bit kernel: int8 for {int8_layers} of {len(lowbit)} layers "
                 f"({sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB:.0f} MB of the budget's room), "
