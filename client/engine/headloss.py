@@ -14,6 +14,8 @@ import torch
 
 from offsite.emulators.losses import loss_positions
 
+from .vocab import Int8Vocab, int8_vocab_of
+
 
 class _FrozenHeadNLL(torch.autograd.Function):
     @staticmethod
@@ -64,6 +66,47 @@ class _FrozenHeadNLL(torch.autograd.Function):
         return (grad * grad_out).to(ctx.hidden_dtype), None, None, None, None
 
 
+class _Int8HeadNLL(torch.autograd.Function):
+    """The same loss and input gradient from an int8 vocabulary (vocab.py), one slice of rows at a
+    time for all tokens: an online softmax (running max m, normaliser z, and z-weighted sum of
+    rows for the gradient), so no buffer spans the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, vocab: Int8Vocab, targets: torch.Tensor, compute_dtype: torch.dtype):
+        need_grad = ctx.needs_input_grad[0]
+        ctx.hidden_dtype = hidden.dtype
+        n = hidden.shape[0]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            m = torch.full((n,), -torch.inf, device=hidden.device)
+            z = torch.zeros(n, device=hidden.device)
+            target = torch.zeros(n, device=hidden.device)
+            acc = torch.zeros(hidden.shape, device=hidden.device) if need_grad else None
+            rows = torch.arange(n, device=hidden.device)
+            for start, codes, scale in vocab.slices(compute_dtype):
+                k = codes.shape[0]
+                logits = (h @ codes.t()).float().mul_(scale)
+                hit = (targets >= start) & (targets < start + k)
+                target[hit] = logits[rows[hit], targets[hit] - start]
+                m_new = torch.maximum(m, logits.amax(dim=1))
+                rescale = torch.exp(m - m_new)
+                p = logits.sub_(m_new[:, None]).exp_()
+                z.mul_(rescale).add_(p.sum(dim=1))
+                if need_grad:
+                    acc.mul_(rescale[:, None]).add_(p.mul_(scale).to(compute_dtype) @ codes)
+                m = m_new
+            total = (m + z.log() - target).sum()
+        if need_grad:
+            # d(loss)/dh = softmax @ W - W[target]
+            ctx.save_for_backward(acc.div_(z[:, None]).sub_(vocab.rows(targets, torch.float32)))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.hidden_dtype), None, None, None
+
+
 def frozen_head_nll(
     head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -76,4 +119,7 @@ def frozen_head_nll(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    vocab = int8_vocab_of(head)
+    if vocab is not None:
+        return _Int8HeadNLL.apply(h, vocab, y, compute_dtype), n
     return _FrozenHeadNLL.apply(h, head.weight, y, chunk_tokens, compute_dtype), n

@@ -34,6 +34,7 @@ from .memory import (
     release_free_memory,
     set_malloc_policy,
 )
+from .vocab import install_int8_vocab
 from .quant_forward import KERNELS, install_fast_forward, int8_available, int8_cache_bytes, quant_linears
 from .pruning import (
     autocast,
@@ -63,6 +64,7 @@ class EngineTarget:
     to_original: Callable[[str], str] = _identity  # model parameter name -> base model name
     base_digest: str = ""
     drop_tokenizer: Callable[[], None] | None = None  # forgets the owner's references (TrainConfig.release_tokenizer)
+    int8_vocab: bool = False  # the tied vocabulary was shipped as int8 rows: train from int8 rows (vocab.py)
 
     def adapter_names(self) -> dict[str, str]:
         """Original name -> model name for every parameter of the trainable blocks."""
@@ -234,6 +236,8 @@ def train_model(
             int8_layers = len(lowbit)
     undo_lowbit = install_fast_forward(model, dtype, int8_layers)
     fast = bool(lowbit) and int8_layers == len(lowbit)  # no budget: memory for speed
+    # the shipped int8 vocabulary back in int8 rows: half the memory of its bf16 copy
+    undo_vocab = install_int8_vocab(model, dtype) if target.int8_vocab and dtype != torch.float32 else None
     if dtype != torch.float32:
         # the frozen adapter in fp16 where that is exact (bundles ship it so), before the
         # budget reads RSS: 2 bytes a weight less for everything that does not train
@@ -356,6 +360,8 @@ def train_model(
     eval_after = eval_ppl(model, data.heldout, cfg, device, dtype)
     adapter = export_adapter(target)
     # the caller (e.g. a Flower client evaluating without autocast) gets its dtypes back
+    if undo_vocab is not None:
+        undo_vocab()
     undo_frozen_weights(cast_back)
     undo_lowbit()
     losses = state["losses"]
@@ -393,12 +399,21 @@ def train_model(
         "flops_per_step": flops_per_step,
         "lowbit_int8_layers": int8_layers,
         "fast_mode": fast,
+        "int8_vocab": undo_vocab is not None,
         "lowbit_layers": len(lowbit),
         "lowbit_int8_cache_mb": sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB,
     }
     if choice is not None:
         metrics["budget"] = choice.as_dict()
     return TrainResult(adapter_state=adapter, metrics=metrics)
+
+
+def _vocab_shipped_int8(bundle) -> bool:
+    encoded = (getattr(bundle, "manifest", None) or {}).get("storage", {}).get("encoded", {})
+    emb = bundle.model.get_input_embeddings() if hasattr(bundle.model, "get_input_embeddings") else None
+    names = [n for n, p in bundle.model.named_parameters() if emb is not None and p is emb.weight]
+    originals = {bundle.to_original(n) for n in names} | set(names)
+    return any(encoded.get(n, {}).get("codec") == "int8-row" for n in originals)
 
 
 def train_adapter(
@@ -422,6 +437,7 @@ def train_adapter(
         to_original=bundle.to_original,
         base_digest=bundle.base_digest,
         drop_tokenizer=lambda: setattr(bundle, "tokenizer", None),
+        int8_vocab=_vocab_shipped_int8(bundle),
     )
     return train_model(
         target, examples, cfg, progress=progress, initial_adapter=initial_adapter, on_step=on_step, log=log

@@ -1,0 +1,91 @@
+"""The int8 vocabulary computes what its decoded matrix computes, and holds half the memory."""
+
+import pytest
+import torch
+
+from offsite.client.engine.headloss import _FrozenHeadNLL, frozen_head_nll
+from offsite.client.engine.vocab import Int8Vocab, install_int8_vocab
+from offsite.emulators.models import load_model
+from offsite.emulators.vocab_codec import int8_rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny-llama with its tied vocabulary as a bundle ships it (int8 rows, decoded)."""
+    model = load_model("tiny-llama").model
+    model.eval().requires_grad_(False)
+    w = model.get_input_embeddings().weight
+    codes, scale = int8_rows(w)
+    w.data = codes.float() * scale
+    return model
+
+
+def test_rows_reproduce_a_shipped_int8_matrix():
+    torch.manual_seed(0)
+    codes, scale = int8_rows(torch.randn(300, 48))
+    shipped = codes.float() * scale
+    v = Int8Vocab(shipped)
+    assert torch.equal(v.codes, codes)
+    torch.testing.assert_close(v.dense(torch.float32), shipped, rtol=1e-6, atol=0)
+    # from a bf16 decode (what a bf16 client loads), the codes come back within one step
+    v16 = Int8Vocab(shipped.to(torch.bfloat16))
+    assert (v16.codes.int() - codes.int()).abs().max() <= 1
+
+
+def test_install_serves_lookup_logits_and_undo(tiny):
+    emb, head = tiny.get_input_embeddings(), tiny.get_output_embeddings()
+    dense = emb.weight.detach().clone()
+    ids = torch.randint(0, dense.shape[0], (2, 9))
+    h = torch.randn(2, 9, dense.shape[1])
+    undo = install_int8_vocab(tiny, torch.float32)
+    assert undo is not None
+    try:
+        assert emb.weight.untyped_storage().nbytes() < 16  # no vocabulary-sized copy is left
+        assert emb.weight.shape == dense.shape
+        torch.testing.assert_close(emb(ids), dense[ids], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(head(h), h @ dense.t(), rtol=1e-5, atol=1e-5)
+    finally:
+        undo()
+    torch.testing.assert_close(emb.weight.detach(), dense, rtol=1e-6, atol=0)
+    assert "forward" not in emb.__dict__ and "forward" not in head.__dict__
+    assert head.weight is emb.weight
+
+
+def test_not_installed_on_a_trainable_or_untied_vocabulary(tiny):
+    w = tiny.get_input_embeddings().weight
+    w.requires_grad_(True)
+    try:
+        assert install_int8_vocab(tiny, torch.float32) is None
+    finally:
+        w.requires_grad_(False)
+
+
+@pytest.mark.parametrize("n", [5, 70])
+def test_sliced_loss_and_gradient_match_the_dense_head(tiny, n, monkeypatch):
+    from offsite.client.engine import vocab as vocab_mod
+
+    monkeypatch.setattr(vocab_mod, "SLICE_ROWS", 64)  # several slices on the tiny vocabulary
+    head = tiny.get_output_embeddings()
+    dense = head.weight.detach().clone()
+    torch.manual_seed(n)
+    hidden = torch.randn(1, n + 1, dense.shape[1], requires_grad=True)
+    labels = torch.randint(0, dense.shape[0], (1, n + 1))
+    labels[0, 3] = -100  # an ignored position
+    want, count = (
+        _FrozenHeadNLL.apply(
+            hidden[0, :-1][labels[0, 1:] != -100], dense, labels[0, 1:][labels[0, 1:] != -100], 16, torch.float32
+        ),
+        None,
+    )
+    want.backward()
+    want_grad = hidden.grad.clone()
+    hidden.grad = None
+    undo = install_int8_vocab(tiny, torch.float32)
+    try:
+        got, count = frozen_head_nll(head, hidden, labels, 16, torch.float32)
+        got.backward()
+    finally:
+        undo()
+    assert count == int((labels[0, 1:] != -100).sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad, want_grad, rtol=1e-4, atol=1e-5)
