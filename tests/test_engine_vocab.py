@@ -89,3 +89,69 @@ def test_sliced_loss_and_gradient_match_the_dense_head(tiny, n, monkeypatch):
     assert count == int((labels[0, 1:] != -100).sum())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(hidden.grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    """A tiny-llama bundle as the product ships them: an int3-AWQ middle, int8 vocabulary rows."""
+    from offsite.emulators.build import BuildConfig, Corpus, prepare_emulator
+    from offsite.emulators.bundle import write_bundle
+    from offsite.emulators.data import Example, tokenize_examples
+    from offsite.emulators.signing import generate_signing_key
+
+    keys = generate_signing_key(tmp_path_factory.mktemp("keys"))
+    loaded = load_model("tiny-llama")
+    blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
+    cfg = BuildConfig(model="tiny-llama", quantize="int3", awq=True, block_size=64)
+    emulator, plan, block_quant, _ = prepare_emulator(
+        cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
+    )
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    write_bundle(
+        out,
+        emulator,
+        plan,
+        tokenizer=loaded.tokenizer,
+        base_model_id="tiny-llama",
+        base_digest=loaded.digest,
+        signing_key=keys[0],
+        block_quant=block_quant,
+        embeddings="int8",
+        adapter_dtype="fp16",
+    )
+    return out, keys[1]
+
+
+@pytest.mark.parametrize("budget", [None, "auto"])
+def test_bundle_training_uses_int8_rows_and_gives_the_vocabulary_back(int8_bundle, budget):
+    from offsite.client.engine import TrainConfig, train_adapter
+    from offsite.client.engine.quant_forward import int8_available
+    from offsite.emulators.bundle import load_bundle
+    from offsite.emulators.data import Example
+
+    bundle = load_bundle(int8_bundle[0], int8_bundle[1], runtime="lean", vocab_dtype=torch.bfloat16)
+    emb = bundle.model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    examples = [Example("", f"def f{i}(x):\n    return x + {i}\n" * 12) for i in range(12)]
+    cfg = TrainConfig(
+        scheme="top:full",  # with a budget, the budget chooses
+        memory_budget_mb=budget,
+        steps=2,
+        lr=1e-3,
+        block_size=32,
+        batch_size=2,
+        precision="bf16",
+        probe_steps=1,
+    )
+    r = train_adapter(bundle, examples, cfg, progress=False, log=lambda _m: None)
+    m = r.metrics
+    assert m["int8_vocab"] is True
+    assert all(torch.isfinite(torch.tensor(m["losses"])))
+    assert m["lowbit_layers"] > 0
+    if budget is None and int8_available():  # no budget: the whole int8 cache, the fast allocator
+        assert m["lowbit_int8_layers"] == m["lowbit_layers"] and m["fast_mode"] is True
+    if budget is not None:
+        assert 0 <= m["lowbit_int8_layers"] <= m["lowbit_layers"] and "budget" in m
+    assert bundle.model.get_input_embeddings().weight is emb  # the same parameter, values back
+    assert emb.untyped_storage().nbytes() == before.numel() * before.element_size()
+    torch.testing.assert_close(emb.detach(), before, rtol=2**-7, atol=0)
