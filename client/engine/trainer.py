@@ -251,6 +251,7 @@ def train_model(
 
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
+        release_free_memory()  # the probes' freed buffers: the run starts from the estimate's base
         if lowbit and int8_layers == 0 and cfg.lowbit_kernel == "auto" and int8_available():
             # the estimate leaves out the step's transient buffers (measured 35-55 MB over it on the
             # shipped emulator), so the cache only takes room beyond that slack

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-SLICE_ROWS = 2048  # vocabulary rows per slice: 2048 x 576 codes decode to 2.4 MB of bf16
+SLICE_ROWS = 1024  # vocabulary rows per slice: for 1024 tokens, 8 MB of logits workspace
 
 
 class Int8Vocab:
