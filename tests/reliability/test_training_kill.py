@@ -63,7 +63,8 @@ def test_a_killed_training_resumes_to_the_same_adapter_bit_for_bit(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.safetensors"
     proc = subprocess.Popen(_train(bundle, data, out, ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 600
-    while not (ckpt.is_dir() and any(p.name.startswith("step-") for p in ckpt.iterdir())):
+    # The first checkpoint is complete once LATEST names it (its step directory appears just before).
+    while not (ckpt / "LATEST").is_file():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
