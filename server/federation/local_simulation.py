@@ -6,8 +6,10 @@ a Flower configuration with one connection to it, then `flwr run APP local-simul
 --federation-config num-supernodes=N ...` and the same job.json watch as a deployment
 (`deployment.submit_run`). The SuperLink runs the ServerApp and the Ray backend in its own
 `flwr-simulation` child, so nothing of Ray or Flower stays in the caller's process, and its
-output goes to the log file, not the caller's terminal. When the job ends, fails or is
-cancelled, the SuperLink's whole process group is stopped: a cancel takes effect at once.
+output goes to the log file, not the caller's terminal. The SuperLink runs under
+process_guard, so when the job ends, fails or is cancelled, or the caller is killed, its whole
+process tree (SuperExec, flwr-simulation, Ray) is stopped and its temp directory removed: a
+cancel takes effect at once, as `flwr stop` does for a deployment.
 
 Flower's managed local SuperLink (`address = ":local:"`) is the same runtime, but it detaches
 one long-lived SuperLink per FLWR_HOME on fixed ports (39091/39093): concurrent servers and
@@ -78,7 +80,7 @@ def _log_tail(path: Path, n: int = 1500) -> str:
 def local_superlink(
     state_dir: str | Path, log_path: str | Path | None = None, env: dict | None = None, on_process=None
 ):
-    """A simulation-mode SuperLink for the duration of the block; its process group ends with it."""
+    """A simulation-mode SuperLink for the duration of the block; its process tree ends with it."""
     state = Path(state_dir)
     home = state / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
