@@ -178,3 +178,25 @@ def test_int8_adapter_gradients_match_the_rebuild_on_a_tiny_emulator():
     cos = torch.nn.functional.cosine_similarity(got, want, dim=0).item()
     rel = ((got - want).norm() / want.norm()).item()
     assert cos > 0.995 and rel < 0.1, (cos, rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_by_runs_of_rows_matches_the_whole_weight(monkeypatch, dtype):
+    from offsite.client.engine import quant_forward
+
+    layer = _layer(3, awq=True, bias=True, in_f=128, out_f=48)
+    layer.compute_dtype = dtype
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        want = layer(x)
+        monkeypatch.setattr(quant_forward, "ROW_BYTES", 16 * 4 * 128)  # runs of 16 rows: 3 runs
+        undo = install_fast_forward(layer, dtype)
+        got = layer(x)
+        undo()
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(
+        got.float(),
+        want.float(),
+        rtol=1e-5 if dtype == torch.float32 else 2e-2,
+        atol=1e-5 if dtype == torch.float32 else 2e-2,
+    )

@@ -35,6 +35,7 @@ KERNELS = ("auto", "int8", "dequant")
 # mmap threshold (memory.set_malloc_policy), so they are reused from the heap instead of being
 # mapped and page-faulted afresh each call (whole-batch temporaries made the kernel slower than bf16).
 ROWS = 128
+ROW_BYTES = 768 * 1024  # the rebuild kernel's int32 unpack of one run of weight rows stays below 1 MiB
 
 
 def is_quant_linear(module: nn.Module) -> bool:
@@ -88,9 +89,36 @@ def dequantize(layer: nn.Module, prepared: _Prepared) -> torch.Tensor:
     return codes.sub_(prepared.zeros).mul_(prepared.scales).view(layer.out_features, layer.in_features)
 
 
+def _dequantize_rows(layer: nn.Module, prepared: _Prepared, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of `dequantize(layer, prepared)` (3-bit codes: whole 24-bit words per row run)."""
+    k = layer.in_features
+    packed = layer.qweight[r0 * k * 3 // 8 : r1 * k * 3 // 8]
+    codes = unpack_codes_as(packed, 3, (r1 - r0) * k, prepared.dtype).view(r1 - r0, layer.n_groups, layer.group_size)
+    return codes.sub_(prepared.zeros[r0:r1]).mul_(prepared.scales[r0:r1]).view(r1 - r0, k)
+
+
+def _forward_by_rows(layer: nn.Module, prepared: _Prepared, x: torch.Tensor) -> torch.Tensor:
+    """The no-grad forward a run of output rows at a time: the rebuilt rows and their int32 unpack
+    stay under the 1 MiB mmap threshold (memory.set_malloc_policy), so they come from the heap
+    instead of fresh, page-faulted mappings every call."""
+    rows = max(8, (ROW_BYTES // (4 * layer.in_features)) // 8 * 8)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = prepared.dtype if autocast else x.dtype
+    x = x.to(dtype)
+    out = torch.empty(*x.shape[:-1], layer.out_features, dtype=dtype, device=x.device)
+    for r0 in range(0, layer.out_features, rows):
+        r1 = min(r0 + rows, layer.out_features)
+        w = _dequantize_rows(layer, prepared, r0, r1).to(dtype)
+        bias = None if prepared.bias is None else prepared.bias[r0:r1].to(dtype)
+        out[..., r0:r1] = F.linear(x, w, bias)
+    return out
+
+
 def _forward(layer: nn.Module, prepared: _Prepared, x: torch.Tensor) -> torch.Tensor:
     if prepared.inv_input_scale is not None:
         x = x * prepared.inv_input_scale.to(x.dtype)
+    if layer.bits == 3 and layer.in_features % 8 == 0 and not (torch.is_grad_enabled() and x.requires_grad):
+        return _forward_by_rows(layer, prepared, x)
     w = dequantize(layer, prepared)
     bias = prepared.bias
     if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts both itself
