@@ -8,10 +8,13 @@ cache) and watches its job (WatchJob, first event). Reported: p50/p99/max of eac
 errors, and the server's RSS and open file descriptors sampled every 0.25 s from /proc.
 
 **Soak.** J tiny federated jobs (tiny-llama, 2 clients, 1 round, 1 local step) back to back
-through Flower's Simulation Engine in this process, all in one data directory. After each:
-this process's RSS and open fds, the temporary directories left in $TMPDIR, and the size of
-the data directory. The claim: RSS and fds at the end within 10% of after the first job, no
-leaked temp dirs, the data directory growing linearly.
+through Flower's Simulation Engine (`run_simulation_job`: `flwr run` on the job's own local
+simulation SuperLink, whose process tree holds the ServerApp and Ray), all in one data
+directory, driven by this process as the server drives its jobs. After each: this process's
+RSS and open fds, the processes it left running, the temporary directories left in $TMPDIR
+(a private one), and the size of the data directory. The claim: RSS and fds at the end
+within 10% of after the warm-up jobs, no process or temp dir left, the data directory
+growing linearly.
 
     OMP_NUM_THREADS=1 python -m bench.load --clients 200 --soak-jobs 50 --json bench/results/load.json
 """
@@ -190,15 +193,18 @@ def run_load(clients: int, work: Path) -> dict:
 
 def _tmp_dirs() -> set[str]:
     root = Path(tempfile.gettempdir())
-    return {p.name for p in root.iterdir() if p.is_dir()}
+    # Simulation scratch dirs go to /tmp when $TMPDIR is long (Ray's socket paths): count this process's.
+    own = {p.name for p in Path("/tmp").glob(f"offsite-sim-{os.getpid()}-*")}
+    return {p.name for p in root.iterdir() if p.is_dir()} | own
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_soak(jobs: int, work: Path) -> dict:
+def run_soak(jobs: int, work: Path, warmup: int = 1, on_row=None, max_s: float = 0.0) -> dict:
     from offsite.server.federation.job_runner import prepare_local_job, run_simulation_job
+    from offsite.server.federation.process_guard import descendants
 
     data_dir = work / "soak"
     # A private temp root: what is left in it after a job is this process's leak, not a neighbour's.
@@ -207,7 +213,11 @@ def run_soak(jobs: int, work: Path) -> dict:
     os.environ["TMPDIR"] = tempfile.tempdir = str(private_tmp)
     tmp_before = _tmp_dirs()
     rows = []
+    started = time.monotonic()
     for n in range(1, jobs + 1):
+        if max_s and n > 1 and time.monotonic() - started + rows[-1]["seconds"] > max_s:
+            print(f"soak: stopping after {n - 1} jobs (--soak-max-minutes)", flush=True)
+            break
         t0 = time.perf_counter()
         error = ""
         try:
@@ -224,7 +234,9 @@ def run_soak(jobs: int, work: Path) -> dict:
                 round_timeout=300,
                 name=f"soak-{n}",
             )
-            run_simulation_job(job)
+            done = run_simulation_job(job)
+            if done.get("status") != "completed":  # a run that ended without its release is a failed job
+                raise RuntimeError(f"job ended {done.get('status')!r}: {done.get('error', '')}")
         except Exception as e:  # noqa: BLE001 - a failed job is a soak result (e.g. Ray's OOM killer)
             error = f"{type(e).__name__}: {str(e)[-300:]}"
         rss, fds = _proc_sample(os.getpid())
@@ -235,16 +247,30 @@ def run_soak(jobs: int, work: Path) -> dict:
                 "rss_mib": round(rss, 1),
                 "fds": fds,
                 "data_dir_bytes": _dir_bytes(data_dir),
+                "processes_left": len(descendants(os.getpid())),
                 "error": error,
                 "tmp_dirs_new": sorted(_tmp_dirs() - tmp_before)[:10],
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    first, last = rows[0], rows[-1]
+        if on_row is not None:  # a run cut short (a time limit) keeps what it measured
+            on_row(rows)
+    first, last = rows[min(warmup, len(rows)) - 1], rows[-1]
     growth = [b["data_dir_bytes"] - a["data_dir_bytes"] for a, b in zip(rows, rows[1:])]
     return {
-        "jobs": jobs,
+        "jobs": len(rows),
+        "jobs_asked": jobs,
+        "warmup_jobs": warmup,
         "rows": rows,
+        "rss_mib_range_after_warmup": [
+            min(r["rss_mib"] for r in rows[warmup - 1 :]),
+            max(r["rss_mib"] for r in rows[warmup - 1 :]),
+        ],
+        "fds_range_after_warmup": [
+            min(r["fds"] for r in rows[warmup - 1 :]),
+            max(r["fds"] for r in rows[warmup - 1 :]),
+        ],
+        "processes_left_max": max(r["processes_left"] for r in rows),
         "rss_change_pct": round(100 * (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"], 1),
         "fds_change_pct": round(100 * (last["fds"] - first["fds"]) / max(1, first["fds"]), 1),
         "tmp_dirs_leaked": sorted(_tmp_dirs() - tmp_before)[:20],
@@ -257,6 +283,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--soak-jobs", type=int, default=50, help="0 skips the soak")
+    ap.add_argument("--soak-max-minutes", type=float, default=0.0, help="stop the soak before this (0: no limit)")
+    ap.add_argument("--soak-warmup", type=int, default=1, help="jobs before the soak's reference point")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -279,7 +307,12 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(out, indent=2))
         if args.soak_jobs:
-            out["soak"] = run_soak(args.soak_jobs, Path(tmp))
+
+            def partial(rows: list) -> None:
+                if args.json:
+                    args.json.write_text(json.dumps(out | {"soak_partial_rows": rows}, indent=2))
+
+            out["soak"] = run_soak(args.soak_jobs, Path(tmp), args.soak_warmup, partial, 60 * args.soak_max_minutes)
             print(json.dumps({k: v for k, v in out["soak"].items() if k != "rows"}, indent=2))
     out["machine_after"] = machine_state()
     if args.json:

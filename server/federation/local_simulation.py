@@ -86,8 +86,11 @@ def local_superlink(
     home.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path) if log_path else state / "flower.log"
     # Ray's session files (and any other temp files of the tree) go to a directory of this job's
-    # own, removed with it; short, because Ray's socket paths must fit in 107 bytes.
-    scratch = tempfile.mkdtemp(prefix="offsite-sim-")
+    # own, removed with it. Its path must stay short: Ray's socket paths below it
+    # (ray/session_<time>_<pid>/sockets/plasma_store, ~70 bytes) must fit in 107 bytes, or Ray
+    # cannot start; a long $TMPDIR is passed over for /tmp.
+    base = tempfile.gettempdir()
+    scratch = tempfile.mkdtemp(prefix=f"offsite-sim-{os.getpid()}-", dir=base if len(base) <= 20 else "/tmp")
     env = {"RAY_TMPDIR": scratch, "TMPDIR": scratch} | dict(env or {})
     try:
         with _guarded_superlink(state, home, log_path, env, on_process) as link:
