@@ -155,3 +155,23 @@ def test_bundle_training_uses_int8_rows_and_gives_the_vocabulary_back(int8_bundl
     assert bundle.model.get_input_embeddings().weight is emb  # the same parameter, values back
     assert emb.untyped_storage().nbytes() == before.numel() * before.element_size()
     torch.testing.assert_close(emb.detach(), before, rtol=2**-7, atol=0)
+
+
+def test_held_out_perplexity_from_int8_rows_matches_the_dense_head(tiny):
+    from offsite.client.engine import TrainConfig
+    from offsite.client.engine.trainer import eval_ppl
+    from offsite.emulators.data import TokenBlocks
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, tiny.get_input_embeddings().weight.shape[0], (5, 24))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    blocks = TokenBlocks(ids, labels, torch.ones_like(ids))
+    cfg = TrainConfig(batch_size=2, eval_batches=2)
+    want = eval_ppl(tiny, blocks, cfg, torch.device("cpu"), torch.float32)
+    undo = install_int8_vocab(tiny, torch.float32)
+    try:
+        got = eval_ppl(tiny, blocks, cfg, torch.device("cpu"), torch.float32)
+    finally:
+        undo()
+    assert got == pytest.approx(want, rel=1e-5)

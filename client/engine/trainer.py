@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from offsite.emulators.data import Example, TokenBlocks, tokenize_examples
 from offsite.emulators.families import Family
-from offsite.emulators.losses import perplexity
+from offsite.emulators.losses import hidden_states, perplexity
 
 from . import checkpoint as ckpt
 from . import optim
@@ -34,7 +34,8 @@ from .memory import (
     release_free_memory,
     set_malloc_policy,
 )
-from .vocab import install_int8_vocab
+from .headloss import frozen_head_nll
+from .vocab import install_int8_vocab, int8_vocab_of
 from .quant_forward import KERNELS, install_fast_forward, int8_available, int8_cache_bytes, quant_linears
 from .pruning import (
     autocast,
@@ -129,6 +130,19 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def eval_ppl(model: nn.Module, blocks: TokenBlocks | None, cfg: TrainConfig, device, dtype) -> float | None:
     if blocks is None:
         return None
+    head = model.get_output_embeddings()
+    if int8_vocab_of(head) is not None:
+        # the int8 vocabulary's sliced loss, as training computes it: the chunked cross-entropy
+        # would hold a chunk's logits three times over (bf16, fp32, log-softmax), ~20 MB more
+        total, count = 0.0, 0
+        for i, (ids, labels, mask) in enumerate(blocks.batches(cfg.batch_size, shuffle=False)):
+            if cfg.eval_batches is not None and i >= cfg.eval_batches:
+                break
+            with autocast(device, dtype):
+                hidden = hidden_states(model, ids.to(device), mask.to(device))
+                nll, n = frozen_head_nll(head, hidden, labels.to(device), cfg.loss_chunk_tokens, dtype)
+            total, count = total + float(nll), count + n
+        return math.exp(total / max(count, 1))
     return perplexity(
         model,
         blocks,
