@@ -16,6 +16,8 @@ training phase alone, VmHWM reset after loading):
 - offsite_sparse: the engine on the same bundle under --budget-mb (contribution analysis;
   default "auto": the minimum measured on this machine at run time plus a margin, so the
   documented command never trips "below the minimum" on a machine with a larger runtime).
+  --lowbit-kernel (auto | int8 | dequant) picks the frozen middle's kernel: "auto" lets the
+  budget decide (int8 only in the room the update leaves); "int8" is the engine's fast mode.
 
 The offsite modes load the bundle the way `offsite-client train` does: the lean runtime
 (no transformers model classes) with the vocabulary decoded into the compute dtype. The
