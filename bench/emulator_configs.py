@@ -121,6 +121,8 @@ FULL_CONFIGS: list[EmulatorConfig] = [
     # issue 12: information a fully fine-tuning data owner cannot bring back (pruned channels
     # are a fixed point of gradient descent), and loss elevation (undone by retraining norms?)
     EmulatorConfig("int4-awq-prune50", bits=4, awq=True, prune_fraction=0.5),
+    EmulatorConfig("int4-awq-prune10", bits=4, awq=True, prune_fraction=0.10),
+    EmulatorConfig("int4-awq-prune15", bits=4, awq=True, prune_fraction=0.15),
     EmulatorConfig("int4-awq-prune25", bits=4, awq=True, prune_fraction=0.25),
     EmulatorConfig("int4-awq-prune35", bits=4, awq=True, prune_fraction=0.35),
     EmulatorConfig("int3-awq-prune25", bits=3, awq=True, prune_fraction=0.25),

@@ -546,6 +546,8 @@ def write_frontier(
         opts = build_options(cfg)
         if opts is None or any(r[_prot_key(o, s)] is None for o in ATTACKERS for s in ("own_domain", "general")):
             continue  # a bench-only lever, or an owner not measured yet: the dial needs all three
+        if r["plugin_share"] <= 0:
+            continue  # the plug-in is worse than the untuned model: protection without a product
         points.append(
             {
                 "config": cfg.name,
