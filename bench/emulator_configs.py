@@ -139,7 +139,7 @@ FULL_CONFIGS: list[EmulatorConfig] = [
 # run with --configs NAME.
 PENDING_CONFIGS: list[EmulatorConfig] = []
 QUICK_CONFIGS: list[EmulatorConfig] = [EmulatorConfig("int4+emb4", bits=4, embed_bits=4)]
-NAMED = "int3-awq"
+NAMED = "int4-awq-prune10"
 
 
 def build_emulator(loaded, cfg: EmulatorConfig, train, heldout, proto: Protocol, progress: bool = False):
