@@ -30,7 +30,10 @@ from .registry import Registry
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "tiny-gpt2", "tiny-opt")
+# The names offsite.emulators.models.KNOWN_MODELS loads (default, the optional `make qwen` model,
+# tiny test models), spelled out so the server does not import torch to check a name;
+# tests/test_server_state_models.py keeps the two equal.
+BUILTIN_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "tiny-llama", "tiny-gpt2", "tiny-opt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADMIN_TOKEN_FILE = "admin.token"
 
