@@ -56,7 +56,7 @@ def shipped_emulator():
     """(name, BuildConfig) of the emulator `make demo` builds by default: the one we ship.
 
     One source of truth: the demo's own defaults, built the way the demo builds them. The
-    name follows bench/results/offsite_quality.json's row names (e.g. "int3-awq")."""
+    name follows bench/results/offsite_quality.json's row names (e.g. "int4-awq-prune10")."""
     from offsite.emulators.build import BuildConfig
     from offsite.server.cli.demo import DemoConfig
 
@@ -68,10 +68,13 @@ def shipped_emulator():
         distill_steps=d.distill_steps,
         quantize=d.quantize,
         awq=d.awq,
+        prune_fraction=d.prune_fraction,
         block_size=d.block_size,
         seed=d.seed,
     )
-    name = d.quantize + ("-awq" if d.awq else "")
+    name = (
+        d.quantize + ("-awq" if d.awq else "") + (f"-prune{round(d.prune_fraction * 100)}" if d.prune_fraction else "")
+    )
     if d.emulator_layers:
         name += f"-{d.emulator_layers}layers"
     if d.distill_steps:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from offsite.cli import console, emit_json, err_console, fail, json_option
 
-from .demo_stages import DEFAULT_AWQ, DEFAULT_QUANTIZE, STAGES, DemoConfig, run_demo
+from .demo_stages import DEFAULT_AWQ, DEFAULT_PRUNE, DEFAULT_QUANTIZE, STAGES, DemoConfig, run_demo
 
 # What --fresh removes (the keys stay: a new key would orphan every bundle signed before).
 RESULTS = (
@@ -106,6 +106,9 @@ def demo(
         DEFAULT_QUANTIZE, "--quantize", help="emulator middle weights: none|int8|int4|int3|int2"
     ),
     awq: bool = typer.Option(DEFAULT_AWQ, "--awq/--no-awq", help="activation-aware scaling before rounding"),
+    prune: float = typer.Option(
+        DEFAULT_PRUNE, "--prune", help="share of each middle block's MLP channels removed, gradient-scored (0: none)"
+    ),
     emulator_layers: int | None = typer.Option(None, "--emulator-layers", help="middle blocks to keep (default: all)"),
     distill_steps: int = typer.Option(0, "--distill-steps", help="distillation steps of the emulator"),
     steps: int = typer.Option(40, "--steps", help="adapter fine-tuning steps on the emulator"),
@@ -141,6 +144,7 @@ def demo(
         model=model,
         quantize=quantize,
         awq=awq,
+        prune_fraction=prune,
         emulator_layers=emulator_layers,
         distill_steps=distill_steps,
         steps=steps,

@@ -28,12 +28,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from offsite.cli import err_console
 
-# The cheap but sensible default emulator: every middle block kept, stored at 3 bits with
-# activation-aware scaling. On this model low-bit blocks beat dropped blocks by far, and
-# 3 bits (unlike 4) keeps the emulator alone clearly worse than the plug-in (docs/benchmarks.md,
-# "Emulator quality").
-DEFAULT_QUANTIZE = "int3"
-DEFAULT_AWQ = True
+
+def _named_default() -> dict:
+    # The shipped emulator is the measured frontier's named default (the best point at >= 1.3x
+    # against the strongest data owner, emulators/frontier.json; docs/benchmarks.md, "Emulator
+    # quality"), so the demo, the client benches and `--protection` all mean the same bundle.
+    from offsite.emulators.frontier import default_build_options
+
+    return default_build_options("smollm2-135m")
+
+
+_NAMED = _named_default()
+DEFAULT_QUANTIZE: str = _NAMED.get("quantize", "none")
+DEFAULT_AWQ: bool = bool(_NAMED.get("awq", False))
+DEFAULT_PRUNE: float = float(_NAMED.get("prune_fraction", 0.0))
 
 
 @dataclass
@@ -41,6 +49,7 @@ class DemoConfig:
     model: str = "smollm2-135m"
     quantize: str = DEFAULT_QUANTIZE
     awq: bool = DEFAULT_AWQ
+    prune_fraction: float = DEFAULT_PRUNE
     emulator_layers: int | None = None
     distill_steps: int = 0
     adapter_layers: tuple[int, int] = (2, 2)
@@ -201,6 +210,7 @@ def stage_bundle(run: DemoRun) -> str:
         distill_steps=cfg.distill_steps,
         quantize=cfg.quantize,
         awq=cfg.awq,
+        prune_fraction=cfg.prune_fraction,
         block_size=cfg.block_size,
         seed=cfg.seed,
     )
@@ -211,7 +221,8 @@ def stage_bundle(run: DemoRun) -> str:
             if same and manifest["base_model"]["digest"] == run.loaded.digest:
                 run.manifest = manifest
                 return f"reusing {run.bundle_dir} (same configuration)"
-    with run.progress(f"{cfg.quantize}{' + AWQ' if cfg.awq else ''} emulator of {cfg.model}", 1.0) as update:
+    steps = f"{cfg.quantize}{' + AWQ' if cfg.awq else ''}{f' + {cfg.prune_fraction:.0%} pruned' if cfg.prune_fraction else ''}"
+    with run.progress(f"{steps} emulator of {cfg.model}", 1.0) as update:
         run.manifest = build_bundle(
             build, run.key, run.bundle_dir, progress=False, overwrite=True, loaded=run.loaded, on_progress=update
         )
