@@ -19,6 +19,7 @@ the models and the revisions disagree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 HERE = Path(__file__).resolve().parent
 BASELINE = "0001"
@@ -121,22 +123,33 @@ def _has_registry_tables(conn: Connection) -> bool:
     return any(insp.has_table(name) for name in _baseline().BASELINE_COLUMNS)
 
 
+_SQLITE_MIGRATION_WAIT_MS = 120_000
+
+
 def upgrade(engine: Engine, metadata: MetaData) -> str:
     """Migrate to the newest revision; returns it. Raises SchemaTooNew (nothing written).
     `metadata`: the registry's models (registry.Base.metadata; passed in, so this package
     never imports the registry)."""
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-        elif conn.dialect.name == "sqlite":
-            # pysqlite defers BEGIN to the first write and runs DDL outside a transaction: take
-            # the write lock now, so processes opening a fresh file together migrate one by one.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        revs = check_not_newer(conn)
-        if revs == (head(),):
-            return revs[0]  # the common case: nothing to do, skip loading Alembic's environment
-        if not revs and _has_registry_tables(conn):
-            _adopt_legacy(conn, metadata)
-            MigrationContext.configure(conn).stamp(script(), BASELINE)
-        command.upgrade(config(conn, metadata), "head")
+        try:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+            elif conn.dialect.name == "sqlite":
+                # pysqlite defers BEGIN to the first write and runs DDL outside a transaction: take
+                # the write lock now, so processes opening a fresh file together migrate one by one.
+                # Another process's migration (Alembic's first load) can take longer than the
+                # engine's 10 s busy timeout on a loaded machine, so wait for it longer here.
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={_SQLITE_MIGRATION_WAIT_MS}")
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            revs = check_not_newer(conn)
+            if revs == (head(),):
+                return revs[0]  # the common case: nothing to do, skip loading Alembic's environment
+            if not revs and _has_registry_tables(conn):
+                _adopt_legacy(conn, metadata)
+                MigrationContext.configure(conn).stamp(script(), BASELINE)
+            command.upgrade(config(conn, metadata), "head")
+        finally:
+            if conn.dialect.name == "sqlite":
+                with contextlib.suppress(SQLAlchemyError):  # never hide the migration's own error
+                    conn.exec_driver_sql("PRAGMA busy_timeout=10000")  # the engine's own (registry.store)
     return head()
