@@ -54,6 +54,10 @@ def test_the_guard_ends_its_whole_tree(tmp_path, how):
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     try:
         guard_pid, grandchild = map(int, parent.stdout.readline().split())
+        # `setsid` calls setsid() just after its exec, which can be after the pid was printed
+        deadline = time.monotonic() + 10
+        while _alive(grandchild) and os.getsid(grandchild) == os.getsid(guard_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert _alive(grandchild) and os.getsid(grandchild) != os.getsid(guard_pid)  # outside the group
         if how == "parent-killed":
             parent.send_signal(signal.SIGKILL)
