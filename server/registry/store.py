@@ -8,6 +8,8 @@ Every method opens its own short session and returns detached rows
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,10 +39,19 @@ def url_without_password(url: str) -> str:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    # WAL lets readers run beside a writer; FULL sync so an acknowledged write survives a crash.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=10000")
+    # WAL lets readers run beside a writer; FULL sync so an acknowledged write survives a crash.
+    # Switching a fresh file to WAL needs it to itself, and SQLite answers "locked" at once
+    # (no busy wait) when another connection opens the same fresh file at that moment: retry.
+    for attempt in range(100):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 99:
+                raise
+            time.sleep(0.05)
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
