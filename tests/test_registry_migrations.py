@@ -112,6 +112,19 @@ def test_servers_opening_a_fresh_database_together_migrate_once(url):
     assert errors == [] and _revision(url) == head()
 
 
+def test_sqlite_connections_get_the_engines_busy_timeout_back_after_migrating(tmp_path):
+    # The migration waits longer for another process's migration; every later query must wait
+    # only the engine's own timeout again (the pool hands the migrating connection back out).
+    reg = Registry(f"sqlite:///{tmp_path}/registry.db")
+    with reg.engine.connect() as conn:
+        waits = {conn.exec_driver_sql("PRAGMA busy_timeout").scalar()}
+    for _ in range(3):
+        with reg.engine.connect() as conn:
+            waits.add(conn.exec_driver_sql("PRAGMA busy_timeout").scalar())
+    reg.close()
+    assert waits == {10000}
+
+
 def test_a_newer_schema_is_refused_and_nothing_is_written(url):
     Registry(url).close()
     engine = create_engine(url)

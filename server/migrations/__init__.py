@@ -131,6 +131,7 @@ def upgrade(engine: Engine, metadata: MetaData) -> str:
     `metadata`: the registry's models (registry.Base.metadata; passed in, so this package
     never imports the registry)."""
     with engine.begin() as conn:
+        own_wait_ms = None
         try:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
@@ -139,6 +140,7 @@ def upgrade(engine: Engine, metadata: MetaData) -> str:
                 # the write lock now, so processes opening a fresh file together migrate one by one.
                 # Another process's migration (Alembic's first load) can take longer than the
                 # engine's 10 s busy timeout on a loaded machine, so wait for it longer here.
+                own_wait_ms = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
                 conn.exec_driver_sql(f"PRAGMA busy_timeout={_SQLITE_MIGRATION_WAIT_MS}")
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             revs = check_not_newer(conn)
@@ -149,7 +151,7 @@ def upgrade(engine: Engine, metadata: MetaData) -> str:
                 MigrationContext.configure(conn).stamp(script(), BASELINE)
             command.upgrade(config(conn, metadata), "head")
         finally:
-            if conn.dialect.name == "sqlite":
+            if own_wait_ms is not None:  # give the connection back the engine's own busy timeout
                 with contextlib.suppress(SQLAlchemyError):  # never hide the migration's own error
-                    conn.exec_driver_sql("PRAGMA busy_timeout=10000")  # the engine's own (registry.store)
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={int(own_wait_ms)}")
     return head()
