@@ -96,13 +96,14 @@ def issue_certificate(
     return key, cert
 
 
-def _key_pem(key) -> bytes:
+def key_pem(key) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (written mode 600 by the callers)."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
+def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -130,14 +131,14 @@ def write_dev_pki(
         )
     ca_key, ca_cert = generate_ca()
     srv_key, srv_cert = issue_certificate(ca_key, ca_cert, hosts[0], hosts)
-    atomic_write(paths["ca_key"], _key_pem(ca_key), 0o600)
-    atomic_write(paths["ca_pem"], _cert_pem(ca_cert), 0o644)
-    atomic_write(paths["server_key"], _key_pem(srv_key), 0o600)
-    atomic_write(paths["server_pem"], _cert_pem(srv_cert), 0o644)
+    atomic_write(paths["ca_key"], key_pem(ca_key), 0o600)
+    atomic_write(paths["ca_pem"], cert_pem(ca_cert), 0o644)
+    atomic_write(paths["server_key"], key_pem(srv_key), 0o600)
+    atomic_write(paths["server_pem"], cert_pem(srv_cert), 0o644)
     if client_name:
         cl_key, cl_cert = issue_certificate(ca_key, ca_cert, client_name, (client_name,), client=True)
-        atomic_write(paths["client_key"], _key_pem(cl_key), 0o600)
-        atomic_write(paths["client_pem"], _cert_pem(cl_cert), 0o644)
+        atomic_write(paths["client_key"], key_pem(cl_key), 0o600)
+        atomic_write(paths["client_pem"], cert_pem(cl_cert), 0o644)
     return paths
 
 

@@ -390,3 +390,20 @@ def test_healthcheck_module_answers_from_a_real_server(tmp_path):
     finally:
         server.stop()
     assert main([address, "--timeout", "1"]) == 1  # stopped: unhealthy
+
+
+def test_superlink_tls_files_chain_to_their_ca_and_are_kept_on_a_second_call(tmp_path):
+    from cryptography import x509
+
+    from offsite.server.federation.deployment import make_tls
+
+    files = make_tls(tmp_path / "tls", hosts=("127.0.0.1", "superlink.local"))
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink.local"]
+    assert files.server_key.stat().st_mode & 0o777 == 0o600
+    before = files.server_cert.read_bytes()
+    assert make_tls(tmp_path / "tls").server_cert.read_bytes() == before

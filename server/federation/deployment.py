@@ -15,8 +15,6 @@ returns nothing through Flower), so the submitter watches job.json.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import secrets
@@ -67,69 +65,17 @@ class TlsFiles:
 
 def make_tls(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
     """A private CA and a SuperLink certificate for `hosts` (kept if already there)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from offsite.server.tls import cert_pem, key_pem, generate_ca, issue_certificate
 
     d = Path(directory)
     files = TlsFiles(d / "ca.pem", d / "superlink.pem", d / "superlink.key")
     if all(p.exists() for p in (files.ca_cert, files.server_cert, files.server_key)):
         return files
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Offsite federation CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    sans = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    pem = serialization.Encoding.PEM
-    atomic_write(
-        files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600
-    )
-    atomic_write(files.server_cert, cert.public_bytes(pem), 0o644)
-    atomic_write(files.ca_cert, ca.public_bytes(pem), 0o644)
+    ca_key, ca_cert = generate_ca("Offsite federation CA")
+    key, cert = issue_certificate(ca_key, ca_cert, hosts[0], hosts)
+    atomic_write(files.server_key, key_pem(key), 0o600)
+    atomic_write(files.server_cert, cert_pem(cert), 0o644)
+    atomic_write(files.ca_cert, cert_pem(ca_cert), 0o644)
     return files
 
 
