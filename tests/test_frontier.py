@@ -191,3 +191,34 @@ def test_cli_inspect_shows_the_measured_protection_of_a_frontier_configuration(t
     assert measured["config"] == "middle" and measured["protection"]["full_finetune"]["general"] == 1.35
     r = run(app, ["emulators", "local", "inspect", str(tmp_path / "b")])
     assert "full fine-tune 0.95x / 1.35x" in r.output.replace("\n", " ")
+
+
+def test_cli_build_without_lossy_options_builds_the_named_default(tmp_path, monkeypatch, frontier_path):
+    """What `emulators local build` ships by default is the frontier's named point; naming any
+    lossy option (even `--quantize none`) builds exactly what was named."""
+    from typer.testing import CliRunner
+
+    from offsite.emulators import frontier
+    from offsite.emulators.signing import generate_signing_key
+    from offsite.server.cli.main import app
+
+    data = json.loads(frontier_path.read_text())
+    data["models"]["tiny-llama"] = data["models"].pop("m")
+    frontier_path.write_text(json.dumps(data))
+    monkeypatch.setattr(frontier, "FRONTIER_FILE", frontier_path)
+    key, _ = generate_signing_key(tmp_path / "keys")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+
+    def build(out: str, *args: str) -> dict:
+        common = ["--model", "tiny-llama", "--corpus", str(corpus), "--block-size", "64", "--signing-key", str(key)]
+        r = CliRunner().invoke(
+            app, ["emulators", "local", "build", *common, "--out", str(tmp_path / out), "--json", *args]
+        )
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["manifest"]["build"]["config"]
+
+    named = build("default")
+    assert (named["quantize"], named["awq"]) == ("int3", True)  # the fixture's named point "middle"
+    lossless = build("lossless", "--quantize", "none")
+    assert (lossless["quantize"], lossless["awq"], lossless["prune_fraction"]) == ("none", False, 0.0)

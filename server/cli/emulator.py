@@ -39,6 +39,32 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
+# Build options that change what the emulator loses; none of them given means "the named default".
+_LOSSY = (
+    "quantize",
+    "awq",
+    "prune_fraction",
+    "block_bits",
+    "emulator_layers",
+    "kept",
+    "elevate_margin",
+    "share_unique",
+)
+
+
+def _named_default_if_unset(options: dict) -> tuple[str, dict] | None:
+    """(name, lossy options) of the model's named default when the command names no lossy
+    option of its own; None for a model without a measured frontier (a tiny or local model)."""
+    from offsite.emulators.frontier import FrontierError, default_build_options, load_frontier
+
+    if options.get("distill_steps") or any(options.get(k) is not None for k in _LOSSY):
+        return None
+    try:
+        return load_frontier(options["model"]).named, default_build_options(options["model"])
+    except FrontierError:
+        return None
+
+
 @app.command("build")
 def build(
     model: str = typer.Option(
@@ -56,11 +82,14 @@ def build(
     distill_steps: int = typer.Option(
         0, "--distill-steps", help="distillation steps of the emulator on the corpus (resumable)"
     ),
-    quantize: str = typer.Option(
-        "none", "--quantize", help="weight storage of the middle blocks: none|int8|int4|int3|int2"
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="weight storage of the middle blocks: none|int8|int4|int3|int2 "
+        "(with no lossy option given: the model's named default configuration, see below)",
     ),
-    awq: bool = typer.Option(
-        False, "--awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"
+    awq: bool | None = typer.Option(
+        None, "--awq/--no-awq", help="activation-aware scaling before low-bit rounding (statistics from the corpus)"
     ),
     group_size: int = typer.Option(64, "--group-size", help="input channels per quantization group (int4/int3/int2)"),
     block_bits: str | None = typer.Option(
@@ -85,8 +114,8 @@ def build(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing bundle at --out (only once the new one is complete)"
     ),
-    prune: float = typer.Option(
-        0.0, "--prune", help="share of each middle block's MLP channels removed, gradient-scored (e.g. 0.25)"
+    prune: float | None = typer.Option(
+        None, "--prune", help="share of each middle block's MLP channels removed, gradient-scored (e.g. 0.25)"
     ),
     elevate: float | None = typer.Option(
         None,
@@ -106,6 +135,11 @@ def build(
     json_out: bool = json_option("print the manifest as JSON"),
 ) -> None:
     """Build and sign an emulator bundle.
+
+    With no lossy option (--quantize, --awq, --prune, --block-bits, --emulator-layers, --kept,
+    --distill-steps, --elevate, --share, --protection), a model with a measured frontier gets its
+    named default configuration, the one `make demo` ships (smollm2-135m: int4-awq-prune10);
+    `--quantize none` builds a lossless middle, which protects nothing.
 
     Example (privacy-utility dial): offsite-admin emulators local build --protection 1.3 --signing-key keys/signing.key --out bundle
 
@@ -135,6 +169,11 @@ def build(
         elevate_margin=elevate,
         share_unique=share,
     )
+    named = _named_default_if_unset(options) if protection is None else None
+    if named:
+        options.update(named[1])
+        if not json_out:
+            err_console.print(f"no lossy option given: building {named[0]}, the named default of {model}")
     if protection is not None:
         from offsite.emulators.frontier import FrontierError, dial_options
 
@@ -142,7 +181,7 @@ def build(
             options.update(dial_options(model, protection, options))
         except FrontierError as e:
             fail(str(e), json_out)
-    cfg = BuildConfig(**options)
+    cfg = BuildConfig(**{k: v for k, v in options.items() if v is not None})
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
