@@ -63,6 +63,22 @@ def frontier_path(tmp_path):
     return path
 
 
+@pytest.fixture
+def tiny_llama_frontier(tmp_path, monkeypatch, frontier_path):
+    """The test frontier installed as tiny-llama's; (signing key, a small corpus)."""
+    from offsite.emulators import frontier
+    from offsite.emulators.signing import generate_signing_key
+
+    data = json.loads(frontier_path.read_text())
+    data["models"]["tiny-llama"] = data["models"].pop("m")
+    frontier_path.write_text(json.dumps(data))
+    monkeypatch.setattr(frontier, "FRONTIER_FILE", frontier_path)
+    key, _ = generate_signing_key(tmp_path / "keys")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    return key, corpus
+
+
 def test_pick_returns_the_most_transfer_at_or_above_the_protection(frontier_path):
     f = load_frontier("m", frontier_path)
     assert pick(f, 1.0).config == "faithful"
@@ -147,21 +163,13 @@ def test_cli_protection_dial_errors_before_any_work(tmp_path):
     assert not out.exists()
 
 
-def test_cli_inspect_shows_the_measured_protection_of_a_frontier_configuration(tmp_path, monkeypatch, frontier_path):
+def test_cli_inspect_shows_the_measured_protection_of_a_frontier_configuration(tmp_path, tiny_llama_frontier):
     """A bundle built with a frontier point's options shows that point's protection."""
     from typer.testing import CliRunner
 
-    from offsite.emulators import frontier
-    from offsite.emulators.signing import generate_signing_key
     from offsite.server.cli.main import app
 
-    data = json.loads(frontier_path.read_text())
-    data["models"]["tiny-llama"] = data["models"].pop("m")
-    frontier_path.write_text(json.dumps(data))
-    monkeypatch.setattr(frontier, "FRONTIER_FILE", frontier_path)
-    key, _ = generate_signing_key(tmp_path / "keys")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    key, corpus = tiny_llama_frontier
     run = CliRunner().invoke
     r = run(
         app,
@@ -193,22 +201,14 @@ def test_cli_inspect_shows_the_measured_protection_of_a_frontier_configuration(t
     assert "full fine-tune 0.95x / 1.35x" in r.output.replace("\n", " ")
 
 
-def test_cli_build_without_lossy_options_builds_the_named_default(tmp_path, monkeypatch, frontier_path):
+def test_cli_build_without_lossy_options_builds_the_named_default(tmp_path, tiny_llama_frontier):
     """What `emulators local build` ships by default is the frontier's named point; naming any
     lossy option (even `--quantize none`) builds exactly what was named."""
     from typer.testing import CliRunner
 
-    from offsite.emulators import frontier
-    from offsite.emulators.signing import generate_signing_key
     from offsite.server.cli.main import app
 
-    data = json.loads(frontier_path.read_text())
-    data["models"]["tiny-llama"] = data["models"].pop("m")
-    frontier_path.write_text(json.dumps(data))
-    monkeypatch.setattr(frontier, "FRONTIER_FILE", frontier_path)
-    key, _ = generate_signing_key(tmp_path / "keys")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("def f(x):\n    return x * 2\n" * 100)
+    key, corpus = tiny_llama_frontier
 
     def build(out: str, *args: str) -> dict:
         common = ["--model", "tiny-llama", "--corpus", str(corpus), "--block-size", "64", "--signing-key", str(key)]
