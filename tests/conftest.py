@@ -23,3 +23,43 @@ def offsite_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("OFFSITE_CACHE", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lowbit_bundle(tmp_path_factory):
+    """make(quantize) -> (bundle dir, (signing key, public key)): a signed tiny-llama bundle as the product ships
+    them (an AWQ low-bit middle, int8 vocabulary rows, fp16 adapter), built once per quantize."""
+    from offsite.emulators.build import BuildConfig, Corpus, prepare_emulator
+    from offsite.emulators.bundle import write_bundle
+    from offsite.emulators.data import Example, tokenize_examples
+    from offsite.emulators.models import load_model
+    from offsite.emulators.signing import generate_signing_key
+
+    built: dict[str, tuple] = {}
+
+    def make(quantize: str = "int4"):
+        if quantize not in built:
+            keys = generate_signing_key(tmp_path_factory.mktemp("keys"))
+            loaded = load_model("tiny-llama")
+            blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
+            cfg = BuildConfig(model="tiny-llama", quantize=quantize, awq=True, block_size=64)
+            emulator, plan, block_quant, _ = prepare_emulator(
+                cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
+            )
+            out = tmp_path_factory.mktemp("b") / "bundle"
+            write_bundle(
+                out,
+                emulator,
+                plan,
+                tokenizer=loaded.tokenizer,
+                base_model_id="tiny-llama",
+                base_digest=loaded.digest,
+                signing_key=keys[0],
+                block_quant=block_quant,
+                embeddings="int8",
+                adapter_dtype="fp16",
+            )
+            built[quantize] = (out, keys)
+        return built[quantize]
+
+    return make

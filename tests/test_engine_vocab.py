@@ -92,33 +92,9 @@ def test_sliced_loss_and_gradient_match_the_dense_head(tiny, n, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
+def int8_bundle(tiny_lowbit_bundle):
     """A tiny-llama bundle as the product ships them: an int3-AWQ middle, int8 vocabulary rows."""
-    from offsite.emulators.build import BuildConfig, Corpus, prepare_emulator
-    from offsite.emulators.bundle import write_bundle
-    from offsite.emulators.data import Example, tokenize_examples
-    from offsite.emulators.signing import generate_signing_key
-
-    keys = generate_signing_key(tmp_path_factory.mktemp("keys"))
-    loaded = load_model("tiny-llama")
-    blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
-    cfg = BuildConfig(model="tiny-llama", quantize="int3", awq=True, block_size=64)
-    emulator, plan, block_quant, _ = prepare_emulator(
-        cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
-    )
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(
-        out,
-        emulator,
-        plan,
-        tokenizer=loaded.tokenizer,
-        base_model_id="tiny-llama",
-        base_digest=loaded.digest,
-        signing_key=keys[0],
-        block_quant=block_quant,
-        embeddings="int8",
-        adapter_dtype="fp16",
-    )
+    out, keys = tiny_lowbit_bundle("int3")
     return out, keys[1]
 
 

@@ -9,18 +9,16 @@ import sys
 import pytest
 import torch
 
-from offsite.emulators.build import BuildConfig, Corpus, prepare_emulator
 from offsite.emulators.bundle import BundleError, load_bundle, write_bundle
-from offsite.emulators.data import Example, tokenize_examples
 from offsite.emulators.lean import LeanTokenizer, supports
 from offsite.emulators.models import load_model
-from offsite.emulators.signing import generate_signing_key
 from offsite.emulators.split import build_emulator_model, plan_split
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return generate_signing_key(tmp_path_factory.mktemp("keys"))
+def keys(tiny_lowbit_bundle):
+    """(signing key, public key) of the int4 bundle's signer."""
+    return tiny_lowbit_bundle("int4")[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +27,9 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def quant_bundle(tmp_path_factory, keys, loaded):
+def quant_bundle(tiny_lowbit_bundle):
     """A tiny-llama bundle with an int4 + AWQ middle and int8 vocabulary rows."""
-    blocks = tokenize_examples([Example("", "def f(x):\n    return x * 2\n" * 40)], loaded.tokenizer, 64)
-    cfg = BuildConfig(model="tiny-llama", quantize="int4", awq=True, block_size=64)
-    emulator, plan, block_quant, _ = prepare_emulator(
-        cfg, loaded, corpus=Corpus(blocks, blocks, "test"), progress=False
-    )
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(
-        out,
-        emulator,
-        plan,
-        tokenizer=loaded.tokenizer,
-        base_model_id="tiny-llama",
-        base_digest=loaded.digest,
-        signing_key=keys[0],
-        block_quant=block_quant,
-        embeddings="int8",
-        adapter_dtype="fp16",
-    )
-    return out
+    return tiny_lowbit_bundle("int4")[0]
 
 
 def _batch():
