@@ -40,35 +40,36 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, keys, corpus):
-    out = tmp_path_factory.mktemp("b") / "bundle"
+def build_tiny(keys, corpus, out, *options, block_size: str = "64", expect_ok: bool = True):
+    """`emulators local build --model tiny-llama ... --json`: (result, manifest or None)."""
     r = invoke(
         "emulators",
         "local",
         "build",
         "--model",
         "tiny-llama",
-        "--adapter-layers",
-        "2,2",
-        "--emulator-layers",
-        "3",
-        "--quantize",
-        "int4",
-        "--awq",
+        *options,
         "--corpus",
         corpus,
         "--block-size",
-        "64",
+        block_size,
         "--signing-key",
         keys[0],
         "--out",
         out,
         "--json",
     )
+    if not expect_ok:
+        return r, None
     assert r.exit_code == 0, r.output
-    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
-    return out, manifest
+    return r, json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, keys, corpus):
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    options = ("--adapter-layers", "2,2", "--emulator-layers", "3", "--quantize", "int4", "--awq")
+    return out, build_tiny(keys, corpus, out, *options)[1]
 
 
 def test_keys_init_mode_and_refusal(tmp_path):
@@ -158,21 +159,7 @@ def test_bad_input_names_the_problem_and_leaves_nothing(tmp_path, keys, corpus, 
 
 def test_build_refuses_an_existing_out(bundle, keys, corpus):
     out, manifest = bundle
-    r = invoke(
-        "emulators",
-        "local",
-        "build",
-        "--model",
-        "tiny-llama",
-        "--signing-key",
-        keys[0],
-        "--out",
-        out,
-        "--corpus",
-        corpus,
-        "--block-size",
-        "64",
-    )
+    r, _ = build_tiny(keys, corpus, out, expect_ok=False)
     assert r.exit_code != 0 and "already exists" in r.output
     assert json.loads((out / "manifest.json").read_text())["created_at"] == manifest["created_at"]
 
@@ -214,30 +201,8 @@ def test_plugin_cli_exports_a_loadable_model_and_refuses_another_base(bundle, ke
 def test_build_with_distillation_then_quantization(tmp_path, keys, corpus):
     pytest.importorskip("offsite.emulators.distill")
     out = tmp_path / "distilled"
-    r = invoke(
-        "emulators",
-        "local",
-        "build",
-        "--model",
-        "tiny-llama",
-        "--emulator-layers",
-        "2",
-        "--distill-steps",
-        "2",
-        "--quantize",
-        "int8",
-        "--corpus",
-        corpus,
-        "--block-size",
-        "32",
-        "--signing-key",
-        keys[0],
-        "--out",
-        out,
-        "--json",
-    )
-    assert r.exit_code == 0, r.output
-    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    options = ("--emulator-layers", "2", "--distill-steps", "2", "--quantize", "int8")
+    _, manifest = build_tiny(keys, corpus, out, *options, block_size="32")
     assert manifest["build"]["distill"]["steps"] == 2
     assert [b["origin"] for b in manifest["blocks"]] == [0, 1, 2, 5, 6, 7]
     assert manifest["quantization"]["middle"] == "int8"
@@ -288,28 +253,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tmp_path):
 
 def test_mixed_precision_per_block(tmp_path, keys, corpus):
     out = tmp_path / "mixed"
-    r = invoke(
-        "emulators",
-        "local",
-        "build",
-        "--model",
-        "tiny-llama",
-        "--quantize",
-        "int4",
-        "--block-bits",
-        "3:2,4:8,5:0",
-        "--corpus",
-        corpus,
-        "--block-size",
-        "64",
-        "--signing-key",
-        keys[0],
-        "--out",
-        out,
-        "--json",
-    )
-    assert r.exit_code == 0, r.output
-    manifest = json.loads(r.stdout.strip().splitlines()[-1])["manifest"]
+    _, manifest = build_tiny(keys, corpus, out, "--quantize", "int4", "--block-bits", "3:2,4:8,5:0")
     bits = {b["origin"]: (b["quantization"] or {}).get("bits") for b in manifest["blocks"]}
     assert bits == {0: None, 1: None, 2: 4, 3: 2, 4: 8, 5: None, 6: None, 7: None}
     assert manifest["quantization"]["middle"] == "mixed"
