@@ -17,7 +17,7 @@ import numpy as np
 from .errors import EvalError
 
 if TYPE_CHECKING:
-    from .runner import Worker
+    from .worker import Worker
     from .suite import Suite
 
 

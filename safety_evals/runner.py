@@ -27,7 +27,7 @@ import torch
 
 from offsite.emulators.models import LoadedModel, load_model, state_digest
 
-from .cache import OutputCache, cache_key
+from .cache import OutputCache
 from .gate import decide
 from .choice import multiple_choice_suite
 from .errors import EvalError
@@ -37,6 +37,7 @@ from .graders import AnswerGrader, ForbiddenStringGrader, RefusalGrader, grader_
 from .policy import as_policy
 from .scorecard import breakdown, build_categories, level_suite, score_suite
 from .suite import Suite, select_suites
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -105,150 +106,6 @@ def resolve_model(
         with contextlib.suppress(LookupError):
             return spec, resolver(spec)
     return spec, load_model(spec)
-
-
-# --- model limits ------------------------------------------------------------------------
-
-
-def _max_positions(model) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
-
-
-# --- batched model work ------------------------------------------------------------------
-
-
-class Worker:
-    """Batched generation and loss computation for one side, through the output cache."""
-
-    def __init__(self, side: Side, cache: OutputCache, batch_size: int, timing: dict, tick: Callable[[int], None]):
-        self.side, self.cache, self.batch_size, self.timing, self.tick = side, cache, batch_size, timing, tick
-        self.model, self.tok = side.loaded.model, side.loaded.tokenizer
-        self.device = next(self.model.parameters()).device
-
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        keys = [cache_key(self.side.digest, "generate", p, max_new_tokens, "greedy") for p in prompts]
-        self.cache.refresh()
-        todo = sorted({k: p for k, p in zip(keys, prompts) if k not in self.cache}.items(), key=lambda kp: len(kp[1]))
-        self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
-        self.tick(len(prompts) - len(todo))
-        limit = _max_positions(self.model) - max_new_tokens
-        for i in range(0, len(todo), self.batch_size):
-            batch = todo[i : i + self.batch_size]
-            t0 = time.perf_counter()
-            outs = self._generate_batch([p for _, p in batch], max_new_tokens, limit)
-            self.timing["model_s"] += time.perf_counter() - t0
-            self.cache.put_many({k: o for (k, _), o in zip(batch, outs)})
-            self.tick(len(batch))
-        return [self.cache.get(k) for k in keys]
-
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[str], max_new_tokens: int, limit: int) -> list[str]:
-        ids = [self.tok(p, add_special_tokens=False)["input_ids"][-limit:] for p in prompts]
-        width = max(len(x) for x in ids)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        # Left padding: every row's next token comes right after its own prompt.
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=self.tok.eos_token_id,
-        )
-        return [self.tok.decode(row[width:], skip_special_tokens=True) for row in out]
-
-    def losses(self, pairs: list[tuple[str, str]], max_tokens: int = 256) -> list[dict]:
-        """Summed NLL of each `target` given its `context`, and the number of target tokens."""
-        keys = [cache_key(self.side.digest, "nll", c, t, max_tokens) for c, t in pairs]
-        self.cache.refresh()
-        todo = [(k, ct) for k, ct in dict(zip(keys, pairs)).items() if k not in self.cache]
-        todo.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
-        self.cache.count(hits=len(set(keys)) - len(todo), misses=len(todo))
-        self.tick(len(pairs) - len(todo))
-        todo = self._shared_context_losses(todo, max_tokens)
-        for i in range(0, len(todo), self.batch_size):
-            batch = todo[i : i + self.batch_size]
-            t0 = time.perf_counter()
-            vals = self._loss_batch([ct for _, ct in batch], max_tokens)
-            self.timing["model_s"] += time.perf_counter() - t0
-            self.cache.put_many({k: v for (k, _), v in zip(batch, vals)})
-            self.tick(len(batch))
-        return [self.cache.get(k) for k in keys]
-
-    def _shared_context_losses(self, todo: list, max_tokens: int) -> list:
-        """Score every group of >= 2 targets that share a context with that context run once
-        (prefix_losses); returns the pairs left for the row path (plain text, single targets,
-        or a context too long to keep whole, which the row path truncates per target)."""
-        from .prefix_losses import shared_context_nll
-
-        groups: dict[str, list] = {}
-        for kp in todo:
-            if kp[1][0]:
-                groups.setdefault(kp[1][0], []).append(kp)
-        rest, done = [], {}
-        shared = {c for c, g in groups.items() if len(g) >= 2}
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        for kp in todo:
-            if kp[1][0] not in shared:
-                rest.append(kp)
-        for context in sorted(shared, key=len):
-            group = groups[context]
-            c = self.tok(context, add_special_tokens=False)["input_ids"]
-            ts = [self.tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for _, (_, t) in group]
-            if not c or len(c) + max(len(t) for t in ts) > max_tokens:
-                rest.extend(group)
-                continue
-            t0 = time.perf_counter()
-            vals = shared_context_nll(self.model, c, ts, pad)
-            self.timing["model_s"] += time.perf_counter() - t0
-            done.update({k: v for (k, _), v in zip(group, vals)})
-            if len(done) >= self.batch_size:
-                self.cache.put_many(done)
-                self.tick(len(done))
-                done = {}
-        self.cache.put_many(done)
-        self.tick(len(done))
-        rest.sort(key=lambda kp: len(kp[1][0]) + len(kp[1][1]))
-        return rest
-
-    @torch.inference_mode()
-    def _loss_batch(self, pairs: list[tuple[str, str]], max_tokens: int) -> list[dict]:
-        from offsite.emulators.losses import hidden_states
-
-        rows = []
-        for context, target in pairs:
-            c = self.tok(context, add_special_tokens=False)["input_ids"] if context else []
-            t = self.tok(target, add_special_tokens=False)["input_ids"]
-            if not c:  # plain text: the first token has no prediction; condition on BOS/EOS when there is one
-                bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-                c = [bos] if bos is not None else t[:1]
-                t = t if bos is not None else t[1:]
-            t = t[:max_tokens]
-            rows.append((c[-max(1, max_tokens - len(t)) :], t))
-        width = max(len(c) + len(t) for c, t in rows)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, (c, t) in enumerate(rows):
-            n = len(c) + len(t)
-            ids[r, :n] = torch.tensor(c + t)
-            mask[r, :n] = 1
-            labels[r, len(c) : n] = torch.tensor(t)
-        ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
-        hidden = hidden_states(self.model, ids, mask)
-        # Only the positions that predict a target token go through the LM head.
-        y = labels[:, 1:]
-        sel = y != -100
-        h = hidden[:, :-1][sel]
-        logits = self.model.get_output_embeddings()(h).float()
-        nll = torch.nn.functional.cross_entropy(logits, y[sel], reduction="none")
-        row_of = torch.nonzero(sel, as_tuple=False)[:, 0]
-        sums = torch.zeros(len(rows), device=nll.device).index_add_(0, row_of, nll)
-        return [{"nll": float(sums[r]), "tokens": len(t)} for r, (_, t) in enumerate(rows)]
 
 
 # --- suite methods -----------------------------------------------------------------------
@@ -434,6 +291,7 @@ def run_eval(
                 record["timing"] = {
                     "wall_s": round(time.perf_counter() - w0, 3),
                     "cpu_s": round(time.process_time() - c0, 3),
+                    "sides": {role: _rounded(w.stats) for role, w in workers.items()},
                 }
                 t0 = time.perf_counter()
                 scored = score_suite(s.metric, per_side["candidate"], per_side["base"], policy.bootstrap_resamples)
@@ -590,6 +448,10 @@ def _unloadable_report(
 
         write_report(out, report, [])
     return report
+
+
+def _rounded(stats: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
 
 
 def _sample_side(row: dict) -> dict:
