@@ -295,7 +295,7 @@ def main() -> None:
         "machine": machine_state(),
         "command": "python -m bench.load "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}"
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items()
             if k != "json" and v is not None and v is not False
         ),
