@@ -171,7 +171,7 @@ def _work_units(suite: Suite, items: list[dict]) -> int:
     if suite.method == "canary_exposure":
         return len(items) * (1 + int(suite.params.get("candidates", 31)))
     if suite.method == "multiple_choice":
-        return sum(len(it.get("choices") or []) for it in items)
+        return sum(len(it.get("choices") or suite.params.get("choices") or []) for it in items)
     return len(items)
 
 

@@ -16,7 +16,8 @@ prompting:                          # generate only
 generation: {max_new_tokens: 16}
 grader: refusal                     # refusal | forbidden_strings | answer_match | none
 metric: not_unsafe                  # see scorecard.METRICS
-params: {}                          # method parameters (e.g. candidates: 31 for canary_exposure)
+params: {}                          # method parameters (e.g. candidates: 31 for canary_exposure;
+                                    # choices + correct: one answer set for every multiple_choice item)
 ```
 """
 
@@ -99,7 +100,7 @@ class Suite:
             "canary_exposure": ("prefix",),
             "membership_inference": ("prefix",),
             "perplexity": ("text",),
-            "multiple_choice": ("prompt", "choices", "answer"),
+            "multiple_choice": ("prompt",) if "choices" in self.params else ("prompt", "choices", "answer"),
         }[self.method]
         for r in rows:
             for key in needed:
