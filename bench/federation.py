@@ -276,7 +276,16 @@ def main() -> None:
                 from bench.client_train import shipped_emulator
 
                 name, shipped = shipped_emulator()
-                keep = ("quantize", "awq", "emulator_layers", "distill_steps", "adapter_layers", "block_size", "seed")
+                keep = (
+                    "quantize",
+                    "awq",
+                    "prune_fraction",
+                    "emulator_layers",
+                    "distill_steps",
+                    "adapter_layers",
+                    "block_size",
+                    "seed",
+                )
                 build = {k: v for k, v in vars(shipped).items() if k in keep}
             results.update(
                 quality(
