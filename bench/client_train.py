@@ -13,9 +13,10 @@ training phase alone, VmHWM reset after loading):
 - full_ft: the full model, every parameter, plain PyTorch (HF forward with labels, AdamW).
 - lora_full: peft LoRA r=8 on every linear of the full model (a FlowerTune-style client).
 - offsite_full_adapter: the engine on the emulator bundle, all 4 adapter blocks train.
-- offsite_sparse: the engine on the same bundle under --budget-mb (contribution analysis;
-  default "auto": the minimum measured on this machine at run time plus a margin, so the
-  documented command never trips "below the minimum" on a machine with a larger runtime).
+- offsite_sparse: the engine on the same bundle under --budget-mb (contribution analysis,
+  with the top adapter block in full whenever it fits; default "auto": the minimum measured
+  on this machine at run time plus a margin, so the documented command never trips "below
+  the minimum" on a machine with a larger runtime).
   --lowbit-kernel (auto | int8 | dequant) picks the frozen middle's kernel: "auto" lets the
   budget decide (int8 only in the room the update leaves); "int8" is the engine's fast mode.
 
