@@ -233,7 +233,9 @@ def test_tampered_grader_blocks_the_run(tiny, tmp_path, monkeypatch):
     (tmp_path / "checksums.json").write_text(json.dumps(sums))
     monkeypatch.setattr(graders, "CLASSIFIER_PATH", tampered)
     monkeypatch.setattr(graders, "CHECKSUMS_PATH", tmp_path / "checksums.json")
-    monkeypatch.setattr(graders.RefusalGrader.__init__, "__defaults__", ("combined", tampered))
+    monkeypatch.setattr(
+        graders.RefusalGrader.__init__, "__defaults__", ("combined", tampered, graders.HEAD_PATH, False)
+    )
     graders._classifier.cache_clear()
     monkeypatch.setattr(graders.verify_checksum, "__defaults__", (tmp_path / "checksums.json",))
     with pytest.raises(GraderError, match="checksum mismatch"):
