@@ -11,6 +11,7 @@ from offsite.emulators.frontier import (
     FRONTIER_FILE,
     FrontierError,
     default_build_options,
+    dial_options,
     describe,
     load_frontier,
     match,
@@ -140,6 +141,20 @@ def test_the_shipped_frontier_covers_the_default_model():
     assert f.measured["protocol"]["steps"] > 0 and "fortunes" in f.measured["general"]
 
 
+def test_the_shipped_frontier_covers_the_second_model_and_its_dial():
+    f = load_frontier("qwen2.5-coder-0.5b", FRONTIER_FILE)
+    assert len(f.points) >= 2 and f.measured["protocol"]["lr"] == 5e-5  # its own lr: 5e-4 diverges
+    strongest = max(p.against() for p in f.points)
+    # no point reaches 1.3x against the strongest owner: the named default is the best one under it
+    assert strongest < 1.3 and f.point(f.named).against() == strongest
+    assert default_build_options("qwen2.5-coder-0.5b", FRONTIER_FILE) == f.point(f.named).build
+    weakest = min(p.against() for p in f.points)
+    chosen = dial_options("qwen2.5-coder-0.5b", weakest, {}, FRONTIER_FILE)
+    assert chosen == max(f.points, key=lambda p: p.plugin_share).build
+    with pytest.raises(FrontierError, match=f"ask for at most {strongest:.2f}"):
+        dial_options("qwen2.5-coder-0.5b", 1.3, {}, FRONTIER_FILE)
+
+
 def test_cli_protection_dial_errors_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
@@ -159,7 +174,7 @@ def test_cli_protection_dial_errors_before_any_work(tmp_path):
     r = build("--protection", "1.0", "--quantize", "int3")
     assert r.exit_code != 0 and "drop --quantize" in r.output
     r = build("--model", "tiny-llama", "--protection", "1.0")
-    assert r.exit_code != 0 and "the dial knows: smollm2-135m" in r.output
+    assert r.exit_code != 0 and "the dial knows:" in r.output and "smollm2-135m" in r.output
     assert not out.exists()
 
 
