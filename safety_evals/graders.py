@@ -98,6 +98,23 @@ def _normalise_quotes(text: str) -> str:
     return text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
 
 
+def _read_grader_file(path: Path, fmt: str, what: str, trainer: str) -> dict:
+    """A shipped grader's JSON spec, after its checksum and format check; clear errors otherwise."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise GraderError(f"{path}: {what} is missing; run `python -m offsite.safety_evals.{trainer}`") from None
+    verify_checksum(path, raw)
+    try:
+        spec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GraderError(f"{path}: not valid JSON ({e}); reinstall the package or retrain it with {trainer}") from None
+    if not isinstance(spec, dict) or spec.get("format") != fmt:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise GraderError(f"{path}: format {found!r}, expected {fmt!r}; retrain it with {trainer}")
+    return spec
+
+
 @dataclass(frozen=True)
 class TfidfLogReg:
     vocabulary: dict[str, int]
@@ -110,21 +127,7 @@ class TfidfLogReg:
 
     @classmethod
     def from_json(cls, path: Path) -> "TfidfLogReg":
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise GraderError(
-                f"{path}: the refusal classifier is missing; run `python -m offsite.safety_evals.train_refusal`"
-            ) from None
-        verify_checksum(path, raw)
-        try:
-            spec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GraderError(f"{path}: not valid JSON ({e}); reinstall the package or retrain the grader") from None
-        if spec.get("format") != "offsite-refusal-classifier/1":
-            raise GraderError(
-                f"{path}: format {spec.get('format')!r}, expected 'offsite-refusal-classifier/1'; retrain it"
-            )
+        spec = _read_grader_file(path, "offsite-refusal-classifier/1", "the refusal classifier", "train_refusal")
         n = len(spec["vocabulary"])
         if not (len(spec["idf"]) == len(spec["coef"]) == n):
             raise GraderError(
@@ -200,19 +203,7 @@ class EmbeddingHead:
     def from_json(cls, path: Path) -> "EmbeddingHead":
         from .embedder import EncoderError, encoder_sha256
 
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise GraderError(
-                f"{path}: the refusal head is missing; run `python -m offsite.safety_evals.train_refusal_head`"
-            ) from None
-        verify_checksum(path, raw)
-        try:
-            spec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GraderError(f"{path}: not valid JSON ({e}); reinstall the package or retrain the head") from None
-        if not isinstance(spec, dict) or spec.get("format") != HEAD_FORMAT:
-            raise GraderError(f"{path}: format is not {HEAD_FORMAT!r}; retrain it with train_refusal_head")
+        spec = _read_grader_file(path, HEAD_FORMAT, "the refusal head", "train_refusal_head")
         try:
             actual = encoder_sha256()
         except EncoderError as e:
