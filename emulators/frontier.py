@@ -81,6 +81,15 @@ class Frontier:
             f"{self.model}: no configuration {name!r} on the frontier; known: {', '.join(p.config for p in self.points)}"
         )
 
+    def named_build_options(self) -> dict:
+        """The lossy build options of the named default configuration, as BuildConfig fields."""
+        if not self.named:
+            raise FrontierError(f"the measured frontier of {self.model} names no default configuration")
+        options = dict(self.point(self.named).build)
+        if options.get("block_bits"):
+            options["block_bits"] = {int(k): int(v) for k, v in options["block_bits"].items()}
+        return options
+
 
 def load_frontier(model: str = "smollm2-135m", path: str | Path | None = None) -> Frontier:
     path = Path(path) if path else FRONTIER_FILE
@@ -185,13 +194,7 @@ def summary_line(frontier: Frontier, point: FrontierPoint) -> str:
 def default_build_options(model: str = "smollm2-135m", path: str | Path | None = None) -> dict:
     """The lossy build options of the model's named default configuration (the best
     measured point at >= 1.3x against the strongest data owner), as BuildConfig fields."""
-    frontier = load_frontier(model, path)
-    if not frontier.named:
-        raise FrontierError(f"the measured frontier of {model} names no default configuration")
-    options = dict(frontier.point(frontier.named).build)
-    if options.get("block_bits"):
-        options["block_bits"] = {int(k): int(v) for k, v in options["block_bits"].items()}
-    return options
+    return load_frontier(model, path).named_build_options()
 
 
 def dial_options(model: str, min_protection: float, given: dict, path: str | Path | None = None) -> dict:

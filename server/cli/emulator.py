@@ -55,12 +55,13 @@ _LOSSY = (
 def _named_default_if_unset(options: dict) -> tuple[str, dict] | None:
     """(name, lossy options) of the model's named default when the command names no lossy
     option of its own; None for a model without a measured frontier (a tiny or local model)."""
-    from offsite.emulators.frontier import FrontierError, default_build_options, load_frontier
+    from offsite.emulators.frontier import FrontierError, load_frontier
 
     if options.get("distill_steps") or any(options.get(k) is not None for k in _LOSSY):
         return None
     try:
-        return load_frontier(options["model"]).named, default_build_options(options["model"])
+        frontier = load_frontier(options["model"])
+        return frontier.named, frontier.named_build_options()
     except FrontierError:
         return None
 
