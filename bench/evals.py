@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from offsite.emulators.models import DEFAULT_MODEL, LoadedModel, load_model, state_digest
+from offsite.emulators.models import DEFAULT_MODEL, LoadedModel, load_model
 from offsite.safety_evals.runner import DEFAULT_BATCH_SIZE, run_eval
 
 TARGET_S = 15 * 60
@@ -49,13 +49,7 @@ def nudged_copy(loaded: LoadedModel, scale: float = 1e-3, seed: int = 0) -> Load
         for name, p in model.named_parameters():
             if name.startswith(prefix) and p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
-    return LoadedModel(
-        model=model,
-        tokenizer=loaded.tokenizer,
-        family=loaded.family,
-        model_id=f"{loaded.model_id}+nudged{seed}",
-        digest=state_digest(model),
-    )
+    return loaded.with_weights(model, f"{loaded.model_id}+nudged{seed}")
 
 
 def measured(fn) -> tuple[dict, object]:

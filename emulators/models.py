@@ -70,6 +70,11 @@ class LoadedModel:
     model_id: str  # what the user called it: "smollm2-135m", "tiny-llama" or a directory path
     digest: str  # sha256 over the weights (names, dtypes, shapes, bytes), so bundles can name their base
 
+    def with_weights(self, model: PreTrainedModel, model_id: str) -> "LoadedModel":
+        """Other weights (a plug-in, a fine-tuned copy) with this model's tokenizer and family,
+        under their own name and digest."""
+        return LoadedModel(model, self.tokenizer, self.family, model_id, state_digest(model))
+
 
 def cache_dir() -> Path:
     """Where converted models live: $OFFSITE_CACHE, else ~/.cache/offsite."""

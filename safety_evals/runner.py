@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from offsite.emulators.models import LoadedModel, load_model, state_digest
+from offsite.emulators.models import LoadedModel, load_model
 
 from .cache import OutputCache
 from .gate import decide
@@ -79,13 +79,7 @@ def load_with_adapter(base_spec: str, adapter_path: str) -> LoadedModel:
     state, meta = load_adapter(adapter_path)
     model = plug_in(loaded, state, meta)
     model.eval()
-    return LoadedModel(
-        model=model,
-        tokenizer=loaded.tokenizer,
-        family=loaded.family,
-        model_id=f"{base_spec}+{Path(adapter_path).name}",
-        digest=state_digest(model),
-    )
+    return loaded.with_weights(model, f"{base_spec}+{Path(adapter_path).name}")
 
 
 def resolve_model(

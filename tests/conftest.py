@@ -63,3 +63,14 @@ def tiny_lowbit_bundle(tmp_path_factory):
         return built[quantize]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module, whatever an earlier test set: on a shared, oversubscribed
+    CPU two OpenMP threads spin-wait for each other and run ~40x slower than one; one thread is
+    never much slower for the tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

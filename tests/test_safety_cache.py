@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from offsite.emulators.models import LoadedModel, load_model, state_digest
+from offsite.emulators.models import LoadedModel, load_model
 from offsite.safety_evals.cache import OutputCache
 from offsite.safety_evals.runner import Side, run_eval
 from offsite.safety_evals.suite import SUITES_DIR
@@ -19,12 +19,7 @@ SUITES = ["disallowed_content", "capability_general"]
 LIMIT = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nudged(loaded: LoadedModel, seed: int) -> LoadedModel:
@@ -35,13 +30,7 @@ def _nudged(loaded: LoadedModel, seed: int) -> LoadedModel:
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-2 * p.abs().mean())
-    return LoadedModel(
-        model=model,
-        tokenizer=loaded.tokenizer,
-        family=loaded.family,
-        model_id=f"{loaded.model_id}+{seed}",
-        digest=state_digest(model),
-    )
+    return loaded.with_weights(model, f"{loaded.model_id}+{seed}")
 
 
 @pytest.fixture(scope="module")

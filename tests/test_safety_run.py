@@ -51,23 +51,10 @@ def _finetune(loaded: LoadedModel, prompts: list[str], response: str, steps: int
         opt.step()
         opt.zero_grad()
     model.eval()
-    return LoadedModel(
-        model=model,
-        tokenizer=tok,
-        family=loaded.family,
-        model_id=f"{loaded.model_id}+{response[:8]}",
-        digest=state_digest(model),
-    )
+    return loaded.with_weights(model, f"{loaded.model_id}+{response[:8]}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared, oversubscribed CPU two OpenMP threads spin-wait for each other and run
-    # ~40x slower than one; one thread is never much slower for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
