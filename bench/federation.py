@@ -237,6 +237,16 @@ def scale(work: Path, sizes: list[int], workers: int) -> dict:
     }
 
 
+def shipped_build() -> tuple[str, dict]:
+    """(name, build options) of the emulator we ship, for `prepare_local_job(model, build=...)`."""
+    from bench.client_train import shipped_emulator
+
+    name, shipped = shipped_emulator()
+    # every field but the model (passed on its own): a hand-picked list once dropped
+    # prune_fraction and built an emulator we do not ship
+    return name, {k: v for k, v in vars(shipped).items() if k != "model"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="write results here")
@@ -273,20 +283,7 @@ def main() -> None:
             if args.quantize:
                 name, build = args.quantize, {"quantize": args.quantize}
             else:
-                from bench.client_train import shipped_emulator
-
-                name, shipped = shipped_emulator()
-                keep = (
-                    "quantize",
-                    "awq",
-                    "prune_fraction",
-                    "emulator_layers",
-                    "distill_steps",
-                    "adapter_layers",
-                    "block_size",
-                    "seed",
-                )
-                build = {k: v for k, v in vars(shipped).items() if k in keep}
+                name, build = shipped_build()
             results.update(
                 quality(
                     work / "quality",
