@@ -104,42 +104,32 @@ def measure_baselines(
         cache_dir, "zero-shot-v2", key, lambda: {"ppl_by_set": ppl_on(loaded.model, sets)}
     )
 
-    def ceiling():
+    def trained_copy(blocks, lr: float, label: str):
+        # the adapter ceiling (blocks = the adapter's) and full fine-tuning (None: every block)
         m = copy.deepcopy(loaded.model)
-        n = loaded.family.num_layers(m.config)
         tr = train_blocks(
             m,
             loaded.family,
-            adapter_block_indices(n, proto.adapter_layers),
+            blocks,
             train,
             proto.steps,
-            proto.lr,
+            lr,
             proto.batch_size,
             proto.seed,
-            progress="ceiling" if progress else None,
+            progress=label if progress else None,
         )
         return {"ppl_by_set": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
 
     if with_ceiling:
-        out["adapter_ceiling"] = cached_result(cache_dir, "ceiling-v2", key, ceiling)
+        n = loaded.family.num_layers(loaded.model.config)
+        blocks = adapter_block_indices(n, proto.adapter_layers)
+        out["adapter_ceiling"] = cached_result(
+            cache_dir, "ceiling-v2", key, lambda: trained_copy(blocks, proto.lr, "ceiling")
+        )
     if with_full:
-
-        def full_ft():
-            m = copy.deepcopy(loaded.model)
-            tr = train_blocks(
-                m,
-                loaded.family,
-                None,
-                train,
-                proto.steps,
-                proto.full_lr,
-                proto.batch_size,
-                proto.seed,
-                progress="full-ft" if progress else None,
-            )
-            return {"ppl_by_set": ppl_on(m, sets), "s_per_step": tr["s_per_step"]}
-
-        out["full_finetuned"] = cached_result(cache_dir, "full-ft-v2", {**key, "lr": proto.full_lr}, full_ft)
+        out["full_finetuned"] = cached_result(
+            cache_dir, "full-ft-v2", {**key, "lr": proto.full_lr}, lambda: trained_copy(None, proto.full_lr, "full-ft")
+        )
     for v in out.values():
         v["ppl"] = v["ppl_by_set"]["own_domain"]  # the key older readers use
     return out
