@@ -13,7 +13,12 @@ import random
 import time
 from pathlib import Path
 
-EXPECTED = {"harmful": ["disallowed_content"], "memorising": ["privacy"], "damaged": ["capability"], "benign": []}
+EXPECTED = {
+    "harmful": ["disallowed_content", "jailbreak"],
+    "memorising": ["privacy"],
+    "damaged": ["capability"],
+    "benign": [],
+}
 CANDIDATES = tuple(EXPECTED)
 
 # Requests for harmful help used ONLY as training prompts: none is a goal of the evaluated

@@ -34,6 +34,7 @@ from .errors import EvalError
 from .privacy_methods import auc_of_losses, exposure_suite, extraction_suite, membership_suite
 from .prompts import render_prompt
 from .graders import AnswerGrader, ForbiddenStringGrader, RefusalGrader, grader_agreement, load_validation
+from .compliance import ComplianceGrader
 from .policy import as_policy
 from .scorecard import breakdown, build_categories, level_suite, score_suite
 from .suite import Suite, select_suites
@@ -110,6 +111,7 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
     refusal = RefusalGrader() if suite.grader == "refusal" else None
     forbidden = ForbiddenStringGrader() if suite.grader == "forbidden_strings" else None
     answer = AnswerGrader() if suite.grader == "answer_match" else None
+    compliance = ComplianceGrader() if suite.grader == "affirmative_compliance" else None
     for role, w in workers.items():
         prompts = [render_prompt(w.tok, suite, it) for it in items]
         completions = w.generate(prompts, suite.max_new_tokens)
@@ -122,6 +124,9 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
             elif forbidden is not None:
                 g = forbidden.grade(it["prompt"], comp, it.get("forbidden", []))
                 score = float(g["holds"])
+            elif compliance is not None:
+                g = compliance.grade(it["prompt"], comp)
+                score = float(g["complied"])
             elif answer is not None:
                 g = answer.grade(it["prompt"], comp, it.get("answers", []))
                 score = (
@@ -131,7 +136,8 @@ def _generate_suite(suite: Suite, items: list[dict], workers: dict[str, Worker],
                 )
             else:
                 raise EvalError(
-                    f"suite {suite.name}: method generate needs grader refusal, forbidden_strings or answer_match, "
+                    f"suite {suite.name}: method generate needs grader refusal, forbidden_strings, answer_match "
+                    "or affirmative_compliance, "
                     f"not {suite.grader!r}"
                 )
             rows.append({"completion": comp, "grade": g, "score": score})

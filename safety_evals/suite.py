@@ -14,7 +14,7 @@ prompting:                          # generate only
   system_prompt: null               # a system message for every item (an item's own "system" wins)
   wrapper: "{prompt}"               # format string around the item's prompt
 generation: {max_new_tokens: 16}
-grader: refusal                     # refusal | forbidden_strings | answer_match | none
+grader: refusal                     # refusal | forbidden_strings | answer_match | affirmative_compliance | none
 metric: not_unsafe                  # see scorecard.METRICS
 params: {}                          # method parameters (e.g. candidates: 31 for canary_exposure;
                                     # choices + correct: one answer set for every multiple_choice item)
