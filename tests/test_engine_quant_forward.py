@@ -200,3 +200,64 @@ def test_forward_by_runs_of_rows_matches_the_whole_weight(monkeypatch, dtype):
         rtol=1e-5 if dtype == torch.float32 else 2e-2,
         atol=1e-5 if dtype == torch.float32 else 2e-2,
     )
+
+
+@int8_only
+def test_adopted_int8_replaces_the_codes_and_keeps_working_after_undo():
+    from offsite.client.engine.quant_forward import int8_net_bytes, int8_of, packed_bytes
+
+    layer = _layer(4, awq=True, bias=False, in_f=128, out_f=64)
+    x = torch.randn(3, 128)
+    net = int8_net_bytes(layer)
+    assert net == 64 * (128 + 4) - packed_bytes(layer) > 0
+    undo = install_fast_forward(layer, torch.float32, int8_layers=1, replace=True)
+    want = layer(x)
+    undo()
+    assert int8_of(layer) is not None and layer.qweight.numel() == 0 and int8_net_bytes(layer) == 0
+    torch.testing.assert_close(layer(x), want)  # the int8 kernel stays: the codes are gone
+    # a later run keeps the int8 kernel even when asked for none
+    undo = install_fast_forward(layer, torch.float32, int8_layers=0)
+    torch.testing.assert_close(layer(x), want)
+    undo()
+    w = layer.dequantized_weight()
+    torch.testing.assert_close(torch.nn.functional.linear(x / layer.input_scale, w), want, rtol=0.03, atol=0.03)
+
+
+@int8_only
+def test_dropping_pruned_mlp_channels_changes_no_output_bit():
+    from offsite.client.engine.quant_forward import drop_dead_mlp_channels
+
+    torch.manual_seed(0)
+    hidden, inter = 64, 96
+    gate, up, down = (
+        nn.Linear(hidden, inter, bias=False),
+        nn.Linear(hidden, inter, bias=False),
+        nn.Linear(inter, hidden, bias=False),
+    )
+    dead = torch.tensor([3, 10, 11, 50, 95])
+    with torch.no_grad():  # what emulators.prune stores: zero rows of gate and up, zero columns of down
+        gate.weight[dead] = 0
+        up.weight[dead] = 0
+        down.weight[:, dead] = 0
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            s_in, s_mid = torch.rand(hidden) + 0.5, torch.rand(inter) + 0.5
+            self.gate_proj = QuantLinear.from_linear(gate, 4, 32, input_scale=s_in)
+            self.up_proj = QuantLinear.from_linear(up, 4, 32, input_scale=s_in)
+            self.down_proj = QuantLinear.from_linear(down, 4, 32, input_scale=s_mid)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    mlp = MLP()
+    x = torch.randn(2, 7, hidden)
+    undo = install_fast_forward(mlp, torch.float32, int8_layers=3, replace=True)
+    want = mlp(x)
+    assert drop_dead_mlp_channels(mlp) == len(dead)
+    got = mlp(x)
+    undo()
+    assert torch.equal(got, want)
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == inter - len(dead)
+    assert drop_dead_mlp_channels(mlp) == 0

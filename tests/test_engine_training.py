@@ -262,3 +262,31 @@ def test_release_tokenizer_drops_every_reference_after_tokenizing():
         progress=False,
     )
     assert target.tokenizer is None and dropped == [True]
+
+
+def test_a_sequence_per_pass_gives_the_whole_batch_gradient():
+    """sequences_per_pass splits each micro-batch into passes; the loss and gradient are the
+    same sums (up to their order)."""
+    target = _target()
+    model, family = target.model, target.family
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    batch = [(ids, ids.clone(), torch.ones_like(ids))]
+
+    def run(per_pass):
+        applied = apply_scheme(model, family, parse_scheme("top", ADAPTER), snapshot=True)
+        params = [p for _, p in applied.trainable_parameters()]
+        cfg = TrainConfig(precision="fp32", sequences_per_pass=per_pass)
+        stepper = Stepper(model, family, applied, cfg, torch.device("cpu"), torch.float32)
+        loss, n = stepper.step(batch)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        for p in params:
+            p.grad = None
+        applied.undo()
+        return loss, n, grads
+
+    model.requires_grad_(False)
+    loss_all, n_all, g_all = run(None)
+    loss_one, n_one, g_one = run(1)
+    assert n_one == n_all == 4 * 31
+    assert abs(loss_one - loss_all) < 1e-5
+    torch.testing.assert_close(g_one, g_all, rtol=1e-4, atol=1e-6)

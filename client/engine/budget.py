@@ -221,6 +221,8 @@ def choose_scheme(
             del nll
         finally:
             _undo(applied, dtype)
+        # scaled to the whole micro-batch even when the step takes it a sequence per pass
+        # (cfg.sequences_per_pass): an estimate that errs high, never below what a pass keeps
         depth_mb[p] = saved.bytes * cfg.batch_size / MB * (1 if not cfg.activation_checkpointing else 0.25)
 
     def estimate(selection: dict[int, tuple[bool, str | None]]) -> float:

@@ -49,10 +49,16 @@ def reset_peak_rss() -> bool:
 
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise and RSS stays high)."""
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim alone: free pages anywhere in the heap go back, no garbage collection."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

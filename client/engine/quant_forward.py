@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .memory import trim_heap
+
 _SHIFTS3 = torch.arange(8, dtype=torch.int32) * 3
 KERNELS = ("auto", "int8", "dequant")
 # Tokens per int8 matmul: the fp32/int32 temporaries of 128 rows stay under the engine's 1 MiB
@@ -170,9 +172,8 @@ class _InputQuant:
             q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
             scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
             for i in range(0, x2.shape[0], ROWS):
-                xf = x2[i : i + ROWS].to(torch.float32, copy=True)  # never the caller's fp32 tensor itself
-                if inv is not None:
-                    xf.mul_(inv)
+                # fp32 and AWQ-scaled in one pass (never the caller's fp32 tensor itself)
+                xf = x2[i : i + ROWS].to(torch.float32, copy=True) if inv is None else torch.mul(x2[i : i + ROWS], inv)
                 s = torch.amax(xf.abs(), dim=-1, keepdim=True).div_(127.0).clamp_(min=1e-12)
                 q[i : i + ROWS] = xf.div_(s).round_()
                 scale[i : i + ROWS] = s
@@ -191,6 +192,8 @@ def int8_linear_forward(w: Int8Weight, x: torch.Tensor, out_dtype: torch.dtype) 
     q, a = _INPUTS(x, w.inv_input_scale)
     out = torch.empty(q.shape[0], w.scale.shape[0], dtype=out_dtype, device=x.device)
     for i in range(0, q.shape[0], ROWS):
+        # separate same-dtype passes: mixed-dtype ops (int32 x fp32, an fp32 result stored
+        # as bf16) take torch's unvectorised casting loops, measured slower than these four
         y = torch._int_mm(q[i : i + ROWS], w.codes_t).float().mul_(a[i : i + ROWS]).mul_(w.scale)
         if w.bias is not None:
             y += w.bias
@@ -211,27 +214,82 @@ class _Int8Linear(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None, None
 
 
-def _forward_int8(w: Int8Weight, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
-    out_dtype = dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+def _forward_int8(w: Int8Weight, dtype: torch.dtype | None, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = dtype or torch.get_autocast_dtype(x.device.type)
+    else:
+        out_dtype = x.dtype
     if x.requires_grad and torch.is_grad_enabled():
         return _Int8Linear.apply(x, w, out_dtype)
     return int8_linear_forward(w, x, out_dtype)
 
 
-def install_fast_forward(model: nn.Module, dtype: torch.dtype, int8_layers: int = 0) -> Callable[[], None]:
+# --- the int8 weight in place of the packed codes ----------------------------------------
+
+
+def int8_of(layer: nn.Module) -> Int8Weight | None:
+    """The int8 weight that replaced this layer's packed codes (`adopt_int8`), if any."""
+    return getattr(layer, "_offsite_int8", None)
+
+
+def packed_bytes(layer: nn.Module) -> int:
+    """What the layer's packed form holds: codes, scales and zeros (freed by `adopt_int8`)."""
+    return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
+
+
+def int8_net_bytes(layer: nn.Module) -> int:
+    """What adopting the int8 weight adds to the process: the cache minus the packed codes it frees."""
+    return 0 if int8_of(layer) is not None else int8_cache_bytes(layer) - packed_bytes(layer)
+
+
+def adopt_int8(layer: nn.Module, w: Int8Weight) -> None:
+    """Keep `w` as the layer's weight and free the packed codes it was built from.
+
+    The int8 rows are then the layer's only copy (they cannot give the codes back): its
+    forward stays the int8 kernel after training (`install_fast_forward`'s undo leaves it),
+    and `dequantized_weight()` returns the int8 rows' weight in the AWQ-scaled input space."""
+    layer._offsite_int8 = w
+    for name in ("qweight", "scales", "zeros"):
+        old = getattr(layer, name)
+        setattr(layer, name, torch.empty(0, dtype=old.dtype, device=old.device))
+
+    def dequantized_weight(_w=w, _layer=layer) -> torch.Tensor:
+        weight = _w.weight(torch.float32)
+        if _layer.input_scale is not None:
+            weight = weight * _layer.input_scale.float()
+        return weight.to(_layer.compute_dtype)
+
+    layer.dequantized_weight = dequantized_weight
+    layer.forward = lambda x, _w=w: _forward_int8(_w, None, x)
+
+
+def install_fast_forward(
+    model: nn.Module, dtype: torch.dtype, int8_layers: int = 0, replace: bool = False
+) -> Callable[[], None]:
     """Give every QuantLinear of `model` a fast forward in `dtype`; returns the undo.
 
-    The first `int8_layers` of them (model order) get the int8 kernel, the rest "dequant"."""
+    The first `int8_layers` of them (model order) get the int8 kernel, the rest "dequant";
+    a layer whose codes an int8 weight already replaced keeps the int8 kernel whatever
+    `int8_layers` says. With `replace`, the new int8 weights replace the packed codes
+    (`adopt_int8`): the int8 kernel then costs its cache minus the codes, not the whole cache."""
     patched: list[nn.Module] = []
     shared: list[torch.Tensor] = []  # equal AWQ scales as one tensor, so their input is quantized once
     for i, module in enumerate(quant_linears(model)):
-        if i < int8_layers:
+        w = int8_of(module)
+        if w is None and i < int8_layers:
             inv = None if module.input_scale is None else 1.0 / module.input_scale.float()
             if inv is not None:
                 inv = next((t for t in shared[-4:] if t.shape == inv.shape and torch.equal(t, inv)), inv)
                 if not shared or inv is not shared[-1]:
                     shared.append(inv)
             w = Int8Weight(module, inv)
+            if replace:
+                adopt_int8(module, w)
+                if i % 7 == 6:
+                    # the freed codes are small holes the larger int8 rows do not fit: hand them
+                    # back as we go, or the heap holds both forms at once (~50 MB more at the peak)
+                    trim_heap()
+        if w is not None:
             module.forward = lambda x, _w=w: _forward_int8(_w, dtype, x)
         else:
             prepared = _Prepared(module, dtype)
@@ -240,8 +298,50 @@ def install_fast_forward(model: nn.Module, dtype: torch.dtype, int8_layers: int 
 
     def undo() -> None:
         for module in patched:
-            del module.forward  # the instance attribute goes: the class method is back
+            w = int8_of(module)
+            if w is None:
+                del module.forward  # the instance attribute goes: the class method is back
+            else:  # the codes are gone: the int8 kernel stays, in the caller's dtypes
+                module.forward = lambda x, _w=w: _forward_int8(_w, None, x)
         patched.clear()
         _INPUTS.clear()
 
     return undo
+
+
+def drop_dead_mlp_channels(model: nn.Module) -> int:
+    """Remove the MLP channels that are exactly zero from int8-adopted gate/up/down layers.
+
+    A pruned emulator (`emulators.prune`) stores each removed intermediate channel as a zero
+    row of gate_proj and up_proj (and a zero column of down_proj). With no bias such a
+    channel's activation is silu(0) * 0 = 0 and adds nothing to down_proj's output, nor to
+    its per-token input scale (a max over |x|): dropping it gives the same output, bit for bit,
+    with ~10% fewer MLP weights to hold and multiply on the shipped emulator. Only layers whose
+    codes an int8 weight replaced (`adopt_int8`) are touched: they stay this way. Returns the
+    number of channels dropped."""
+    dropped = 0
+    for mlp in model.modules():
+        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        ws = [None if p is None else int8_of(p) for p in parts]
+        if any(w is None for w in ws):
+            continue
+        gate, up, down = ws
+        if gate.bias is not None or up.bias is not None or gate.scale.numel() != down.codes_t.shape[0]:
+            continue
+        zero_gate = ~gate.codes_t.t().ne(0).any(dim=1)
+        zero_up = ~up.codes_t.t().ne(0).any(dim=1)
+        keep = ~(zero_gate | zero_up)
+        if bool(keep.all()) or not bool(keep.any()):
+            continue
+        for w, layer in ((gate, parts[0]), (up, parts[1])):
+            w.codes_t = w.codes_t.t()[keep].contiguous().t()
+            w.scale = w.scale[keep].contiguous()
+            layer.out_features = int(keep.sum())
+        down.codes_t = down.codes_t[keep].t().contiguous().t()
+        if down.inv_input_scale is not None:
+            down.inv_input_scale = down.inv_input_scale[keep].contiguous()
+        if parts[2].input_scale is not None:
+            parts[2].input_scale = parts[2].input_scale[keep].contiguous()
+        parts[2].in_features = int(keep.sum())
+        dropped += int((~keep).sum())
+    return dropped

@@ -71,8 +71,10 @@ class Stepper:
         total = sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, lab, _ in batches)
         loss_total = 0.0
         for ids, labels, mask in batches:
-            nll, n = self.loss_sum(ids, labels, mask)
-            if n:
-                (nll / max(total, 1)).backward()
-            loss_total += float(nll.detach())
+            rows = self.cfg.sequences_per_pass or ids.shape[0]
+            for r in range(0, ids.shape[0], rows):
+                nll, n = self.loss_sum(ids[r : r + rows], labels[r : r + rows], mask[r : r + rows])
+                if n:
+                    (nll / max(total, 1)).backward()
+                loss_total += float(nll.detach())
         return loss_total / max(total, 1), total

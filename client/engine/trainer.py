@@ -36,7 +36,8 @@ from .memory import (
 )
 from .headloss import frozen_head_nll
 from .vocab import install_int8_vocab, int8_vocab_of
-from .quant_forward import KERNELS, install_fast_forward, int8_available, int8_cache_bytes, quant_linears
+from .lowbit_kernels import install_lowbit_kernels
+from .quant_forward import KERNELS
 from .pruning import (
     autocast,
     resolve_precision,
@@ -241,21 +242,15 @@ def train_model(
     if cfg.lowbit_kernel not in KERNELS:
         raise EngineError(f"lowbit kernel must be one of {', '.join(KERNELS)}, got {cfg.lowbit_kernel!r}")
     cast_back = store_frozen_weights(model, family, target.trainable_blocks, dtype)
-    lowbit = quant_linears(model)
-    # int8 everywhere when asked, or when no budget limits memory; with a budget, the scheme is
-    # chosen first (rebuild kernel) and the int8 cache takes what room the budget leaves
-    int8_layers = 0
-    if lowbit and int8_available() and cfg.lowbit_kernel != "dequant":
-        if cfg.lowbit_kernel == "int8" or cfg.memory_budget_mb is None:
-            int8_layers = len(lowbit)
-    undo_lowbit = install_fast_forward(model, dtype, int8_layers)
-    fast = bool(lowbit) and int8_layers == len(lowbit)  # no budget: memory for speed
     # the shipped int8 vocabulary back in int8 rows: half the memory of its bf16 copy
     undo_vocab = install_int8_vocab(model, dtype) if target.int8_vocab and dtype != torch.float32 else None
     if dtype != torch.float32:
         # the frozen adapter in fp16 where that is exact (bundles ship it so), before the
         # budget reads RSS: 2 bytes a weight less for everything that does not train
         store_frozen_adapter_fp16(model, family, target.trainable_blocks)
+    release_free_memory()  # before the int8 rows are built: the bf16 vocabulary's pages are gone
+    kernels = install_lowbit_kernels(model, cfg, dtype)
+    fast = kernels.all_int8 and cfg.memory_budget_mb is None  # no budget: memory for speed
     release_free_memory()  # loading and tokenizing leave freed pages behind; the budget sees RSS
     choice = None
     if resumed:
@@ -266,23 +261,17 @@ def train_model(
         choice = choose_scheme(target, data.train, cfg, device, dtype, log=log)
         spec = choice.spec
         release_free_memory()  # the probes' freed buffers: the run starts from the estimate's base
-        if lowbit and int8_layers == 0 and cfg.lowbit_kernel == "auto" and int8_available():
-            # the estimate leaves out the step's transient buffers (measured 35-55 MB over it on the
-            # shipped emulator), so the cache only takes room beyond that slack
-            room = (choice.budget_mb - choice.estimate_mb - FAST_MODE_SLACK_MB) * MB
-            for layer in lowbit:
-                room -= int8_cache_bytes(layer)
-                if room < 0:
-                    break
-                int8_layers += 1
-            if int8_layers:
-                undo_lowbit()
-                undo_lowbit = install_fast_forward(model, dtype, int8_layers)
-            fast = int8_layers == len(lowbit) and room >= FAST_MODE_SLACK_MB * MB  # and the allocator's slack
+        # the estimate leaves out the step's transient buffers (measured 35-55 MB over it on the
+        # shipped emulator), so the int8 weights only take room beyond that slack
+        room = (choice.budget_mb - choice.estimate_mb - FAST_MODE_SLACK_MB) * MB
+        kernels.widen(room)
+        release_free_memory()  # the codes the int8 rows replaced
+        fast = kernels.all_int8 and room >= FAST_MODE_SLACK_MB * MB  # and the allocator's slack
+        if kernels.layers:
             log(
-                f"low-bit kernel: int8 for {int8_layers} of {len(lowbit)} layers "
-                f"({sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB:.0f} MB of the budget's room), "
-                "the rest rebuilt each step"
+                f"low-bit kernel: int8 for {kernels.int8_layers} of {len(kernels.layers)} layers "
+                f"({kernels.int8_cache_mb:.0f} MB, in place of their packed codes; {kernels.dropped_channels} "
+                "pruned MLP channels dropped), the rest rebuilt each step"
             )
     else:
         spec = cfg.scheme
@@ -378,7 +367,7 @@ def train_model(
     if undo_vocab is not None:
         undo_vocab()
     undo_frozen_weights(cast_back)
-    undo_lowbit()
+    kernels.undo()
     losses = state["losses"]
     tail = losses[-max(1, len(losses) // 10) :]
     metrics = {
@@ -412,11 +401,12 @@ def train_model(
         "added_biases": applied.added_biases,
         "resumed_from_step": start,
         "flops_per_step": flops_per_step,
-        "lowbit_int8_layers": int8_layers,
+        "lowbit_int8_layers": kernels.int8_layers,
         "fast_mode": fast,
         "int8_vocab": undo_vocab is not None,
-        "lowbit_layers": len(lowbit),
-        "lowbit_int8_cache_mb": sum(int8_cache_bytes(m) for m in lowbit[:int8_layers]) / MB,
+        "lowbit_layers": len(kernels.layers),
+        "lowbit_int8_cache_mb": kernels.int8_cache_mb,
+        "dropped_mlp_channels": kernels.dropped_channels,
     }
     if choice is not None:
         metrics["budget"] = choice.as_dict()
