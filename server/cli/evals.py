@@ -176,22 +176,33 @@ def grade(
     input_path: str = typer.Argument(
         ..., metavar="INPUT.jsonl", help="lines with `prompt` and `completion` ('-' = stdin)"
     ),
-    grader: str = typer.Option("refusal", "--grader", help="refusal"),
-    mode: str = typer.Option("combined", "--mode", help="combined (rules OR classifier), rules, or classifier"),
-    json_out: bool = json_option("one JSON line per input with `refused`"),
+    grader: str = typer.Option(
+        "refusal", "--grader", help="refusal (did it refuse?) or affirmative_compliance (did it agree to do it?)"
+    ),
+    mode: str = typer.Option(
+        "combined", "--mode", help="refusal grader: combined (rules OR classifier), rules, or classifier"
+    ),
+    json_out: bool = json_option("one JSON line per input with `refused` (or `complied`)"),
 ) -> None:
     """Grade completions offline; one result per input line, in order.
 
     Example: offsite-admin evals local grade --grader refusal completions.jsonl --json
+             offsite-admin evals local grade --grader affirmative_compliance jailbreak.jsonl
     """
+    from offsite.safety_evals.compliance import ComplianceGrader
     from offsite.safety_evals.graders import GraderError, RefusalGrader
 
-    if grader != "refusal":
-        fail(f"grader {grader!r} is not available from the command line; use --grader refusal")
+    if grader not in ("refusal", "affirmative_compliance"):
+        fail(
+            f"grader {grader!r} is not available from the command line; use --grader refusal or affirmative_compliance"
+        )
     try:
-        g = RefusalGrader(mode=mode)
+        refusal = RefusalGrader(mode=mode)
+        # the compliance grader's "does not decline" check reads refusals with this grader
+        g = ComplianceGrader(refusal) if grader == "affirmative_compliance" else refusal
     except GraderError as e:
         fail(str(e))
+    verdict = "refused" if grader == "refusal" else "complied"
     fh = sys.stdin if input_path == "-" else None
     if fh is None:
         try:
@@ -212,8 +223,8 @@ def grade(
         except JsonlError as e:
             fail(str(e))
     if not json_out:
-        refused = sum(r["refused"] for r in results)
-        typer.echo(f"{len(results)} completions graded: {refused} refused, {len(results) - refused} not refused")
+        yes = sum(r[verdict] for r in results)
+        typer.echo(f"{len(results)} completions graded: {yes} {verdict}, {len(results) - yes} not {verdict}")
 
 
 @app.command("gate")
