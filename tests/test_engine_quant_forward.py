@@ -261,3 +261,22 @@ def test_dropping_pruned_mlp_channels_changes_no_output_bit():
     assert torch.equal(got, want)
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == inter - len(dead)
     assert drop_dead_mlp_channels(mlp) == 0
+
+
+@pytest.mark.parametrize("kernel", ["dequant", "int8"])
+def test_a_rebuilt_layer_makes_the_step_take_the_whole_micro_batch(kernel):
+    """The rebuild kernel rebuilds each weight once per pass: a pass per sequence would rebuild
+    it batch_size times a step, so the step keeps one pass while any layer rebuilds."""
+    from offsite.client.engine import TrainConfig
+    from offsite.client.engine.lowbit_kernels import install_lowbit_kernels
+
+    if kernel == "int8" and not int8_available():
+        pytest.skip("torch._int_mm does not run on this machine")
+    model = nn.Sequential(_layer(4, awq=True), _layer(4, awq=False))
+    cfg = TrainConfig(lowbit_kernel=kernel, sequences_per_pass=1)
+    kernels = install_lowbit_kernels(model, cfg, torch.float32)
+    try:
+        assert kernels.int8_layers == (2 if kernel == "int8" else 0)
+        assert kernels.sequences_per_pass(cfg) == (1 if kernel == "int8" else None)
+    finally:
+        kernels.undo()

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -271,7 +271,7 @@ def train_model(
             log(
                 f"low-bit kernel: int8 for {kernels.int8_layers} of {len(kernels.layers)} layers "
                 f"({kernels.int8_cache_mb:.0f} MB, in place of their packed codes; {kernels.dropped_channels} "
-                "pruned MLP channels dropped), the rest rebuilt each step"
+                "pruned MLP channels dropped)" + ("" if kernels.all_int8 else ", the rest rebuilt each step")
             )
     else:
         spec = cfg.scheme
@@ -283,7 +283,8 @@ def train_model(
     train_in_fp32(params)
     optimizer = make_optimizer(params, cfg)
     scheduler = optim.LambdaSchedule(optimizer, lr_lambda(cfg))
-    stepper = Stepper(model, family, applied, cfg, device, dtype)
+    step_cfg = replace(cfg, sequences_per_pass=kernels.sequences_per_pass(cfg))
+    stepper = Stepper(model, family, applied, step_cfg, device, dtype)
 
     state = {"losses": [], "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0, "eval_ppl_before": None}
     start = 0
