@@ -17,8 +17,9 @@ training phase alone, VmHWM reset after loading):
   with the top adapter block in full whenever it fits; default "auto": the minimum measured
   on this machine at run time plus a margin, so the documented command never trips "below
   the minimum" on a machine with a larger runtime).
-  --lowbit-kernel (auto | int8 | dequant) picks the frozen middle's kernel: "auto" lets the
-  budget decide (int8 only in the room the update leaves); "int8" is the engine's fast mode.
+  --lowbit-kernel (auto | int8 | dequant) picks the frozen middle's kernel: "auto" runs int8
+  (its rows replace the packed codes) under the auto budget or none, and in the room a budget
+  in MB leaves; "int8" everywhere; "dequant" rebuilds each weight every pass (no int8 rows).
 
 The offsite modes load the bundle the way `offsite-client train` does: the lean runtime
 (no transformers model classes) with the vocabulary decoded into the compute dtype. The
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lowbit-kernel",
         default="auto",
         choices=("auto", "int8", "dequant"),
-        help="the frozen low-bit middle's kernel (auto: int8 where the budget leaves room, all without a budget)",
+        help="the frozen low-bit middle's kernel (auto: int8 with the auto budget or none, else where a budget leaves room)",
     )
     p.add_argument(
         "--quantize", default=None, help="middle blocks of the emulator (default: the shipped configuration)"

@@ -50,9 +50,10 @@ class TrainConfig:
     # drop the tokenizer once the data is tokenized (the bundle's too): ~30-45 MB of RSS for a
     # 49k-token BPE vocabulary that training never uses; for callers that need it no more
     release_tokenizer: bool = False
-    # the frozen low-bit middle's kernel (quant_forward.py): "int8" (cached int8 weights,
-    # int8 x int8 matmuls: faster, 1 byte a weight), "dequant" (rebuilt each step, no cache) or
-    # "auto": int8 for as many layers as the memory budget leaves room for (all without a budget)
+    # the frozen low-bit middle's kernel (quant_forward.py, lowbit_kernels.py): "int8" (int8 rows in
+    # place of the packed codes, int8 x int8 matmuls: faster, ~0.4 byte a weight more), "dequant"
+    # (rebuilt each pass, no int8 rows) or "auto": int8 everywhere with no budget or the "auto"
+    # budget (measured after it), else for as many layers as a budget in MB leaves room for
     lowbit_kernel: str = "auto"
     count_flops: bool = False  # measure one step's FLOPs (FlopCounterMode) before training; not timed
     probe_steps: int = 3  # contribution analysis: steps per candidate unit

@@ -18,7 +18,8 @@ middle blocks at int3-AWQ, batch 4 x 256, one thread, AMD EPYC with AVX-512 VNNI
   cached weight rebuilt in the compute dtype, so autograd keeps no per-layer weight copy.
   The error against "dequant" is measured in tests/test_engine_quant_forward.py.
 
-The budget (trainer.py) decides how many layers get the int8 kernel: the cache is memory.
+lowbit_kernels.py decides which layers get the int8 kernel; its rows replace the packed
+codes (`adopt_int8`), so it costs the cache minus the codes.
 """
 
 from __future__ import annotations
