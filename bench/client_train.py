@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.client_train_report import MODES, derive, table
+from bench.client_train_report import MODES, code_commit, derive, table
 
 THREADS = 2
 QUALITY_JSON = Path(__file__).parent / "results" / "offsite_quality.json"
@@ -310,23 +310,6 @@ def gemm_worker(args) -> None:
 # --- orchestration -----------------------------------------------------------------
 
 
-def _commit() -> str | None:
-    """The checkout's commit, "+dirty" when the code measured here differs from it; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "-uno", "--", "client", "emulators", "bench/client_train.py"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def _run_child(extra: list[str], out: Path, timeout: float) -> dict:
     # No MALLOC_MMAP_THRESHOLD_ here: the engine sets its own allocator policy (1 MiB lean,
     # 4 MiB with the int8 cache: memory.set_malloc_policy) and the baselines set the engine's
@@ -483,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_at_end": os.getloadavg()[0],
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m bench.client_train " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": _commit(),
+        "commit": code_commit(),
     }
     derive(result)
     text = table(result)

@@ -2,12 +2,14 @@
 
 `derive` reads the per-mode records of one run (`result["modes"]`) and adds the ratios
 (offsite_sparse against full fine-tuning, LoRA and the full adapter) and the target checks;
-`table` prints the modes side by side. Speed is read in tokens per CPU-second when both
+`table` prints the modes side by side; `code_commit` names the code a run measured. Speed is read in tokens per CPU-second when both
 full fine-tuning and offsite_sparse have it (contention on a shared machine does not
 distort it), else in tokens/s.
 """
 
 from __future__ import annotations
+
+import subprocess
 
 MODES = ("full_ft", "lora_full", "offsite_full_adapter", "offsite_sparse")
 
@@ -69,3 +71,20 @@ def derive(result: dict) -> None:
             else "tokens/s",
             "loss_fall_at_least_1/3_of_full_adapter": fall is not None and fall >= 1 / 3,
         }
+
+
+def code_commit() -> str | None:
+    """The checkout's commit, "+dirty" when the code measured here differs from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno", "--", "client", "emulators", "bench/client_train.py"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
