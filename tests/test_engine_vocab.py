@@ -94,6 +94,37 @@ def test_sliced_loss_and_gradient_match_the_dense_head(tiny, n, slice_rows, monk
     torch.testing.assert_close(hidden.grad, want_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("slice_rows", [64, 48])
+def test_int8_logits_stay_close_to_the_exact_loss_and_gradient(tiny, slice_rows, monkeypatch):
+    from offsite.client.engine import vocab as vocab_mod
+    from offsite.client.engine.quant_forward import int8_available
+
+    if not int8_available():
+        pytest.skip("torch._int_mm does not run here")
+    # 259 rows: a short last slice either way (3 or 19 rows), which takes the exact path
+    monkeypatch.setattr(vocab_mod, "SLICE_ROWS", slice_rows)
+    head = tiny.get_output_embeddings()
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 65, head.weight.shape[1], requires_grad=True)
+    labels = torch.randint(0, head.weight.shape[0], (1, 65))
+    results = []
+    undo = install_int8_vocab(tiny, torch.bfloat16)
+    try:
+        for int8_logits in (False, True):
+            hidden.grad = None
+            loss, _ = frozen_head_nll(head, hidden, labels, 16, torch.bfloat16, int8_logits)
+            loss.backward()
+            results.append((loss.detach(), hidden.grad.clone()))
+    finally:
+        undo()
+    (exact, exact_grad), (fast, fast_grad) = results
+    assert not torch.equal(fast, exact)  # the int8 matmul did run
+    # per-token int8 hidden states: the loss within 0.5%, the gradient's direction kept
+    assert abs(float(fast - exact)) <= 5e-3 * float(exact)
+    cos = torch.nn.functional.cosine_similarity(fast_grad.flatten(), exact_grad.flatten(), dim=0)
+    assert cos > 0.999
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_lowbit_bundle):
     """A tiny-llama bundle as the product ships them: an int3-AWQ middle, int8 vocabulary rows."""

@@ -19,6 +19,7 @@ from . import optim
 from .config import TrainConfig
 from .headloss import frozen_head_nll
 from .pruning import autocast, pruned_backward
+from .quant_forward import int8_available
 from .schemes import AppliedScheme
 
 
@@ -53,6 +54,9 @@ class Stepper:
         self.fused_head = (
             cfg.fused_head_loss and getattr(self.head, "bias", None) is None and not self.head.weight.requires_grad
         )
+        # the head's training logits in int8 whenever the middle may run int8 ("dequant" asks for
+        # the exact forward everywhere); held-out evaluation always reads the exact logits
+        self.int8_logits = cfg.lowbit_kernel != "dequant" and int8_available()
 
     def loss_sum(self, ids, labels, mask) -> tuple[torch.Tensor, int]:
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
@@ -63,7 +67,9 @@ class Stepper:
             ):
                 hidden = hidden_states(self.model, ids, mask)
             if self.fused_head:
-                return frozen_head_nll(self.head, hidden, labels, self.cfg.loss_chunk_tokens, self.dtype)
+                return frozen_head_nll(
+                    self.head, hidden, labels, self.cfg.loss_chunk_tokens, self.dtype, self.int8_logits
+                )
             return lm_nll_from_hidden(self.head, hidden, labels, self.cfg.loss_chunk_tokens)
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
