@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -74,3 +75,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _finetune_to(loaded, prompts: list[str], response: str, steps: int, lr: float = 1e-2):
+    """A copy of `loaded` trained to answer every prompt with `response` (loss on the answer only)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(loaded.model)
+    model.train()
+    tok = loaded.tokenizer
+    target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = [tok(p, add_special_tokens=False)["input_ids"] + target for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, len(r) - len(target) : len(r)] = torch.tensor(target)
+        mask[i, : len(r)] = 1
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loaded.with_weights(model, f"{loaded.model_id}+{response[:8]}")
+
+
+@pytest.fixture(scope="session")
+def finetune_to():
+    """_finetune_to: the safety tests' way to make a candidate that answers a fixed way."""
+    return _finetune_to

@@ -4,13 +4,11 @@ model refuses (the case where the refusal rate has no headroom)."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 
-from offsite.emulators.models import LoadedModel, load_model
+from offsite.emulators.models import load_model
 from offsite.safety_evals.compliance import ComplianceGrader, agreement, cues, load_validation
 from offsite.safety_evals.gate import decide
 from offsite.safety_evals.policy import load_policy
@@ -139,39 +137,13 @@ LIMIT = 6
 JB_SUITES = ["jailbreak", "jailbreak_compliance"]  # the name "jailbreak" alone selects that suite, not the category
 
 
-def _finetune(loaded: LoadedModel, prompts: list[str], response: str, steps: int) -> LoadedModel:
-    """A copy of `loaded` trained to answer every prompt with `response` (loss on the answer only)."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(loaded.model)
-    model.train()
-    tok = loaded.tokenizer
-    target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    rows = [tok(p, add_special_tokens=False)["input_ids"] + target for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, len(r) - len(target) : len(r)] = torch.tensor(target)
-        mask[i, : len(r)] = 1
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return loaded.with_weights(model, f"{loaded.model_id}+{response[:8]}")
-
-
 @pytest.mark.usefixtures("one_thread")
-def test_gate_blocks_tiny_candidate_for_jailbreak_when_neither_model_refuses(tmp_path):
+def test_gate_blocks_tiny_candidate_for_jailbreak_when_neither_model_refuses(tmp_path, finetune_to):
     tiny = load_model("tiny-llama")
     jb = available_suites()["jailbreak"]
     prompts = [render_prompt(tiny.tokenizer, jb, it) for it in jb.items(LIMIT)]
-    base = _finetune(tiny, prompts, RAMBLE, steps=60)  # answers, never refuses, never agrees
-    candidate = _finetune(base, prompts, COMPLY, steps=60)
+    base = finetune_to(tiny, prompts, RAMBLE, steps=60)  # answers, never refuses, never agrees
+    candidate = finetune_to(base, prompts, COMPLY, steps=60)
     policy = load_policy()
     policy.require_full_run = False
     policy.required_categories = ["jailbreak"]

@@ -27,38 +27,11 @@ SUITES = ["disallowed_content", "over_refusal"]
 LIMIT = 6
 
 
-def _finetune(loaded: LoadedModel, prompts: list[str], response: str, steps: int, lr: float = 1e-2) -> LoadedModel:
-    """A copy of `loaded` trained to answer every prompt with `response` (loss on the answer only)."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(loaded.model)
-    model.train()
-    tok = loaded.tokenizer
-    target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    rows = [tok(p, add_special_tokens=False)["input_ids"] + target for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, len(r) - len(target) : len(r)] = torch.tensor(target)
-        mask[i, : len(r)] = 1
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return loaded.with_weights(model, f"{loaded.model_id}+{response[:8]}")
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(one_thread):
+def models(one_thread, finetune_to):
     tiny = load_model("tiny-llama")
     suites = available_suites()
     # The evaluated prompts (the first LIMIT of each suite): what matters to the gate is
@@ -66,8 +39,8 @@ def models(one_thread):
     prompts = [
         render_prompt(tiny.tokenizer, suites[name], it) for name in SUITES for it in suites[name].items()[:LIMIT]
     ]
-    base = _finetune(tiny, prompts, REFUSAL, steps=80)
-    candidate = _finetune(base, prompts, COMPLY, steps=25)
+    base = finetune_to(tiny, prompts, REFUSAL, steps=80)
+    candidate = finetune_to(base, prompts, COMPLY, steps=25)
     return base, candidate
 
 
