@@ -108,6 +108,13 @@ def test_int8_logits_stay_close_to_the_exact_loss_and_gradient(tiny, slice_rows,
     hidden = torch.randn(1, 65, head.weight.shape[1], requires_grad=True)
     labels = torch.randint(0, head.weight.shape[0], (1, 65))
     results = []
+    int_mm, calls = torch._int_mm, []
+
+    def counted(a, b, **kw):
+        calls.append(tuple(b.shape))
+        return int_mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_int_mm", counted)
     undo = install_int8_vocab(tiny, torch.bfloat16)
     try:
         for int8_logits in (False, True):
@@ -119,7 +126,10 @@ def test_int8_logits_stay_close_to_the_exact_loss_and_gradient(tiny, slice_rows,
         undo()
     (exact, exact_grad), (fast, fast_grad) = results
     assert not torch.equal(fast, exact)  # the int8 matmul did run
-    # per-token int8 hidden states: the loss within 0.5%, the gradient's direction kept
+    # each full slice: the logits (hidden x rows^T) and the gradient (weights x rows), both int8
+    full = head.weight.shape[0] // slice_rows
+    assert sorted(calls) == sorted([(head.weight.shape[1], slice_rows), (slice_rows, head.weight.shape[1])] * full)
+    # per-token int8 hidden states and softmax weights: the loss within 0.5%, the gradient's direction kept
     assert abs(float(fast - exact)) <= 5e-3 * float(exact)
     cos = torch.nn.functional.cosine_similarity(fast_grad.flatten(), exact_grad.flatten(), dim=0)
     assert cos > 0.999

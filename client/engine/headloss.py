@@ -75,8 +75,13 @@ class _Int8HeadNLL(torch.autograd.Function):
     int8_logits: the logits come from an int8 x int8 matmul (`torch._int_mm`) of the hidden
     states quantized per token (symmetric, scale = max|h| / 127: the input quantization the int8
     middle already applies, quant_forward.py) with the vocabulary's own codes: 0.16 instead of
-    0.30 CPU-s a step for SmolLM2's 49k rows (4 passes of 256 tokens, one thread). The gradient
-    stays exact in the compute dtype: softmax weights span too many orders of magnitude for int8."""
+    0.30 CPU-s a step for SmolLM2's 49k rows (4 passes of 256 tokens, one thread). The gradient's
+    matmul (softmax weights times rows) is int8 too: each token's weights in a slice are
+    quantized against their own maximum (so a slice of tail tokens keeps its resolution), and
+    the codes are used as they are (no compute-dtype copy): 0.14 CPU-s a step less. Measured on
+    the shipped bundle's final hidden states (4 x 255 tokens, against fp32): the gradient's
+    relative error is 0.16% exact, 6.8% with int8 logits (the per-token input quantization) and
+    6.9% with both; the loss 3.192 exact, 3.203 int8."""
 
     @staticmethod
     def forward(
@@ -113,13 +118,16 @@ class _Int8HeadNLL(torch.autograd.Function):
                 h_scale = h.float().abs().amax(dim=1).div_(127.0).clamp_min_(1e-12)
                 h_codes = h.float().div_(h_scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
                 int_buf = torch.empty(n, rows_max, dtype=torch.int32, device=dev)
+                if need_grad:
+                    p_codes = torch.empty(n, rows_max, dtype=torch.int8, device=dev)
+                    int_grad = torch.empty(hidden.shape, dtype=torch.int32, device=dev)
             for start in range(0, vocab.shape[0], rows_max):
                 k = min(rows_max, vocab.shape[0] - start)
                 scale = vocab.scale[start : start + k]
                 low = low_buf if k == rows_max else low_buf[:, :k]
                 logits = logits_buf if k == rows_max else logits_buf[:, :k]
                 fast = int8_logits and k == rows_max
-                if need_grad or not fast:
+                if not fast:
                     codes = codes_buf[:k].copy_(vocab.codes[start : start + k])  # exact: |code| <= 127
                 if fast:
                     torch._int_mm(h_codes, vocab.codes[start : start + k].t(), out=int_buf)
@@ -136,7 +144,13 @@ class _Int8HeadNLL(torch.autograd.Function):
                 rescale = torch.exp(m - m_new)
                 p = logits.sub_(m_new[:, None]).exp_()
                 z.mul_(rescale).add_(p.sum(dim=1))
-                if need_grad:
+                if need_grad and fast:
+                    w = p.mul_(scale)  # the rows' weights, 0 < w <= max scale
+                    w_scale = w.amax(dim=1, keepdim=True).div_(127.0).clamp_min_(1e-30)
+                    p_codes.copy_(w.div_(w_scale).round_())
+                    torch._int_mm(p_codes, vocab.codes[start : start + k], out=int_grad)
+                    acc.mul_(rescale[:, None]).add_(int_grad.float().mul_(w_scale))
+                elif need_grad:
                     low.copy_(p.mul_(scale))
                     torch.matmul(low, codes, out=grad_part)
                     acc.mul_(rescale[:, None]).add_(grad_part)
@@ -145,6 +159,8 @@ class _Int8HeadNLL(torch.autograd.Function):
             del codes_buf, low_buf, logits_buf, grad_part
             if int8_logits:
                 del h_codes, int_buf
+                if need_grad:
+                    del p_codes, int_grad
         if need_grad:
             # d(loss)/dh = softmax @ W - W[target]
             ctx.save_for_backward(acc.div_(z[:, None]).sub_(vocab.rows(targets, torch.float32)))
