@@ -88,10 +88,15 @@ def store_frozen_adapter_fp16(model: nn.Module, family: Family, blocks: list[int
         if torch.equal(half.to(torch.float32), param.data):
             saved += param.numel() * 2
             param.data = half
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and family.block_index(name) in blocks and "forward" not in vars(module):
+    for module in _block_linears(model, family, blocks):
+        if "forward" not in vars(module):
             module.forward = lambda x, _m=module: _half_weight_forward(_m, x)
     return saved
+
+
+def _block_linears(model: nn.Module, family: Family, blocks: list[int]) -> list[nn.Linear]:
+    """The plain linears of `blocks`: the ones `store_frozen_adapter_fp16` patches and `restore_adapter_fp32` unpatches."""
+    return [m for name, m in model.named_modules() if type(m) is nn.Linear and family.block_index(name) in blocks]
 
 
 class _Scratch:
@@ -155,8 +160,8 @@ def restore_adapter_fp32(model: nn.Module, family: Family, blocks: list[int]) ->
     for name, param in model.named_parameters():
         if family.block_index(name) in blocks and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and family.block_index(name) in blocks and "forward" in vars(module):
+    for module in _block_linears(model, family, blocks):
+        if "forward" in vars(module):
             del module.forward
     _Scratch.buffer = None
 
